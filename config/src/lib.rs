@@ -1,0 +1,494 @@
+//! pgferry's configuration: one TOML file.
+//!
+//! Every struct denies unknown keys, so a misspelt key is an error that
+//! names it instead of a silently ignored setting. Setting names follow
+//! PgBouncer's where PgBouncer has the same setting with the same meaning.
+//! `deploy/pgferry.example.toml` documents every key and is parsed by a test.
+
+#![forbid(unsafe_code)]
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub auth: Auth,
+    #[serde(default)]
+    pub pool: PoolDefaults,
+    pub topology: Topology,
+    #[serde(default, rename = "database")]
+    pub databases: Vec<DatabaseConfig>,
+    #[serde(default, rename = "user")]
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Read-write listener: always the primary (Patroni leader).
+    #[serde(default = "d_rw")]
+    pub rw: SocketAddr,
+    /// Read-only listener: the standbys.
+    #[serde(default = "d_ro")]
+    pub ro: Option<SocketAddr>,
+    /// Listen backlog.
+    #[serde(default = "d_backlog")]
+    pub backlog: u32,
+}
+
+fn d_rw() -> SocketAddr {
+    "0.0.0.0:5432".parse().unwrap()
+}
+fn d_ro() -> Option<SocketAddr> {
+    Some("0.0.0.0:5433".parse().unwrap())
+}
+fn d_backlog() -> u32 {
+    4096
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen { rw: d_rw(), ro: d_ro(), backlog: d_backlog() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Most client connections at once; further ones get 53300.
+    #[serde(default = "d_max_client_conn")]
+    pub max_client_conn: usize,
+    /// Time a client has to send its startup packet and finish authentication.
+    #[serde(default = "d_login_timeout", with = "humantime_serde")]
+    pub client_login_timeout: Duration,
+    /// Close clients idle (between transactions) this long; 0 disables.
+    #[serde(default, with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
+    /// Close clients idle inside a transaction this long; 0 disables.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_transaction_timeout: Duration,
+    /// Largest message accepted from a client or server, in bytes.
+    #[serde(default = "d_max_message_size")]
+    pub max_message_size: usize,
+}
+
+fn d_max_client_conn() -> usize {
+    10_000
+}
+fn d_login_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn d_max_message_size() -> usize {
+    256 << 20
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_client_conn: d_max_client_conn(),
+            client_login_timeout: d_login_timeout(),
+            client_idle_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
+            max_message_size: d_max_message_size(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    #[serde(default = "d_auth_method")]
+    pub method: AuthMethod,
+    /// PgBouncer-style userlist: `"user" "secret"` per line, where secret is a
+    /// SCRAM verifier as stored in pg_authid.rolpassword, an md5 hash, or a
+    /// plaintext password.
+    pub users_file: Option<PathBuf>,
+    /// Users allowed to run admin-console commands.
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// Users allowed to read the admin console's SHOW commands.
+    #[serde(default)]
+    pub stats_users: Vec<String>,
+}
+
+fn d_auth_method() -> AuthMethod {
+    AuthMethod::ScramSha256
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth { method: d_auth_method(), users_file: None, admin_users: vec![], stats_users: vec![] }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    Transaction,
+    Session,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Transaction => "transaction",
+            PoolMode::Session => "session",
+        }
+    }
+}
+
+/// What to do when a client in transaction mode creates state that lives
+/// beyond its transaction (LISTEN, session advisory locks, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatePolicy {
+    /// Keep the client on its server connection while the state exists.
+    Pin,
+    /// Refuse the statement with 0A000 before it runs.
+    Error,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolDefaults {
+    #[serde(default = "d_pool_mode")]
+    pub pool_mode: PoolMode,
+    /// Server connections per (database, user, node) pool.
+    #[serde(default = "d_pool_size")]
+    pub pool_size: usize,
+    /// Connections kept open even when idle.
+    #[serde(default)]
+    pub min_pool_size: usize,
+    /// Extra connections allowed once a client has waited reserve_pool_timeout.
+    #[serde(default)]
+    pub reserve_pool_size: usize,
+    #[serde(default = "d_reserve_timeout", with = "humantime_serde")]
+    pub reserve_pool_timeout: Duration,
+    /// Cap on server connections per database across users; 0 = none.
+    #[serde(default)]
+    pub max_db_connections: usize,
+    /// Cap on server connections per user across databases; 0 = none.
+    #[serde(default)]
+    pub max_user_connections: usize,
+    /// A client waiting this long for a server connection gets an error; 0 = forever.
+    #[serde(default = "d_query_wait_timeout", with = "humantime_serde")]
+    pub query_wait_timeout: Duration,
+    #[serde(default = "d_server_connect_timeout", with = "humantime_serde")]
+    pub server_connect_timeout: Duration,
+    /// Close server connections older than this once idle; 0 = never.
+    #[serde(default = "d_server_lifetime", with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// Close server connections idle this long (above min_pool_size); 0 = never.
+    #[serde(default = "d_server_idle_timeout", with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// Run when a session-mode client leaves, before the connection is reused.
+    #[serde(default = "d_reset_query")]
+    pub server_reset_query: String,
+    /// Size of each server connection's prepared-statement cache; 0 disables
+    /// prepared-statement support in transaction mode.
+    #[serde(default = "d_max_prepared")]
+    pub max_prepared_statements: usize,
+    #[serde(default = "d_session_state")]
+    pub session_state: SessionStatePolicy,
+    /// Allow databases not listed in [[database]], with these defaults.
+    #[serde(default = "d_true")]
+    pub auto_database: bool,
+    /// On the read-only port, use the primary when no standby is available.
+    #[serde(default = "d_true")]
+    pub ro_fallback_to_primary: bool,
+}
+
+fn d_pool_mode() -> PoolMode {
+    PoolMode::Transaction
+}
+fn d_pool_size() -> usize {
+    20
+}
+fn d_reserve_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_query_wait_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn d_server_connect_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn d_server_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_server_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn d_reset_query() -> String {
+    "DISCARD ALL".into()
+}
+fn d_max_prepared() -> usize {
+    200
+}
+fn d_session_state() -> SessionStatePolicy {
+    SessionStatePolicy::Pin
+}
+fn d_true() -> bool {
+    true
+}
+
+impl Default for PoolDefaults {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+/// Where the servers are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "source", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Topology {
+    /// A fixed primary and standbys, for users without Patroni.
+    Static {
+        primary: String,
+        #[serde(default)]
+        standbys: Vec<String>,
+    },
+}
+
+/// Per-database overrides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Name clients connect to.
+    pub name: String,
+    /// Database name on the server (default: `name`).
+    pub dbname: Option<String>,
+    pub pool_mode: Option<PoolMode>,
+    pub pool_size: Option<usize>,
+    pub min_pool_size: Option<usize>,
+    pub reserve_pool_size: Option<usize>,
+    pub max_db_connections: Option<usize>,
+}
+
+/// Per-user overrides and server credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub pool_mode: Option<PoolMode>,
+    pub pool_size: Option<usize>,
+    pub max_user_connections: Option<usize>,
+    /// Role used to log in to PostgreSQL (default: the client's user).
+    pub server_user: Option<String>,
+    /// Password for server logins (default: the users_file entry, if it is plaintext).
+    pub server_password: Option<String>,
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let c: Config = toml::from_str(text)?;
+        c.validate().map_err(ConfigError::Invalid)?;
+        Ok(c)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_toml(&text)
+    }
+
+    /// Checks what serde cannot: ranges and cross-field rules.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut errs = Vec::new();
+        if self.limits.max_client_conn == 0 {
+            errs.push("limits.max_client_conn must be at least 1".into());
+        }
+        if self.limits.max_message_size < 1024 {
+            errs.push("limits.max_message_size must be at least 1024 bytes".into());
+        }
+        if self.pool.pool_size == 0 {
+            errs.push("pool.pool_size must be at least 1".into());
+        }
+        if self.pool.min_pool_size > self.pool.pool_size {
+            errs.push("pool.min_pool_size cannot exceed pool.pool_size".into());
+        }
+        if self.auth.method != AuthMethod::Trust && self.auth.users_file.is_none() {
+            errs.push("auth.users_file is required unless auth.method = \"trust\"".into());
+        }
+        if Some(self.listen.rw) == self.listen.ro {
+            errs.push("listen.rw and listen.ro must differ".into());
+        }
+        let Topology::Static { primary, standbys } = &self.topology;
+        for a in std::iter::once(primary).chain(standbys) {
+            if split_host_port(a).is_none() {
+                errs.push(format!("topology: {a:?} is not host:port"));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for d in &self.databases {
+            if !seen.insert(&d.name) {
+                errs.push(format!("database {:?} is listed twice", d.name));
+            }
+            if d.pool_size == Some(0) {
+                errs.push(format!("database {:?}: pool_size must be at least 1", d.name));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for u in &self.users {
+            if !seen.insert(&u.name) {
+                errs.push(format!("user {:?} is listed twice", u.name));
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs)
+        }
+    }
+
+    pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
+        self.databases.iter().find(|d| d.name == name)
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    /// Effective settings of the pool for (database, user).
+    pub fn pool_settings(&self, database: &str, user: &str) -> PoolSettings {
+        let d = self.database(database);
+        let u = self.user(user);
+        let p = &self.pool;
+        PoolSettings {
+            pool_mode: u.and_then(|u| u.pool_mode).or(d.and_then(|d| d.pool_mode)).unwrap_or(p.pool_mode),
+            pool_size: u.and_then(|u| u.pool_size).or(d.and_then(|d| d.pool_size)).unwrap_or(p.pool_size),
+            min_pool_size: d.and_then(|d| d.min_pool_size).unwrap_or(p.min_pool_size),
+            reserve_pool_size: d.and_then(|d| d.reserve_pool_size).unwrap_or(p.reserve_pool_size),
+            reserve_pool_timeout: p.reserve_pool_timeout,
+            max_db_connections: d.and_then(|d| d.max_db_connections).unwrap_or(p.max_db_connections),
+            max_user_connections: u.and_then(|u| u.max_user_connections).unwrap_or(p.max_user_connections),
+            query_wait_timeout: p.query_wait_timeout,
+            server_connect_timeout: p.server_connect_timeout,
+            server_lifetime: p.server_lifetime,
+            server_idle_timeout: p.server_idle_timeout,
+            server_reset_query: p.server_reset_query.clone(),
+            max_prepared_statements: p.max_prepared_statements,
+            server_dbname: d.and_then(|d| d.dbname.clone()).unwrap_or_else(|| database.to_owned()),
+            server_user: u.and_then(|u| u.server_user.clone()).unwrap_or_else(|| user.to_owned()),
+        }
+    }
+}
+
+/// The settings one pool runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub pool_mode: PoolMode,
+    pub pool_size: usize,
+    pub min_pool_size: usize,
+    pub reserve_pool_size: usize,
+    pub reserve_pool_timeout: Duration,
+    pub max_db_connections: usize,
+    pub max_user_connections: usize,
+    pub query_wait_timeout: Duration,
+    pub server_connect_timeout: Duration,
+    pub server_lifetime: Duration,
+    pub server_idle_timeout: Duration,
+    pub server_reset_query: String,
+    pub max_prepared_statements: usize,
+    pub server_dbname: String,
+    pub server_user: String,
+}
+
+/// Splits `host:port`, `[v6]:port` or a bare host (port 5432).
+pub fn split_host_port(s: &str) -> Option<(String, u16)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, port) = rest.split_once(']')?;
+        let port = match port.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if port.is_empty() => 5432,
+            None => return None,
+        };
+        return Some((host.to_owned(), port));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !h.contains(':') => Some((h.to_owned(), p.parse().ok()?)),
+        None if !s.is_empty() => Some((s.to_owned(), 5432)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[topology]\nsource = \"static\"\nprimary = \"127.0.0.1:5432\"\n[auth]\nmethod = \"trust\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml(MIN).unwrap();
+        assert_eq!(c.pool.pool_size, 20);
+        assert_eq!(c.pool.pool_mode, PoolMode::Transaction);
+        assert_eq!(c.listen.rw.port(), 5432);
+        assert_eq!(c.pool.query_wait_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml(&format!("{MIN}[pool]\npool_sise = 3\n")).unwrap_err().to_string();
+        assert!(err.contains("pool_sise"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_listed() {
+        let err = Config::from_toml(&format!("{MIN}[pool]\npool_size = 0\nmin_pool_size = 2\n")).unwrap_err().to_string();
+        assert!(err.contains("pool_size must be at least 1") && err.contains("min_pool_size"), "{err}");
+    }
+
+    #[test]
+    fn overrides_apply() {
+        let c = Config::from_toml(&format!(
+            "{MIN}[[database]]\nname = \"app\"\npool_size = 5\ndbname = \"real\"\n[[user]]\nname = \"bob\"\npool_mode = \"session\"\n"
+        ))
+        .unwrap();
+        let s = c.pool_settings("app", "bob");
+        assert_eq!((s.pool_size, s.pool_mode, s.server_dbname.as_str()), (5, PoolMode::Session, "real"));
+        assert_eq!(c.pool_settings("other", "amy").pool_size, 20);
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pgferry.example.toml");
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(!c.databases.is_empty() && !c.users.is_empty(), "the example shows every section");
+    }
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("db:6432"), Some(("db".into(), 6432)));
+        assert_eq!(split_host_port("[::1]:7"), Some(("::1".into(), 7)));
+        assert_eq!(split_host_port("db"), Some(("db".into(), 5432)));
+        assert_eq!(split_host_port("a:b:c"), None);
+    }
+}

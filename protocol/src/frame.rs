@@ -1,0 +1,229 @@
+//! Framing of regular (tagged) messages: one tag byte, a 4-byte big-endian
+//! length that counts itself, then the body.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Errors raised while decoding. Each maps to a clean close with SQLSTATE
+/// 08P01 at the proxy boundary.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("message length {0} is below the minimum of 4")]
+    LengthTooSmall(u32),
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("startup packet length {0} is invalid")]
+    BadStartupLength(u32),
+    #[error("unsupported frontend protocol {major}.{minor}")]
+    UnsupportedProtocol { major: u16, minor: u16 },
+    #[error("malformed {0} message")]
+    Malformed(&'static str),
+    #[error("invalid UTF-8 in {0}")]
+    Utf8(&'static str),
+    #[error("unexpected message type {0:?}")]
+    UnexpectedTag(char),
+    #[error("connection closed in the middle of a message")]
+    Truncated,
+}
+
+/// One complete protocol message, holding its original bytes (tag, length
+/// and body) so that it can be forwarded untouched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub tag: u8,
+    pub bytes: Bytes,
+}
+
+impl Frame {
+    /// The message body, after tag and length.
+    pub fn body(&self) -> &[u8] {
+        &self.bytes[5..]
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.len() <= 5
+    }
+}
+
+/// Header size: tag + length.
+pub const HEADER_LEN: usize = 5;
+
+/// Peeks at the next message header without consuming anything.
+/// Returns `(tag, total length including the tag)` once the header is there.
+pub fn peek_header(buf: &[u8], max_len: usize) -> Result<Option<(u8, usize)>, ProtocolError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 {
+        return Err(ProtocolError::LengthTooSmall(len));
+    }
+    let total = len as usize + 1;
+    if total > max_len {
+        return Err(ProtocolError::TooLarge { len: total, max: max_len });
+    }
+    Ok(Some((tag, total)))
+}
+
+/// Decodes one message from the front of `buf` if it is complete.
+///
+/// `max_len` bounds the declared length *before* anything is buffered for
+/// it, so a hostile length cannot make the caller reserve memory. When the
+/// header is complete but the body is not, capacity for the rest is reserved
+/// so the next read can fill it in one go.
+pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, ProtocolError> {
+    let Some((tag, total)) = peek_header(buf, max_len)? else {
+        return Ok(None);
+    };
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let bytes = buf.split_to(total).freeze();
+    Ok(Some(Frame { tag, bytes }))
+}
+
+/// A cursor over a message body with the few readers the protocol needs.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Self { buf, what }
+    }
+
+    pub fn remaining(&self) -> &'a [u8] {
+        self.buf
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    fn malformed(&self) -> ProtocolError {
+        ProtocolError::Malformed(self.what)
+    }
+
+    /// A NUL-terminated string, returned without its terminator.
+    pub fn cstr(&mut self) -> Result<&'a [u8], ProtocolError> {
+        let end = self.buf.iter().position(|&b| b == 0).ok_or_else(|| self.malformed())?;
+        let s = &self.buf[..end];
+        self.buf = &self.buf[end + 1..];
+        Ok(s)
+    }
+
+    pub fn cstr_utf8(&mut self) -> Result<&'a str, ProtocolError> {
+        let what = self.what;
+        std::str::from_utf8(self.cstr()?).map_err(|_| ProtocolError::Utf8(what))
+    }
+
+    pub fn u8(&mut self) -> Result<u8, ProtocolError> {
+        if self.buf.is_empty() {
+            return Err(self.malformed());
+        }
+        let v = self.buf[0];
+        self.buf = &self.buf[1..];
+        Ok(v)
+    }
+
+    pub fn i16(&mut self) -> Result<i16, ProtocolError> {
+        if self.buf.len() < 2 {
+            return Err(self.malformed());
+        }
+        let v = (&self.buf[..2]).get_i16();
+        self.buf = &self.buf[2..];
+        Ok(v)
+    }
+
+    pub fn i32(&mut self) -> Result<i32, ProtocolError> {
+        if self.buf.len() < 4 {
+            return Err(self.malformed());
+        }
+        let v = (&self.buf[..4]).get_i32();
+        self.buf = &self.buf[4..];
+        Ok(v)
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.buf.len() < n {
+            return Err(self.malformed());
+        }
+        let v = &self.buf[..n];
+        self.buf = &self.buf[n..];
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn rejects_short_length() {
+        let mut b = BytesMut::from(&[b'Q', 0, 0, 0, 3][..]);
+        assert_eq!(decode_frame(&mut b, 1 << 20), Err(ProtocolError::LengthTooSmall(3)));
+    }
+
+    #[test]
+    fn rejects_oversized_before_buffering() {
+        let mut b = BytesMut::from(&[b'Q', 0x7f, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(decode_frame(&mut b, 1 << 20), Err(ProtocolError::TooLarge { .. })));
+        assert!(b.capacity() < 1 << 20, "no reservation for a rejected length");
+    }
+
+    proptest! {
+        /// Splitting a stream at arbitrary points never changes what it decodes to.
+        #[test]
+        fn split_points_do_not_matter(
+            msgs in proptest::collection::vec((any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64)), 1..20),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
+        ) {
+            let mut stream = Vec::new();
+            for (t, b) in &msgs { stream.extend(msg(*t, b)); }
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            points.push(stream.len());
+            points.sort();
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            let mut prev = 0;
+            for p in points {
+                buf.extend_from_slice(&stream[prev..p]);
+                prev = p;
+                while let Some(f) = decode_frame(&mut buf, 1 << 20).unwrap() { out.push(f); }
+            }
+            prop_assert!(buf.is_empty());
+            prop_assert_eq!(out.len(), msgs.len());
+            for (f, (t, b)) in out.iter().zip(&msgs) {
+                prop_assert_eq!(f.tag, *t);
+                prop_assert_eq!(f.body(), &b[..]);
+            }
+        }
+
+        /// Random bytes never panic the decoder, and it never buffers past the limit.
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&data[..]);
+            loop {
+                match decode_frame(&mut buf, 4096) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            prop_assert!(buf.capacity() <= 8192);
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Typed views of the client messages the proxy inspects.
+
+use crate::frame::{ProtocolError, Reader};
+
+pub const BIND: u8 = b'B';
+pub const CLOSE: u8 = b'C';
+pub const COPY_DATA: u8 = b'd';
+pub const COPY_DONE: u8 = b'c';
+pub const COPY_FAIL: u8 = b'f';
+pub const DESCRIBE: u8 = b'D';
+pub const EXECUTE: u8 = b'E';
+pub const FLUSH: u8 = b'H';
+pub const FUNCTION_CALL: u8 = b'F';
+pub const PARSE: u8 = b'P';
+pub const PASSWORD: u8 = b'p';
+pub const QUERY: u8 = b'Q';
+pub const SYNC: u8 = b'S';
+pub const TERMINATE: u8 = b'X';
+
+/// True for every message type a client may send after authentication.
+pub fn is_known(tag: u8) -> bool {
+    matches!(
+        tag,
+        BIND | CLOSE | COPY_DATA | COPY_DONE | COPY_FAIL | DESCRIBE | EXECUTE | FLUSH | FUNCTION_CALL | PARSE | QUERY | SYNC | TERMINATE
+    )
+}
+
+/// Query: the SQL text, without the terminator.
+pub fn query(body: &[u8]) -> Result<&[u8], ProtocolError> {
+    Reader::new(body, "Query").cstr()
+}
+
+/// Parse: statement name, query text, and the raw parameter-type section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parse<'a> {
+    pub name: &'a [u8],
+    pub query: &'a [u8],
+    /// Count (int16) and OIDs, kept raw: they are part of a statement's identity.
+    pub param_types: &'a [u8],
+}
+
+pub fn parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
+    let mut r = Reader::new(body, "Parse");
+    let name = r.cstr()?;
+    let query = r.cstr()?;
+    let param_types = r.remaining();
+    let mut check = Reader::new(param_types, "Parse");
+    let n = check.i16()?;
+    if n < 0 || check.remaining().len() != n as usize * 4 {
+        return Err(ProtocolError::Malformed("Parse"));
+    }
+    Ok(Parse { name, query, param_types })
+}
+
+/// Bind: portal and statement names, and the offset in the body where the
+/// rest (formats, parameters, result formats) starts, so the statement name
+/// can be rewritten without touching the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a [u8],
+    pub statement: &'a [u8],
+    pub rest_offset: usize,
+}
+
+pub fn bind(body: &[u8]) -> Result<Bind<'_>, ProtocolError> {
+    let mut r = Reader::new(body, "Bind");
+    let portal = r.cstr()?;
+    let statement = r.cstr()?;
+    let rest_offset = body.len() - r.remaining().len();
+    Ok(Bind { portal, statement, rest_offset })
+}
+
+/// Describe and Close: kind ('S' statement or 'P' portal) and name.
+pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a [u8]), ProtocolError> {
+    let mut r = Reader::new(body, what);
+    let kind = r.u8()?;
+    if kind != b'S' && kind != b'P' {
+        return Err(ProtocolError::Malformed(what));
+    }
+    let name = r.cstr()?;
+    if !r.is_empty() {
+        return Err(ProtocolError::Malformed(what));
+    }
+    Ok((kind, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_view() {
+        let p = parse(b"s1\0select $1\0\x00\x01\x00\x00\x00\x17").unwrap();
+        assert_eq!(p.name, b"s1");
+        assert_eq!(p.query, b"select $1");
+        assert!(parse(b"s1\0select $1\0\x00\x02\x00\x00\x00\x17").is_err());
+    }
+
+    #[test]
+    fn bind_view() {
+        let b = bind(b"\0s1\0\x00\x00\x00\x00\x00\x00").unwrap();
+        assert_eq!(b.statement, b"s1");
+        assert_eq!(b.rest_offset, 4);
+    }
+}
