@@ -15,7 +15,10 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Parse(#[from] toml::de::Error),
     #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
@@ -66,7 +69,11 @@ fn d_backlog() -> u32 {
 
 impl Default for Listen {
     fn default() -> Self {
-        Listen { rw: d_rw(), ro: d_ro(), backlog: d_backlog() }
+        Listen {
+            rw: d_rw(),
+            ro: d_ro(),
+            backlog: d_backlog(),
+        }
     }
 }
 
@@ -145,7 +152,12 @@ fn d_auth_method() -> AuthMethod {
 
 impl Default for Auth {
     fn default() -> Self {
-        Auth { method: d_auth_method(), users_file: None, admin_users: vec![], stats_users: vec![] }
+        Auth {
+            method: d_auth_method(),
+            users_file: None,
+            admin_users: vec![],
+            stats_users: vec![],
+        }
     }
 }
 
@@ -315,7 +327,10 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::from_toml(&text)
     }
 
@@ -352,7 +367,10 @@ impl Config {
                 errs.push(format!("database {:?} is listed twice", d.name));
             }
             if d.pool_size == Some(0) {
-                errs.push(format!("database {:?}: pool_size must be at least 1", d.name));
+                errs.push(format!(
+                    "database {:?}: pool_size must be at least 1",
+                    d.name
+                ));
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -382,21 +400,37 @@ impl Config {
         let u = self.user(user);
         let p = &self.pool;
         PoolSettings {
-            pool_mode: u.and_then(|u| u.pool_mode).or(d.and_then(|d| d.pool_mode)).unwrap_or(p.pool_mode),
-            pool_size: u.and_then(|u| u.pool_size).or(d.and_then(|d| d.pool_size)).unwrap_or(p.pool_size),
+            pool_mode: u
+                .and_then(|u| u.pool_mode)
+                .or(d.and_then(|d| d.pool_mode))
+                .unwrap_or(p.pool_mode),
+            pool_size: u
+                .and_then(|u| u.pool_size)
+                .or(d.and_then(|d| d.pool_size))
+                .unwrap_or(p.pool_size),
             min_pool_size: d.and_then(|d| d.min_pool_size).unwrap_or(p.min_pool_size),
-            reserve_pool_size: d.and_then(|d| d.reserve_pool_size).unwrap_or(p.reserve_pool_size),
+            reserve_pool_size: d
+                .and_then(|d| d.reserve_pool_size)
+                .unwrap_or(p.reserve_pool_size),
             reserve_pool_timeout: p.reserve_pool_timeout,
-            max_db_connections: d.and_then(|d| d.max_db_connections).unwrap_or(p.max_db_connections),
-            max_user_connections: u.and_then(|u| u.max_user_connections).unwrap_or(p.max_user_connections),
+            max_db_connections: d
+                .and_then(|d| d.max_db_connections)
+                .unwrap_or(p.max_db_connections),
+            max_user_connections: u
+                .and_then(|u| u.max_user_connections)
+                .unwrap_or(p.max_user_connections),
             query_wait_timeout: p.query_wait_timeout,
             server_connect_timeout: p.server_connect_timeout,
             server_lifetime: p.server_lifetime,
             server_idle_timeout: p.server_idle_timeout,
             server_reset_query: p.server_reset_query.clone(),
             max_prepared_statements: p.max_prepared_statements,
-            server_dbname: d.and_then(|d| d.dbname.clone()).unwrap_or_else(|| database.to_owned()),
-            server_user: u.and_then(|u| u.server_user.clone()).unwrap_or_else(|| user.to_owned()),
+            server_dbname: d
+                .and_then(|d| d.dbname.clone())
+                .unwrap_or_else(|| database.to_owned()),
+            server_user: u
+                .and_then(|u| u.server_user.clone())
+                .unwrap_or_else(|| user.to_owned()),
         }
     }
 }
@@ -456,14 +490,21 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::from_toml(&format!("{MIN}[pool]\npool_sise = 3\n")).unwrap_err().to_string();
+        let err = Config::from_toml(&format!("{MIN}[pool]\npool_sise = 3\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pool_sise"), "{err}");
     }
 
     #[test]
     fn invalid_values_are_listed() {
-        let err = Config::from_toml(&format!("{MIN}[pool]\npool_size = 0\nmin_pool_size = 2\n")).unwrap_err().to_string();
-        assert!(err.contains("pool_size must be at least 1") && err.contains("min_pool_size"), "{err}");
+        let err = Config::from_toml(&format!("{MIN}[pool]\npool_size = 0\nmin_pool_size = 2\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pool_size must be at least 1") && err.contains("min_pool_size"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -473,7 +514,10 @@ mod tests {
         ))
         .unwrap();
         let s = c.pool_settings("app", "bob");
-        assert_eq!((s.pool_size, s.pool_mode, s.server_dbname.as_str()), (5, PoolMode::Session, "real"));
+        assert_eq!(
+            (s.pool_size, s.pool_mode, s.server_dbname.as_str()),
+            (5, PoolMode::Session, "real")
+        );
         assert_eq!(c.pool_settings("other", "amy").pool_size, 20);
     }
 
@@ -481,7 +525,10 @@ mod tests {
     fn example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pgferry.example.toml");
         let c = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert!(!c.databases.is_empty() && !c.users.is_empty(), "the example shows every section");
+        assert!(
+            !c.databases.is_empty() && !c.users.is_empty(),
+            "the example shows every section"
+        );
     }
 
     #[test]

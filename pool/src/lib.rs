@@ -1,1 +1,22 @@
 //! Server connections and pools.
+//!
+//! A [`Pool`] holds the server connections of one (database, user, node)
+//! key. A client session checks a connection out for a transaction (or a
+//! whole session) and owns it exclusively through a [`PooledConn`] guard;
+//! the guard's `Drop` discards a connection that was not explicitly checked
+//! back in, so a connection whose IO was interrupted is never reused.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod login;
+pub mod pool;
+pub mod server;
+pub mod statements;
+pub mod stats;
+
+pub use error::PoolError;
+pub use login::ServerCredentials;
+pub use pool::{NodeAddr, Pool, PoolKey, PooledConn};
+pub use server::ServerConn;
+pub use stats::PoolStats;

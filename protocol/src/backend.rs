@@ -136,7 +136,9 @@ pub fn authentication(body: &[u8]) -> Result<AuthRequest<'_>, ProtocolError> {
         3 => AuthRequest::CleartextPassword,
         5 => {
             let s = r.bytes(4)?;
-            AuthRequest::Md5Password { salt: [s[0], s[1], s[2], s[3]] }
+            AuthRequest::Md5Password {
+                salt: [s[0], s[1], s[2], s[3]],
+            }
         }
         10 => {
             let mut mechanisms = Vec::new();
@@ -149,8 +151,12 @@ pub fn authentication(body: &[u8]) -> Result<AuthRequest<'_>, ProtocolError> {
             }
             AuthRequest::Sasl { mechanisms }
         }
-        11 => AuthRequest::SaslContinue { data: r.remaining() },
-        12 => AuthRequest::SaslFinal { data: r.remaining() },
+        11 => AuthRequest::SaslContinue {
+            data: r.remaining(),
+        },
+        12 => AuthRequest::SaslFinal {
+            data: r.remaining(),
+        },
         n => AuthRequest::Other(n),
     })
 }
@@ -158,7 +164,10 @@ pub fn authentication(body: &[u8]) -> Result<AuthRequest<'_>, ProtocolError> {
 /// True for messages a server may send at any time, not as a reply to a
 /// particular request (protocol docs, "Asynchronous Operations").
 pub fn is_async(tag: u8) -> bool {
-    matches!(tag, NOTICE_RESPONSE | PARAMETER_STATUS | NOTIFICATION_RESPONSE)
+    matches!(
+        tag,
+        NOTICE_RESPONSE | PARAMETER_STATUS | NOTIFICATION_RESPONSE
+    )
 }
 
 #[cfg(test)]

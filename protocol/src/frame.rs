@@ -64,7 +64,10 @@ pub fn peek_header(buf: &[u8], max_len: usize) -> Result<Option<(u8, usize)>, Pr
     }
     let total = len as usize + 1;
     if total > max_len {
-        return Err(ProtocolError::TooLarge { len: total, max: max_len });
+        return Err(ProtocolError::TooLarge {
+            len: total,
+            max: max_len,
+        });
     }
     Ok(Some((tag, total)))
 }
@@ -112,7 +115,11 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string, returned without its terminator.
     pub fn cstr(&mut self) -> Result<&'a [u8], ProtocolError> {
-        let end = self.buf.iter().position(|&b| b == 0).ok_or_else(|| self.malformed())?;
+        let end = self
+            .buf
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| self.malformed())?;
         let s = &self.buf[..end];
         self.buf = &self.buf[end + 1..];
         Ok(s)
@@ -175,14 +182,23 @@ mod tests {
     #[test]
     fn rejects_short_length() {
         let mut b = BytesMut::from(&[b'Q', 0, 0, 0, 3][..]);
-        assert_eq!(decode_frame(&mut b, 1 << 20), Err(ProtocolError::LengthTooSmall(3)));
+        assert_eq!(
+            decode_frame(&mut b, 1 << 20),
+            Err(ProtocolError::LengthTooSmall(3))
+        );
     }
 
     #[test]
     fn rejects_oversized_before_buffering() {
         let mut b = BytesMut::from(&[b'Q', 0x7f, 0xff, 0xff, 0xff][..]);
-        assert!(matches!(decode_frame(&mut b, 1 << 20), Err(ProtocolError::TooLarge { .. })));
-        assert!(b.capacity() < 1 << 20, "no reservation for a rejected length");
+        assert!(matches!(
+            decode_frame(&mut b, 1 << 20),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        assert!(
+            b.capacity() < 1 << 20,
+            "no reservation for a rejected length"
+        );
     }
 
     proptest! {

@@ -21,7 +21,18 @@ pub const TERMINATE: u8 = b'X';
 pub fn is_known(tag: u8) -> bool {
     matches!(
         tag,
-        BIND | CLOSE | COPY_DATA | COPY_DONE | COPY_FAIL | DESCRIBE | EXECUTE | FLUSH | FUNCTION_CALL | PARSE | QUERY | SYNC | TERMINATE
+        BIND | CLOSE
+            | COPY_DATA
+            | COPY_DONE
+            | COPY_FAIL
+            | DESCRIBE
+            | EXECUTE
+            | FLUSH
+            | FUNCTION_CALL
+            | PARSE
+            | QUERY
+            | SYNC
+            | TERMINATE
     )
 }
 
@@ -49,7 +60,11 @@ pub fn parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
     if n < 0 || check.remaining().len() != n as usize * 4 {
         return Err(ProtocolError::Malformed("Parse"));
     }
-    Ok(Parse { name, query, param_types })
+    Ok(Parse {
+        name,
+        query,
+        param_types,
+    })
 }
 
 /// Bind: portal and statement names, and the offset in the body where the
@@ -67,7 +82,11 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, ProtocolError> {
     let portal = r.cstr()?;
     let statement = r.cstr()?;
     let rest_offset = body.len() - r.remaining().len();
-    Ok(Bind { portal, statement, rest_offset })
+    Ok(Bind {
+        portal,
+        statement,
+        rest_offset,
+    })
 }
 
 /// Describe and Close: kind ('S' statement or 'P' portal) and name.

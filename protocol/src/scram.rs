@@ -61,7 +61,9 @@ fn key32(b64: &str) -> Result<[u8; 32], ScramError> {
 
 impl Secret {
     pub fn parse(s: &str) -> Result<Self, ScramError> {
-        let rest = s.strip_prefix("SCRAM-SHA-256$").ok_or(ScramError::BadSecret)?;
+        let rest = s
+            .strip_prefix("SCRAM-SHA-256$")
+            .ok_or(ScramError::BadSecret)?;
         let (iter_salt, keys) = rest.split_once('$').ok_or(ScramError::BadSecret)?;
         let (iter, salt) = iter_salt.split_once(':').ok_or(ScramError::BadSecret)?;
         let (stored, server) = keys.split_once(':').ok_or(ScramError::BadSecret)?;
@@ -129,7 +131,9 @@ fn sha256(b: &[u8]) -> [u8; 32] {
 /// Hi() from RFC 5802: PBKDF2-HMAC-SHA-256. Costs `iterations` HMACs, so
 /// callers on an async runtime should run it on a blocking thread.
 pub fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
-    let prepped = stringprep::saslprep(password).map(|c| c.into_owned()).unwrap_or_else(|_| password.to_owned());
+    let prepped = stringprep::saslprep(password)
+        .map(|c| c.into_owned())
+        .unwrap_or_else(|_| password.to_owned());
     let mut m = HmacSha256::new_from_slice(prepped.as_bytes()).expect("any key length");
     m.update(salt);
     m.update(&1u32.to_be_bytes());
@@ -190,9 +194,16 @@ impl ServerExchange {
     /// server-first-message. `plus_offered` says whether SCRAM-SHA-256-PLUS
     /// was offered (only on TLS): a client answering "y" then is refused, as
     /// that means a downgrade (RFC 5802 §6).
-    pub fn start(secret: Secret, client_first: &[u8], mechanism: &str, plus_offered: bool) -> Result<(Self, Vec<u8>), ScramError> {
+    pub fn start(
+        secret: Secret,
+        client_first: &[u8],
+        mechanism: &str,
+        plus_offered: bool,
+    ) -> Result<(Self, Vec<u8>), ScramError> {
         let msg = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("utf8"))?;
-        let (cb, rest) = msg.split_once(',').ok_or(ScramError::Malformed("gs2 header"))?;
+        let (cb, rest) = msg
+            .split_once(',')
+            .ok_or(ScramError::Malformed("gs2 header"))?;
         let binding = match cb {
             "n" => ChannelBinding::None,
             "y" if plus_offered => return Err(ScramError::ChannelBinding),
@@ -204,7 +215,9 @@ impl ServerExchange {
         if uses_plus != (binding == ChannelBinding::TlsServerEndPoint) {
             return Err(ScramError::ChannelBinding);
         }
-        let (authzid, bare) = rest.split_once(',').ok_or(ScramError::Malformed("gs2 header"))?;
+        let (authzid, bare) = rest
+            .split_once(',')
+            .ok_or(ScramError::Malformed("gs2 header"))?;
         if !authzid.is_empty() {
             return Err(ScramError::Malformed("authzid is not supported"));
         }
@@ -212,55 +225,98 @@ impl ServerExchange {
         let mut parts = bare.split(',');
         let user = parts.next().ok_or(ScramError::Malformed("client-first"))?;
         attr(user, 'n')?; // PostgreSQL ignores it: the startup packet's user counts.
-        let cnonce = attr(parts.next().ok_or(ScramError::Malformed("client-first"))?, 'r')?;
-        if cnonce.is_empty() || !cnonce.bytes().all(|c| (0x21..=0x7e).contains(&c) && c != b',') {
+        let cnonce = attr(
+            parts.next().ok_or(ScramError::Malformed("client-first"))?,
+            'r',
+        )?;
+        if cnonce.is_empty()
+            || !cnonce
+                .bytes()
+                .all(|c| (0x21..=0x7e).contains(&c) && c != b',')
+        {
             return Err(ScramError::Malformed("nonce"));
         }
         let nonce = format!("{cnonce}{}", self::nonce());
-        let server_first = format!("r={nonce},s={},i={}", B64.encode(&secret.salt), secret.iterations);
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&secret.salt),
+            secret.iterations
+        );
         let out = server_first.clone().into_bytes();
         Ok((
-            ServerExchange { secret, client_first_bare: bare.to_owned(), server_first, nonce, gs2_header, binding },
+            ServerExchange {
+                secret,
+                client_first_bare: bare.to_owned(),
+                server_first,
+                nonce,
+                gs2_header,
+                binding,
+            },
             out,
         ))
     }
 
     /// Handles client-final-message. `cb_data` is the tls-server-end-point
     /// hash of our certificate when the client asked for binding.
-    pub fn finish(self, client_final: &[u8], cb_data: Option<&[u8]>) -> Result<Verified, ScramError> {
+    pub fn finish(
+        self,
+        client_final: &[u8],
+        cb_data: Option<&[u8]>,
+    ) -> Result<Verified, ScramError> {
         let msg = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("utf8"))?;
-        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Malformed("client-final"))?;
+        let (without_proof, proof) = msg
+            .rsplit_once(",p=")
+            .ok_or(ScramError::Malformed("client-final"))?;
         let mut parts = without_proof.split(',');
-        let c = attr(parts.next().ok_or(ScramError::Malformed("client-final"))?, 'c')?;
-        let r = attr(parts.next().ok_or(ScramError::Malformed("client-final"))?, 'r')?;
+        let c = attr(
+            parts.next().ok_or(ScramError::Malformed("client-final"))?,
+            'c',
+        )?;
+        let r = attr(
+            parts.next().ok_or(ScramError::Malformed("client-final"))?,
+            'r',
+        )?;
         let mut expected_cb = self.gs2_header.clone().into_bytes();
         if self.binding == ChannelBinding::TlsServerEndPoint {
             expected_cb.extend_from_slice(cb_data.ok_or(ScramError::ChannelBinding)?);
         }
-        let got_cb = B64.decode(c).map_err(|_| ScramError::Malformed("channel binding"))?;
+        let got_cb = B64
+            .decode(c)
+            .map_err(|_| ScramError::Malformed("channel binding"))?;
         if got_cb != expected_cb {
             return Err(ScramError::ChannelBinding);
         }
         if r != self.nonce {
             return Err(ScramError::Nonce);
         }
-        let proof = B64.decode(proof).map_err(|_| ScramError::Malformed("proof"))?;
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| ScramError::Malformed("proof"))?;
         if proof.len() != 32 {
             return Err(ScramError::InvalidProof);
         }
-        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
         let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());
         let mut client_key = [0u8; 32];
         for i in 0..32 {
             client_key[i] = proof[i] ^ client_signature[i];
         }
         // Constant-time comparison of H(ClientKey) with StoredKey.
-        let diff = sha256(&client_key).iter().zip(self.secret.stored_key.iter()).fold(0u8, |a, (x, y)| a | (x ^ y));
+        let diff = sha256(&client_key)
+            .iter()
+            .zip(self.secret.stored_key.iter())
+            .fold(0u8, |a, (x, y)| a | (x ^ y));
         if diff != 0 {
             return Err(ScramError::InvalidProof);
         }
         let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
-        Ok(Verified { server_final: format!("v={}", B64.encode(server_signature)).into_bytes(), client_key })
+        Ok(Verified {
+            server_final: format!("v={}", B64.encode(server_signature)).into_bytes(),
+            client_key,
+        })
     }
 }
 
@@ -269,7 +325,10 @@ impl ServerExchange {
 pub enum ClientCredentials {
     Password(String),
     /// SCRAM pass-through: keys recovered from a client's proof.
-    Keys { client_key: [u8; 32], server_key: [u8; 32] },
+    Keys {
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+    },
 }
 
 impl std::fmt::Debug for ClientCredentials {
@@ -278,42 +337,86 @@ impl std::fmt::Debug for ClientCredentials {
     }
 }
 
+/// The salt and iteration count of a server-first-message.
+pub struct ServerFirst<'a> {
+    pub nonce: &'a str,
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+}
+
+pub fn parse_server_first(server_first: &[u8]) -> Result<ServerFirst<'_>, ScramError> {
+    let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("utf8"))?;
+    let mut parts = msg.split(',');
+    let nonce = attr(
+        parts.next().ok_or(ScramError::Malformed("server-first"))?,
+        'r',
+    )?;
+    let s = attr(
+        parts.next().ok_or(ScramError::Malformed("server-first"))?,
+        's',
+    )?;
+    let iterations: u32 = attr(
+        parts.next().ok_or(ScramError::Malformed("server-first"))?,
+        'i',
+    )?
+    .parse()
+    .map_err(|_| ScramError::Malformed("iterations"))?;
+    let salt = B64.decode(s).map_err(|_| ScramError::Malformed("salt"))?;
+    Ok(ServerFirst {
+        nonce,
+        salt,
+        iterations,
+    })
+}
+
+/// ClientKey and ServerKey for a password: runs PBKDF2, so call it off the
+/// async workers.
+pub fn keys_from_password(password: &str, salt: &[u8], iterations: u32) -> ([u8; 32], [u8; 32]) {
+    let salted = salted_password(password, salt, iterations);
+    (hmac(&salted, b"Client Key"), hmac(&salted, b"Server Key"))
+}
+
 /// Client side of one exchange (proxy → PostgreSQL), without channel binding.
 pub struct ClientExchange {
-    creds: ClientCredentials,
     client_first_bare: String,
     expected_server_signature: Option<[u8; 32]>,
 }
 
 impl ClientExchange {
     /// Returns the exchange and the client-first-message.
-    pub fn start(creds: ClientCredentials) -> (Self, Vec<u8>) {
+    pub fn start() -> (Self, Vec<u8>) {
         let bare = format!("n=,r={}", nonce());
         let first = format!("n,,{bare}").into_bytes();
-        (ClientExchange { creds, client_first_bare: bare, expected_server_signature: None }, first)
+        (
+            ClientExchange {
+                client_first_bare: bare,
+                expected_server_signature: None,
+            },
+            first,
+        )
     }
 
     /// Handles server-first-message and returns client-final-message.
-    /// With a password this runs PBKDF2: call it off the async workers.
-    pub fn respond(&mut self, server_first: &[u8]) -> Result<Vec<u8>, ScramError> {
+    /// With a password this runs PBKDF2: prefer keys derived off the async
+    /// workers with [`keys_from_password`].
+    pub fn respond(
+        &mut self,
+        server_first: &[u8],
+        creds: &ClientCredentials,
+    ) -> Result<Vec<u8>, ScramError> {
         let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("utf8"))?;
-        let mut parts = msg.split(',');
-        let r = attr(parts.next().ok_or(ScramError::Malformed("server-first"))?, 'r')?;
-        let s = attr(parts.next().ok_or(ScramError::Malformed("server-first"))?, 's')?;
-        let i: u32 = attr(parts.next().ok_or(ScramError::Malformed("server-first"))?, 'i')?
-            .parse()
-            .map_err(|_| ScramError::Malformed("iterations"))?;
+        let sf = parse_server_first(server_first)?;
+        let r = sf.nonce;
         let cnonce = &self.client_first_bare[5..];
         if !r.starts_with(cnonce) || r.len() == cnonce.len() {
             return Err(ScramError::Nonce);
         }
-        let salt = B64.decode(s).map_err(|_| ScramError::Malformed("salt"))?;
-        let (client_key, server_key) = match &self.creds {
-            ClientCredentials::Password(p) => {
-                let salted = salted_password(p, &salt, i);
-                (hmac(&salted, b"Client Key"), hmac(&salted, b"Server Key"))
-            }
-            ClientCredentials::Keys { client_key, server_key } => (*client_key, *server_key),
+        let (client_key, server_key) = match creds {
+            ClientCredentials::Password(p) => keys_from_password(p, &sf.salt, sf.iterations),
+            ClientCredentials::Keys {
+                client_key,
+                server_key,
+            } => (*client_key, *server_key),
         };
         let without_proof = format!("c=biws,r={r}");
         let auth_message = format!("{},{},{}", self.client_first_bare, msg, without_proof);
@@ -334,7 +437,9 @@ impl ClientExchange {
             return Err(ScramError::Server(e.to_owned()));
         }
         let v = attr(msg, 'v')?;
-        let got = B64.decode(v).map_err(|_| ScramError::Malformed("verifier"))?;
+        let got = B64
+            .decode(v)
+            .map_err(|_| ScramError::Malformed("verifier"))?;
         match self.expected_server_signature {
             Some(exp) if got == exp => Ok(()),
             _ => Err(ScramError::ServerSignature),
@@ -344,10 +449,21 @@ impl ClientExchange {
 
 /// PostgreSQL's MD5 response: "md5" + md5(md5(password + user) + salt).
 pub fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> Vec<u8> {
+    md5_salted(md5_inner(user, password).as_bytes(), salt)
+}
+
+/// md5(password + user) in hex: what pg_authid stores after "md5".
+pub fn md5_inner(user: &str, password: &str) -> String {
     use md5::Digest as _;
-    let inner = md5::Md5::digest([password.as_bytes(), user.as_bytes()].concat());
-    let hex_inner = hex(&inner);
-    let outer = md5::Md5::digest([hex_inner.as_bytes(), &salt[..]].concat());
+    hex(&md5::Md5::digest(
+        [password.as_bytes(), user.as_bytes()].concat(),
+    ))
+}
+
+/// "md5" + md5(inner_hex + salt).
+pub fn md5_salted(inner_hex: &[u8], salt: [u8; 4]) -> Vec<u8> {
+    use md5::Digest as _;
+    let outer = md5::Md5::digest([inner_hex, &salt[..]].concat());
     let mut out = b"md5".to_vec();
     out.extend_from_slice(hex(&outer).as_bytes());
     out
@@ -366,27 +482,38 @@ mod tests {
         let secret = Secret::from_password("pencil", b"0123456789abcdef", 4096);
         let parsed = Secret::parse(&secret.encode()).unwrap();
         assert!(parsed == secret);
-        let (mut client, first) = ClientExchange::start(ClientCredentials::Password("pencil".into()));
-        let (server, server_first) = ServerExchange::start(parsed, &first, MECHANISM, false).unwrap();
-        let client_final = client.respond(&server_first).unwrap();
+        let (mut client, first) = ClientExchange::start();
+        let (server, server_first) =
+            ServerExchange::start(parsed, &first, MECHANISM, false).unwrap();
+        let client_final = client
+            .respond(&server_first, &ClientCredentials::Password("pencil".into()))
+            .unwrap();
         let verified = server.finish(&client_final, None).unwrap();
         client.finish(&verified.server_final).unwrap();
 
         // The recovered ClientKey logs in again without the password.
-        let creds = ClientCredentials::Keys { client_key: verified.client_key, server_key: secret.server_key };
-        let (mut c2, first2) = ClientExchange::start(creds);
+        let creds = ClientCredentials::Keys {
+            client_key: verified.client_key,
+            server_key: secret.server_key,
+        };
+        let (mut c2, first2) = ClientExchange::start();
         let (s2, sf2) = ServerExchange::start(secret.clone(), &first2, MECHANISM, false).unwrap();
-        let cf2 = c2.respond(&sf2).unwrap();
+        let cf2 = c2.respond(&sf2, &creds).unwrap();
         assert!(s2.finish(&cf2, None).is_ok());
     }
 
     #[test]
     fn wrong_password_fails() {
         let secret = Secret::from_password("pencil", b"salt", 16);
-        let (mut client, first) = ClientExchange::start(ClientCredentials::Password("nope".into()));
+        let (mut client, first) = ClientExchange::start();
         let (server, sf) = ServerExchange::start(secret, &first, MECHANISM, false).unwrap();
-        let cf = client.respond(&sf).unwrap();
-        assert_eq!(server.finish(&cf, None).err(), Some(ScramError::InvalidProof));
+        let cf = client
+            .respond(&sf, &ClientCredentials::Password("nope".into()))
+            .unwrap();
+        assert_eq!(
+            server.finish(&cf, None).err(),
+            Some(ScramError::InvalidProof)
+        );
     }
 
     #[test]

@@ -150,15 +150,23 @@ impl<'a> Lexer<'a> {
             self.i += 2;
             return Some(Tok::Str(self.quoted(b'\'', true)));
         }
-        if matches!(c, b'B' | b'b' | b'X' | b'x' | b'N' | b'n') && s.get(self.i + 1) == Some(&b'\'') {
+        if matches!(c, b'B' | b'b' | b'X' | b'x' | b'N' | b'n') && s.get(self.i + 1) == Some(&b'\'')
+        {
             self.i += 2;
             return Some(Tok::Str(self.quoted(b'\'', false)));
         }
-        if (c == b'U' || c == b'u') && s.get(self.i + 1) == Some(&b'&') && matches!(s.get(self.i + 2), Some(b'\'') | Some(b'"')) {
+        if (c == b'U' || c == b'u')
+            && s.get(self.i + 1) == Some(&b'&')
+            && matches!(s.get(self.i + 2), Some(b'\'') | Some(b'"'))
+        {
             let q = s[self.i + 2];
             self.i += 3;
             let body = self.quoted(q, false);
-            return Some(if q == b'"' { Tok::Ident(body) } else { Tok::Str(body) });
+            return Some(if q == b'"' {
+                Tok::Ident(body)
+            } else {
+                Tok::Str(body)
+            });
         }
         if is_ident_start(c) {
             let start = self.i;
@@ -187,7 +195,10 @@ impl<'a> Lexer<'a> {
                 while j < s.len() && (is_ident_cont(s[j]) && s[j] != b'$') {
                     j += 1;
                 }
-                if j < s.len() && s[j] == b'$' && !s[start + 1..j].first().is_some_and(|d| d.is_ascii_digit()) {
+                if j < s.len()
+                    && s[j] == b'$'
+                    && !s[start + 1..j].first().is_some_and(|d| d.is_ascii_digit())
+                {
                     let tag = &s[start..=j];
                     let body_start = j + 1;
                     let mut k = body_start;
@@ -272,7 +283,9 @@ pub fn scan(sql: &[u8]) -> Effects {
             match lx.next() {
                 Some(t) if word_is(&Some(t.clone()), "all") => fx.reset_all = true,
                 Some(t) if word_is(&Some(t.clone()), "time") => fx.settings.push("timezone".into()),
-                Some(t) if word_is(&Some(t.clone()), "session") => fx.settings.push("session_authorization".into()),
+                Some(t) if word_is(&Some(t.clone()), "session") => {
+                    fx.settings.push("session_authorization".into())
+                }
                 Some(t) => {
                     if let Some(n) = setting_name(t, &mut lx) {
                         fx.settings.push(n);
@@ -282,7 +295,10 @@ pub fn scan(sql: &[u8]) -> Effects {
             }
         } else if kw.eq_ignore_ascii_case(b"listen") {
             fx.pin.get_or_insert(Pin::Listen);
-        } else if kw.eq_ignore_ascii_case(b"unlisten") || kw.eq_ignore_ascii_case(b"close") || kw.eq_ignore_ascii_case(b"drop") {
+        } else if kw.eq_ignore_ascii_case(b"unlisten")
+            || kw.eq_ignore_ascii_case(b"close")
+            || kw.eq_ignore_ascii_case(b"drop")
+        {
             fx.maybe_release = true;
         } else if kw.eq_ignore_ascii_case(b"declare") {
             // DECLARE name ... CURSOR [WITH HOLD | WITHOUT HOLD] FOR query
@@ -358,10 +374,15 @@ fn function_effects<'a>(w: &'a [u8], lx: &mut Lexer<'a>, fx: &mut Effects) {
     }
     let l = w.to_ascii_lowercase();
     match l.as_slice() {
-        b"pg_advisory_lock" | b"pg_advisory_lock_shared" | b"pg_try_advisory_lock" | b"pg_try_advisory_lock_shared" => {
+        b"pg_advisory_lock"
+        | b"pg_advisory_lock_shared"
+        | b"pg_try_advisory_lock"
+        | b"pg_try_advisory_lock_shared" => {
             fx.pin.get_or_insert(Pin::AdvisoryLock);
         }
-        b"pg_advisory_unlock" | b"pg_advisory_unlock_shared" | b"pg_advisory_unlock_all" => fx.maybe_release = true,
+        b"pg_advisory_unlock" | b"pg_advisory_unlock_shared" | b"pg_advisory_unlock_all" => {
+            fx.maybe_release = true
+        }
         b"set_config" => {
             let save = lx.i;
             if lx.next() == Some(Tok::Punct(b'(')) {
@@ -391,7 +412,11 @@ fn statement_set(lx: &mut Lexer<'_>, fx: &mut Effects) {
             return;
         }
         if word_is(&t, "characteristics") {
-            for n in ["default_transaction_isolation", "default_transaction_read_only", "default_transaction_deferrable"] {
+            for n in [
+                "default_transaction_isolation",
+                "default_transaction_read_only",
+                "default_transaction_deferrable",
+            ] {
                 fx.settings.push(n.into());
             }
             return;
@@ -429,7 +454,10 @@ mod tests {
     #[test]
     fn session_settings() {
         let fx = scan(b"set search_path to a, b; SET LOCAL work_mem = '1MB'; set time zone 'UTC'; SET \"My\".x = 1; RESET statement_timeout");
-        assert_eq!(fx.settings, vec!["search_path", "timezone", "My.x", "statement_timeout"]);
+        assert_eq!(
+            fx.settings,
+            vec!["search_path", "timezone", "My.x", "statement_timeout"]
+        );
         assert_eq!(fx.pin, None);
         assert_eq!(fx.statements, 5);
     }
@@ -437,21 +465,45 @@ mod tests {
     #[test]
     fn pins() {
         assert_eq!(scan(b"LISTEN chan").pin, Some(Pin::Listen));
-        assert_eq!(scan(b"select pg_advisory_lock(1)").pin, Some(Pin::AdvisoryLock));
+        assert_eq!(
+            scan(b"select pg_advisory_lock(1)").pin,
+            Some(Pin::AdvisoryLock)
+        );
         assert_eq!(scan(b"select pg_advisory_xact_lock(1)").pin, None);
-        assert_eq!(scan(b"DECLARE c CURSOR WITH HOLD FOR SELECT 1").pin, Some(Pin::HoldCursor));
-        assert_eq!(scan(b"DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1").pin, None);
-        assert_eq!(scan(b"create temp table t(a int)").pin, Some(Pin::TempTable));
-        assert_eq!(scan(b"CREATE GLOBAL TEMPORARY TABLE t(a int)").pin, Some(Pin::TempTable));
+        assert_eq!(
+            scan(b"DECLARE c CURSOR WITH HOLD FOR SELECT 1").pin,
+            Some(Pin::HoldCursor)
+        );
+        assert_eq!(
+            scan(b"DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1").pin,
+            None
+        );
+        assert_eq!(
+            scan(b"create temp table t(a int)").pin,
+            Some(Pin::TempTable)
+        );
+        assert_eq!(
+            scan(b"CREATE GLOBAL TEMPORARY TABLE t(a int)").pin,
+            Some(Pin::TempTable)
+        );
         assert_eq!(scan(b"PREPARE p AS SELECT 1").pin, Some(Pin::SqlPrepare));
         assert_eq!(scan(b"PREPARE TRANSACTION 'x'").pin, None);
-        assert_eq!(scan(b"select set_config(name, 'v', false)").pin, Some(Pin::DynamicSetting));
-        assert_eq!(scan(b"select set_config('search_path', '', false)").settings, vec!["search_path"]);
+        assert_eq!(
+            scan(b"select set_config(name, 'v', false)").pin,
+            Some(Pin::DynamicSetting)
+        );
+        assert_eq!(
+            scan(b"select set_config('search_path', '', false)").settings,
+            vec!["search_path"]
+        );
     }
 
     #[test]
     fn strings_hide_keywords() {
-        assert_eq!(scan(b"select $$ LISTEN x; $$, $a$ pg_advisory_lock( $a$").pin, None);
+        assert_eq!(
+            scan(b"select $$ LISTEN x; $$, $a$ pg_advisory_lock( $a$").pin,
+            None
+        );
         assert_eq!(scan(b"select E'\\' LISTEN'").pin, None);
         assert_eq!(scan(b"select 'it''s'; LISTEN x").pin, Some(Pin::Listen));
         assert_eq!(scan(b"select $1; LISTEN x").pin, Some(Pin::Listen));
@@ -461,7 +513,10 @@ mod tests {
     fn discard_and_deallocate() {
         let fx = scan(b"DISCARD ALL");
         assert!(fx.discard_all && fx.reset_all);
-        assert_eq!(scan(b"DEALLOCATE PREPARE s1").deallocate, Some(Some("s1".into())));
+        assert_eq!(
+            scan(b"DEALLOCATE PREPARE s1").deallocate,
+            Some(Some("s1".into()))
+        );
         assert_eq!(scan(b"deallocate all").deallocate, Some(None));
     }
 

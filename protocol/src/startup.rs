@@ -37,9 +37,10 @@ impl StartupPacket {
     /// Value of a startup parameter.
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            StartupPacket::Startup { params, .. } => {
-                params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-            }
+            StartupPacket::Startup { params, .. } => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
             _ => None,
         }
     }
@@ -91,7 +92,11 @@ pub fn decode_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Proto
             if !r.is_empty() {
                 return Err(ProtocolError::Malformed("startup packet"));
             }
-            Ok(Some(StartupPacket::Startup { major, minor, params }))
+            Ok(Some(StartupPacket::Startup {
+                major,
+                minor,
+                params,
+            }))
         }
     }
 }
@@ -139,7 +144,9 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, ProtocolErr
         } else {
             return Err(ProtocolError::Malformed("options"));
         };
-        let (k, v) = setting.split_once('=').ok_or(ProtocolError::Malformed("options"))?;
+        let (k, v) = setting
+            .split_once('=')
+            .ok_or(ProtocolError::Malformed("options"))?;
         out.push((k.replace('-', "_"), v.to_owned()));
     }
     Ok(out)
@@ -167,7 +174,10 @@ mod tests {
 
     #[test]
     fn ssl_and_cancel() {
-        assert_eq!(decode_startup(&mut packet(SSL_REQUEST_CODE, b"")).unwrap(), Some(StartupPacket::SslRequest));
+        assert_eq!(
+            decode_startup(&mut packet(SSL_REQUEST_CODE, b"")).unwrap(),
+            Some(StartupPacket::SslRequest)
+        );
         let mut rest = 7u32.to_be_bytes().to_vec();
         rest.extend_from_slice(&9u32.to_be_bytes());
         assert_eq!(
@@ -183,12 +193,16 @@ mod tests {
         let mut b = packet(196608, b"user\0bob\0unterminated");
         assert!(decode_startup(&mut b).is_err());
         let mut b = packet(2 << 16, b"\0");
-        assert!(matches!(decode_startup(&mut b), Err(ProtocolError::UnsupportedProtocol { .. })));
+        assert!(matches!(
+            decode_startup(&mut b),
+            Err(ProtocolError::UnsupportedProtocol { .. })
+        ));
     }
 
     #[test]
     fn options_parsing() {
-        let o = parse_options("-c search_path=a\\ b --statement-timeout=5s -cwork_mem=64MB").unwrap();
+        let o =
+            parse_options("-c search_path=a\\ b --statement-timeout=5s -cwork_mem=64MB").unwrap();
         assert_eq!(
             o,
             vec![

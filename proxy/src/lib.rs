@@ -1,1 +1,84 @@
-//! pgferry proxy.
+//! pgferry: a PostgreSQL wire-protocol proxy and transaction pooler.
+//!
+//! `run` starts the listeners over a [`Shared`] state; each accepted client
+//! runs in its own task through `client::serve`: handshake, authentication,
+//! login, then the [`session`] state machine.
+
+#![deny(unsafe_code)]
+
+mod auth;
+mod cancel;
+mod client;
+mod clientio;
+mod error;
+mod handshake;
+mod listener;
+pub mod params;
+mod session;
+pub mod shared;
+pub mod userlist;
+
+pub use error::ClientError;
+pub use shared::Shared;
+
+use pgferry_config::Config;
+use pgferry_routing::{Role, Router, Topology};
+use std::sync::Arc;
+use tokio::sync::{watch, Semaphore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Users(#[from] userlist::UserlistError),
+    #[error("topology: {0}")]
+    Routing(#[from] pgferry_routing::RoutingError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Loads what the configuration points at (the users file).
+pub fn load_userlist(config: &Config) -> Result<userlist::Userlist, StartError> {
+    Ok(match &config.auth.users_file {
+        Some(p) => userlist::Userlist::load(p)?,
+        None => userlist::Userlist::default(),
+    })
+}
+
+/// Runs the proxy until `shutdown` turns true.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
+    let config = Arc::new(config);
+    let users = load_userlist(&config)?;
+    let (router, _topology_tx) = Router::new(
+        Topology::from_config(&config)?,
+        config.pool.ro_fallback_to_primary,
+    );
+    let shared = Arc::new(Shared::new(config.clone(), users, router));
+    let slots = Arc::new(Semaphore::new(config.limits.max_client_conn));
+    let mut listeners = vec![(config.listen.rw, Role::ReadWrite)];
+    if let Some(ro) = config.listen.ro {
+        listeners.push((ro, Role::ReadOnly));
+    }
+    let mut tasks = Vec::new();
+    for (addr, role) in listeners {
+        let l = listener::bind(addr, config.listen.backlog)
+            .map_err(|source| StartError::Listen { addr, source })?;
+        tracing::info!(%addr, port = role.as_str(), "listening");
+        tasks.push(tokio::spawn(listener::accept_loop(
+            l,
+            role,
+            shared.clone(),
+            slots.clone(),
+            shutdown.clone(),
+        )));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    for p in shared.pools() {
+        p.shut_down("pgferry shutting down");
+    }
+    Ok(())
+}

@@ -1,1 +1,84 @@
-fn main() {}
+//! The `pgferry` binary: command line, logging, runtime, signals.
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "pgferry",
+    version,
+    about = "Citus-aware PostgreSQL proxy and transaction pooler"
+)]
+struct Cli {
+    /// Configuration file to run with.
+    #[arg(long, value_name = "FILE", required_unless_present = "check_config")]
+    config: Option<PathBuf>,
+    /// Validate a configuration file (and the users file it names), then exit.
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGFERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    if let Some(path) = cli.check_config {
+        let config = pgferry_config::Config::load(&path)?;
+        let users = pgferry_proxy::load_userlist(&config)?;
+        println!("{}: OK ({} users)", path.display(), users.len());
+        return Ok(());
+    }
+    let path = cli.config.expect("clap requires --config");
+    let config = pgferry_config::Config::load(&path)
+        .with_context(|| format!("loading {}", path.display()))?;
+    raise_nofile_limit();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let server = tokio::spawn(pgferry_proxy::run(config, rx));
+        tokio::select! {
+            r = server => return r.context("proxy task")?.map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+        let _ = tx.send(true);
+        Ok(())
+    })
+}
+
+/// 10k clients need 10k descriptors: lift the soft limit to the hard one.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY-free: getrlimit/setrlimit through libc's safe wrappers is not
+    // available, so use the two calls directly.
+    unsafe_rlimit(&mut lim);
+}
+
+#[allow(unsafe_code)]
+fn unsafe_rlimit(lim: &mut libc::rlimit) {
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, lim) != 0 {
+                tracing::warn!("could not raise the open-files limit");
+            }
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! A pool of server connections for one (database, user, node).
+//!
+//! Waiting is fair: clients queue on a FIFO semaphore whose permits are the
+//! pool's size, and a connection returned to the pool is pushed onto the
+//! idle stack before its permit is released, so the next waiter finds it.
+//! The idle stack is LIFO so that a few hot connections serve a light load
+//! and the rest age out through server_idle_timeout.
+
+use crate::error::PoolError;
+use crate::login::ServerCredentials;
+use crate::server::ServerConn;
+use crate::stats::PoolStats;
+use pgferry_config::PoolSettings;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A server address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+    pub node: Arc<NodeAddr>,
+}
+
+static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
+pub struct Pool {
+    pub key: PoolKey,
+    pub settings: PoolSettings,
+    creds: ServerCredentials,
+    idle: Mutex<Vec<ServerConn>>,
+    permits: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+    /// Shared by every pool of one database when max_db_connections is set,
+    /// and of one user when max_user_connections is set.
+    shared_limits: Vec<Arc<Semaphore>>,
+    pub stats: PoolStats,
+    closed: AtomicBool,
+    max_message: usize,
+    /// ParameterStatus values of the first connection, replayed to clients
+    /// at login so that login needs no server round trip.
+    startup_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+}
+
+enum Permit {
+    Main(#[allow(dead_code)] OwnedSemaphorePermit),
+    Reserve(#[allow(dead_code)] OwnedSemaphorePermit),
+}
+
+impl Pool {
+    pub fn new(
+        key: PoolKey,
+        settings: PoolSettings,
+        creds: ServerCredentials,
+        shared_limits: Vec<Arc<Semaphore>>,
+        max_message: usize,
+    ) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            permits: Arc::new(Semaphore::new(settings.pool_size)),
+            reserve: Arc::new(Semaphore::new(settings.reserve_pool_size)),
+            key,
+            settings,
+            creds,
+            idle: Mutex::new(Vec::new()),
+            shared_limits,
+            stats: PoolStats::default(),
+            closed: AtomicBool::new(false),
+            max_message,
+            startup_params: Mutex::new(None),
+        });
+        tokio::spawn(maintain(Arc::downgrade(&pool)));
+        pool
+    }
+
+    /// Takes a connection, waiting (fairly, up to query_wait_timeout) for
+    /// one to be free and connecting a new one when none is idle.
+    /// Cancel safe: dropping the future gives back whatever it held.
+    pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+        if self.closed.load(Relaxed) {
+            return Err(PoolError::ShuttingDown);
+        }
+        let start = Instant::now();
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => Permit::Main(p),
+            Err(_) => {
+                self.stats.cl_waiting.fetch_add(1, Relaxed);
+                let r = self.wait_permit().await;
+                self.stats.cl_waiting.fetch_sub(1, Relaxed);
+                r?
+            }
+        };
+        let mut limits = Vec::new();
+        for s in &self.shared_limits {
+            let p = match self.remaining_wait(start) {
+                None => s.clone().acquire_owned().await,
+                Some(d) => tokio::time::timeout(d, s.clone().acquire_owned())
+                    .await
+                    .map_err(|_| self.timed_out())?,
+            };
+            limits.push(p.map_err(|_| PoolError::ShuttingDown)?);
+        }
+        PoolStats::add(
+            &self.stats.total_wait_time,
+            start.elapsed().as_micros() as u64,
+        );
+        let conn = match self.pop_idle() {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        self.stats.sv_active.fetch_add(1, Relaxed);
+        Ok(PooledConn {
+            conn: Some(conn),
+            pool: self.clone(),
+            _permit: permit,
+            _limits: limits,
+        })
+    }
+
+    fn remaining_wait(&self, start: Instant) -> Option<Duration> {
+        let t = self.settings.query_wait_timeout;
+        (!t.is_zero()).then(|| t.saturating_sub(start.elapsed()))
+    }
+
+    fn timed_out(&self) -> PoolError {
+        self.stats.wait_timeouts.fetch_add(1, Relaxed);
+        PoolError::WaitTimeout
+    }
+
+    async fn wait_permit(&self) -> Result<Permit, PoolError> {
+        let wait = async {
+            let main = self.permits.clone();
+            if self.settings.reserve_pool_size == 0 {
+                return main.acquire_owned().await.map(Permit::Main);
+            }
+            tokio::select! {
+                p = main.clone().acquire_owned() => return p.map(Permit::Main),
+                _ = tokio::time::sleep(self.settings.reserve_pool_timeout) => {}
+            }
+            tokio::select! {
+                p = main.acquire_owned() => p.map(Permit::Main),
+                p = self.reserve.clone().acquire_owned() => p.map(Permit::Reserve),
+            }
+        };
+        let r = match self.settings.query_wait_timeout {
+            t if t.is_zero() => wait.await,
+            t => tokio::time::timeout(t, wait)
+                .await
+                .map_err(|_| self.timed_out())?,
+        };
+        r.map_err(|_| PoolError::ShuttingDown)
+    }
+
+    fn pop_idle(&self) -> Option<ServerConn> {
+        loop {
+            let c = self.idle.lock().unwrap().pop()?;
+            // A connection idle for a while may have been closed by the
+            // server; checking costs a syscall, so only then.
+            if c.idle_since.elapsed() > Duration::from_secs(1) && c.is_stale() {
+                self.close(c, "closed by server while idle");
+                continue;
+            }
+            return Some(c);
+        }
+    }
+
+    async fn connect(&self) -> Result<ServerConn, PoolError> {
+        struct Login<'a>(&'a PoolStats);
+        impl Drop for Login<'_> {
+            fn drop(&mut self) {
+                self.0.sv_login.fetch_sub(1, Relaxed);
+            }
+        }
+        self.stats.sv_login.fetch_add(1, Relaxed);
+        let _login = Login(&self.stats);
+        let id = NEXT_SERVER_ID.fetch_add(1, Relaxed);
+        let s = &self.settings;
+        let r = ServerConn::connect(
+            id,
+            self.key.node.clone(),
+            &self.creds,
+            &s.server_dbname,
+            s.server_connect_timeout,
+            self.max_message,
+        )
+        .await;
+        match &r {
+            Ok(c) => {
+                self.stats.servers_opened.fetch_add(1, Relaxed);
+                tracing::info!(server = c.id, node = %self.key.node, db = %self.key.database, user = %self.key.user, backend_pid = c.backend_pid, "server connection opened");
+                let mut sp = self.startup_params.lock().unwrap();
+                if sp.is_none() {
+                    *sp = Some(Arc::new(c.params.clone()));
+                }
+            }
+            Err(e) => {
+                self.stats.server_errors.fetch_add(1, Relaxed);
+                tracing::warn!(node = %self.key.node, db = %self.key.database, user = %self.key.user, error = %e, "server connection failed");
+            }
+        }
+        r
+    }
+
+    /// ParameterStatus values a new client should see, connecting a server
+    /// first if the pool has never had one.
+    pub async fn startup_params(self: &Arc<Self>) -> Result<Arc<Vec<(String, String)>>, PoolError> {
+        if let Some(p) = self.startup_params.lock().unwrap().clone() {
+            return Ok(p);
+        }
+        let c = self.checkout().await?;
+        c.checkin();
+        Ok(self
+            .startup_params
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_default())
+    }
+
+    fn close(&self, c: ServerConn, why: &str) {
+        c.terminate();
+        self.stats.servers_closed.fetch_add(1, Relaxed);
+        tracing::info!(server = c.id, node = %self.key.node, db = %self.key.database, user = %self.key.user, reason = why, "server connection closed");
+    }
+
+    /// Closes every idle connection (RECONNECT, failover). Connections in
+    /// use are closed when they come back.
+    pub fn close_idle(&self, why: &str) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap());
+        for c in idle {
+            self.close(c, why);
+        }
+    }
+
+    /// Stops handing out connections and closes the idle ones.
+    pub fn shut_down(&self, why: &str) {
+        self.closed.store(true, Relaxed);
+        self.permits.close();
+        self.reserve.close();
+        self.close_idle(why);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Relaxed)
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap().len()
+    }
+
+    /// Snapshot of idle connections for the admin console: (id, backend pid,
+    /// age, idle time, uses).
+    pub fn idle_snapshot(&self) -> Vec<(u64, u32, Duration, Duration, u64)> {
+        self.idle
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c.id,
+                    c.backend_pid,
+                    c.created.elapsed(),
+                    c.idle_since.elapsed(),
+                    c.uses,
+                )
+            })
+            .collect()
+    }
+
+    fn checkin(&self, mut c: ServerConn) {
+        let s = &self.settings;
+        if self.closed.load(Relaxed) {
+            return self.close(c, "pool closed");
+        }
+        if !s.server_lifetime.is_zero() && c.created.elapsed() > s.server_lifetime {
+            return self.close(c, "server_lifetime reached");
+        }
+        c.idle_since = Instant::now();
+        c.uses += 1;
+        self.idle.lock().unwrap().push(c);
+    }
+
+    /// One pass of housekeeping: expire idle connections, keep min_pool_size.
+    async fn housekeep(self: &Arc<Self>) {
+        let s = &self.settings;
+        let mut expired = Vec::new();
+        {
+            let mut idle = self.idle.lock().unwrap();
+            let total = idle.len() + self.stats.sv_active.load(Relaxed);
+            let mut excess = total.saturating_sub(s.min_pool_size);
+            // Oldest idle first (bottom of the LIFO stack).
+            let mut i = 0;
+            while i < idle.len() {
+                let c = &idle[i];
+                let too_old =
+                    !s.server_lifetime.is_zero() && c.created.elapsed() > s.server_lifetime;
+                let too_idle = !s.server_idle_timeout.is_zero()
+                    && c.idle_since.elapsed() > s.server_idle_timeout
+                    && excess > 0;
+                if too_old || too_idle {
+                    excess = excess.saturating_sub(1);
+                    expired.push((
+                        idle.remove(i),
+                        if too_old {
+                            "server_lifetime reached"
+                        } else {
+                            "server_idle_timeout reached"
+                        },
+                    ));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        for (c, why) in expired {
+            self.close(c, why);
+        }
+        let total = self.idle_count()
+            + self.stats.sv_active.load(Relaxed)
+            + self.stats.sv_login.load(Relaxed);
+        if !self.is_closed() && total < s.min_pool_size {
+            for _ in total..s.min_pool_size {
+                match self.connect().await {
+                    Ok(c) => self.checkin(c),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+}
+
+async fn maintain(pool: Weak<Pool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(p) = pool.upgrade() else { return };
+        if p.is_closed() && p.stats.sv_active.load(Relaxed) == 0 {
+            return;
+        }
+        p.housekeep().await;
+    }
+}
+
+/// A checked-out server connection. Give it back with [`PooledConn::checkin`]
+/// only when it is in sync (ReadyForQuery received, nothing in flight);
+/// otherwise drop it or call [`PooledConn::discard`], which closes it.
+pub struct PooledConn {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+    // Released after the connection is back on the idle stack (field order).
+    _permit: Permit,
+    _limits: Vec<OwnedSemaphorePermit>,
+}
+
+impl PooledConn {
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub fn checkin(mut self) {
+        if let Some(c) = self.conn.take() {
+            self.pool.stats.sv_active.fetch_sub(1, Relaxed);
+            self.pool.checkin(c);
+        }
+    }
+
+    pub fn discard(mut self, why: &str) {
+        if let Some(c) = self.conn.take() {
+            self.pool.stats.sv_active.fetch_sub(1, Relaxed);
+            self.pool.close(c, why);
+        }
+    }
+}
+
+impl std::ops::Deref for PooledConn {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        self.conn
+            .as_ref()
+            .expect("connection present until checkin")
+    }
+}
+
+impl std::ops::DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        self.conn
+            .as_mut()
+            .expect("connection present until checkin")
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.pool.stats.sv_active.fetch_sub(1, Relaxed);
+            self.pool.close(c, "dropped while not in sync");
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! One connection to a PostgreSQL server.
+
+use crate::error::PoolError;
+use crate::login::{login, ServerCredentials};
+use crate::pool::NodeAddr;
+use crate::statements::ServerStatements;
+use bytes::BytesMut;
+use pgferry_protocol::{decode_frame, encode, Frame};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// Bytes kept free in a read buffer before each read.
+const READ_CHUNK: usize = 8192;
+
+/// A framed byte stream: the socket's halves plus a read buffer. The halves
+/// are separate so that a session can write to the server while it reads
+/// the server's replies (a pipelined client can fill both directions).
+pub struct Wire {
+    pub rd: OwnedReadHalf,
+    pub wr: OwnedWriteHalf,
+    pub rbuf: BytesMut,
+    pub max_message: usize,
+}
+
+/// Reads more bytes into `buf`, keeping some room free first. Returns 0 at
+/// end of stream. Cancel safe: bytes are either appended or not read.
+pub async fn fill<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+        buf.reserve(READ_CHUNK);
+    }
+    rd.read_buf(buf).await
+}
+
+impl Wire {
+    pub fn new(stream: TcpStream, max_message: usize) -> Self {
+        let (rd, wr) = stream.into_split();
+        Wire {
+            rd,
+            wr,
+            rbuf: BytesMut::new(),
+            max_message,
+        }
+    }
+
+    pub async fn fill(&mut self) -> std::io::Result<usize> {
+        fill(&mut self.rd, &mut self.rbuf).await
+    }
+
+    /// Reads one whole message. Not cancel safe once it has started reading.
+    pub async fn read_frame(&mut self) -> Result<Frame, PoolError> {
+        loop {
+            if let Some(f) = decode_frame(&mut self.rbuf, self.max_message)? {
+                return Ok(f);
+            }
+            if self.fill().await? == 0 {
+                return Err(PoolError::Closed);
+            }
+        }
+    }
+
+    pub async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.wr.write_all(b).await
+    }
+}
+
+/// A logged-in server connection and what pgferry knows of its session.
+pub struct ServerConn {
+    pub wire: Wire,
+    /// Process-unique id, for logs and the admin console.
+    pub id: u64,
+    pub addr: Arc<NodeAddr>,
+    /// The server's own BackendKeyData, for forwarding cancel requests.
+    pub backend_pid: u32,
+    pub backend_key: u32,
+    /// Values the server reported with ParameterStatus.
+    pub params: Vec<(String, String)>,
+    /// Settings that PostgreSQL does not report but pgferry changed on this
+    /// session (search_path on PostgreSQL < 18, statement_timeout, ...).
+    pub settings: Vec<(String, String)>,
+    /// Global prepared statements present on this session.
+    pub statements: ServerStatements,
+    pub created: Instant,
+    pub idle_since: Instant,
+    /// Transactions run on it, for the admin console.
+    pub uses: u64,
+}
+
+impl ServerConn {
+    /// Connects and logs in, within `timeout`.
+    pub async fn connect(
+        id: u64,
+        addr: Arc<NodeAddr>,
+        creds: &ServerCredentials,
+        database: &str,
+        timeout: Duration,
+        max_message: usize,
+    ) -> Result<ServerConn, PoolError> {
+        let work = async {
+            let stream = TcpStream::connect((addr.host.as_str(), addr.port))
+                .await
+                .map_err(|source| PoolError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            stream.set_nodelay(true)?;
+            let sock = socket2::SockRef::from(&stream);
+            let _ = sock.set_keepalive(true);
+            let mut wire = Wire::new(stream, max_message);
+            let r = login(&mut wire, creds, database).await?;
+            let now = Instant::now();
+            Ok::<_, PoolError>(ServerConn {
+                wire,
+                id,
+                addr: addr.clone(),
+                backend_pid: r.backend_pid,
+                backend_key: r.backend_key,
+                params: r.params,
+                settings: Vec::new(),
+                statements: ServerStatements::default(),
+                created: now,
+                idle_since: now,
+                uses: 0,
+            })
+        };
+        if timeout.is_zero() {
+            return work.await;
+        }
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| PoolError::ConnectTimeout(addr.to_string()))?
+    }
+
+    /// A reported parameter's current value.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn set_param(&mut self, name: &str, value: &str) {
+        set(&mut self.params, name, value);
+    }
+
+    /// An unreported setting pgferry applied, if any.
+    pub fn setting(&self, name: &str) -> Option<&str> {
+        self.settings
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// True if an idle connection has been closed by the server or has
+    /// sent something unsolicited (a FATAL on shutdown): it must not be reused.
+    pub fn is_stale(&self) -> bool {
+        if !self.wire.rbuf.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        !matches!(self.wire.rd.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends Terminate without waiting; used when closing a connection.
+    pub fn terminate(&self) {
+        let mut b = BytesMut::with_capacity(5);
+        encode::terminate(&mut b);
+        let _ = self.wire.wr.try_write(&b);
+    }
+}
+
+/// Sets `name` to `value` in a small name/value list.
+pub fn set(list: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match list.iter_mut().find(|(k, _)| k == name) {
+        Some((_, v)) => {
+            if v != value {
+                v.clear();
+                v.push_str(value);
+            }
+        }
+        None => list.push((name.to_owned(), value.to_owned())),
+    }
+}

@@ -1,0 +1,77 @@
+//! Listeners: accept, cap the number of clients, hand each to a task.
+
+use crate::shared::Shared;
+use pgferry_protocol::encode::{self, Severity};
+use pgferry_protocol::sqlstate;
+use pgferry_routing::Role;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+/// Binds a listening socket with SO_REUSEADDR and the configured backlog.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let domain = if addr.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog.min(i32::MAX as u32) as i32)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Accepts until `shutdown` turns true. `slots` caps clients across listeners.
+pub async fn accept_loop(
+    listener: TcpListener,
+    role: Role,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    crate::client::serve(stream, peer, role, shared).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "max_client_conn reached; refusing client");
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    let mut b = bytes::BytesMut::new();
+                    encode::error_response(
+                        &mut b,
+                        Severity::Fatal,
+                        sqlstate::TOO_MANY_CONNECTIONS,
+                        "too many clients: max_client_conn reached",
+                    );
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(&b)).await;
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Session parameters of a client in transaction mode.
+//!
+//! Two kinds are kept per client:
+//! * *reported* parameters, those the server announces with ParameterStatus
+//!   (TimeZone, DateStyle, application_name, ...): their values follow every
+//!   ParameterStatus the client's server sends, so SET, SET LOCAL and
+//!   rolled-back SETs come out exactly as PostgreSQL decides;
+//! * *settings* the server does not report (search_path before PostgreSQL 18,
+//!   statement_timeout, ...): the session reads their final values with
+//!   `current_setting()` at the end of a transaction that changed them.
+//!
+//! Before a client's transaction runs on a server connection whose values
+//! differ, [`sync_sql`] builds the statements that bring it in line.
+
+use pgferry_pool::ServerConn;
+use pgferry_protocol::encode::sql_literal;
+use std::sync::Arc;
+
+/// Reported parameters that a client can change and that pgferry keeps per client.
+pub const SYNCED: &[&str] = &[
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "application_name",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+    "search_path",
+    "session_authorization",
+];
+
+/// Reported parameters that describe the server itself. When a client moves
+/// to a server where one differs (a failover, another standby), the client
+/// is told with a ParameterStatus.
+pub const INFORMATIONAL: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "in_hot_standby",
+];
+
+/// PostgreSQL's spelling of a reported parameter, whatever case the client used.
+pub fn canonical(name: &str) -> String {
+    for &n in SYNCED.iter().chain(INFORMATIONAL) {
+        if n.eq_ignore_ascii_case(name) {
+            return n.to_owned();
+        }
+    }
+    name.to_ascii_lowercase()
+}
+
+/// A client's parameters: the pool's defaults, shared, plus its own values.
+#[derive(Debug, Clone)]
+pub struct ClientParams {
+    base: Arc<Vec<(String, String)>>,
+    overrides: Vec<(String, String)>,
+    /// Unreported settings the client changed, with their current values.
+    pub settings: Vec<(String, String)>,
+    /// Startup values, restored by DISCARD ALL / RESET ALL.
+    startup: Vec<(String, String)>,
+}
+
+fn find<'a>(list: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    list.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+impl ClientParams {
+    /// `startup` holds the client's startup parameters (already without
+    /// user, database and options' `-c` split out).
+    pub fn new(base: Arc<Vec<(String, String)>>, startup: &[(String, String)]) -> Self {
+        let mut p = ClientParams {
+            base,
+            overrides: Vec::new(),
+            settings: Vec::new(),
+            startup: Vec::new(),
+        };
+        for (k, v) in startup {
+            let name = canonical(k);
+            if p.is_reported(&name) {
+                // Keep the server's spelling when it is the same value.
+                let v = match p.get(&name) {
+                    Some(cur) if cur.eq_ignore_ascii_case(v) => cur.to_owned(),
+                    _ => v.clone(),
+                };
+                p.set(&name, &v);
+            } else {
+                pgferry_pool::server::set(&mut p.settings, &name, v);
+            }
+            p.startup.push((name, v.clone()));
+        }
+        p
+    }
+
+    /// True if the server reports this parameter (it is in the pool's
+    /// startup parameters).
+    pub fn is_reported(&self, name: &str) -> bool {
+        find(&self.base, name).is_some()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        find(&self.overrides, name).or_else(|| find(&self.base, name))
+    }
+
+    /// Records a reported value; returns true if it changed.
+    pub fn set(&mut self, name: &str, value: &str) -> bool {
+        if self.get(name) == Some(value) {
+            return false;
+        }
+        if find(&self.base, name) == Some(value) {
+            self.overrides.retain(|(k, _)| k != name);
+        } else {
+            pgferry_pool::server::set(&mut self.overrides, name, value);
+        }
+        true
+    }
+
+    /// All reported values as the client sees them, for login.
+    pub fn reported(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.base
+            .iter()
+            .map(|(k, _)| (k.as_str(), self.get(k).unwrap_or("")))
+            .chain(
+                self.overrides
+                    .iter()
+                    .filter(|(k, _)| find(&self.base, k).is_none())
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+    }
+
+    /// RESET ALL semantics: unreported settings go back to their startup values.
+    pub fn reset_settings(&mut self) {
+        self.settings.clear();
+        for (k, v) in &self.startup {
+            if find(&self.base, k).is_none() {
+                self.settings.push((k.clone(), v.clone()));
+            }
+        }
+    }
+
+    pub fn set_setting(&mut self, name: &str, value: Option<&str>) {
+        match value {
+            Some(v) => pgferry_pool::server::set(&mut self.settings, name, v),
+            None => self.settings.retain(|(k, _)| k != name),
+        }
+    }
+}
+
+fn quote_ident_path(out: &mut Vec<u8>, name: &str) {
+    for (i, part) in name.split('.').enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        out.push(b'"');
+        for c in part.bytes() {
+            if c == b'"' {
+                out.push(b'"');
+            }
+            out.push(c);
+        }
+        out.push(b'"');
+    }
+}
+
+fn push_set_config(sql: &mut Vec<u8>, name: &str, value: &str) {
+    sql.extend_from_slice(b"SELECT pg_catalog.set_config(");
+    sql_literal(sql, name.as_bytes());
+    sql.extend_from_slice(b", ");
+    sql_literal(sql, value.as_bytes());
+    sql.extend_from_slice(b", false);");
+}
+
+/// SQL that brings `server` to the client's values, or None if they agree.
+pub fn sync_sql(client: &ClientParams, server: &ServerConn) -> Option<Vec<u8>> {
+    let mut sql = Vec::new();
+    for &name in SYNCED {
+        if let Some(want) = client.get(name) {
+            if server.param(name) != Some(want) {
+                push_set_config(&mut sql, name, want);
+            }
+        }
+    }
+    for (name, want) in &client.settings {
+        if server.setting(name) != Some(want.as_str()) {
+            push_set_config(&mut sql, name, want);
+        }
+    }
+    for (name, _) in &server.settings {
+        if find(&client.settings, name).is_none() {
+            sql.extend_from_slice(b"RESET ");
+            quote_ident_path(&mut sql, name);
+            sql.push(b';');
+        }
+    }
+    (!sql.is_empty()).then_some(sql)
+}
+
+/// `SELECT current_setting('a', true), ...` for capturing unreported settings.
+pub fn capture_sql(names: &[String]) -> Vec<u8> {
+    let mut sql = b"SELECT ".to_vec();
+    for (i, n) in names.iter().enumerate() {
+        if i > 0 {
+            sql.extend_from_slice(b", ");
+        }
+        sql.extend_from_slice(b"pg_catalog.current_setting(");
+        sql_literal(&mut sql, n.as_bytes());
+        sql.extend_from_slice(b", true)");
+    }
+    sql
+}
+
+/// Counts the session state that keeps a client pinned; 0 means it may unpin.
+pub const PIN_PROBE_SQL: &[u8] = b"SELECT (SELECT count(*) FROM pg_catalog.pg_listening_channels())\
+ + (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid())\
+ + (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable)\
+ + (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql)\
+ + (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema())";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Arc<Vec<(String, String)>> {
+        Arc::new(vec![
+            ("TimeZone".into(), "UTC".into()),
+            ("client_encoding".into(), "UTF8".into()),
+        ])
+    }
+
+    #[test]
+    fn startup_params_split_by_kind() {
+        let p = ClientParams::new(
+            base(),
+            &[
+                ("timezone".into(), "Europe/Paris".into()),
+                ("client_encoding".into(), "utf8".into()),
+                ("search_path".into(), "a".into()),
+            ],
+        );
+        assert_eq!(p.get("TimeZone"), Some("Europe/Paris"));
+        assert_eq!(
+            p.get("client_encoding"),
+            Some("UTF8"),
+            "same value keeps the server's spelling"
+        );
+        assert_eq!(
+            p.settings,
+            vec![("search_path".to_string(), "a".to_string())]
+        );
+    }
+
+    #[test]
+    fn set_back_to_default_drops_override() {
+        let mut p = ClientParams::new(base(), &[]);
+        assert!(p.set("TimeZone", "Asia/Tokyo"));
+        assert!(!p.set("TimeZone", "Asia/Tokyo"));
+        assert!(p.set("TimeZone", "UTC"));
+        assert!(p.overrides.is_empty());
+    }
+
+    #[test]
+    fn quoting() {
+        let mut v = Vec::new();
+        quote_ident_path(&mut v, "my\"app.x");
+        assert_eq!(v, b"\"my\"\"app\".\"x\"");
+        assert_eq!(capture_sql(&["a".into(), "b".into()]), b"SELECT pg_catalog.current_setting(E'a', true), pg_catalog.current_setting(E'b', true)".to_vec());
+    }
+}

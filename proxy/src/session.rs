@@ -1,0 +1,1056 @@
+//! A logged-in client: the session state machine.
+//!
+//! One loop (`main_loop`) waits on four things at once: bytes from the
+//! client, bytes from the bound server, and room to write to either. Client
+//! messages are inspected and forwarded (sometimes rewritten); every message
+//! that expects replies pushes a [`Slot`] on a queue, so that server replies
+//! can be matched to requests in order, swallowed when pgferry sent the
+//! request itself, or interleaved with replies pgferry makes up (a
+//! ParseComplete for a statement the server already has).
+//!
+//! In transaction mode the server connection goes back to the pool when the
+//! queue is empty, the server is idle ('I') and no session state pins the
+//! client; in session mode it stays until the client leaves.
+
+use crate::cancel::{CancelEntry, CancelTarget};
+use crate::params::{self, ClientParams};
+use crate::shared::Shared;
+use crate::ClientError;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use pgferry_config::{PoolMode, SessionStatePolicy};
+use pgferry_pool::server::fill;
+use pgferry_pool::statements::Statement;
+use pgferry_pool::{Pool, PoolError, PooledConn, ServerConn};
+use pgferry_protocol::backend::{self, TxStatus};
+use pgferry_protocol::encode::{self, Severity};
+use pgferry_protocol::sql::{self, Pin};
+use pgferry_protocol::{decode_frame, frontend, sqlstate, Frame, ProtocolError};
+use pgferry_routing::Route;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Stop reading from one side while this much is waiting to be written to
+/// the other: backpressure instead of unbounded buffering.
+const HIGH_WATER: usize = 256 * 1024;
+/// Bound on pgferry's own short queries (sync, capture, reset).
+const INTERNAL_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The reply a request expects; what ends it is in [`Slot::ends_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Parse,
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+#[derive(Debug)]
+enum Action {
+    /// The client sent it: pass the replies on.
+    Forward,
+    /// pgferry sent it on the client's behalf: drop the replies.
+    Swallow,
+    /// pgferry answers it itself, with these bytes, when its turn comes.
+    Inject(Bytes),
+}
+
+#[derive(Debug)]
+struct Slot {
+    expect: Expect,
+    action: Action,
+    /// Global statement id a Parse prepares (0 = none): forgotten if it
+    /// fails, marked verified when it succeeds.
+    stmt: u64,
+    verify: Option<Arc<Statement>>,
+}
+
+impl Slot {
+    fn ends_with(&self, tag: u8) -> bool {
+        use backend::*;
+        matches!(
+            (self.expect, tag),
+            (Expect::Parse, PARSE_COMPLETE)
+                | (Expect::Bind, BIND_COMPLETE)
+                | (Expect::Close, CLOSE_COMPLETE)
+                | (Expect::Describe, ROW_DESCRIPTION | NO_DATA)
+                | (
+                    Expect::Execute,
+                    COMMAND_COMPLETE | EMPTY_QUERY_RESPONSE | PORTAL_SUSPENDED
+                )
+                | (
+                    Expect::Sync | Expect::Query | Expect::FunctionCall,
+                    READY_FOR_QUERY
+                )
+        )
+    }
+
+    /// Requests that end with ReadyForQuery, which an error does not skip.
+    fn is_sync_point(&self) -> bool {
+        matches!(
+            self.expect,
+            Expect::Sync | Expect::Query | Expect::FunctionCall
+        )
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Terminate,
+}
+
+enum Event {
+    ClientRead(std::io::Result<usize>),
+    ClientWrote(std::io::Result<usize>),
+    ServerRead(std::io::Result<usize>),
+    ServerWrote(std::io::Result<usize>),
+    Timeout(&'static str, &'static str),
+}
+
+static PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+static CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
+
+/// Everything a session starts with.
+pub struct SessionInit {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub rd: OwnedReadHalf,
+    pub wr: OwnedWriteHalf,
+    pub rbuf: BytesMut,
+    pub pool: Arc<Pool>,
+    pub route: Route,
+    pub params: ClientParams,
+    pub cancel: Arc<CancelEntry>,
+}
+
+pub struct Session<'a> {
+    shared: &'a Shared,
+    id: u64,
+    peer: SocketAddr,
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    rbuf: BytesMut,
+    to_client: BytesMut,
+    to_server: BytesMut,
+    pool: Arc<Pool>,
+    _route: Route,
+    mode: PoolMode,
+    /// Rename named statements (transaction mode with a statement cache).
+    rewrite: bool,
+    policy: SessionStatePolicy,
+    max_prepared: usize,
+    max_message: usize,
+    server: Option<PooledConn>,
+    bound_at: Instant,
+    slots: VecDeque<Slot>,
+    /// Transaction status as of the last ReadyForQuery.
+    status: TxStatus,
+    /// The client's named statements.
+    statements: HashMap<Box<[u8]>, Arc<Statement>>,
+    params: ClientParams,
+    pin: Option<Pin>,
+    /// A statement that may have released pinned state ran: probe at the end.
+    recheck_pin: bool,
+    /// Unreported settings changed in this transaction, read back at its end.
+    capture: Vec<String>,
+    reset_all: bool,
+    /// DEALLOCATE ALL / DISCARD ALL ran: the server lost its statements.
+    forget_server_statements: bool,
+    /// After an error pgferry reported itself, drop messages up to Sync.
+    skip_until_sync: bool,
+    /// The server died while the client was between requests in a transaction.
+    lost_transaction: bool,
+    cancel: Arc<CancelEntry>,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(shared: &'a Shared, init: SessionInit) -> Self {
+        let settings = &init.pool.settings;
+        let mode = settings.pool_mode;
+        Session {
+            shared,
+            id: init.id,
+            peer: init.peer,
+            rd: init.rd,
+            wr: init.wr,
+            rbuf: init.rbuf,
+            to_client: BytesMut::new(),
+            to_server: BytesMut::new(),
+            mode,
+            rewrite: mode == PoolMode::Transaction && settings.max_prepared_statements > 0,
+            policy: shared.config.pool.session_state,
+            max_prepared: settings.max_prepared_statements,
+            max_message: shared.config.limits.max_message_size,
+            pool: init.pool,
+            _route: init.route,
+            server: None,
+            bound_at: Instant::now(),
+            slots: VecDeque::new(),
+            status: TxStatus::Idle,
+            statements: HashMap::new(),
+            params: init.params,
+            pin: None,
+            recheck_pin: false,
+            capture: Vec::new(),
+            reset_all: false,
+            forget_server_statements: false,
+            skip_until_sync: false,
+            lost_transaction: false,
+            cancel: init.cancel,
+        }
+    }
+
+    /// Runs the session to its end, then returns or discards the server.
+    pub async fn run(mut self) -> Result<(), ClientError> {
+        let result = self.main_loop().await;
+        if let Err(e) = &result {
+            if let Some((code, msg)) = e.to_client() {
+                self.to_client.clear();
+                encode::error_response(&mut self.to_client, Severity::Fatal, &code, &msg);
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    self.wr.write_all(&self.to_client),
+                )
+                .await;
+            }
+        }
+        self.release_on_exit().await;
+        result
+    }
+
+    async fn main_loop(&mut self) -> Result<(), ClientError> {
+        loop {
+            self.maybe_release().await;
+            match self.next_event().await {
+                Event::ClientWrote(r) => {
+                    let n = r?;
+                    self.to_client.advance(n);
+                    self.pool.stats.total_sent.fetch_add(n as u64, Relaxed);
+                }
+                Event::ServerWrote(Ok(n)) => self.to_server.advance(n),
+                Event::ServerWrote(Err(e)) => self.server_lost(e.into()),
+                Event::ServerRead(Ok(0)) => self.server_lost(PoolError::Closed),
+                Event::ServerRead(Ok(_)) => self.on_server_data(),
+                Event::ServerRead(Err(e)) => self.server_lost(e.into()),
+                Event::ClientRead(r) => {
+                    let n = r?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    self.pool.stats.total_received.fetch_add(n as u64, Relaxed);
+                    if self.on_client_data().await? == Flow::Terminate {
+                        return Ok(());
+                    }
+                }
+                Event::Timeout(code, what) => {
+                    tracing::info!(client = self.id, "closing client: {what}");
+                    return Err(ClientError::refused(code, what));
+                }
+            }
+        }
+    }
+
+    /// Waits for the next thing to do. Cancel safe in every branch.
+    async fn next_event(&mut self) -> Event {
+        let timeout = self.idle_timeout();
+        let Session {
+            rd,
+            wr,
+            rbuf,
+            to_client,
+            to_server,
+            server,
+            ..
+        } = self;
+        let (srd, swr, sbuf) = match server.as_deref_mut() {
+            Some(s) => {
+                let w = &mut s.wire;
+                (Some(&mut w.rd), Some(&mut w.wr), Some(&mut w.rbuf))
+            }
+            None => (None, None, None),
+        };
+        let bound = srd.is_some();
+        let read_client = to_server.len() < HIGH_WATER;
+        let read_server = bound && to_client.len() < HIGH_WATER;
+        tokio::select! {
+            biased;
+            r = wr.write(to_client), if !to_client.is_empty() => Event::ClientWrote(r),
+            r = async { swr.expect("bound").write(to_server).await }, if bound && !to_server.is_empty() => Event::ServerWrote(r),
+            r = async { fill(srd.expect("bound"), sbuf.expect("bound")).await }, if read_server => Event::ServerRead(r),
+            r = fill(rd, rbuf), if read_client => Event::ClientRead(r),
+            (code, what) = async {
+                match timeout {
+                    Some((d, code, what)) => { tokio::time::sleep(d).await; (code, what) }
+                    None => std::future::pending().await,
+                }
+            } => Event::Timeout(code, what),
+        }
+    }
+
+    /// The idle timeout that applies now, if any.
+    fn idle_timeout(&self) -> Option<(Duration, &'static str, &'static str)> {
+        if !self.slots.is_empty() || !self.to_client.is_empty() {
+            return None;
+        }
+        let l = &self.shared.config.limits;
+        if self.status != TxStatus::Idle && !l.idle_transaction_timeout.is_zero() {
+            return Some((
+                l.idle_transaction_timeout,
+                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                "idle_transaction_timeout expired",
+            ));
+        }
+        if self.status == TxStatus::Idle && !l.client_idle_timeout.is_zero() {
+            return Some((
+                l.client_idle_timeout,
+                sqlstate::IDLE_SESSION_TIMEOUT,
+                "client_idle_timeout expired",
+            ));
+        }
+        None
+    }
+
+    // ---- client → server ----
+
+    async fn on_client_data(&mut self) -> Result<Flow, ClientError> {
+        while let Some(frame) = decode_frame(&mut self.rbuf, self.max_message)? {
+            if !frontend::is_known(frame.tag) {
+                return Err(ProtocolError::UnexpectedTag(frame.tag as char).into());
+            }
+            if frame.tag == frontend::TERMINATE {
+                return Ok(Flow::Terminate);
+            }
+            if self.skip_until_sync && frame.tag != frontend::SYNC {
+                continue;
+            }
+            self.on_client_frame(frame).await?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn on_client_frame(&mut self, frame: Frame) -> Result<(), ClientError> {
+        tracing::trace!(client = self.id, tag = %(frame.tag as char), len = frame.len(), bound = self.server.is_some(), slots = self.slots.len(), "from client");
+        let is_copy = matches!(
+            frame.tag,
+            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
+        );
+        if self.lost_transaction && frame.tag != frontend::SYNC && !is_copy {
+            self.lost_transaction = false;
+            self.fail_request(
+                sqlstate::CONNECTION_FAILURE,
+                "server connection was lost; the transaction was rolled back",
+                frame.tag == frontend::QUERY,
+            );
+            return Ok(());
+        }
+        match frame.tag {
+            frontend::QUERY => self.on_query(frame).await,
+            frontend::PARSE => self.on_parse(frame).await,
+            frontend::BIND => self.on_bind(frame).await,
+            frontend::DESCRIBE => self.on_describe(frame).await,
+            frontend::CLOSE => self.on_close(frame).await,
+            frontend::SYNC => {
+                self.skip_until_sync = false;
+                if self.server.is_some() {
+                    self.forward(&frame, Expect::Sync);
+                } else {
+                    let mut b = BytesMut::with_capacity(6);
+                    encode::ready_for_query(&mut b, self.status);
+                    self.respond_local(b.freeze());
+                }
+                Ok(())
+            }
+            frontend::EXECUTE => self.with_server(&frame, Expect::Execute).await,
+            frontend::FUNCTION_CALL => self.with_server(&frame, Expect::FunctionCall).await,
+            frontend::FLUSH => {
+                if self.server.is_some() {
+                    self.to_server.extend_from_slice(&frame.bytes);
+                }
+                Ok(())
+            }
+            // Outside COPY PostgreSQL ignores these too (postgres.c).
+            _ if is_copy => {
+                if self.server.is_some() {
+                    self.to_server.extend_from_slice(&frame.bytes);
+                }
+                Ok(())
+            }
+            t => Err(ProtocolError::UnexpectedTag(t as char).into()),
+        }
+    }
+
+    async fn on_query(&mut self, frame: Frame) -> Result<(), ClientError> {
+        let text = frontend::query(frame.body())?;
+        if self.mode == PoolMode::Transaction {
+            let fx = sql::scan(text);
+            if !self.note_effects(&fx, true) {
+                return Ok(());
+            }
+            // DEALLOCATE of a protocol-level statement: pgferry holds those,
+            // so it answers itself.
+            if let (Some(Some(name)), 1) = (&fx.deallocate, fx.statements) {
+                if self.rewrite && self.statements.remove(name.as_bytes()).is_some() {
+                    let mut b = BytesMut::new();
+                    encode::command_complete(&mut b, "DEALLOCATE");
+                    encode::ready_for_query(&mut b, self.status);
+                    self.respond_local(b.freeze());
+                    return Ok(());
+                }
+            }
+        }
+        self.pool.stats.total_query_count.fetch_add(1, Relaxed);
+        self.with_server(&frame, Expect::Query).await
+    }
+
+    /// Applies what a statement does to session state. Returns false if the
+    /// statement was refused (the error is already queued).
+    fn note_effects(&mut self, fx: &sql::Effects, simple: bool) -> bool {
+        if let Some(pin) = fx.pin {
+            if self.policy == SessionStatePolicy::Error {
+                let msg = format!("{} is not supported in transaction pooling mode (pgferry session_state = \"error\")", pin.as_str());
+                self.fail_request(sqlstate::FEATURE_NOT_SUPPORTED, &msg, simple);
+                return false;
+            }
+            if self.pin.is_none() {
+                tracing::info!(
+                    client = self.id,
+                    reason = pin.as_str(),
+                    "client pinned to its server connection"
+                );
+            }
+            self.pin = Some(self.pin.map_or(pin, |p| p.min(pin)));
+        }
+        if fx.maybe_release && self.pin.is_some() {
+            self.recheck_pin = true;
+        }
+        if fx.reset_all {
+            self.reset_all = true;
+            if self.pin == Some(Pin::DynamicSetting) {
+                self.pin = None;
+                self.recheck_pin = true;
+            }
+        }
+        if fx.discard_all || fx.deallocate == Some(None) {
+            self.statements.clear();
+            self.forget_server_statements = true;
+        }
+        self.capture.extend(fx.settings.iter().cloned());
+        true
+    }
+
+    async fn on_parse(&mut self, frame: Frame) -> Result<(), ClientError> {
+        let p = frontend::parse(frame.body())?;
+        if self.mode == PoolMode::Transaction {
+            let fx = sql::scan(p.query);
+            if !self.note_effects(&fx, false) {
+                return Ok(());
+            }
+        }
+        if !self.rewrite || p.name.is_empty() {
+            return self.with_server(&frame, Expect::Parse).await;
+        }
+        if self.statements.contains_key(p.name) {
+            let msg = format!(
+                "prepared statement \"{}\" already exists",
+                String::from_utf8_lossy(p.name)
+            );
+            self.fail_request(sqlstate::DUPLICATE_PSTATEMENT, &msg, false);
+            return Ok(());
+        }
+        let tail = &frame.body()[p.name.len() + 1..];
+        let stmt = self.shared.statements.intern(tail);
+        if self.server.is_none() && stmt.is_verified() {
+            // Known good: no server needed now. Waiting for one here could
+            // deadlock a client library that prepares synchronously on one
+            // thread while another of its connections holds a server.
+            self.statements.insert(p.name.into(), stmt);
+            self.respond_local(Bytes::from_static(PARSE_COMPLETE));
+            return Ok(());
+        }
+        if let Err(e) = self.bind_server().await {
+            self.fail_pool(&e, false);
+            return Ok(());
+        }
+        self.statements.insert(p.name.into(), stmt.clone());
+        self.prepare_on_server(&stmt, true);
+        Ok(())
+    }
+
+    /// Makes sure the bound server has `stmt`. For the client's own Parse
+    /// (`explicit`) the client gets a ParseComplete either way; for one
+    /// pgferry adds before a Bind or Describe, the reply is swallowed.
+    fn prepare_on_server(&mut self, stmt: &Arc<Statement>, explicit: bool) {
+        let srv = self.server.as_deref_mut().expect("bound");
+        if srv.statements.touch(stmt.id) {
+            if explicit {
+                self.respond_local(Bytes::from_static(PARSE_COMPLETE));
+            }
+            return;
+        }
+        if let Some(victim) = srv.statements.insert(stmt.id, self.max_prepared) {
+            encode::close(
+                &mut self.to_server,
+                b'S',
+                format!("pgferry_{victim}").as_bytes(),
+            );
+            self.slots.push_back(Slot {
+                expect: Expect::Close,
+                action: Action::Swallow,
+                stmt: 0,
+                verify: None,
+            });
+        }
+        encode::message(&mut self.to_server, frontend::PARSE, |b| {
+            b.put_slice(&stmt.name);
+            b.put_u8(0);
+            b.put_slice(&stmt.parse_tail);
+        });
+        let action = if explicit {
+            Action::Forward
+        } else {
+            Action::Swallow
+        };
+        let verify = (!stmt.is_verified()).then(|| stmt.clone());
+        self.slots.push_back(Slot {
+            expect: Expect::Parse,
+            action,
+            stmt: stmt.id,
+            verify,
+        });
+    }
+
+    /// The client's statement named `name`, or an error queued for it.
+    fn client_statement(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        let s = self.statements.get(name).cloned();
+        if s.is_none() {
+            let msg = format!(
+                "prepared statement \"{}\" does not exist",
+                String::from_utf8_lossy(name)
+            );
+            self.fail_request(sqlstate::INVALID_SQL_STATEMENT_NAME, &msg, false);
+        }
+        s
+    }
+
+    async fn on_bind(&mut self, frame: Frame) -> Result<(), ClientError> {
+        let b = frontend::bind(frame.body())?;
+        if !self.rewrite || b.statement.is_empty() {
+            return self.with_server(&frame, Expect::Bind).await;
+        }
+        let Some(stmt) = self.client_statement(b.statement) else {
+            return Ok(());
+        };
+        if let Err(e) = self.bind_server().await {
+            self.fail_pool(&e, false);
+            return Ok(());
+        }
+        self.prepare_on_server(&stmt, false);
+        encode::bind(
+            &mut self.to_server,
+            b.portal,
+            &stmt.name,
+            &frame.body()[b.rest_offset..],
+        );
+        self.slots.push_back(Slot {
+            expect: Expect::Bind,
+            action: Action::Forward,
+            stmt: 0,
+            verify: None,
+        });
+        Ok(())
+    }
+
+    async fn on_describe(&mut self, frame: Frame) -> Result<(), ClientError> {
+        let (kind, name) = frontend::target(frame.body(), "Describe")?;
+        if !self.rewrite || kind != b'S' || name.is_empty() {
+            return self.with_server(&frame, Expect::Describe).await;
+        }
+        let Some(stmt) = self.client_statement(name) else {
+            return Ok(());
+        };
+        if let Err(e) = self.bind_server().await {
+            self.fail_pool(&e, false);
+            return Ok(());
+        }
+        self.prepare_on_server(&stmt, false);
+        encode::describe(&mut self.to_server, b'S', &stmt.name);
+        self.slots.push_back(Slot {
+            expect: Expect::Describe,
+            action: Action::Forward,
+            stmt: 0,
+            verify: None,
+        });
+        Ok(())
+    }
+
+    async fn on_close(&mut self, frame: Frame) -> Result<(), ClientError> {
+        let (kind, name) = frontend::target(frame.body(), "Close")?;
+        if self.rewrite && kind == b'S' && !name.is_empty() {
+            // The server copy stays cached for other clients.
+            self.statements.remove(name);
+            self.respond_local(Bytes::from_static(CLOSE_COMPLETE));
+            return Ok(());
+        }
+        if self.server.is_none() && self.mode == PoolMode::Transaction && kind == b'P' {
+            // No server, so no portal: closing a missing portal succeeds.
+            self.respond_local(Bytes::from_static(CLOSE_COMPLETE));
+            return Ok(());
+        }
+        self.with_server(&frame, Expect::Close).await
+    }
+
+    /// Forwards `frame` after making sure a server is bound.
+    async fn with_server(&mut self, frame: &Frame, expect: Expect) -> Result<(), ClientError> {
+        if let Err(e) = self.bind_server().await {
+            self.fail_pool(&e, expect == Expect::Query);
+            return Ok(());
+        }
+        self.forward(frame, expect);
+        Ok(())
+    }
+
+    fn forward(&mut self, frame: &Frame, expect: Expect) {
+        self.to_server.extend_from_slice(&frame.bytes);
+        self.slots.push_back(Slot {
+            expect,
+            action: Action::Forward,
+            stmt: 0,
+            verify: None,
+        });
+    }
+
+    /// Queues a reply pgferry makes itself, in order with pending replies.
+    fn respond_local(&mut self, bytes: Bytes) {
+        if self.slots.is_empty() {
+            self.to_client.extend_from_slice(&bytes);
+        } else {
+            // Its expectation is irrelevant: injected slots never meet a server reply.
+            self.slots.push_back(Slot {
+                expect: Expect::Sync,
+                action: Action::Inject(bytes),
+                stmt: 0,
+                verify: None,
+            });
+        }
+    }
+
+    /// Reports an error for the current request. A simple query gets its
+    /// ReadyForQuery; an extended-protocol one skips to the next Sync, as
+    /// PostgreSQL does.
+    fn fail_request(&mut self, code: &str, message: &str, simple: bool) {
+        let mut b = BytesMut::new();
+        encode::error_response(&mut b, Severity::Error, code, message);
+        if simple {
+            encode::ready_for_query(&mut b, self.status);
+        } else {
+            self.skip_until_sync = true;
+        }
+        self.respond_local(b.freeze());
+    }
+
+    fn fail_pool(&mut self, e: &PoolError, simple: bool) {
+        tracing::warn!(client = self.id, error = %e, "no server connection for client");
+        self.fail_request(e.sqlstate(), &crate::error::pool_message(e), simple);
+    }
+
+    /// Binds a server connection if none is, bringing its session
+    /// parameters in line with the client's first.
+    async fn bind_server(&mut self) -> Result<(), PoolError> {
+        if self.server.is_some() {
+            return Ok(());
+        }
+        let mut conn = self.pool.checkout().await?;
+        if let Some(sql) = params::sync_sql(&self.params, &conn) {
+            if let Err(e) = self.internal_query(&mut conn, &sql).await {
+                conn.discard("could not apply client parameters");
+                return Err(e);
+            }
+            conn.settings = self.params.settings.clone();
+        }
+        // Facts about the server (in_hot_standby after a failover, ...).
+        for &name in params::INFORMATIONAL {
+            if let Some(v) = conn.param(name) {
+                if self.params.set(name, v) {
+                    encode::parameter_status(&mut self.to_client, name, v);
+                }
+            }
+        }
+        self.cancel.set_target(Some(CancelTarget {
+            addr: conn.addr.clone(),
+            pid: conn.backend_pid,
+            key: conn.backend_key,
+        }));
+        self.server = Some(conn);
+        self.bound_at = Instant::now();
+        Ok(())
+    }
+
+    // ---- server → client ----
+
+    fn on_server_data(&mut self) {
+        loop {
+            let Some(srv) = self.server.as_deref_mut() else {
+                return;
+            };
+            match decode_frame(&mut srv.wire.rbuf, self.max_message) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = self.on_server_frame(frame) {
+                        return self.server_lost(e);
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => return self.server_lost(e.into()),
+            }
+        }
+    }
+
+    fn on_server_frame(&mut self, frame: Frame) -> Result<(), PoolError> {
+        tracing::trace!(client = self.id, tag = %(frame.tag as char), len = frame.len(), head = ?self.slots.front(), "from server");
+        self.flush_injected();
+        let swallow = matches!(
+            self.slots.front(),
+            Some(Slot {
+                action: Action::Swallow,
+                ..
+            })
+        );
+        match frame.tag {
+            backend::PARAMETER_STATUS => {
+                let (name, value) = backend::parameter_status(frame.body())?;
+                self.server
+                    .as_deref_mut()
+                    .expect("bound")
+                    .set_param(name, value);
+                if self.params.set(name, value) {
+                    self.to_client.extend_from_slice(&frame.bytes);
+                }
+            }
+            backend::NOTICE_RESPONSE | backend::NOTIFICATION_RESPONSE => {
+                if !swallow {
+                    self.to_client.extend_from_slice(&frame.bytes);
+                }
+            }
+            backend::ERROR_RESPONSE => {
+                // Errors always reach the client, even for a request pgferry
+                // added: that Parse failing is the client's Bind failing.
+                self.to_client.extend_from_slice(&frame.bytes);
+                if let Some(head) = self.slots.front() {
+                    if !head.is_sync_point() {
+                        // The server now skips to the next Sync: so do we.
+                        while let Some(s) = self.slots.front() {
+                            if s.is_sync_point() && !matches!(s.action, Action::Inject(_)) {
+                                break;
+                            }
+                            let s = self.slots.pop_front().expect("front exists");
+                            if s.stmt != 0 {
+                                self.server
+                                    .as_deref_mut()
+                                    .expect("bound")
+                                    .statements
+                                    .remove(s.stmt);
+                            }
+                        }
+                    }
+                }
+            }
+            backend::READY_FOR_QUERY => {
+                self.status = backend::ready_for_query(frame.body())?;
+                match self.slots.pop_front() {
+                    Some(s) if s.is_sync_point() => {
+                        if !matches!(s.action, Action::Swallow) {
+                            self.to_client.extend_from_slice(&frame.bytes);
+                        }
+                    }
+                    _ => return Err(PoolError::Protocol(ProtocolError::UnexpectedTag('Z'))),
+                }
+                self.flush_injected();
+            }
+            backend::AUTHENTICATION
+            | backend::BACKEND_KEY_DATA
+            | backend::NEGOTIATE_PROTOCOL_VERSION => {
+                return Err(PoolError::Protocol(ProtocolError::UnexpectedTag(
+                    frame.tag as char,
+                )));
+            }
+            tag => {
+                if !swallow {
+                    self.to_client.extend_from_slice(&frame.bytes);
+                }
+                if self.slots.front().is_some_and(|s| s.ends_with(tag)) {
+                    if let Some(Slot {
+                        verify: Some(stmt), ..
+                    }) = self.slots.pop_front()
+                    {
+                        stmt.set_verified();
+                    }
+                    self.flush_injected();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Emits replies pgferry made up once everything before them is out.
+    fn flush_injected(&mut self) {
+        while let Some(Slot {
+            action: Action::Inject(_),
+            ..
+        }) = self.slots.front()
+        {
+            if let Some(Slot {
+                action: Action::Inject(b),
+                ..
+            }) = self.slots.pop_front()
+            {
+                self.to_client.extend_from_slice(&b);
+            }
+        }
+    }
+
+    /// The server connection failed while bound: tell the client what it
+    /// lost, in protocol order, and carry on without it.
+    fn server_lost(&mut self, e: PoolError) {
+        let Some(conn) = self.server.take() else {
+            return;
+        };
+        tracing::warn!(client = self.id, server = conn.id, error = %e, "server connection lost");
+        conn.discard("connection lost");
+        self.cancel.set_target(None);
+        let msg = "server connection was lost; the transaction was rolled back";
+        if self.slots.is_empty() {
+            // Between requests: report it on the client's next request.
+            self.lost_transaction = self.status != TxStatus::Idle || self.pin.is_some();
+        } else {
+            let mut had_sync = false;
+            encode::error_response(
+                &mut self.to_client,
+                Severity::Error,
+                sqlstate::CONNECTION_FAILURE,
+                msg,
+            );
+            for s in self.slots.drain(..) {
+                if s.is_sync_point() && !matches!(s.action, Action::Inject(_)) {
+                    encode::ready_for_query(&mut self.to_client, TxStatus::Idle);
+                    had_sync = true;
+                }
+            }
+            self.skip_until_sync = !had_sync;
+        }
+        self.to_server.clear();
+        self.status = TxStatus::Idle;
+        self.pin = None;
+        self.capture.clear();
+    }
+
+    // ---- transaction boundaries ----
+
+    /// In transaction mode, returns the server to the pool at the end of a
+    /// transaction unless session state pins it.
+    async fn maybe_release(&mut self) {
+        if self.mode == PoolMode::Session || self.server.is_none() {
+            return;
+        }
+        if !self.slots.is_empty() || self.status != TxStatus::Idle || !self.to_server.is_empty() {
+            return;
+        }
+        let mut conn = self.server.take().expect("bound");
+        if self.end_of_transaction(&mut conn).await.is_err() {
+            self.cancel.set_target(None);
+            conn.discard("internal query failed");
+            return;
+        }
+        if self.pin.is_some() {
+            self.server = Some(conn);
+            return;
+        }
+        self.cancel.set_target(None);
+        let stats = &self.pool.stats;
+        stats.total_xact_count.fetch_add(1, Relaxed);
+        stats
+            .total_xact_time
+            .fetch_add(self.bound_at.elapsed().as_micros() as u64, Relaxed);
+        tracing::trace!(client = self.id, "server released");
+        conn.checkin();
+    }
+
+    /// Bookkeeping when a transaction ends: settings it changed, statements
+    /// the server dropped, and whether pinned state is gone.
+    async fn end_of_transaction(&mut self, conn: &mut ServerConn) -> Result<(), PoolError> {
+        if std::mem::take(&mut self.reset_all) {
+            self.params.reset_settings();
+            conn.settings.clear();
+            // The client's startup settings go back on at the next sync.
+        }
+        if std::mem::take(&mut self.forget_server_statements) {
+            conn.statements.clear();
+        }
+        if !self.capture.is_empty() {
+            let mut names = std::mem::take(&mut self.capture);
+            names.retain(|n| !self.params.is_reported(n));
+            names.sort();
+            names.dedup();
+            if !names.is_empty() {
+                let row = self
+                    .internal_query(conn, &params::capture_sql(&names))
+                    .await?;
+                for (i, name) in names.iter().enumerate() {
+                    let value = row.get(i).and_then(|v| v.as_deref());
+                    self.params.set_setting(name, value);
+                    match value {
+                        Some(v) => pgferry_pool::server::set(&mut conn.settings, name, v),
+                        None => conn.settings.retain(|(k, _)| k != name),
+                    }
+                }
+            }
+        }
+        if self.pin.is_some()
+            && std::mem::take(&mut self.recheck_pin)
+            && self.pin != Some(Pin::DynamicSetting)
+        {
+            let row = self.internal_query(conn, params::PIN_PROBE_SQL).await?;
+            if row.first().and_then(|v| v.as_deref()) == Some("0") {
+                tracing::info!(client = self.id, "session state released; client unpinned");
+                self.pin = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs pgferry's own query on an in-sync connection and returns the
+    /// first row. ParameterStatus changes it causes are tracked and passed on.
+    async fn internal_query(
+        &mut self,
+        conn: &mut ServerConn,
+        sql: &[u8],
+    ) -> Result<Vec<Option<String>>, PoolError> {
+        let mut q = BytesMut::with_capacity(sql.len() + 6);
+        encode::query(&mut q, sql);
+        let work = async {
+            conn.wire.write_all(&q).await?;
+            let mut row: Option<Vec<Option<String>>> = None;
+            let mut error: Option<PoolError> = None;
+            loop {
+                let f = conn.wire.read_frame().await?;
+                match f.tag {
+                    backend::PARAMETER_STATUS => {
+                        let (name, value) = backend::parameter_status(f.body())?;
+                        conn.set_param(name, value);
+                        if self.params.set(name, value) {
+                            self.to_client.extend_from_slice(&f.bytes);
+                        }
+                    }
+                    backend::NOTIFICATION_RESPONSE => self.to_client.extend_from_slice(&f.bytes),
+                    backend::DATA_ROW if row.is_none() => row = Some(data_row(f.body())?),
+                    backend::ERROR_RESPONSE => {
+                        let e = backend::error_fields(f.body())?;
+                        error = Some(PoolError::Server {
+                            severity: e.severity.to_owned(),
+                            code: e.code.to_owned(),
+                            message: e.message.to_owned(),
+                        });
+                    }
+                    backend::READY_FOR_QUERY => {
+                        return match error {
+                            Some(e) => Err(e),
+                            None => Ok(row.unwrap_or_default()),
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        };
+        let r = tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, work)
+            .await
+            .unwrap_or(Err(PoolError::Closed));
+        if let Err(e) = &r {
+            tracing::warn!(client = self.id, server = conn.id, error = %e, "internal query failed");
+        }
+        r
+    }
+
+    /// The client is gone: leave the server clean for the next client, or
+    /// close it.
+    async fn release_on_exit(&mut self) {
+        self.cancel.set_target(None);
+        let Some(mut conn) = self.server.take() else {
+            return;
+        };
+        if !self.slots.is_empty() || !self.to_server.is_empty() {
+            // A query is running: cancel it so that its locks go now, and
+            // close the connection, which rolls the transaction back.
+            let t = CancelTarget {
+                addr: conn.addr.clone(),
+                pid: conn.backend_pid,
+                key: conn.backend_key,
+            };
+            tokio::spawn(async move {
+                let _ = crate::cancel::send_cancel(&t).await;
+            });
+            tracing::info!(
+                client = self.id,
+                server = conn.id,
+                "client left mid-query; server connection closed"
+            );
+            conn.discard("client disconnected during a query");
+            return;
+        }
+        let mut steps: Vec<&[u8]> = Vec::new();
+        if self.status != TxStatus::Idle {
+            steps.push(b"ROLLBACK");
+        }
+        let reset = self.pool.settings.server_reset_query.clone();
+        if self.pin.is_some() {
+            steps.push(b"DISCARD ALL");
+        } else if self.mode == PoolMode::Session && !reset.is_empty() {
+            steps.push(reset.as_bytes());
+        }
+        let discards = steps.iter().any(|s| s.eq_ignore_ascii_case(b"DISCARD ALL"));
+        for sql in steps {
+            if self.internal_query(&mut conn, sql).await.is_err() {
+                conn.discard("reset after client left failed");
+                return;
+            }
+        }
+        if discards {
+            conn.statements.clear();
+            conn.settings.clear();
+        }
+        conn.checkin();
+    }
+}
+
+/// Text values of a DataRow.
+fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, ProtocolError> {
+    let mut r = pgferry_protocol::frame::Reader::new(body, "DataRow");
+    let n = r.i16()?;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = r.i32()?;
+        if len < 0 {
+            out.push(None);
+        } else {
+            out.push(Some(
+                String::from_utf8_lossy(r.bytes(len as usize)?).into_owned(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+impl std::fmt::Debug for Session<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}

@@ -1,0 +1,143 @@
+//! State shared by every client task: configuration, users, pools, the
+//! router, cancel keys and the prepared-statement registry. Passed by
+//! reference (no globals), so tests can run several proxies in one process.
+
+use crate::cancel::CancelRegistry;
+use crate::userlist::Userlist;
+use pgferry_config::Config;
+use pgferry_pool::statements::StatementRegistry;
+use pgferry_pool::{NodeAddr, Pool, PoolKey, ServerCredentials};
+use pgferry_protocol::scram::{self, Secret};
+use pgferry_routing::Router;
+use rand::RngCore;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
+
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub userlist: Userlist,
+    pub router: Router,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    db_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    user_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    pub cancels: CancelRegistry,
+    pub statements: StatementRegistry,
+    /// Seeds mock SCRAM salts for unknown users.
+    pub mock_seed: [u8; 32],
+    /// SCRAM secrets derived from plaintext users-file passwords.
+    plain_secrets: Mutex<HashMap<String, Secret>>,
+    pub next_client_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(config: Arc<Config>, userlist: Userlist, router: Router) -> Self {
+        let mut mock_seed = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut mock_seed);
+        Shared {
+            config,
+            userlist,
+            router,
+            pools: Mutex::default(),
+            db_limits: Mutex::default(),
+            user_limits: Mutex::default(),
+            cancels: CancelRegistry::default(),
+            statements: StatementRegistry::default(),
+            mock_seed,
+            plain_secrets: Mutex::default(),
+            next_client_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The pool for (database, user) on `node`, created on first use.
+    pub fn pool(&self, database: &str, user: &str, node: &Arc<NodeAddr>) -> Arc<Pool> {
+        let key = PoolKey {
+            database: database.to_owned(),
+            user: user.to_owned(),
+            node: node.clone(),
+        };
+        if let Some(p) = self.pools.lock().unwrap().get(&key) {
+            if !p.is_closed() {
+                return p.clone();
+            }
+        }
+        let settings = self.config.pool_settings(database, user);
+        let password = self
+            .config
+            .user(user)
+            .and_then(|u| u.server_password.clone())
+            .or_else(|| match self.userlist.get(user) {
+                Some(crate::userlist::Credential::Plain(p)) => Some(p.clone()),
+                _ => None,
+            });
+        let creds = ServerCredentials::new(settings.server_user.clone(), password);
+        let mut limits = Vec::new();
+        if settings.max_db_connections > 0 {
+            limits.push(shared_limit(
+                &self.db_limits,
+                database,
+                settings.max_db_connections,
+            ));
+        }
+        if settings.max_user_connections > 0 {
+            limits.push(shared_limit(
+                &self.user_limits,
+                user,
+                settings.max_user_connections,
+            ));
+        }
+        let mut pools = self.pools.lock().unwrap();
+        // Another client may have created it meanwhile.
+        if let Some(p) = pools.get(&key).filter(|p| !p.is_closed()) {
+            return p.clone();
+        }
+        let pool = Pool::new(
+            key.clone(),
+            settings,
+            creds,
+            limits,
+            self.config.limits.max_message_size,
+        );
+        pools.insert(key, pool.clone());
+        pool
+    }
+
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools.lock().unwrap().values().cloned().collect()
+    }
+
+    /// A SCRAM secret for a plaintext password, derived once (PBKDF2 runs
+    /// on a blocking thread) with a random salt.
+    pub async fn plain_secret(&self, user: &str, password: &str) -> Secret {
+        if let Some(s) = self.plain_secrets.lock().unwrap().get(user) {
+            return s.clone();
+        }
+        let password = password.to_owned();
+        let secret = tokio::task::spawn_blocking(move || {
+            let mut salt = [0u8; 16];
+            rand::thread_rng().fill_bytes(&mut salt);
+            Secret::from_password(&password, &salt, scram::DEFAULT_ITERATIONS)
+        })
+        .await
+        .expect("key derivation does not panic");
+        self.plain_secrets
+            .lock()
+            .unwrap()
+            .entry(user.to_owned())
+            .or_insert(secret)
+            .clone()
+    }
+}
+
+fn shared_limit(
+    map: &Mutex<HashMap<String, Arc<Semaphore>>>,
+    name: &str,
+    n: usize,
+) -> Arc<Semaphore> {
+    map.lock()
+        .unwrap()
+        .entry(name.to_owned())
+        .or_insert_with(|| Arc::new(Semaphore::new(n)))
+        .clone()
+}
