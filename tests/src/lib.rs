@@ -1,1 +1,26 @@
-//! Test harness.
+//! End-to-end test harness for pgferry: real PostgreSQL clusters, real
+//! clients and the real `pgferry` binary. No mocks.
+//!
+//! * [`PgCluster`] runs a PostgreSQL 15 primary (and optionally a streaming
+//!   standby) as an unprivileged OS user in a fresh directory under `/tmp`, on
+//!   free ports. [`shared_cluster`] gives one per test binary.
+//! * [`Ferry`] runs the `pgferry` binary against a config and waits until it
+//!   listens. [`Ferry::for_cluster`] builds the config for a cluster.
+//! * Every cluster and every pgferry process is paired with a detached
+//!   watchdog process that cleans up once the test process is gone, however it
+//!   died (panic, abort, SIGKILL), so no postmaster outlives its test binary.
+//!
+//! See `tests/README.md`.
+
+mod cluster;
+mod ferry;
+mod osuser;
+mod ports;
+mod util;
+mod watchdog;
+
+pub use cluster::{shared_cluster, Node, PgCluster, PgOptions, PG_BIN, STANDARD_USERS};
+pub use ferry::{merge_toml, pgferry_bin, workspace_root, Ferry};
+pub use osuser::{pg_os_user, OsUser};
+pub use ports::free_port;
+pub use util::{conn_str, port_accepts, quote_ident, quote_literal, raise_nofile, tail_file};
