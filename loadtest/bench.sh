@@ -1,0 +1,343 @@
+#!/usr/bin/env bash
+# pgferry benchmark driver: one run on one machine, everything on loopback.
+#
+# Starts a throwaway PostgreSQL 15 (pgbench -i), PgBouncer (transaction mode)
+# and pgferry, then measures direct / pgbouncer / pgferry with
+# pgferry-loadtest and with pgbench, and the memory of 10,000 idle clients.
+# Every command is echoed ("+ ...") into the results file with its raw output.
+# Everything started here is stopped on exit.
+#
+# Must run as root (the servers run as the unprivileged $RUN_AS user).
+# Settings (environment):
+#   POOL=20                 server connections per pool (pgbouncer and pgferry)
+#   SCALE=10                pgbench -i scale
+#   CLIENTS="16 100 1000"   client counts
+#   WORKLOADS="select-simple select-extended select-prepared write"
+#   PGBENCH_MODES="simple extended prepared"   pgbench -S -M modes ("" = skip pgbench)
+#   DURATION=10 WARMUP=2 ROUNDS=3              seconds / rounds per measurement
+#   IDLE_CLIENTS=10000 HOLD=10                 idle-memory test ("0" = skip)
+#   MAX_CONNECTIONS=300     PostgreSQL max_connections; the direct target is
+#                           skipped for client counts it cannot take
+#   TARGETS="direct pgbouncer pgferry"         which targets to measure
+#   RESULTS=loadtest/results/bench-<utc time>.txt
+#   PGFERRY_BIN             default: ${CARGO_TARGET_DIR:-target}/release/pgferry
+#                           (built with cargo build --release -p pgferry-proxy if missing)
+#   LOADTEST_BIN            default: ${CARGO_TARGET_DIR:-target}/release/pgferry-loadtest
+#   PG_BIN=/usr/lib/postgresql/15/bin  PGBOUNCER=/usr/sbin/pgbouncer  RUN_AS=postgres
+#   KEEP_TMP=1              keep the temporary directory (data, configs, logs)
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+POOL=${POOL:-20}
+SCALE=${SCALE:-10}
+CLIENTS=${CLIENTS:-"16 100 1000"}
+WORKLOADS=${WORKLOADS:-"select-simple select-extended select-prepared write"}
+PGBENCH_MODES=${PGBENCH_MODES-"simple extended prepared"}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+ROUNDS=${ROUNDS:-3}
+IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
+HOLD=${HOLD:-10}
+MAX_CONNECTIONS=${MAX_CONNECTIONS:-300}
+TARGETS=${TARGETS:-"direct pgbouncer pgferry"}
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
+RUN_AS=${RUN_AS:-postgres}
+BUILD_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+PGFERRY_BIN=${PGFERRY_BIN:-$BUILD_DIR/release/pgferry}
+LOADTEST_BIN=${LOADTEST_BIN:-$BUILD_DIR/release/pgferry-loadtest}
+RESULTS=${RESULTS:-$REPO/loadtest/results/bench-$(date -u +%Y%m%dT%H%M%SZ).txt}
+BENCH_USER=bench
+BENCH_PASSWORD=bench
+BENCH_DB=bench
+
+mkdir -p "$(dirname "$RESULTS")"
+: >"$RESULTS"
+
+log() { echo "$*" | tee -a "$RESULTS"; }
+# Runs a command, echoing it and its output (stdout and stderr) into the results.
+run() {
+    log "+ $*"
+    "$@" 2>&1 | tee -a "$RESULTS"
+    return "${PIPESTATUS[0]}"
+}
+die() { log "bench.sh: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (the servers are started as $RUN_AS)"
+id "$RUN_AS" >/dev/null 2>&1 || die "no user $RUN_AS"
+for b in "$PG_BIN/initdb" "$PG_BIN/pg_ctl" "$PG_BIN/pgbench" "$PG_BIN/psql" "$PGBOUNCER"; do
+    [ -x "$b" ] || die "missing $b"
+done
+
+# Clients are sockets: lift the open-files limit for everything started here.
+ulimit -n "$(ulimit -Hn)"
+
+TMP=$(mktemp -d /tmp/pgferry-bench.XXXXXX)
+chown "$RUN_AS" "$TMP"
+chmod 755 "$TMP"
+PG_DATA=$TMP/pg
+PGBOUNCER_PID=
+PGFERRY_PID=
+
+cleanup() {
+    local rc=$?
+    set +e
+    if [ -n "$PGFERRY_PID" ] && kill -0 "$PGFERRY_PID" 2>/dev/null; then
+        kill "$PGFERRY_PID"
+        for _ in $(seq 50); do kill -0 "$PGFERRY_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$PGFERRY_PID" 2>/dev/null
+    fi
+    if [ -n "$PGBOUNCER_PID" ] && kill -0 "$PGBOUNCER_PID" 2>/dev/null; then
+        kill -TERM "$PGBOUNCER_PID"
+        for _ in $(seq 50); do kill -0 "$PGBOUNCER_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$PGBOUNCER_PID" 2>/dev/null
+    fi
+    if [ -f "$PG_DATA/postmaster.pid" ]; then
+        as_user "$PG_BIN/pg_ctl" -D "$PG_DATA" -m immediate -w stop >/dev/null 2>&1
+    fi
+    if [ -n "${KEEP_TMP:-}" ]; then
+        echo "bench.sh: kept $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    echo "bench.sh: results in $RESULTS"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Prefix that runs a command as $RUN_AS by exec (no intermediate process,
+# so `"${AS_USER[@]}" cmd &` leaves the command's own PID in $!), with this
+# shell's limits.
+AS_USER=(setpriv --reuid="$RUN_AS" --regid="$RUN_AS" --init-groups --)
+as_user() { "${AS_USER[@]}" "$@"; }
+
+# A free TCP port below the ephemeral range.
+free_port() {
+    local p
+    for _ in $(seq 200); do
+        p=$((20000 + RANDOM % 12000))
+        if [ -z "$(ss -Hltn "( sport = :$p )")" ] && ! grep -qw "$p" "$TMP/ports" 2>/dev/null; then
+            echo "$p" >>"$TMP/ports"
+            echo "$p"
+            return 0
+        fi
+    done
+    die "no free port"
+}
+
+# Waits until something accepts on 127.0.0.1:$1 (while process $2 lives).
+wait_port() {
+    for _ in $(seq 150); do
+        if [ -n "${2:-}" ] && ! kill -0 "$2" 2>/dev/null; then return 1; fi
+        [ -n "$(ss -Hltn "( sport = :$1 )")" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# utime+stime of a process, in clock ticks.
+cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+log "# pgferry benchmark $(date -u +%FT%TZ) on $(uname -srm), $(nproc) cores, $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+log "# POOL=$POOL SCALE=$SCALE CLIENTS='$CLIENTS' WORKLOADS='$WORKLOADS' PGBENCH_MODES='$PGBENCH_MODES'"
+log "# DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS IDLE_CLIENTS=$IDLE_CLIENTS HOLD=$HOLD MAX_CONNECTIONS=$MAX_CONNECTIONS"
+log "# $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version | head -1); temp dir $TMP"
+
+# ---- the load generator -------------------------------------------------
+if [ ! -x "$LOADTEST_BIN" ]; then
+    run cargo build --release -p pgferry-loadtest --manifest-path "$REPO/Cargo.toml" || die "cannot build pgferry-loadtest"
+fi
+
+# ---- PostgreSQL ------------------------------------------------------------
+PG_PORT=$(free_port)
+run as_user "$PG_BIN/initdb" -D "$PG_DATA" -U postgres --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+cat >>"$PG_DATA/postgresql.conf" <<EOF
+# bench.sh
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$TMP'
+max_connections = $MAX_CONNECTIONS
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_buffers = 256MB
+EOF
+log "# postgresql.conf additions:"; sed -n '/^# bench.sh/,$p' "$PG_DATA/postgresql.conf" | tee -a "$RESULTS"
+run as_user "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$TMP/postgresql.log" -w start
+PG_PID=$(head -1 "$PG_DATA/postmaster.pid")
+psql_admin() { as_user "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$TMP" -p "$PG_PORT" -U postgres "$@"; }
+run psql_admin -c "CREATE ROLE $BENCH_USER LOGIN PASSWORD '$BENCH_PASSWORD'"
+run psql_admin -c "CREATE DATABASE $BENCH_DB OWNER $BENCH_USER"
+export PGPASSWORD=$BENCH_PASSWORD
+run "$PG_BIN/pgbench" -i -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U "$BENCH_USER" "$BENCH_DB"
+
+# The SCRAM secrets both poolers check client logins against.
+psql_admin -At -c "SELECT '\"' || rolname || '\" \"' || rolpassword || '\"' FROM pg_authid WHERE rolname = '$BENCH_USER'" >"$TMP/userlist.txt"
+chown "$RUN_AS" "$TMP/userlist.txt"
+chmod 600 "$TMP/userlist.txt"
+
+# ---- PgBouncer -------------------------------------------------------------
+PGBOUNCER_PORT=$(free_port)
+cat >"$TMP/pgbouncer.ini" <<EOF
+[databases]
+* = host=127.0.0.1 port=$PG_PORT
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+listen_backlog = 4096
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $TMP/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = 12000
+log_connections = 0
+log_disconnections = 0
+logfile = $TMP/pgbouncer.log
+ignore_startup_parameters = extra_float_digits
+EOF
+chown "$RUN_AS" "$TMP/pgbouncer.ini"
+log "# pgbouncer.ini:"; tee -a "$RESULTS" <"$TMP/pgbouncer.ini"
+log "+ $PGBOUNCER $TMP/pgbouncer.ini (as $RUN_AS)"
+"${AS_USER[@]}" "$PGBOUNCER" "$TMP/pgbouncer.ini" >/dev/null 2>"$TMP/pgbouncer.stderr" &
+PGBOUNCER_PID=$!
+wait_port "$PGBOUNCER_PORT" "$PGBOUNCER_PID" || die "pgbouncer did not start: $(tail -5 "$TMP/pgbouncer.stderr" "$TMP/pgbouncer.log" 2>/dev/null)"
+
+# ---- pgferry ----------------------------------------------------------------
+PGFERRY_PORT=$(free_port)
+PGFERRY_RO_PORT=$(free_port)
+PGFERRY_OK=1
+if [ ! -x "$PGFERRY_BIN" ]; then
+    run cargo build --release -p pgferry-proxy --manifest-path "$REPO/Cargo.toml" || true
+fi
+if [ -x "$PGFERRY_BIN" ]; then
+    cp "$PGFERRY_BIN" "$TMP/pgferry" # readable by $RUN_AS whatever the build dir's permissions
+    cat >"$TMP/pgferry.toml" <<EOF
+[listen]
+rw = "127.0.0.1:$PGFERRY_PORT"
+ro = "127.0.0.1:$PGFERRY_RO_PORT"
+backlog = 4096
+
+[limits]
+max_client_conn = 12000
+
+[auth]
+method = "scram-sha-256"
+users_file = "$TMP/userlist.txt"
+
+[pool]
+pool_mode = "transaction"
+pool_size = $POOL
+
+[topology]
+source = "static"
+primary = "127.0.0.1:$PG_PORT"
+
+[[user]]
+name = "$BENCH_USER"
+server_password = "$BENCH_PASSWORD"
+EOF
+    chown "$RUN_AS" "$TMP/pgferry.toml"
+    log "# pgferry.toml:"; tee -a "$RESULTS" <"$TMP/pgferry.toml"
+    log "+ $TMP/pgferry --config $TMP/pgferry.toml (as $RUN_AS; binary copied from $PGFERRY_BIN)"
+    PGFERRY_LOG=${PGFERRY_LOG:-warn} "${AS_USER[@]}" "$TMP/pgferry" --config "$TMP/pgferry.toml" >"$TMP/pgferry.log" 2>&1 &
+    PGFERRY_PID=$!
+    if ! wait_port "$PGFERRY_PORT" "$PGFERRY_PID"; then
+        PGFERRY_OK=0
+    elif ! "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$PGFERRY_PORT" -U "$BENCH_USER" -d "$BENCH_DB" -c "SELECT 1" >>"$TMP/pgferry.log" 2>&1; then
+        PGFERRY_OK=0
+    fi
+else
+    PGFERRY_OK=0
+    echo "no binary at $PGFERRY_BIN" >"$TMP/pgferry.log"
+fi
+if [ "$PGFERRY_OK" = 0 ]; then
+    log "# WARNING: pgferry is not serving; continuing without it. Last lines of its log:"
+    tail -20 "$TMP/pgferry.log" 2>/dev/null | sed 's/^/#   /' | tee -a "$RESULTS"
+fi
+
+# ---- targets --------------------------------------------------------------
+declare -A PORT=([direct]=$PG_PORT [pgbouncer]=$PGBOUNCER_PORT [pgferry]=$PGFERRY_PORT)
+declare -A PID=([pgbouncer]=$PGBOUNCER_PID [pgferry]=$PGFERRY_PID)
+# What direct PostgreSQL can take while both poolers hold their pools.
+DIRECT_MAX=$((MAX_CONNECTIONS - 3 - 2 * POOL - 5))
+
+# Targets usable at $1 clients.
+targets_for() {
+    local t out=()
+    for t in $TARGETS; do
+        case $t in
+        direct) [ "$1" -le "$DIRECT_MAX" ] || continue ;;
+        pgferry) [ "$PGFERRY_OK" = 1 ] || continue ;;
+        esac
+        out+=("$t")
+    done
+    echo "${out[@]}"
+}
+
+log "# targets: direct=127.0.0.1:$PG_PORT (postmaster pid $PG_PID) pgbouncer=127.0.0.1:$PGBOUNCER_PORT (pid $PGBOUNCER_PID) pgferry=127.0.0.1:$PGFERRY_PORT (pid ${PGFERRY_PID:-none}, serving=$PGFERRY_OK)"
+log "# direct is skipped above $DIRECT_MAX clients (max_connections=$MAX_CONNECTIONS minus 3 reserved and both pools)"
+
+LT_COMMON=(--user "$BENCH_USER" --password "$BENCH_PASSWORD" --dbname "$BENCH_DB" --scale "$SCALE")
+
+# ---- idle clients (first, while the proxies are fresh) ---------------------------
+if [ "$IDLE_CLIENTS" -gt 0 ]; then
+    args=()
+    for t in pgbouncer pgferry; do
+        case " $TARGETS " in *" $t "*) ;; *) continue ;; esac
+        [ "$t" = pgferry ] && [ "$PGFERRY_OK" = 0 ] && continue
+        args+=(--target "$t=127.0.0.1:${PORT[$t]}" --pid "$t=${PID[$t]}")
+    done
+    if [ "${#args[@]}" -gt 0 ]; then
+        log ""
+        log "## idle clients: $IDLE_CLIENTS"
+        run "$LOADTEST_BIN" "${args[@]}" "${LT_COMMON[@]}" --idle-clients "$IDLE_CLIENTS" --hold "${HOLD}s" --json ||
+            log "# (exit status $?)"
+    fi
+fi
+
+
+for clients in $CLIENTS; do
+    read -r -a tg <<<"$(targets_for "$clients")"
+    [ "${#tg[@]}" -gt 0 ] || { log "# no target can take $clients clients"; continue; }
+    for workload in $WORKLOADS; do
+        args=()
+        for t in "${tg[@]}"; do
+            args+=(--target "$t=127.0.0.1:${PORT[$t]}")
+            [ -n "${PID[$t]:-}" ] && args+=(--pid "$t=${PID[$t]}")
+        done
+        log ""
+        log "## pgferry-loadtest workload=$workload clients=$clients"
+        run "$LOADTEST_BIN" "${args[@]}" "${LT_COMMON[@]}" --clients "$clients" --workload "$workload" \
+            --duration "${DURATION}s" --warmup "${WARMUP}s" --rounds "$ROUNDS" --json || log "# (exit status $?)"
+    done
+    for mode in $PGBENCH_MODES; do
+        log ""
+        log "## pgbench -S -M $mode clients=$clients"
+        for t in "${tg[@]}"; do
+            pid=${PID[$t]:-}
+            before=0
+            [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+            out=$TMP/pgbench.out
+            run "$PG_BIN/pgbench" -n -S -M "$mode" -c "$clients" -j 2 -T "$DURATION" \
+                -h 127.0.0.1 -p "${PORT[$t]}" -U "$BENCH_USER" "$BENCH_DB" >"$out" || true
+            cat "$out"
+            tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
+            lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
+            txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -1)
+            cpu=-
+            if [ -n "$pid" ] && [ -n "$txns" ] && [ "$txns" -gt 0 ]; then
+                cpu=$(awk -v a="$before" -v b="$(cpu_ticks "$pid")" -v n="$txns" -v hz="$(getconf CLK_TCK)" \
+                    'BEGIN { printf "%.1f", (b - a) * 1e6 / hz / n }')
+            fi
+            log "pgbench target=$t clients=$clients mode=$mode tps=${tps:-failed} latency_avg=${lat:--}ms cpu=${cpu}us/txn"
+        done
+    done
+done
+
+log ""
+log "## summary"
+grep -E '^(summary|target |direct |pgbouncer |pgferry |pgbench target=|idle target=.*(process|connected)=)' "$RESULTS" | tee -a "$RESULTS.summary" >/dev/null || true
+cat "$RESULTS.summary" | tee -a "$RESULTS"
+rm -f "$RESULTS.summary"

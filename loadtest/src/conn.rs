@@ -1,0 +1,301 @@
+//! A minimal PostgreSQL protocol client: startup and authentication (trust,
+//! cleartext, md5, SCRAM-SHA-256), then request/response exchanges that end
+//! at ReadyForQuery.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::{Buf, BytesMut};
+use pgferry_protocol::backend::{self, AuthRequest, TxStatus};
+use pgferry_protocol::frame::{self, decode_frame};
+use pgferry_protocol::{encode, scram};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OnceCell;
+
+/// Largest server message accepted.
+const MAX_MESSAGE: usize = 64 << 20;
+/// Spare room kept in the read buffer before each read.
+const READ_CHUNK: usize = 4096;
+
+/// ClientKey and ServerKey of a password for one (salt, iterations).
+type ScramKeys = ([u8; 32], [u8; 32]);
+/// One PBKDF2 result per (salt, iterations), computed by the first caller.
+type ScramKeyCache = Mutex<HashMap<(Vec<u8>, u32), Arc<OnceCell<ScramKeys>>>>;
+
+/// Everything needed to open connections to one server.
+pub struct ConnParams {
+    pub addr: SocketAddr,
+    pub user: String,
+    pub password: String,
+    /// The StartupMessage, encoded once.
+    startup: Vec<u8>,
+    pub connect_timeout: Duration,
+    /// PBKDF2 results per (salt, iterations): the password's keys are derived
+    /// once, not once per connection, so connection storms stay cheap for
+    /// the generator (the server still does its full share of the work).
+    scram_keys: ScramKeyCache,
+}
+
+impl ConnParams {
+    pub fn new(
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+        dbname: &str,
+        connect_timeout: Duration,
+    ) -> Arc<Self> {
+        let mut startup = BytesMut::new();
+        encode::startup_message(
+            &mut startup,
+            &[
+                ("user", user),
+                ("database", dbname),
+                ("application_name", "pgferry-loadtest"),
+            ],
+        );
+        Arc::new(ConnParams {
+            addr,
+            user: user.to_owned(),
+            password: password.to_owned(),
+            startup: startup.to_vec(),
+            connect_timeout,
+            scram_keys: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn scram_keys(&self, salt: Vec<u8>, iterations: u32) -> Result<ScramKeys> {
+        let cell = {
+            let mut map = self.scram_keys.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry((salt.clone(), iterations)).or_default().clone()
+        };
+        let keys = cell
+            .get_or_try_init(|| async {
+                let password = self.password.clone();
+                tokio::task::spawn_blocking(move || {
+                    scram::keys_from_password(&password, &salt, iterations)
+                })
+                .await
+                .context("PBKDF2 task failed")
+            })
+            .await?;
+        Ok(*keys)
+    }
+}
+
+/// What the server answered to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    /// The transaction status of the closing ReadyForQuery.
+    pub status: TxStatus,
+    /// Whether an ErrorResponse came before it (see [`Conn::last_error`]).
+    pub error: bool,
+}
+
+pub struct Conn {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    last_error: String,
+}
+
+impl Conn {
+    /// Connects and authenticates, within the connect timeout.
+    pub async fn connect(params: &ConnParams) -> Result<Conn> {
+        tokio::time::timeout(params.connect_timeout, Self::connect_inner(params))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "connect timeout ({:?}) to {}",
+                    params.connect_timeout,
+                    params.addr
+                )
+            })?
+    }
+
+    async fn connect_inner(params: &ConnParams) -> Result<Conn> {
+        let stream = TcpStream::connect(params.addr)
+            .await
+            .with_context(|| format!("connect to {}", params.addr))?;
+        stream.set_nodelay(true)?;
+        let mut conn = Conn {
+            stream,
+            rbuf: BytesMut::with_capacity(1024),
+            wbuf: BytesMut::new(),
+            last_error: String::new(),
+        };
+        conn.stream.write_all(&params.startup).await?;
+        conn.authenticate(params).await?;
+        // Drain ParameterStatus, BackendKeyData, notices up to ReadyForQuery.
+        loop {
+            let f = conn.read_frame().await?;
+            match f.tag {
+                backend::READY_FOR_QUERY => break,
+                backend::ERROR_RESPONSE => bail!("{}", format_error(f.body())),
+                _ => {}
+            }
+        }
+        conn.wbuf = BytesMut::new();
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, params: &ConnParams) -> Result<()> {
+        let mut scram: Option<scram::ClientExchange> = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                backend::AUTHENTICATION => {}
+                backend::ERROR_RESPONSE => bail!("{}", format_error(f.body())),
+                backend::NEGOTIATE_PROTOCOL_VERSION | backend::NOTICE_RESPONSE => continue,
+                t => bail!("unexpected message {:?} during authentication", t as char),
+            }
+            self.wbuf.clear();
+            match backend::authentication(f.body())? {
+                AuthRequest::Ok => return Ok(()),
+                AuthRequest::CleartextPassword => {
+                    let mut pw = params.password.as_bytes().to_vec();
+                    pw.push(0);
+                    encode::password(&mut self.wbuf, &pw);
+                }
+                AuthRequest::Md5Password { salt } => {
+                    let mut pw = scram::md5_response(&params.user, &params.password, salt);
+                    pw.push(0);
+                    encode::password(&mut self.wbuf, &pw);
+                }
+                AuthRequest::Sasl { mechanisms } => {
+                    if !mechanisms.contains(&scram::MECHANISM) {
+                        bail!(
+                            "server offers SASL mechanisms {mechanisms:?}, not {}",
+                            scram::MECHANISM
+                        );
+                    }
+                    let (exchange, first) = scram::ClientExchange::start();
+                    encode::sasl_initial_response(&mut self.wbuf, scram::MECHANISM, &first);
+                    scram = Some(exchange);
+                }
+                AuthRequest::SaslContinue { data } => {
+                    let exchange = scram
+                        .as_mut()
+                        .ok_or_else(|| anyhow!("SASLContinue before SASL"))?;
+                    let sf = scram::parse_server_first(data)?;
+                    let (client_key, server_key) =
+                        params.scram_keys(sf.salt, sf.iterations).await?;
+                    let creds = scram::ClientCredentials::Keys {
+                        client_key,
+                        server_key,
+                    };
+                    let fin = exchange.respond(data, &creds)?;
+                    encode::password(&mut self.wbuf, &fin);
+                }
+                AuthRequest::SaslFinal { data } => {
+                    let exchange = scram
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("SASLFinal before SASL"))?;
+                    exchange.finish(data)?;
+                    continue;
+                }
+                AuthRequest::Other(n) => bail!("unsupported authentication request {n}"),
+            }
+            self.stream.write_all(&self.wbuf).await?;
+        }
+    }
+
+    /// Reads one whole message (handshake path; allocation per message is fine there).
+    async fn read_frame(&mut self) -> Result<frame::Frame> {
+        loop {
+            if let Some(f) = decode_frame(&mut self.rbuf, MAX_MESSAGE)? {
+                return Ok(f);
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn fill(&mut self) -> Result<()> {
+        self.rbuf.reserve(READ_CHUNK);
+        if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+            bail!("server closed the connection");
+        }
+        Ok(())
+    }
+
+    /// Sends pre-encoded request bytes and reads up to ReadyForQuery. The hot
+    /// path: one write, reads into a reused buffer, no per-message allocation.
+    pub async fn exchange(&mut self, request: &[u8]) -> Result<Reply> {
+        self.stream.write_all(request).await?;
+        let mut error = false;
+        loop {
+            while let Some((tag, total)) = frame::peek_header(&self.rbuf, MAX_MESSAGE)? {
+                if self.rbuf.len() < total {
+                    break;
+                }
+                let body = &self.rbuf[frame::HEADER_LEN..total];
+                match tag {
+                    backend::ERROR_RESPONSE if !error => {
+                        error = true;
+                        self.last_error.clear();
+                        self.last_error.push_str(&format_error(body));
+                    }
+                    backend::READY_FOR_QUERY => {
+                        let status = backend::ready_for_query(body)?;
+                        self.rbuf.advance(total);
+                        return Ok(Reply { status, error });
+                    }
+                    _ => {}
+                }
+                self.rbuf.advance(total);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Runs one simple query and returns the first column of its first row.
+    pub async fn query_scalar(&mut self, sql: &str) -> Result<Option<String>> {
+        let mut req = BytesMut::new();
+        encode::query(&mut req, sql.as_bytes());
+        self.stream.write_all(&req).await?;
+        let mut value = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                backend::DATA_ROW if value.is_none() => {
+                    let body = f.body();
+                    if body.len() >= 6 {
+                        let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+                        if len >= 0 && body.len() >= 6 + len as usize {
+                            value = Some(
+                                String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned(),
+                            );
+                        }
+                    }
+                }
+                backend::ERROR_RESPONSE => bail!("{sql}: {}", format_error(f.body())),
+                backend::READY_FOR_QUERY => return Ok(value),
+                _ => {}
+            }
+        }
+    }
+
+    /// The text of the first ErrorResponse of the last failed exchange.
+    pub fn last_error(&self) -> &str {
+        &self.last_error
+    }
+
+    /// Sends Terminate and closes.
+    pub async fn terminate(mut self) {
+        let mut buf = BytesMut::new();
+        encode::terminate(&mut buf);
+        let _ = self.stream.write_all(&buf).await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+/// "SEVERITY CODE message" for an ErrorResponse body.
+pub fn format_error(body: &[u8]) -> String {
+    match backend::error_fields(body) {
+        Ok(e) => format!("{} {} {}", e.severity, e.code, e.message),
+        Err(_) => "malformed ErrorResponse".to_owned(),
+    }
+}
