@@ -15,10 +15,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Parse(#[from] toml::de::Error),
     #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
@@ -367,10 +364,7 @@ impl Config {
                 errs.push(format!("database {:?} is listed twice", d.name));
             }
             if d.pool_size == Some(0) {
-                errs.push(format!(
-                    "database {:?}: pool_size must be at least 1",
-                    d.name
-                ));
+                errs.push(format!("database {:?}: pool_size must be at least 1", d.name));
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -409,28 +403,18 @@ impl Config {
                 .or(d.and_then(|d| d.pool_size))
                 .unwrap_or(p.pool_size),
             min_pool_size: d.and_then(|d| d.min_pool_size).unwrap_or(p.min_pool_size),
-            reserve_pool_size: d
-                .and_then(|d| d.reserve_pool_size)
-                .unwrap_or(p.reserve_pool_size),
+            reserve_pool_size: d.and_then(|d| d.reserve_pool_size).unwrap_or(p.reserve_pool_size),
             reserve_pool_timeout: p.reserve_pool_timeout,
-            max_db_connections: d
-                .and_then(|d| d.max_db_connections)
-                .unwrap_or(p.max_db_connections),
-            max_user_connections: u
-                .and_then(|u| u.max_user_connections)
-                .unwrap_or(p.max_user_connections),
+            max_db_connections: d.and_then(|d| d.max_db_connections).unwrap_or(p.max_db_connections),
+            max_user_connections: u.and_then(|u| u.max_user_connections).unwrap_or(p.max_user_connections),
             query_wait_timeout: p.query_wait_timeout,
             server_connect_timeout: p.server_connect_timeout,
             server_lifetime: p.server_lifetime,
             server_idle_timeout: p.server_idle_timeout,
             server_reset_query: p.server_reset_query.clone(),
             max_prepared_statements: p.max_prepared_statements,
-            server_dbname: d
-                .and_then(|d| d.dbname.clone())
-                .unwrap_or_else(|| database.to_owned()),
-            server_user: u
-                .and_then(|u| u.server_user.clone())
-                .unwrap_or_else(|| user.to_owned()),
+            server_dbname: d.and_then(|d| d.dbname.clone()).unwrap_or_else(|| database.to_owned()),
+            server_user: u.and_then(|u| u.server_user.clone()).unwrap_or_else(|| user.to_owned()),
         }
     }
 }

@@ -4,10 +4,7 @@ use pgferry_protocol::ProtocolError;
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("could not connect to server {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    Connect { addr: String, source: std::io::Error },
     #[error("timed out connecting to server {0}")]
     ConnectTimeout(String),
     #[error("server login failed: {0}")]
@@ -40,9 +37,7 @@ impl PoolError {
             PoolError::Auth(_) => INVALID_PASSWORD,
             PoolError::WaitTimeout => TOO_MANY_CONNECTIONS,
             PoolError::ShuttingDown => ADMIN_SHUTDOWN,
-            PoolError::Connect { .. } | PoolError::ConnectTimeout(_) => {
-                SQLCLIENT_UNABLE_TO_ESTABLISH
-            }
+            PoolError::Connect { .. } | PoolError::ConnectTimeout(_) => SQLCLIENT_UNABLE_TO_ESTABLISH,
             _ => CONNECTION_FAILURE,
         }
     }

@@ -50,8 +50,7 @@ impl ServerCredentials {
 
     /// Credentials for a SCRAM exchange with this server-first message.
     async fn scram_credentials(&self, server_first: &[u8]) -> Result<ClientCredentials, PoolError> {
-        let sf =
-            scram::parse_server_first(server_first).map_err(|e| PoolError::Auth(e.to_string()))?;
+        let sf = scram::parse_server_first(server_first).map_err(|e| PoolError::Auth(e.to_string()))?;
         if let Some(d) = self.derived.lock().unwrap().as_ref() {
             if d.salt == sf.salt && d.iterations == sf.iterations {
                 return Ok(ClientCredentials::Keys {
@@ -63,21 +62,17 @@ impl ServerCredentials {
         let password = self.password()?.to_owned();
         let (salt, iterations) = (sf.salt.clone(), sf.iterations);
         // PBKDF2 costs milliseconds of CPU: keep it off the async workers.
-        let (client_key, server_key) = tokio::task::spawn_blocking(move || {
-            scram::keys_from_password(&password, &salt, iterations)
-        })
-        .await
-        .map_err(|_| PoolError::Auth("SCRAM key derivation failed".into()))?;
+        let (client_key, server_key) =
+            tokio::task::spawn_blocking(move || scram::keys_from_password(&password, &salt, iterations))
+                .await
+                .map_err(|_| PoolError::Auth("SCRAM key derivation failed".into()))?;
         *self.derived.lock().unwrap() = Some(Derived {
             salt: sf.salt,
             iterations,
             client_key,
             server_key,
         });
-        Ok(ClientCredentials::Keys {
-            client_key,
-            server_key,
-        })
+        Ok(ClientCredentials::Keys { client_key, server_key })
     }
 }
 
@@ -96,10 +91,7 @@ pub(crate) async fn login(
 ) -> Result<LoginResult, PoolError> {
     use pgferry_protocol::encode;
     let mut out = bytes::BytesMut::with_capacity(256);
-    encode::startup_message(
-        &mut out,
-        &[("user", creds.user.as_str()), ("database", database)],
-    );
+    encode::startup_message(&mut out, &[("user", creds.user.as_str()), ("database", database)]);
     conn.write_all(&out).await?;
     let mut scram_state: Option<ClientExchange> = None;
     let mut result = LoginResult {
@@ -114,9 +106,7 @@ pub(crate) async fn login(
                 out.clear();
                 match backend::authentication(frame.body())? {
                     AuthRequest::Ok => continue,
-                    AuthRequest::CleartextPassword => {
-                        encode::password(&mut out, &nul_terminated(creds.password()?))
-                    }
+                    AuthRequest::CleartextPassword => encode::password(&mut out, &nul_terminated(creds.password()?)),
                     AuthRequest::Md5Password { salt } => {
                         let mut r = scram::md5_response(&creds.user, creds.password()?, salt);
                         r.push(0);
@@ -137,23 +127,18 @@ pub(crate) async fn login(
                             .as_mut()
                             .ok_or(PoolError::Auth("unexpected SASL continue".into()))?;
                         let creds = creds.scram_credentials(data).await?;
-                        let fin = ex
-                            .respond(data, &creds)
-                            .map_err(|e| PoolError::Auth(e.to_string()))?;
+                        let fin = ex.respond(data, &creds).map_err(|e| PoolError::Auth(e.to_string()))?;
                         encode::password(&mut out, &fin);
                     }
                     AuthRequest::SaslFinal { data } => {
                         let ex = scram_state
                             .as_ref()
                             .ok_or(PoolError::Auth("unexpected SASL final".into()))?;
-                        ex.finish(data)
-                            .map_err(|e| PoolError::Auth(e.to_string()))?;
+                        ex.finish(data).map_err(|e| PoolError::Auth(e.to_string()))?;
                         continue;
                     }
                     AuthRequest::Other(n) => {
-                        return Err(PoolError::Auth(format!(
-                            "unsupported authentication request {n}"
-                        )))
+                        return Err(PoolError::Auth(format!("unsupported authentication request {n}")))
                     }
                 }
                 conn.write_all(&out).await?;
@@ -176,9 +161,9 @@ pub(crate) async fn login(
             }
             backend::READY_FOR_QUERY => return Ok(result),
             t => {
-                return Err(PoolError::Protocol(
-                    pgferry_protocol::ProtocolError::UnexpectedTag(t as char),
-                ))
+                return Err(PoolError::Protocol(pgferry_protocol::ProtocolError::UnexpectedTag(
+                    t as char,
+                )))
             }
         }
     }

@@ -118,10 +118,7 @@ impl Pool {
             };
             limits.push(p.map_err(|_| PoolError::ShuttingDown)?);
         }
-        PoolStats::add(
-            &self.stats.total_wait_time,
-            start.elapsed().as_micros() as u64,
-        );
+        PoolStats::add(&self.stats.total_wait_time, start.elapsed().as_micros() as u64);
         let conn = match self.pop_idle() {
             Some(c) => c,
             None => self.connect().await?,
@@ -162,9 +159,7 @@ impl Pool {
         };
         let r = match self.settings.query_wait_timeout {
             t if t.is_zero() => wait.await,
-            t => tokio::time::timeout(t, wait)
-                .await
-                .map_err(|_| self.timed_out())?,
+            t => tokio::time::timeout(t, wait).await.map_err(|_| self.timed_out())?,
         };
         r.map_err(|_| PoolError::ShuttingDown)
     }
@@ -227,12 +222,7 @@ impl Pool {
         }
         let c = self.checkout().await?;
         c.checkin();
-        Ok(self
-            .startup_params
-            .lock()
-            .unwrap()
-            .clone()
-            .unwrap_or_default())
+        Ok(self.startup_params.lock().unwrap().clone().unwrap_or_default())
     }
 
     fn close(&self, c: ServerConn, why: &str) {
@@ -273,15 +263,7 @@ impl Pool {
             .lock()
             .unwrap()
             .iter()
-            .map(|c| {
-                (
-                    c.id,
-                    c.backend_pid,
-                    c.created.elapsed(),
-                    c.idle_since.elapsed(),
-                    c.uses,
-                )
-            })
+            .map(|c| (c.id, c.backend_pid, c.created.elapsed(), c.idle_since.elapsed(), c.uses))
             .collect()
     }
 
@@ -310,11 +292,9 @@ impl Pool {
             let mut i = 0;
             while i < idle.len() {
                 let c = &idle[i];
-                let too_old =
-                    !s.server_lifetime.is_zero() && c.created.elapsed() > s.server_lifetime;
-                let too_idle = !s.server_idle_timeout.is_zero()
-                    && c.idle_since.elapsed() > s.server_idle_timeout
-                    && excess > 0;
+                let too_old = !s.server_lifetime.is_zero() && c.created.elapsed() > s.server_lifetime;
+                let too_idle =
+                    !s.server_idle_timeout.is_zero() && c.idle_since.elapsed() > s.server_idle_timeout && excess > 0;
                 if too_old || too_idle {
                     excess = excess.saturating_sub(1);
                     expired.push((
@@ -333,9 +313,7 @@ impl Pool {
         for (c, why) in expired {
             self.close(c, why);
         }
-        let total = self.idle_count()
-            + self.stats.sv_active.load(Relaxed)
-            + self.stats.sv_login.load(Relaxed);
+        let total = self.idle_count() + self.stats.sv_active.load(Relaxed) + self.stats.sv_login.load(Relaxed);
         if !self.is_closed() && total < s.min_pool_size {
             for _ in total..s.min_pool_size {
                 match self.connect().await {
@@ -394,17 +372,13 @@ impl PooledConn {
 impl std::ops::Deref for PooledConn {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
-        self.conn
-            .as_ref()
-            .expect("connection present until checkin")
+        self.conn.as_ref().expect("connection present until checkin")
     }
 }
 
 impl std::ops::DerefMut for PooledConn {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        self.conn
-            .as_mut()
-            .expect("connection present until checkin")
+        self.conn.as_mut().expect("connection present until checkin")
     }
 }
 

@@ -27,10 +27,7 @@ pub struct Wire {
 
 /// Reads more bytes into `buf`, keeping some room free first. Returns 0 at
 /// end of stream. Cancel safe: bytes are either appended or not read.
-pub async fn fill<R: tokio::io::AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut BytesMut,
-) -> std::io::Result<usize> {
+pub async fn fill<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < READ_CHUNK / 2 {
         buf.reserve(READ_CHUNK);
     }
@@ -138,10 +135,7 @@ impl ServerConn {
 
     /// A reported parameter's current value.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     pub fn set_param(&mut self, name: &str, value: &str) {
@@ -150,10 +144,7 @@ impl ServerConn {
 
     /// An unreported setting pgferry applied, if any.
     pub fn setting(&self, name: &str) -> Option<&str> {
-        self.settings
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.settings.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// True if an idle connection has been closed by the server or has

@@ -133,11 +133,7 @@ impl ServerStatements {
         if self.used.len() <= capacity.max(1) {
             return None;
         }
-        let (&victim, _) = self
-            .used
-            .iter()
-            .filter(|(&k, _)| k != id)
-            .min_by_key(|(_, &t)| t)?;
+        let (&victim, _) = self.used.iter().filter(|(&k, _)| k != id).min_by_key(|(_, &t)| t)?;
         self.used.remove(&victim);
         Some(victim)
     }

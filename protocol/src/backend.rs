@@ -151,12 +151,8 @@ pub fn authentication(body: &[u8]) -> Result<AuthRequest<'_>, ProtocolError> {
             }
             AuthRequest::Sasl { mechanisms }
         }
-        11 => AuthRequest::SaslContinue {
-            data: r.remaining(),
-        },
-        12 => AuthRequest::SaslFinal {
-            data: r.remaining(),
-        },
+        11 => AuthRequest::SaslContinue { data: r.remaining() },
+        12 => AuthRequest::SaslFinal { data: r.remaining() },
         n => AuthRequest::Other(n),
     })
 }
@@ -164,10 +160,7 @@ pub fn authentication(body: &[u8]) -> Result<AuthRequest<'_>, ProtocolError> {
 /// True for messages a server may send at any time, not as a reply to a
 /// particular request (protocol docs, "Asynchronous Operations").
 pub fn is_async(tag: u8) -> bool {
-    matches!(
-        tag,
-        NOTICE_RESPONSE | PARAMETER_STATUS | NOTIFICATION_RESPONSE
-    )
+    matches!(tag, NOTICE_RESPONSE | PARAMETER_STATUS | NOTIFICATION_RESPONSE)
 }
 
 #[cfg(test)]

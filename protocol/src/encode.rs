@@ -69,12 +69,7 @@ pub fn error_response_detail(
 
 pub fn notice_response(buf: &mut BytesMut, code: &str, message_text: &str) {
     message(buf, b'N', |b| {
-        for (t, v) in [
-            (b'S', "NOTICE"),
-            (b'V', "NOTICE"),
-            (b'C', code),
-            (b'M', message_text),
-        ] {
+        for (t, v) in [(b'S', "NOTICE"), (b'V', "NOTICE"), (b'C', code), (b'M', message_text)] {
             b.put_u8(t);
             cstr(b, v.as_bytes());
         }

@@ -115,11 +115,7 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string, returned without its terminator.
     pub fn cstr(&mut self) -> Result<&'a [u8], ProtocolError> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| self.malformed())?;
+        let end = self.buf.iter().position(|&b| b == 0).ok_or_else(|| self.malformed())?;
         let s = &self.buf[..end];
         self.buf = &self.buf[end + 1..];
         Ok(s)
@@ -182,10 +178,7 @@ mod tests {
     #[test]
     fn rejects_short_length() {
         let mut b = BytesMut::from(&[b'Q', 0, 0, 0, 3][..]);
-        assert_eq!(
-            decode_frame(&mut b, 1 << 20),
-            Err(ProtocolError::LengthTooSmall(3))
-        );
+        assert_eq!(decode_frame(&mut b, 1 << 20), Err(ProtocolError::LengthTooSmall(3)));
     }
 
     #[test]
@@ -195,10 +188,7 @@ mod tests {
             decode_frame(&mut b, 1 << 20),
             Err(ProtocolError::TooLarge { .. })
         ));
-        assert!(
-            b.capacity() < 1 << 20,
-            "no reservation for a rejected length"
-        );
+        assert!(b.capacity() < 1 << 20, "no reservation for a rejected length");
     }
 
     proptest! {

@@ -61,9 +61,7 @@ fn key32(b64: &str) -> Result<[u8; 32], ScramError> {
 
 impl Secret {
     pub fn parse(s: &str) -> Result<Self, ScramError> {
-        let rest = s
-            .strip_prefix("SCRAM-SHA-256$")
-            .ok_or(ScramError::BadSecret)?;
+        let rest = s.strip_prefix("SCRAM-SHA-256$").ok_or(ScramError::BadSecret)?;
         let (iter_salt, keys) = rest.split_once('$').ok_or(ScramError::BadSecret)?;
         let (iter, salt) = iter_salt.split_once(':').ok_or(ScramError::BadSecret)?;
         let (stored, server) = keys.split_once(':').ok_or(ScramError::BadSecret)?;
@@ -201,9 +199,7 @@ impl ServerExchange {
         plus_offered: bool,
     ) -> Result<(Self, Vec<u8>), ScramError> {
         let msg = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("utf8"))?;
-        let (cb, rest) = msg
-            .split_once(',')
-            .ok_or(ScramError::Malformed("gs2 header"))?;
+        let (cb, rest) = msg.split_once(',').ok_or(ScramError::Malformed("gs2 header"))?;
         let binding = match cb {
             "n" => ChannelBinding::None,
             "y" if plus_offered => return Err(ScramError::ChannelBinding),
@@ -215,9 +211,7 @@ impl ServerExchange {
         if uses_plus != (binding == ChannelBinding::TlsServerEndPoint) {
             return Err(ScramError::ChannelBinding);
         }
-        let (authzid, bare) = rest
-            .split_once(',')
-            .ok_or(ScramError::Malformed("gs2 header"))?;
+        let (authzid, bare) = rest.split_once(',').ok_or(ScramError::Malformed("gs2 header"))?;
         if !authzid.is_empty() {
             return Err(ScramError::Malformed("authzid is not supported"));
         }
@@ -225,23 +219,12 @@ impl ServerExchange {
         let mut parts = bare.split(',');
         let user = parts.next().ok_or(ScramError::Malformed("client-first"))?;
         attr(user, 'n')?; // PostgreSQL ignores it: the startup packet's user counts.
-        let cnonce = attr(
-            parts.next().ok_or(ScramError::Malformed("client-first"))?,
-            'r',
-        )?;
-        if cnonce.is_empty()
-            || !cnonce
-                .bytes()
-                .all(|c| (0x21..=0x7e).contains(&c) && c != b',')
-        {
+        let cnonce = attr(parts.next().ok_or(ScramError::Malformed("client-first"))?, 'r')?;
+        if cnonce.is_empty() || !cnonce.bytes().all(|c| (0x21..=0x7e).contains(&c) && c != b',') {
             return Err(ScramError::Malformed("nonce"));
         }
         let nonce = format!("{cnonce}{}", self::nonce());
-        let server_first = format!(
-            "r={nonce},s={},i={}",
-            B64.encode(&secret.salt),
-            secret.iterations
-        );
+        let server_first = format!("r={nonce},s={},i={}", B64.encode(&secret.salt), secret.iterations);
         let out = server_first.clone().into_bytes();
         Ok((
             ServerExchange {
@@ -258,47 +241,28 @@ impl ServerExchange {
 
     /// Handles client-final-message. `cb_data` is the tls-server-end-point
     /// hash of our certificate when the client asked for binding.
-    pub fn finish(
-        self,
-        client_final: &[u8],
-        cb_data: Option<&[u8]>,
-    ) -> Result<Verified, ScramError> {
+    pub fn finish(self, client_final: &[u8], cb_data: Option<&[u8]>) -> Result<Verified, ScramError> {
         let msg = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("utf8"))?;
-        let (without_proof, proof) = msg
-            .rsplit_once(",p=")
-            .ok_or(ScramError::Malformed("client-final"))?;
+        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Malformed("client-final"))?;
         let mut parts = without_proof.split(',');
-        let c = attr(
-            parts.next().ok_or(ScramError::Malformed("client-final"))?,
-            'c',
-        )?;
-        let r = attr(
-            parts.next().ok_or(ScramError::Malformed("client-final"))?,
-            'r',
-        )?;
+        let c = attr(parts.next().ok_or(ScramError::Malformed("client-final"))?, 'c')?;
+        let r = attr(parts.next().ok_or(ScramError::Malformed("client-final"))?, 'r')?;
         let mut expected_cb = self.gs2_header.clone().into_bytes();
         if self.binding == ChannelBinding::TlsServerEndPoint {
             expected_cb.extend_from_slice(cb_data.ok_or(ScramError::ChannelBinding)?);
         }
-        let got_cb = B64
-            .decode(c)
-            .map_err(|_| ScramError::Malformed("channel binding"))?;
+        let got_cb = B64.decode(c).map_err(|_| ScramError::Malformed("channel binding"))?;
         if got_cb != expected_cb {
             return Err(ScramError::ChannelBinding);
         }
         if r != self.nonce {
             return Err(ScramError::Nonce);
         }
-        let proof = B64
-            .decode(proof)
-            .map_err(|_| ScramError::Malformed("proof"))?;
+        let proof = B64.decode(proof).map_err(|_| ScramError::Malformed("proof"))?;
         if proof.len() != 32 {
             return Err(ScramError::InvalidProof);
         }
-        let auth_message = format!(
-            "{},{},{}",
-            self.client_first_bare, self.server_first, without_proof
-        );
+        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
         let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());
         let mut client_key = [0u8; 32];
         for i in 0..32 {
@@ -347,20 +311,11 @@ pub struct ServerFirst<'a> {
 pub fn parse_server_first(server_first: &[u8]) -> Result<ServerFirst<'_>, ScramError> {
     let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("utf8"))?;
     let mut parts = msg.split(',');
-    let nonce = attr(
-        parts.next().ok_or(ScramError::Malformed("server-first"))?,
-        'r',
-    )?;
-    let s = attr(
-        parts.next().ok_or(ScramError::Malformed("server-first"))?,
-        's',
-    )?;
-    let iterations: u32 = attr(
-        parts.next().ok_or(ScramError::Malformed("server-first"))?,
-        'i',
-    )?
-    .parse()
-    .map_err(|_| ScramError::Malformed("iterations"))?;
+    let nonce = attr(parts.next().ok_or(ScramError::Malformed("server-first"))?, 'r')?;
+    let s = attr(parts.next().ok_or(ScramError::Malformed("server-first"))?, 's')?;
+    let iterations: u32 = attr(parts.next().ok_or(ScramError::Malformed("server-first"))?, 'i')?
+        .parse()
+        .map_err(|_| ScramError::Malformed("iterations"))?;
     let salt = B64.decode(s).map_err(|_| ScramError::Malformed("salt"))?;
     Ok(ServerFirst {
         nonce,
@@ -399,11 +354,7 @@ impl ClientExchange {
     /// Handles server-first-message and returns client-final-message.
     /// With a password this runs PBKDF2: prefer keys derived off the async
     /// workers with [`keys_from_password`].
-    pub fn respond(
-        &mut self,
-        server_first: &[u8],
-        creds: &ClientCredentials,
-    ) -> Result<Vec<u8>, ScramError> {
+    pub fn respond(&mut self, server_first: &[u8], creds: &ClientCredentials) -> Result<Vec<u8>, ScramError> {
         let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("utf8"))?;
         let sf = parse_server_first(server_first)?;
         let r = sf.nonce;
@@ -413,10 +364,7 @@ impl ClientExchange {
         }
         let (client_key, server_key) = match creds {
             ClientCredentials::Password(p) => keys_from_password(p, &sf.salt, sf.iterations),
-            ClientCredentials::Keys {
-                client_key,
-                server_key,
-            } => (*client_key, *server_key),
+            ClientCredentials::Keys { client_key, server_key } => (*client_key, *server_key),
         };
         let without_proof = format!("c=biws,r={r}");
         let auth_message = format!("{},{},{}", self.client_first_bare, msg, without_proof);
@@ -437,9 +385,7 @@ impl ClientExchange {
             return Err(ScramError::Server(e.to_owned()));
         }
         let v = attr(msg, 'v')?;
-        let got = B64
-            .decode(v)
-            .map_err(|_| ScramError::Malformed("verifier"))?;
+        let got = B64.decode(v).map_err(|_| ScramError::Malformed("verifier"))?;
         match self.expected_server_signature {
             Some(exp) if got == exp => Ok(()),
             _ => Err(ScramError::ServerSignature),
@@ -455,9 +401,7 @@ pub fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> Vec<u8> {
 /// md5(password + user) in hex: what pg_authid stores after "md5".
 pub fn md5_inner(user: &str, password: &str) -> String {
     use md5::Digest as _;
-    hex(&md5::Md5::digest(
-        [password.as_bytes(), user.as_bytes()].concat(),
-    ))
+    hex(&md5::Md5::digest([password.as_bytes(), user.as_bytes()].concat()))
 }
 
 /// "md5" + md5(inner_hex + salt).
@@ -483,8 +427,7 @@ mod tests {
         let parsed = Secret::parse(&secret.encode()).unwrap();
         assert!(parsed == secret);
         let (mut client, first) = ClientExchange::start();
-        let (server, server_first) =
-            ServerExchange::start(parsed, &first, MECHANISM, false).unwrap();
+        let (server, server_first) = ServerExchange::start(parsed, &first, MECHANISM, false).unwrap();
         let client_final = client
             .respond(&server_first, &ClientCredentials::Password("pencil".into()))
             .unwrap();
@@ -510,10 +453,7 @@ mod tests {
         let cf = client
             .respond(&sf, &ClientCredentials::Password("nope".into()))
             .unwrap();
-        assert_eq!(
-            server.finish(&cf, None).err(),
-            Some(ScramError::InvalidProof)
-        );
+        assert_eq!(server.finish(&cf, None).err(), Some(ScramError::InvalidProof));
     }
 
     #[test]

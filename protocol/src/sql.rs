@@ -150,8 +150,7 @@ impl<'a> Lexer<'a> {
             self.i += 2;
             return Some(Tok::Str(self.quoted(b'\'', true)));
         }
-        if matches!(c, b'B' | b'b' | b'X' | b'x' | b'N' | b'n') && s.get(self.i + 1) == Some(&b'\'')
-        {
+        if matches!(c, b'B' | b'b' | b'X' | b'x' | b'N' | b'n') && s.get(self.i + 1) == Some(&b'\'') {
             self.i += 2;
             return Some(Tok::Str(self.quoted(b'\'', false)));
         }
@@ -162,11 +161,7 @@ impl<'a> Lexer<'a> {
             let q = s[self.i + 2];
             self.i += 3;
             let body = self.quoted(q, false);
-            return Some(if q == b'"' {
-                Tok::Ident(body)
-            } else {
-                Tok::Str(body)
-            });
+            return Some(if q == b'"' { Tok::Ident(body) } else { Tok::Str(body) });
         }
         if is_ident_start(c) {
             let start = self.i;
@@ -195,10 +190,7 @@ impl<'a> Lexer<'a> {
                 while j < s.len() && (is_ident_cont(s[j]) && s[j] != b'$') {
                     j += 1;
                 }
-                if j < s.len()
-                    && s[j] == b'$'
-                    && !s[start + 1..j].first().is_some_and(|d| d.is_ascii_digit())
-                {
+                if j < s.len() && s[j] == b'$' && !s[start + 1..j].first().is_some_and(|d| d.is_ascii_digit()) {
                     let tag = &s[start..=j];
                     let body_start = j + 1;
                     let mut k = body_start;
@@ -283,9 +275,7 @@ pub fn scan(sql: &[u8]) -> Effects {
             match lx.next() {
                 Some(t) if word_is(&Some(t.clone()), "all") => fx.reset_all = true,
                 Some(t) if word_is(&Some(t.clone()), "time") => fx.settings.push("timezone".into()),
-                Some(t) if word_is(&Some(t.clone()), "session") => {
-                    fx.settings.push("session_authorization".into())
-                }
+                Some(t) if word_is(&Some(t.clone()), "session") => fx.settings.push("session_authorization".into()),
                 Some(t) => {
                     if let Some(n) = setting_name(t, &mut lx) {
                         fx.settings.push(n);
@@ -374,15 +364,10 @@ fn function_effects<'a>(w: &'a [u8], lx: &mut Lexer<'a>, fx: &mut Effects) {
     }
     let l = w.to_ascii_lowercase();
     match l.as_slice() {
-        b"pg_advisory_lock"
-        | b"pg_advisory_lock_shared"
-        | b"pg_try_advisory_lock"
-        | b"pg_try_advisory_lock_shared" => {
+        b"pg_advisory_lock" | b"pg_advisory_lock_shared" | b"pg_try_advisory_lock" | b"pg_try_advisory_lock_shared" => {
             fx.pin.get_or_insert(Pin::AdvisoryLock);
         }
-        b"pg_advisory_unlock" | b"pg_advisory_unlock_shared" | b"pg_advisory_unlock_all" => {
-            fx.maybe_release = true
-        }
+        b"pg_advisory_unlock" | b"pg_advisory_unlock_shared" | b"pg_advisory_unlock_all" => fx.maybe_release = true,
         b"set_config" => {
             let save = lx.i;
             if lx.next() == Some(Tok::Punct(b'(')) {
@@ -465,23 +450,14 @@ mod tests {
     #[test]
     fn pins() {
         assert_eq!(scan(b"LISTEN chan").pin, Some(Pin::Listen));
-        assert_eq!(
-            scan(b"select pg_advisory_lock(1)").pin,
-            Some(Pin::AdvisoryLock)
-        );
+        assert_eq!(scan(b"select pg_advisory_lock(1)").pin, Some(Pin::AdvisoryLock));
         assert_eq!(scan(b"select pg_advisory_xact_lock(1)").pin, None);
         assert_eq!(
             scan(b"DECLARE c CURSOR WITH HOLD FOR SELECT 1").pin,
             Some(Pin::HoldCursor)
         );
-        assert_eq!(
-            scan(b"DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1").pin,
-            None
-        );
-        assert_eq!(
-            scan(b"create temp table t(a int)").pin,
-            Some(Pin::TempTable)
-        );
+        assert_eq!(scan(b"DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1").pin, None);
+        assert_eq!(scan(b"create temp table t(a int)").pin, Some(Pin::TempTable));
         assert_eq!(
             scan(b"CREATE GLOBAL TEMPORARY TABLE t(a int)").pin,
             Some(Pin::TempTable)
@@ -500,10 +476,7 @@ mod tests {
 
     #[test]
     fn strings_hide_keywords() {
-        assert_eq!(
-            scan(b"select $$ LISTEN x; $$, $a$ pg_advisory_lock( $a$").pin,
-            None
-        );
+        assert_eq!(scan(b"select $$ LISTEN x; $$, $a$ pg_advisory_lock( $a$").pin, None);
         assert_eq!(scan(b"select E'\\' LISTEN'").pin, None);
         assert_eq!(scan(b"select 'it''s'; LISTEN x").pin, Some(Pin::Listen));
         assert_eq!(scan(b"select $1; LISTEN x").pin, Some(Pin::Listen));
@@ -513,10 +486,7 @@ mod tests {
     fn discard_and_deallocate() {
         let fx = scan(b"DISCARD ALL");
         assert!(fx.discard_all && fx.reset_all);
-        assert_eq!(
-            scan(b"DEALLOCATE PREPARE s1").deallocate,
-            Some(Some("s1".into()))
-        );
+        assert_eq!(scan(b"DEALLOCATE PREPARE s1").deallocate, Some(Some("s1".into())));
         assert_eq!(scan(b"deallocate all").deallocate, Some(None));
     }
 

@@ -37,10 +37,7 @@ impl StartupPacket {
     /// Value of a startup parameter.
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            StartupPacket::Startup { params, .. } => params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str()),
+            StartupPacket::Startup { params, .. } => params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
             _ => None,
         }
     }
@@ -92,11 +89,7 @@ pub fn decode_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Proto
             if !r.is_empty() {
                 return Err(ProtocolError::Malformed("startup packet"));
             }
-            Ok(Some(StartupPacket::Startup {
-                major,
-                minor,
-                params,
-            }))
+            Ok(Some(StartupPacket::Startup { major, minor, params }))
         }
     }
 }
@@ -144,9 +137,7 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, ProtocolErr
         } else {
             return Err(ProtocolError::Malformed("options"));
         };
-        let (k, v) = setting
-            .split_once('=')
-            .ok_or(ProtocolError::Malformed("options"))?;
+        let (k, v) = setting.split_once('=').ok_or(ProtocolError::Malformed("options"))?;
         out.push((k.replace('-', "_"), v.to_owned()));
     }
     Ok(out)
@@ -201,8 +192,7 @@ mod tests {
 
     #[test]
     fn options_parsing() {
-        let o =
-            parse_options("-c search_path=a\\ b --statement-timeout=5s -cwork_mem=64MB").unwrap();
+        let o = parse_options("-c search_path=a\\ b --statement-timeout=5s -cwork_mem=64MB").unwrap();
         assert_eq!(
             o,
             vec![

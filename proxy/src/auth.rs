@@ -27,11 +27,7 @@ fn fail(user: &str, reason: impl Into<String>) -> ClientError {
     }
 }
 
-pub async fn authenticate(
-    io: &mut ClientIo,
-    user: &str,
-    shared: &Shared,
-) -> Result<Authenticated, ClientError> {
+pub async fn authenticate(io: &mut ClientIo, user: &str, shared: &Shared) -> Result<Authenticated, ClientError> {
     let method = shared.config.auth.method;
     let cred = shared.userlist.get(user).cloned();
     let out = match (method, &cred) {
@@ -45,9 +41,7 @@ pub async fn authenticate(
             let secret = match &cred {
                 Some(Credential::Scram(s)) => Ok(s.clone()),
                 Some(Credential::Plain(p)) => Ok(shared.plain_secret(user, p).await),
-                Some(Credential::Md5(_)) => {
-                    Err("only an md5 hash is stored; SCRAM needs a SCRAM secret or a password")
-                }
+                Some(Credential::Md5(_)) => Err("only an md5 hash is stored; SCRAM needs a SCRAM secret or a password"),
                 None => Err("no such user"),
             };
             scram_exchange(io, user, secret, shared).await?
@@ -57,11 +51,7 @@ pub async fn authenticate(
     Ok(out)
 }
 
-async fn md5(
-    io: &mut ClientIo,
-    user: &str,
-    cred: &Credential,
-) -> Result<Authenticated, ClientError> {
+async fn md5(io: &mut ClientIo, user: &str, cred: &Credential) -> Result<Authenticated, ClientError> {
     let mut salt = [0u8; 4];
     rand::thread_rng().fill_bytes(&mut salt);
     encode::auth_md5(&mut io.wbuf, salt);
@@ -77,9 +67,7 @@ async fn md5(
         Credential::Scram(_) => unreachable!("SCRAM secrets never take the md5 path"),
     };
     let expected = scram::md5_salted(inner.as_bytes(), salt);
-    if got.len() != expected.len()
-        || got.iter().zip(&expected).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0
-    {
+    if got.len() != expected.len() || got.iter().zip(&expected).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
         return Err(fail(user, "wrong password (md5)"));
     }
     Ok(Authenticated { client_key: None })
@@ -107,16 +95,13 @@ async fn scram_exchange(
     let len = r.i32()?;
     let data = r.remaining();
     if mechanism != scram::MECHANISM {
-        return Err(fail(
-            user,
-            format!("unsupported SASL mechanism {mechanism:?}"),
-        ));
+        return Err(fail(user, format!("unsupported SASL mechanism {mechanism:?}")));
     }
     if len < 0 || len as usize != data.len() {
         return Err(pgferry_protocol::ProtocolError::Malformed("SASLInitialResponse").into());
     }
-    let (exchange, server_first) = ServerExchange::start(secret, data, mechanism, false)
-        .map_err(|e| fail(user, format!("SCRAM: {e}")))?;
+    let (exchange, server_first) =
+        ServerExchange::start(secret, data, mechanism, false).map_err(|e| fail(user, format!("SCRAM: {e}")))?;
     encode::auth_sasl_continue(&mut io.wbuf, &server_first);
     io.flush().await?;
 

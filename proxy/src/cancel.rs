@@ -103,7 +103,5 @@ pub async fn send_cancel(t: &CancelTarget) -> std::io::Result<()> {
     };
     tokio::time::timeout(std::time::Duration::from_secs(5), work)
         .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request timed out")
-        })?
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request timed out"))?
 }

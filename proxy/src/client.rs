@@ -35,13 +35,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, role: Role, shared: Arc<
     .await
 }
 
-async fn run(
-    mut io: ClientIo,
-    id: u64,
-    peer: SocketAddr,
-    role: Role,
-    shared: &Arc<Shared>,
-) -> Result<(), ClientError> {
+async fn run(mut io: ClientIo, id: u64, peer: SocketAddr, role: Role, shared: &Arc<Shared>) -> Result<(), ClientError> {
     let timeout = shared.config.limits.client_login_timeout;
     let login = tokio::time::timeout(timeout, login(&mut io, role, shared))
         .await
@@ -53,11 +47,7 @@ async fn run(
             if let Some((code, msg)) = e.to_client() {
                 io.wbuf.clear();
                 encode::error_response(&mut io.wbuf, Severity::Fatal, &code, &msg);
-                let _ = tokio::time::timeout(
-                    std::time::Duration::from_secs(1),
-                    io.stream.write_all(&io.wbuf),
-                )
-                .await;
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), io.stream.write_all(&io.wbuf)).await;
             }
             return Err(e);
         }
@@ -95,11 +85,7 @@ struct Login {
 }
 
 /// Startup and authentication. Returns None for a served cancel request.
-async fn login(
-    io: &mut ClientIo,
-    role: Role,
-    shared: &Shared,
-) -> Result<Option<Login>, ClientError> {
+async fn login(io: &mut ClientIo, role: Role, shared: &Shared) -> Result<Option<Login>, ClientError> {
     let params = match handshake(io).await? {
         Handshake::Cancel { pid, key } => {
             let done = shared.cancels.cancel(pid, key).await;
@@ -116,15 +102,9 @@ async fn login(
         )
     })?;
     let user = user.to_owned();
-    let database = get("database")
-        .filter(|d| !d.is_empty())
-        .unwrap_or(&user)
-        .to_owned();
+    let database = get("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_owned();
     if let Some(r) = get("replication") {
-        if !matches!(
-            r.to_ascii_lowercase().as_str(),
-            "false" | "off" | "no" | "0"
-        ) {
+        if !matches!(r.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") {
             return Err(ClientError::refused(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "replication connections are not supported by pgferry",

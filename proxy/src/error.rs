@@ -47,10 +47,7 @@ impl ClientError {
     /// (SQLSTATE, message) for a FATAL sent before closing, if one is due.
     pub fn to_client(&self) -> Option<(String, String)> {
         match self {
-            ClientError::Protocol(e) => Some((
-                sqlstate::PROTOCOL_VIOLATION.into(),
-                format!("protocol violation: {e}"),
-            )),
+            ClientError::Protocol(e) => Some((sqlstate::PROTOCOL_VIOLATION.into(), format!("protocol violation: {e}"))),
             ClientError::LoginTimeout => Some((
                 sqlstate::PROTOCOL_VIOLATION.into(),
                 "client_login_timeout expired".into(),
@@ -74,9 +71,7 @@ pub fn pool_message(e: &PoolError) -> String {
         PoolError::WaitTimeout => "no server connection available within query_wait_timeout".into(),
         PoolError::ShuttingDown => "pgferry is shutting down".into(),
         PoolError::Auth(_) => "pgferry could not log in to the server (see pgferry's log)".into(),
-        PoolError::Connect { .. } | PoolError::ConnectTimeout(_) => {
-            "pgferry could not connect to the server".into()
-        }
+        PoolError::Connect { .. } | PoolError::ConnectTimeout(_) => "pgferry could not connect to the server".into(),
         _ => "server connection failed".into(),
     }
 }

@@ -30,10 +30,7 @@ pub async fn handshake(io: &mut ClientIo) -> Result<Handshake, ClientError> {
                 // Anything sent before our answer would be read as if it
                 // came after the negotiation: refuse it.
                 if !io.rbuf.is_empty() {
-                    return Err(pgferry_protocol::ProtocolError::Malformed(
-                        "data after SSLRequest",
-                    )
-                    .into());
+                    return Err(pgferry_protocol::ProtocolError::Malformed("data after SSLRequest").into());
                 }
                 io.wbuf.extend_from_slice(b"N");
                 io.flush().await?;
@@ -48,10 +45,7 @@ pub async fn handshake(io: &mut ClientIo) -> Result<Handshake, ClientError> {
                 if minor > 0 || !unrecognized.is_empty() {
                     encode::negotiate_protocol_version(&mut io.wbuf, 0, &unrecognized);
                 }
-                let params = params
-                    .into_iter()
-                    .filter(|(k, _)| !k.starts_with("_pq_."))
-                    .collect();
+                let params = params.into_iter().filter(|(k, _)| !k.starts_with("_pq_.")).collect();
                 return Ok(Handshake::Startup(params));
             }
         }

@@ -51,10 +51,7 @@ pub fn load_userlist(config: &Config) -> Result<userlist::Userlist, StartError> 
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
     let config = Arc::new(config);
     let users = load_userlist(&config)?;
-    let (router, _topology_tx) = Router::new(
-        Topology::from_config(&config)?,
-        config.pool.ro_fallback_to_primary,
-    );
+    let (router, _topology_tx) = Router::new(Topology::from_config(&config)?, config.pool.ro_fallback_to_primary);
     let shared = Arc::new(Shared::new(config.clone(), users, router));
     let slots = Arc::new(Semaphore::new(config.limits.max_client_conn));
     let mut listeners = vec![(config.listen.rw, Role::ReadWrite)];
@@ -63,8 +60,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     }
     let mut tasks = Vec::new();
     for (addr, role) in listeners {
-        let l = listener::bind(addr, config.listen.backlog)
-            .map_err(|source| StartError::Listen { addr, source })?;
+        let l = listener::bind(addr, config.listen.backlog).map_err(|source| StartError::Listen { addr, source })?;
         tracing::info!(%addr, port = role.as_str(), "listening");
         tasks.push(tokio::spawn(listener::accept_loop(
             l,

@@ -68,8 +68,7 @@ pub async fn accept_loop(
                         sqlstate::TOO_MANY_CONNECTIONS,
                         "too many clients: max_client_conn reached",
                     );
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(&b)).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&b)).await;
                 });
             }
         }

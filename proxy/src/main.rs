@@ -38,13 +38,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let path = cli.config.expect("clap requires --config");
-    let config = pgferry_config::Config::load(&path)
-        .with_context(|| format!("loading {}", path.display()))?;
+    let config = pgferry_config::Config::load(&path).with_context(|| format!("loading {}", path.display()))?;
     raise_nofile_limit();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

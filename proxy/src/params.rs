@@ -62,9 +62,7 @@ pub struct ClientParams {
 }
 
 fn find<'a>(list: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    list.iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    list.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 impl ClientParams {
@@ -245,10 +243,7 @@ mod tests {
             Some("UTF8"),
             "same value keeps the server's spelling"
         );
-        assert_eq!(
-            p.settings,
-            vec![("search_path".to_string(), "a".to_string())]
-        );
+        assert_eq!(p.settings, vec![("search_path".to_string(), "a".to_string())]);
     }
 
     #[test]
@@ -265,6 +260,9 @@ mod tests {
         let mut v = Vec::new();
         quote_ident_path(&mut v, "my\"app.x");
         assert_eq!(v, b"\"my\"\"app\".\"x\"");
-        assert_eq!(capture_sql(&["a".into(), "b".into()]), b"SELECT pg_catalog.current_setting(E'a', true), pg_catalog.current_setting(E'b', true)".to_vec());
+        assert_eq!(
+            capture_sql(&["a".into(), "b".into()]),
+            b"SELECT pg_catalog.current_setting(E'a', true), pg_catalog.current_setting(E'b', true)".to_vec()
+        );
     }
 }

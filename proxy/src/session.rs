@@ -51,6 +51,9 @@ enum Expect {
     Sync,
     Query,
     FunctionCall,
+    /// Marks where the client ended a COPY (CopyDone/CopyFail) before the
+    /// server's CopyInResponse arrived; gets no reply.
+    CopyEnd,
 }
 
 #[derive(Debug)]
@@ -86,19 +89,13 @@ impl Slot {
                     Expect::Execute,
                     COMMAND_COMPLETE | EMPTY_QUERY_RESPONSE | PORTAL_SUSPENDED
                 )
-                | (
-                    Expect::Sync | Expect::Query | Expect::FunctionCall,
-                    READY_FOR_QUERY
-                )
+                | (Expect::Sync | Expect::Query | Expect::FunctionCall, READY_FOR_QUERY)
         )
     }
 
     /// Requests that end with ReadyForQuery, which an error does not skip.
     fn is_sync_point(&self) -> bool {
-        matches!(
-            self.expect,
-            Expect::Sync | Expect::Query | Expect::FunctionCall
-        )
+        matches!(self.expect, Expect::Sync | Expect::Query | Expect::FunctionCall)
     }
 }
 
@@ -167,8 +164,13 @@ pub struct Session<'a> {
     forget_server_statements: bool,
     /// After an error pgferry reported itself, drop messages up to Sync.
     skip_until_sync: bool,
+    /// The server is in copy-in mode: it ignores Sync and Flush until the
+    /// client's CopyDone or CopyFail (PostgreSQL's CopyGetData).
+    copy_in: bool,
     /// The server died while the client was between requests in a transaction.
-    lost_transaction: bool,
+    lost_transaction: Option<(String, String)>,
+    /// A FATAL the server sent before closing: reported as the reason.
+    server_fatal: Option<(String, String)>,
     cancel: Arc<CancelEntry>,
 }
 
@@ -204,7 +206,9 @@ impl<'a> Session<'a> {
             reset_all: false,
             forget_server_statements: false,
             skip_until_sync: false,
-            lost_transaction: false,
+            copy_in: false,
+            lost_transaction: None,
+            server_fatal: None,
             cancel: init.cancel,
         }
     }
@@ -216,11 +220,7 @@ impl<'a> Session<'a> {
             if let Some((code, msg)) = e.to_client() {
                 self.to_client.clear();
                 encode::error_response(&mut self.to_client, Severity::Fatal, &code, &msg);
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    self.wr.write_all(&self.to_client),
-                )
-                .await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.wr.write_all(&self.to_client)).await;
             }
         }
         self.release_on_exit().await;
@@ -343,14 +343,11 @@ impl<'a> Session<'a> {
             frame.tag,
             frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
         );
-        if self.lost_transaction && frame.tag != frontend::SYNC && !is_copy {
-            self.lost_transaction = false;
-            self.fail_request(
-                sqlstate::CONNECTION_FAILURE,
-                "server connection was lost; the transaction was rolled back",
-                frame.tag == frontend::QUERY,
-            );
-            return Ok(());
+        if frame.tag != frontend::SYNC && !is_copy {
+            if let Some((code, msg)) = self.lost_transaction.take() {
+                self.fail_request(&code, &msg, frame.tag == frontend::QUERY);
+                return Ok(());
+            }
         }
         match frame.tag {
             frontend::QUERY => self.on_query(frame).await,
@@ -360,7 +357,10 @@ impl<'a> Session<'a> {
             frontend::CLOSE => self.on_close(frame).await,
             frontend::SYNC => {
                 self.skip_until_sync = false;
-                if self.server.is_some() {
+                if self.copy_in {
+                    // Ignored by the server during copy-in: expect no reply.
+                    self.to_server.extend_from_slice(&frame.bytes);
+                } else if self.server.is_some() {
                     self.forward(&frame, Expect::Sync);
                 } else {
                     let mut b = BytesMut::with_capacity(6);
@@ -381,6 +381,18 @@ impl<'a> Session<'a> {
             _ if is_copy => {
                 if self.server.is_some() {
                     self.to_server.extend_from_slice(&frame.bytes);
+                    if frame.tag != frontend::COPY_DATA {
+                        if self.copy_in {
+                            self.copy_in = false;
+                        } else {
+                            self.slots.push_back(Slot {
+                                expect: Expect::CopyEnd,
+                                action: Action::Inject(Bytes::new()),
+                                stmt: 0,
+                                verify: None,
+                            });
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -416,7 +428,10 @@ impl<'a> Session<'a> {
     fn note_effects(&mut self, fx: &sql::Effects, simple: bool) -> bool {
         if let Some(pin) = fx.pin {
             if self.policy == SessionStatePolicy::Error {
-                let msg = format!("{} is not supported in transaction pooling mode (pgferry session_state = \"error\")", pin.as_str());
+                let msg = format!(
+                    "{} is not supported in transaction pooling mode (pgferry session_state = \"error\")",
+                    pin.as_str()
+                );
                 self.fail_request(sqlstate::FEATURE_NOT_SUPPORTED, &msg, simple);
                 return false;
             }
@@ -497,11 +512,7 @@ impl<'a> Session<'a> {
             return;
         }
         if let Some(victim) = srv.statements.insert(stmt.id, self.max_prepared) {
-            encode::close(
-                &mut self.to_server,
-                b'S',
-                format!("pgferry_{victim}").as_bytes(),
-            );
+            encode::close(&mut self.to_server, b'S', format!("pgferry_{victim}").as_bytes());
             self.slots.push_back(Slot {
                 expect: Expect::Close,
                 action: Action::Swallow,
@@ -514,11 +525,7 @@ impl<'a> Session<'a> {
             b.put_u8(0);
             b.put_slice(&stmt.parse_tail);
         });
-        let action = if explicit {
-            Action::Forward
-        } else {
-            Action::Swallow
-        };
+        let action = if explicit { Action::Forward } else { Action::Swallow };
         let verify = (!stmt.is_verified()).then(|| stmt.clone());
         self.slots.push_back(Slot {
             expect: Expect::Parse,
@@ -726,10 +733,7 @@ impl<'a> Session<'a> {
         match frame.tag {
             backend::PARAMETER_STATUS => {
                 let (name, value) = backend::parameter_status(frame.body())?;
-                self.server
-                    .as_deref_mut()
-                    .expect("bound")
-                    .set_param(name, value);
+                self.server.as_deref_mut().expect("bound").set_param(name, value);
                 if self.params.set(name, value) {
                     self.to_client.extend_from_slice(&frame.bytes);
                 }
@@ -740,9 +744,17 @@ impl<'a> Session<'a> {
                 }
             }
             backend::ERROR_RESPONSE => {
+                let e = backend::error_fields(frame.body())?;
+                if matches!(e.severity, "FATAL" | "PANIC") {
+                    // The server connection is ending, not the client's: keep
+                    // the reason for server_lost, which reports it as an ERROR.
+                    self.server_fatal = Some((e.code.to_owned(), e.message.to_owned()));
+                    return Ok(());
+                }
                 // Errors always reach the client, even for a request pgferry
                 // added: that Parse failing is the client's Bind failing.
                 self.to_client.extend_from_slice(&frame.bytes);
+                self.copy_in = false;
                 if let Some(head) = self.slots.front() {
                     if !head.is_sync_point() {
                         // The server now skips to the next Sync: so do we.
@@ -752,11 +764,7 @@ impl<'a> Session<'a> {
                             }
                             let s = self.slots.pop_front().expect("front exists");
                             if s.stmt != 0 {
-                                self.server
-                                    .as_deref_mut()
-                                    .expect("bound")
-                                    .statements
-                                    .remove(s.stmt);
+                                self.server.as_deref_mut().expect("bound").statements.remove(s.stmt);
                             }
                         }
                     }
@@ -774,22 +782,22 @@ impl<'a> Session<'a> {
                 }
                 self.flush_injected();
             }
-            backend::AUTHENTICATION
-            | backend::BACKEND_KEY_DATA
-            | backend::NEGOTIATE_PROTOCOL_VERSION => {
-                return Err(PoolError::Protocol(ProtocolError::UnexpectedTag(
-                    frame.tag as char,
-                )));
+            backend::AUTHENTICATION | backend::BACKEND_KEY_DATA | backend::NEGOTIATE_PROTOCOL_VERSION => {
+                return Err(PoolError::Protocol(ProtocolError::UnexpectedTag(frame.tag as char)));
+            }
+            backend::COPY_IN_RESPONSE | backend::COPY_BOTH_RESPONSE => {
+                self.to_client.extend_from_slice(&frame.bytes);
+                self.enter_copy_in();
             }
             tag => {
                 if !swallow {
                     self.to_client.extend_from_slice(&frame.bytes);
                 }
+                if tag == backend::COMMAND_COMPLETE {
+                    self.copy_in = false;
+                }
                 if self.slots.front().is_some_and(|s| s.ends_with(tag)) {
-                    if let Some(Slot {
-                        verify: Some(stmt), ..
-                    }) = self.slots.pop_front()
-                    {
+                    if let Some(Slot { verify: Some(stmt), .. }) = self.slots.pop_front() {
                         stmt.set_verified();
                     }
                     self.flush_injected();
@@ -797,6 +805,26 @@ impl<'a> Session<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The server entered copy-in mode for the request at the head of the
+    /// queue. Syncs the client sent after that request and before ending
+    /// the COPY will be ignored by the server, so they expect no reply.
+    fn enter_copy_in(&mut self) {
+        let mut i = 1;
+        while i < self.slots.len() {
+            match self.slots[i].expect {
+                Expect::CopyEnd => {
+                    self.slots.remove(i);
+                    return;
+                }
+                Expect::Sync if !matches!(self.slots[i].action, Action::Inject(_)) => {
+                    self.slots.remove(i);
+                }
+                _ => i += 1,
+            }
+        }
+        self.copy_in = true;
     }
 
     /// Emits replies pgferry made up once everything before them is out.
@@ -825,18 +853,24 @@ impl<'a> Session<'a> {
         tracing::warn!(client = self.id, server = conn.id, error = %e, "server connection lost");
         conn.discard("connection lost");
         self.cancel.set_target(None);
-        let msg = "server connection was lost; the transaction was rolled back";
+        let (code, msg) = match self.server_fatal.take() {
+            Some((code, m)) => (
+                code,
+                format!("server connection lost ({m}); the transaction was rolled back"),
+            ),
+            None => (
+                sqlstate::CONNECTION_FAILURE.to_owned(),
+                "server connection lost; the transaction was rolled back".to_owned(),
+            ),
+        };
         if self.slots.is_empty() {
             // Between requests: report it on the client's next request.
-            self.lost_transaction = self.status != TxStatus::Idle || self.pin.is_some();
+            if self.status != TxStatus::Idle || self.pin.is_some() {
+                self.lost_transaction = Some((code, msg));
+            }
         } else {
             let mut had_sync = false;
-            encode::error_response(
-                &mut self.to_client,
-                Severity::Error,
-                sqlstate::CONNECTION_FAILURE,
-                msg,
-            );
+            encode::error_response(&mut self.to_client, Severity::Error, &code, &msg);
             for s in self.slots.drain(..) {
                 if s.is_sync_point() && !matches!(s.action, Action::Inject(_)) {
                     encode::ready_for_query(&mut self.to_client, TxStatus::Idle);
@@ -846,6 +880,7 @@ impl<'a> Session<'a> {
             self.skip_until_sync = !had_sync;
         }
         self.to_server.clear();
+        self.copy_in = false;
         self.status = TxStatus::Idle;
         self.pin = None;
         self.capture.clear();
@@ -899,9 +934,7 @@ impl<'a> Session<'a> {
             names.sort();
             names.dedup();
             if !names.is_empty() {
-                let row = self
-                    .internal_query(conn, &params::capture_sql(&names))
-                    .await?;
+                let row = self.internal_query(conn, &params::capture_sql(&names)).await?;
                 for (i, name) in names.iter().enumerate() {
                     let value = row.get(i).and_then(|v| v.as_deref());
                     self.params.set_setting(name, value);
@@ -912,10 +945,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        if self.pin.is_some()
-            && std::mem::take(&mut self.recheck_pin)
-            && self.pin != Some(Pin::DynamicSetting)
-        {
+        if self.pin.is_some() && std::mem::take(&mut self.recheck_pin) && self.pin != Some(Pin::DynamicSetting) {
             let row = self.internal_query(conn, params::PIN_PROBE_SQL).await?;
             if row.first().and_then(|v| v.as_deref()) == Some("0") {
                 tracing::info!(client = self.id, "session state released; client unpinned");
@@ -927,11 +957,7 @@ impl<'a> Session<'a> {
 
     /// Runs pgferry's own query on an in-sync connection and returns the
     /// first row. ParameterStatus changes it causes are tracked and passed on.
-    async fn internal_query(
-        &mut self,
-        conn: &mut ServerConn,
-        sql: &[u8],
-    ) -> Result<Vec<Option<String>>, PoolError> {
+    async fn internal_query(&mut self, conn: &mut ServerConn, sql: &[u8]) -> Result<Vec<Option<String>>, PoolError> {
         let mut q = BytesMut::with_capacity(sql.len() + 6);
         encode::query(&mut q, sql);
         let work = async {
@@ -1038,9 +1064,7 @@ fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, ProtocolError> {
         if len < 0 {
             out.push(None);
         } else {
-            out.push(Some(
-                String::from_utf8_lossy(r.bytes(len as usize)?).into_owned(),
-            ));
+            out.push(Some(String::from_utf8_lossy(r.bytes(len as usize)?).into_owned()));
         }
     }
     Ok(out)

@@ -74,18 +74,10 @@ impl Shared {
         let creds = ServerCredentials::new(settings.server_user.clone(), password);
         let mut limits = Vec::new();
         if settings.max_db_connections > 0 {
-            limits.push(shared_limit(
-                &self.db_limits,
-                database,
-                settings.max_db_connections,
-            ));
+            limits.push(shared_limit(&self.db_limits, database, settings.max_db_connections));
         }
         if settings.max_user_connections > 0 {
-            limits.push(shared_limit(
-                &self.user_limits,
-                user,
-                settings.max_user_connections,
-            ));
+            limits.push(shared_limit(&self.user_limits, user, settings.max_user_connections));
         }
         let mut pools = self.pools.lock().unwrap();
         // Another client may have created it meanwhile.
@@ -130,11 +122,7 @@ impl Shared {
     }
 }
 
-fn shared_limit(
-    map: &Mutex<HashMap<String, Arc<Semaphore>>>,
-    name: &str,
-    n: usize,
-) -> Arc<Semaphore> {
+fn shared_limit(map: &Mutex<HashMap<String, Arc<Semaphore>>>, name: &str, n: usize) -> Arc<Semaphore> {
     map.lock()
         .unwrap()
         .entry(name.to_owned())

@@ -32,10 +32,7 @@ pub struct Userlist {
 #[derive(Debug, thiserror::Error)]
 pub enum UserlistError {
     #[error("cannot read users file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("users file line {line}: {reason}")]
     Syntax { line: usize, reason: &'static str },
 }
@@ -66,20 +63,14 @@ impl Userlist {
             if t.is_empty() || t.starts_with(';') || t.starts_with('#') {
                 continue;
             }
-            let syntax = |reason| UserlistError::Syntax {
-                line: n + 1,
-                reason,
-            };
+            let syntax = |reason| UserlistError::Syntax { line: n + 1, reason };
             let (user, rest) = quoted(t).ok_or_else(|| syntax("expected \"user\""))?;
-            let (secret, rest) =
-                quoted(rest).ok_or_else(|| syntax("expected \"secret\" after the user"))?;
+            let (secret, rest) = quoted(rest).ok_or_else(|| syntax("expected \"secret\" after the user"))?;
             if !rest.trim().is_empty() {
                 return Err(syntax("unexpected text after the secret"));
             }
             let cred = if secret.starts_with("SCRAM-SHA-256$") {
-                Credential::Scram(
-                    Secret::parse(&secret).map_err(|_| syntax("malformed SCRAM secret"))?,
-                )
+                Credential::Scram(Secret::parse(&secret).map_err(|_| syntax("malformed SCRAM secret"))?)
             } else if secret.len() == 35
                 && secret.starts_with("md5")
                 && secret[3..].bytes().all(|b| b.is_ascii_hexdigit())
@@ -135,9 +126,7 @@ mod tests {
 
     #[test]
     fn reports_line_of_error() {
-        let e = Userlist::parse("\"a\" \"b\"\n\"c\" d")
-            .unwrap_err()
-            .to_string();
+        let e = Userlist::parse("\"a\" \"b\"\n\"c\" d").unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");
     }
 }

@@ -55,8 +55,7 @@ pub enum RoutingError {
 }
 
 fn member(addr: &str) -> Result<Arc<Member>, RoutingError> {
-    let (host, port) =
-        split_host_port(addr).ok_or_else(|| RoutingError::BadAddress(addr.to_owned()))?;
+    let (host, port) = split_host_port(addr).ok_or_else(|| RoutingError::BadAddress(addr.to_owned()))?;
     Ok(Arc::new(Member {
         addr: Arc::new(NodeAddr { host, port }),
         sessions: AtomicUsize::new(0),
@@ -68,10 +67,7 @@ impl Topology {
         let TopologyConfig::Static { primary, standbys } = &cfg.topology;
         Ok(Topology {
             primary: Some(member(primary)?),
-            standbys: standbys
-                .iter()
-                .map(|s| member(s))
-                .collect::<Result<_, _>>()?,
+            standbys: standbys.iter().map(|s| member(s)).collect::<Result<_, _>>()?,
         })
     }
 }
@@ -96,10 +92,7 @@ impl Drop for Route {
 
 impl Router {
     /// A router plus the sender a topology source publishes on.
-    pub fn new(
-        initial: Topology,
-        ro_fallback_to_primary: bool,
-    ) -> (Router, watch::Sender<Arc<Topology>>) {
+    pub fn new(initial: Topology, ro_fallback_to_primary: bool) -> (Router, watch::Sender<Arc<Topology>>) {
         let (tx, rx) = watch::channel(Arc::new(initial));
         (
             Router {

@@ -1,0 +1,187 @@
+//! Helpers shared by the end-to-end tests: a raw wire-protocol client (for
+//! byte-level cases no driver can produce) and tokio-postgres connections.
+
+#![allow(dead_code)]
+
+use bytes::BytesMut;
+use pgferry_protocol::backend::{self, AuthRequest};
+use pgferry_protocol::scram::{ClientCredentials, ClientExchange, MECHANISM};
+use pgferry_protocol::{decode_frame, encode, Frame};
+use pgferry_tests::Ferry;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const APP_PASS: &str = "app-pass";
+
+/// A tokio-postgres client through pgferry's read-write port.
+pub async fn connect(ferry: &Ferry, user: &str, password: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&ferry.rw_conn_str(user, password, "app"), tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect through pgferry: {e}\n{}", ferry.log()));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+pub async fn app(ferry: &Ferry) -> tokio_postgres::Client {
+    connect(ferry, "app", APP_PASS).await
+}
+
+/// A raw protocol client.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+}
+
+impl Raw {
+    pub async fn tcp(port: u16) -> Raw {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.expect("tcp connect");
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects and logs in as `user` with SCRAM.
+    pub async fn login(port: u16, user: &str, password: &str) -> Raw {
+        let mut r = Raw::tcp(port).await;
+        let mut b = BytesMut::new();
+        encode::startup_message(&mut b, &[("user", user), ("database", "app")]);
+        r.send(&b).await;
+        let mut ex: Option<ClientExchange> = None;
+        loop {
+            let f = r.frame().await.expect("login reply");
+            match f.tag {
+                b'R' => {
+                    b.clear();
+                    match backend::authentication(f.body()).unwrap() {
+                        AuthRequest::Ok => continue,
+                        AuthRequest::Sasl { .. } => {
+                            let (e, first) = ClientExchange::start();
+                            ex = Some(e);
+                            encode::sasl_initial_response(&mut b, MECHANISM, &first);
+                        }
+                        AuthRequest::SaslContinue { data } => {
+                            let fin = ex
+                                .as_mut()
+                                .unwrap()
+                                .respond(data, &ClientCredentials::Password(password.into()))
+                                .unwrap();
+                            encode::password(&mut b, &fin);
+                        }
+                        AuthRequest::SaslFinal { data } => {
+                            ex.as_ref().unwrap().finish(data).unwrap();
+                            continue;
+                        }
+                        other => panic!("unexpected auth request {other:?}"),
+                    }
+                    r.send(&b).await;
+                }
+                b'E' => panic!("login failed: {:?}", backend::error_fields(f.body()).unwrap()),
+                b'Z' => return r,
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn send(&mut self, b: &[u8]) {
+        self.stream.write_all(b).await.expect("write");
+    }
+
+    /// Next message, or None on close / after 20 s.
+    pub async fn frame(&mut self) -> Option<Frame> {
+        let work = async {
+            loop {
+                if let Some(f) = decode_frame(&mut self.buf, 1 << 30).unwrap() {
+                    return Some(f);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), work)
+            .await
+            .unwrap_or(None)
+    }
+
+    /// Messages up to and including the next ReadyForQuery.
+    pub async fn until_ready(&mut self) -> Vec<Frame> {
+        let mut out = Vec::new();
+        loop {
+            let f = self.frame().await.expect("connection closed before ReadyForQuery");
+            let done = f.tag == b'Z';
+            out.push(f);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Reads until the connection closes; returns what came.
+    pub async fn until_closed(&mut self) -> Vec<Frame> {
+        let mut out = Vec::new();
+        while let Some(f) = self.frame().await {
+            out.push(f);
+        }
+        out
+    }
+
+    pub async fn query(&mut self, sql: &str) -> Vec<Frame> {
+        let mut b = BytesMut::new();
+        encode::query(&mut b, sql.as_bytes());
+        self.send(&b).await;
+        self.until_ready().await
+    }
+}
+
+/// Tags of a reply sequence, as a string ("1 2 T D C Z").
+pub fn tags(frames: &[Frame]) -> String {
+    frames
+        .iter()
+        .map(|f| (f.tag as char).to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// SQLSTATE of the first ErrorResponse.
+pub fn error_code(frames: &[Frame]) -> Option<String> {
+    frames
+        .iter()
+        .find(|f| f.tag == b'E')
+        .map(|f| backend::error_fields(f.body()).unwrap().code.to_owned())
+}
+
+/// Values of the DataRows, as text.
+pub fn rows(frames: &[Frame]) -> Vec<Vec<Option<String>>> {
+    frames
+        .iter()
+        .filter(|f| f.tag == b'D')
+        .map(|f| {
+            let mut r = pgferry_protocol::frame::Reader::new(f.body(), "DataRow");
+            let n = r.i16().unwrap();
+            (0..n)
+                .map(|_| {
+                    let len = r.i32().unwrap();
+                    (len >= 0).then(|| String::from_utf8_lossy(r.bytes(len as usize).unwrap()).into_owned())
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A ferry in front of the shared cluster with `extra` config.
+pub fn ferry(extra: &str) -> Ferry {
+    let cluster = pgferry_tests::shared_cluster();
+    Ferry::for_cluster(cluster, extra).expect("start pgferry")
+}
+
+/// Runs SQL as superuser directly on the primary.
+pub fn primary_sql(sql: &str) -> String {
+    pgferry_tests::shared_cluster()
+        .psql_primary("app", sql)
+        .expect("psql on primary")
+}

@@ -1,0 +1,345 @@
+//! Transaction-pooling semantics: named prepared statements across server
+//! connections, per-client session parameters, pinning, cancel requests,
+//! disconnects, server failures, pool exhaustion, session mode.
+
+mod common;
+
+use bytes::{BufMut, BytesMut};
+use common::*;
+use pgferry_protocol::encode;
+use std::time::{Duration, Instant};
+
+/// Backend pid serving the next transaction of `c`.
+async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_statement_names_from_two_clients_on_one_server_connection() {
+    let f = ferry("[pool]\npool_size = 1\n");
+    let mut a = Raw::login(f.rw_port, "app", APP_PASS).await;
+    let mut b = Raw::login(f.rw_port, "app", APP_PASS).await;
+    let parse = |sql: &str| {
+        let mut m = BytesMut::new();
+        encode::parse(&mut m, b"s1", sql.as_bytes(), &[0, 0]);
+        encode::sync(&mut m);
+        m
+    };
+    let exec = || {
+        let mut m = BytesMut::new();
+        encode::bind(&mut m, b"", b"s1", &[0, 0, 0, 0, 0, 0]);
+        encode::message(&mut m, b'E', |x| {
+            x.put_u8(0);
+            x.put_i32(0);
+        });
+        encode::sync(&mut m);
+        m
+    };
+    a.send(&parse("SELECT 'from a'")).await;
+    assert_eq!(tags(&a.until_ready().await), "1 Z");
+    b.send(&parse("SELECT 'from b', 2")).await;
+    assert_eq!(tags(&b.until_ready().await), "1 Z");
+    for _ in 0..5 {
+        a.send(&exec()).await;
+        assert_eq!(rows(&a.until_ready().await), vec![vec![Some("from a".into())]]);
+        b.send(&exec()).await;
+        assert_eq!(
+            rows(&b.until_ready().await),
+            vec![vec![Some("from b".into()), Some("2".into())]]
+        );
+    }
+    // Parse of an existing name is an error, as in PostgreSQL.
+    a.send(&parse("SELECT 1")).await;
+    let r = a.until_ready().await;
+    assert_eq!(error_code(&r).as_deref(), Some("42P05"));
+    // Close, then the name is free again; Bind of a closed name fails.
+    let mut m = BytesMut::new();
+    encode::close(&mut m, b'S', b"s1");
+    encode::sync(&mut m);
+    a.send(&m).await;
+    assert_eq!(tags(&a.until_ready().await), "3 Z");
+    a.send(&exec()).await;
+    assert_eq!(error_code(&a.until_ready().await).as_deref(), Some("26000"));
+    a.send(&parse("SELECT 'again'")).await;
+    assert_eq!(tags(&a.until_ready().await), "1 Z");
+    a.send(&exec()).await;
+    assert_eq!(rows(&a.until_ready().await), vec![vec![Some("again".into())]]);
+    // SQL-level DEALLOCATE of a protocol statement.
+    let r = a.query("DEALLOCATE s1").await;
+    assert_eq!(tags(&r), "C Z");
+    a.send(&exec()).await;
+    assert_eq!(error_code(&a.until_ready().await).as_deref(), Some("26000"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_survive_moving_between_server_connections() {
+    // Tiny per-server cache to exercise eviction too.
+    let f = ferry("[pool]\npool_size = 3\nmax_prepared_statements = 2\n");
+    let clients: Vec<_> = futures_util::future::join_all((0..6).map(|_| app(&f))).await;
+    let mut stmts = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        stmts.push(c.prepare(&format!("SELECT {i} + $1::int")).await.unwrap());
+    }
+    for round in 0..10 {
+        let futs = clients.iter().zip(&stmts).enumerate().map(|(i, (c, s))| async move {
+            let v: i32 = c.query_one(s, &[&round]).await.unwrap().get(0);
+            assert_eq!(v, i as i32 + round);
+        });
+        futures_util::future::join_all(futs).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_parameters_are_kept_per_client() {
+    let f = ferry("[pool]\npool_size = 1\n");
+    let a = app(&f).await;
+    let b = app(&f).await;
+    a.batch_execute("SET TimeZone = 'Asia/Tokyo'").await.unwrap();
+    a.batch_execute("SET search_path = pg_catalog, public").await.unwrap();
+    a.batch_execute("SET statement_timeout = '7s'").await.unwrap();
+    for _ in 0..3 {
+        // One server connection: each transaction lands on it, so pgferry
+        // must switch its settings back and forth.
+        let tz: String = a.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+        assert_eq!(tz, "Asia/Tokyo");
+        let tz: String = b.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+        assert_ne!(tz, "Asia/Tokyo");
+        let sp: String = a.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+        assert_eq!(sp, "pg_catalog, public");
+        let sp: String = b.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+        assert_eq!(sp, "\"$user\", public");
+        let st: String = b.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+        assert_eq!(st, "0");
+        let st: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+        assert_eq!(st, "7s");
+    }
+    // SET LOCAL ends with its transaction; a rolled-back SET is undone.
+    a.batch_execute("BEGIN; SET LOCAL TimeZone = 'UTC'; COMMIT")
+        .await
+        .unwrap();
+    let tz: String = a.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+    assert_eq!(tz, "Asia/Tokyo");
+    a.batch_execute("BEGIN; SET TimeZone = 'Europe/Paris'; SET search_path = public; ROLLBACK")
+        .await
+        .unwrap();
+    let tz: String = a.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+    assert_eq!(tz, "Asia/Tokyo");
+    let sp: String = a.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+    assert_eq!(sp, "pg_catalog, public");
+    // RESET ALL goes back to the defaults.
+    a.batch_execute("RESET ALL").await.unwrap();
+    let st: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(st, "0");
+    let st: String = b.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+    let sa: String = a.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+    assert_eq!(st, sa);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_parameters_apply_to_every_transaction() {
+    let f = ferry("[pool]\npool_size = 1\n");
+    let conn = format!(
+        "{} options='-c search_path=pg_catalog -c work_mem=3MB' application_name=startup-test",
+        f.rw_conn_str("app", APP_PASS, "app")
+    );
+    let (a, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(c);
+    let other = app(&f).await;
+    for _ in 0..2 {
+        let r = a.query_one("SELECT current_setting('search_path'), current_setting('work_mem'), current_setting('application_name')", &[]).await.unwrap();
+        assert_eq!(
+            (r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2)),
+            ("pg_catalog".into(), "3MB".into(), "startup-test".into())
+        );
+        let r = other
+            .query_one(
+                "SELECT current_setting('work_mem'), current_setting('application_name')",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_ne!(r.get::<_, String>(0), "3MB");
+        assert_ne!(r.get::<_, String>(1), "startup-test");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_pins_until_released() {
+    let f = ferry("[pool]\npool_size = 2\n");
+    let a = app(&f).await;
+    let b = app(&f).await;
+    // Advisory lock: pinned while held.
+    a.query_one("SELECT pg_advisory_lock(4242)", &[]).await.unwrap();
+    let pid = backend_pid(&a).await;
+    for _ in 0..3 {
+        b.query_one("SELECT 1", &[]).await.unwrap();
+        assert_eq!(backend_pid(&a).await, pid, "pinned to the lock holder's session");
+    }
+    let held = primary_sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242");
+    assert_eq!(held, "1");
+    a.query_one("SELECT pg_advisory_unlock(4242)", &[]).await.unwrap();
+    // Released: both clients now share the pool freely.
+    let held = primary_sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242");
+    assert_eq!(held, "0");
+
+    // Temporary table and WITH HOLD cursor keep working across transactions.
+    a.batch_execute("CREATE TEMP TABLE tmp_pin (x int); INSERT INTO tmp_pin VALUES (1), (2)")
+        .await
+        .unwrap();
+    let n: i64 = a.query_one("SELECT count(*) FROM tmp_pin", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+    a.batch_execute("BEGIN; DECLARE cur CURSOR WITH HOLD FOR SELECT generate_series(1, 3); COMMIT")
+        .await
+        .unwrap();
+    let r = a.simple_query("FETCH 2 FROM cur").await.unwrap();
+    assert_eq!(
+        r.iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count(),
+        2
+    );
+    a.batch_execute("CLOSE cur; DROP TABLE tmp_pin").await.unwrap();
+
+    // LISTEN / NOTIFY works: the listener stays on its connection.
+    let mut r = Raw::login(f.rw_port, "app", APP_PASS).await;
+    r.query("LISTEN chan").await;
+    b.batch_execute("NOTIFY chan, 'hi'").await.unwrap();
+    let got = r.frame().await.expect("notification");
+    assert_eq!(got.tag, b'A');
+    assert!(String::from_utf8_lossy(got.body()).contains("hi"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_can_be_refused() {
+    let f = ferry("[pool]\nsession_state = \"error\"\n");
+    let a = app(&f).await;
+    let e = a.batch_execute("LISTEN x").await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "0A000");
+    let e = a.query_one("SELECT pg_advisory_lock(1)", &[]).await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "0A000");
+    assert_eq!(a.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_the_running_query_only() {
+    let f = ferry("[pool]\npool_size = 2\n");
+    let a = app(&f).await;
+    let bystander = app(&f).await;
+    let token = a.cancel_token();
+    let started = Instant::now();
+    let sleeper = tokio::spawn(async move { a.query_one("SELECT pg_sleep(30)", &[]).await });
+    let by = tokio::spawn(async move { bystander.query_one("SELECT pg_sleep(1.5)::text", &[]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = sleeper.await.unwrap().unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "57014");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(by.await.unwrap().is_ok(), "the other client's query was not cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_killed_mid_transaction_leaves_nothing_behind() {
+    let f = ferry("[pool]\npool_size = 2\n");
+    let setup = app(&f).await;
+    setup
+        .batch_execute(
+            "DROP TABLE IF EXISTS kill_t; CREATE TABLE kill_t (id int primary key); INSERT INTO kill_t VALUES (1)",
+        )
+        .await
+        .unwrap();
+    // Idle in transaction, holding a row lock.
+    let mut r = Raw::login(f.rw_port, "app", APP_PASS).await;
+    r.query("BEGIN").await;
+    r.query("UPDATE kill_t SET id = id WHERE id = 1").await;
+    // And one killed while its query runs.
+    let mut s = Raw::login(f.rw_port, "app", APP_PASS).await;
+    let mut b = BytesMut::new();
+    encode::query(&mut b, b"BEGIN; LOCK TABLE kill_t IN SHARE MODE; SELECT pg_sleep(60)");
+    s.send(&b).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(r);
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = primary_sql("SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND (state LIKE 'idle in transaction%' OR query LIKE '%pg_sleep(60)%') AND pid <> pg_backend_pid()");
+        let locks = primary_sql(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'kill_t'",
+        );
+        if open == "0" && locks == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {open} transactions, {locks} locks"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The pool still works and the row is not locked.
+    setup
+        .batch_execute("SET lock_timeout = '2s'; UPDATE kill_t SET id = 1 WHERE id = 1; DROP TABLE kill_t")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_dying_mid_transaction_is_reported_and_replaced() {
+    let f = ferry("[pool]\npool_size = 1\n");
+    let c = app(&f).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let pid = backend_pid(&c).await;
+    primary_sql(&format!("SELECT pg_terminate_backend({pid})"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = c.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(e.code().is_some(), "an ErrorResponse, not a dropped connection: {e}");
+    // Next transaction runs on a fresh server connection.
+    assert_ne!(backend_pid(&c).await, pid);
+    // Also while a query runs.
+    let pid = backend_pid(&c).await;
+    let q = tokio::spawn(async move { (c.query_one("SELECT pg_sleep(10)", &[]).await, c) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    primary_sql(&format!("SELECT pg_terminate_backend({pid})"));
+    let (r, c) = q.await.unwrap();
+    assert!(r.unwrap_err().code().is_some());
+    assert_eq!(c.query_one("SELECT 5", &[]).await.unwrap().get::<_, i32>(0), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_exhaustion_gives_an_error_after_query_wait_timeout() {
+    let f = ferry("[pool]\npool_size = 1\nquery_wait_timeout = \"700ms\"\n");
+    let holder = app(&f).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let waiter = app(&f).await;
+    let t = Instant::now();
+    let e = waiter.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "53300");
+    assert!(t.elapsed() >= Duration::from_millis(600) && t.elapsed() < Duration::from_secs(5));
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        waiter.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1,
+        "client still usable"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_keeps_one_connection_and_resets_it() {
+    let f = ferry("[pool]\npool_size = 1\npool_mode = \"session\"\n");
+    let a = app(&f).await;
+    let pid = backend_pid(&a).await;
+    a.batch_execute("SET work_mem = '5MB'; PREPARE p AS SELECT 1")
+        .await
+        .unwrap();
+    assert_eq!(backend_pid(&a).await, pid);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = app(&f).await;
+    assert_eq!(backend_pid(&b).await, pid, "connection reused");
+    let wm: String = b.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    assert_ne!(wm, "5MB", "server_reset_query ran");
+    let n: i64 = b
+        .query_one("SELECT count(*) FROM pg_prepared_statements WHERE from_sql", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
