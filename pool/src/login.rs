@@ -48,6 +48,24 @@ impl ServerCredentials {
         })
     }
 
+    /// SCRAM pass-through: keys recovered from a client's proof against the
+    /// same secret the server stores, so the pool can log in as that user
+    /// without a password. Ignored when a password is configured.
+    pub fn learn_scram_keys(&self, salt: &[u8], iterations: u32, client_key: [u8; 32], server_key: [u8; 32]) {
+        if self.password.is_some() {
+            return;
+        }
+        let mut d = self.derived.lock().unwrap();
+        if d.is_none() {
+            *d = Some(Derived {
+                salt: salt.to_vec(),
+                iterations,
+                client_key,
+                server_key,
+            });
+        }
+    }
+
     /// Credentials for a SCRAM exchange with this server-first message.
     async fn scram_credentials(&self, server_first: &[u8]) -> Result<ClientCredentials, PoolError> {
         let sf = scram::parse_server_first(server_first).map_err(|e| PoolError::Auth(e.to_string()))?;

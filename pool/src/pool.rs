@@ -248,6 +248,10 @@ impl Pool {
         self.close_idle(why);
     }
 
+    pub fn credentials(&self) -> &ServerCredentials {
+        &self.creds
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Relaxed)
     }

@@ -16,8 +16,9 @@ use rand::RngCore;
 
 /// What authentication established.
 pub struct Authenticated {
-    /// The ClientKey recovered from a SCRAM proof (for SCRAM pass-through).
-    pub client_key: Option<[u8; 32]>,
+    /// The secret and the ClientKey recovered from the client's SCRAM proof,
+    /// for SCRAM pass-through to the server.
+    pub scram: Option<(Secret, [u8; 32])>,
 }
 
 fn fail(user: &str, reason: impl Into<String>) -> ClientError {
@@ -31,7 +32,7 @@ pub async fn authenticate(io: &mut ClientIo, user: &str, shared: &Shared) -> Res
     let method = shared.config.auth.method;
     let cred = shared.userlist.get(user).cloned();
     let out = match (method, &cred) {
-        (AuthMethod::Trust, _) => Authenticated { client_key: None },
+        (AuthMethod::Trust, _) => Authenticated { scram: None },
         // md5 needs an md5 hash or a password; with only a SCRAM secret,
         // PostgreSQL uses SCRAM instead, and so does pgferry.
         (AuthMethod::Md5, Some(Credential::Md5(_) | Credential::Plain(_))) => {
@@ -70,7 +71,7 @@ async fn md5(io: &mut ClientIo, user: &str, cred: &Credential) -> Result<Authent
     if got.len() != expected.len() || got.iter().zip(&expected).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
         return Err(fail(user, "wrong password (md5)"));
     }
-    Ok(Authenticated { client_key: None })
+    Ok(Authenticated { scram: None })
 }
 
 async fn scram_exchange(
@@ -101,7 +102,7 @@ async fn scram_exchange(
         return Err(pgferry_protocol::ProtocolError::Malformed("SASLInitialResponse").into());
     }
     let (exchange, server_first) =
-        ServerExchange::start(secret, data, mechanism, false).map_err(|e| fail(user, format!("SCRAM: {e}")))?;
+        ServerExchange::start(secret.clone(), data, mechanism, false).map_err(|e| fail(user, format!("SCRAM: {e}")))?;
     encode::auth_sasl_continue(&mut io.wbuf, &server_first);
     io.flush().await?;
 
@@ -116,6 +117,6 @@ async fn scram_exchange(
     let verified = verified.map_err(|e| fail(user, format!("SCRAM: {e}")))?;
     encode::auth_sasl_final(&mut io.wbuf, &verified.server_final);
     Ok(Authenticated {
-        client_key: Some(verified.client_key),
+        scram: Some((secret, verified.client_key)),
     })
 }

@@ -135,7 +135,7 @@ async fn login(io: &mut ClientIo, role: Role, shared: &Shared) -> Result<Option<
         ));
     }
 
-    authenticate(io, &user, shared).await?;
+    let auth = authenticate(io, &user, shared).await?;
 
     let route = shared.router.route(role).ok_or_else(|| {
         ClientError::refused(
@@ -144,6 +144,10 @@ async fn login(io: &mut ClientIo, role: Role, shared: &Shared) -> Result<Option<
         )
     })?;
     let pool = shared.pool(&database, &user, &route.member.addr);
+    if let Some((secret, client_key)) = &auth.scram {
+        pool.credentials()
+            .learn_scram_keys(&secret.salt, secret.iterations, *client_key, secret.server_key);
+    }
     let base = pool.startup_params().await?;
     let client_params = ClientParams::new(base, &startup);
     for (k, v) in client_params.reported() {

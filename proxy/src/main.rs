@@ -57,25 +57,20 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// 10k clients need 10k descriptors: lift the soft limit to the hard one.
+#[allow(unsafe_code)]
 fn raise_nofile_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY-free: getrlimit/setrlimit through libc's safe wrappers is not
-    // available, so use the two calls directly.
-    unsafe_rlimit(&mut lim);
-}
-
-#[allow(unsafe_code)]
-fn unsafe_rlimit(lim: &mut libc::rlimit) {
-    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, lim) == 0 && lim.rlim_cur < lim.rlim_max {
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed in.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && {
             lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, lim) != 0 {
-                tracing::warn!("could not raise the open-files limit");
-            }
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
         }
+    };
+    if !raised {
+        tracing::warn!("could not raise the open-files limit");
     }
 }

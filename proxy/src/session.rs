@@ -18,7 +18,6 @@ use crate::shared::Shared;
 use crate::ClientError;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pgferry_config::{PoolMode, SessionStatePolicy};
-use pgferry_pool::server::fill;
 use pgferry_pool::statements::Statement;
 use pgferry_pool::{Pool, PoolError, PooledConn, ServerConn};
 use pgferry_protocol::backend::{self, TxStatus};
@@ -279,14 +278,14 @@ impl<'a> Session<'a> {
             None => (None, None, None),
         };
         let bound = srd.is_some();
-        let read_client = to_server.len() < HIGH_WATER;
+        let want_client = to_server.len() < HIGH_WATER;
         let read_server = bound && to_client.len() < HIGH_WATER;
         tokio::select! {
             biased;
             r = wr.write(to_client), if !to_client.is_empty() => Event::ClientWrote(r),
             r = async { swr.expect("bound").write(to_server).await }, if bound && !to_server.is_empty() => Event::ServerWrote(r),
-            r = async { fill(srd.expect("bound"), sbuf.expect("bound")).await }, if read_server => Event::ServerRead(r),
-            r = fill(rd, rbuf), if read_client => Event::ClientRead(r),
+            r = async { pgferry_pool::server::fill(srd.expect("bound"), sbuf.expect("bound")).await }, if read_server => Event::ServerRead(r),
+            r = read_client(rd, rbuf), if want_client => Event::ClientRead(r),
             (code, what) = async {
                 match timeout {
                     Some((d, code, what)) => { tokio::time::sleep(d).await; (code, what) }
@@ -915,6 +914,10 @@ impl<'a> Session<'a> {
             .fetch_add(self.bound_at.elapsed().as_micros() as u64, Relaxed);
         tracing::trace!(client = self.id, "server released");
         conn.checkin();
+        // Between transactions a client needs no buffers.
+        release_if_empty(&mut self.rbuf);
+        release_if_empty(&mut self.to_client);
+        release_if_empty(&mut self.to_server);
     }
 
     /// Bookkeeping when a transaction ends: settings it changed, statements
@@ -1051,6 +1054,28 @@ impl<'a> Session<'a> {
             conn.settings.clear();
         }
         conn.checkin();
+    }
+}
+
+/// Reads from the client. The buffer is allocated only once the socket is
+/// readable, so that an idle client holds no read buffer. Cancel safe.
+async fn read_client(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+    loop {
+        rd.readable().await?;
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(8192);
+        }
+        match rd.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Frees a buffer that holds nothing, so idle clients cost little memory.
+fn release_if_empty(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
     }
 }
 

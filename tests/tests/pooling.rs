@@ -343,3 +343,34 @@ async fn session_mode_keeps_one_connection_and_resets_it() {
         .get(0);
     assert_eq!(n, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_pass_through_logs_in_without_a_server_password() {
+    // `other` has no [[user]] server_password and a SCRAM secret in the
+    // users file: pgferry logs in to PostgreSQL with the ClientKey it
+    // recovered from the client's own proof.
+    let f = ferry("");
+    let c = connect(&f, "other", "other-pass").await;
+    let who: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(who, "other");
+    assert!(!f.log().contains("none is configured"), "{}", f.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeouts_close_clients_and_free_their_server() {
+    let f = ferry(
+        "[pool]\npool_size = 1\n[limits]\nidle_transaction_timeout = \"500ms\"\nclient_idle_timeout = \"1500ms\"\n",
+    );
+    let mut r = Raw::login(f.rw_port, "app", APP_PASS).await;
+    r.query("BEGIN").await;
+    let t = Instant::now();
+    let got = r.until_closed().await;
+    assert_eq!(error_code(&got).as_deref(), Some("25P03"));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // Its server connection was rolled back and serves others.
+    let c = app(&f).await;
+    assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    let mut idle = Raw::login(f.rw_port, "app", APP_PASS).await;
+    idle.query("SELECT 1").await;
+    assert_eq!(error_code(&idle.until_closed().await).as_deref(), Some("57P05"));
+}
