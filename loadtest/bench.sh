@@ -253,6 +253,11 @@ else
     echo "no binary at $PGFERRY_BIN" >"$TMP/pgferry.log"
 fi
 if [ "$PGFERRY_OK" = 0 ]; then
+    if [ -n "$PGFERRY_PID" ] && ! kill -0 "$PGFERRY_PID" 2>/dev/null; then
+        wait "$PGFERRY_PID" && st=0 || st=$?
+        log "# pgferry exited with status $st"
+        PGFERRY_PID=
+    fi
     log "# WARNING: pgferry is not serving; continuing without it. Last lines of its log:"
     tail -20 "$TMP/pgferry.log" 2>/dev/null | sed 's/^/#   /' | tee -a "$RESULTS"
 fi
@@ -320,7 +325,9 @@ for clients in $CLIENTS; do
             before=0
             [ -n "$pid" ] && before=$(cpu_ticks "$pid")
             out=$TMP/pgbench.out
-            run "$PG_BIN/pgbench" -n -S -M "$mode" -c "$clients" -j 2 -T "$DURATION" \
+            # pgbench's -T includes its connection phase, which runs PBKDF2
+            # per SCRAM login (about 7 s for 1000 clients here): allow for it.
+            run "$PG_BIN/pgbench" -n -S -M "$mode" -c "$clients" -j 2 -T "$((DURATION + (clients + 99) / 100))" \
                 -h 127.0.0.1 -p "${PORT[$t]}" -U "$BENCH_USER" "$BENCH_DB" >"$out" || true
             cat "$out"
             tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
@@ -331,7 +338,9 @@ for clients in $CLIENTS; do
                 cpu=$(awk -v a="$before" -v b="$(cpu_ticks "$pid")" -v n="$txns" -v hz="$(getconf CLK_TCK)" \
                     'BEGIN { printf "%.1f", (b - a) * 1e6 / hz / n }')
             fi
-            log "pgbench target=$t clients=$clients mode=$mode tps=${tps:-failed} latency_avg=${lat:--}ms cpu=${cpu}us/txn"
+            aborted=
+            grep -q "Run was aborted" "$out" && aborted=" aborted(see errors above)"
+            log "pgbench target=$t clients=$clients mode=$mode tps=${tps:-failed} latency_avg=${lat:--}ms cpu=${cpu}us/txn$aborted"
         done
     done
 done

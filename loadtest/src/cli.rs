@@ -164,9 +164,7 @@ fn parse_pid(s: &str) -> Result<(String, u32)> {
 /// `10s`, `500ms`, `2m`, `1h`, `250us`; a bare number means seconds.
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
     let secs = match unit.trim() {

@@ -41,13 +41,7 @@ pub struct ConnParams {
 }
 
 impl ConnParams {
-    pub fn new(
-        addr: SocketAddr,
-        user: &str,
-        password: &str,
-        dbname: &str,
-        connect_timeout: Duration,
-    ) -> Arc<Self> {
+    pub fn new(addr: SocketAddr, user: &str, password: &str, dbname: &str, connect_timeout: Duration) -> Arc<Self> {
         let mut startup = BytesMut::new();
         encode::startup_message(
             &mut startup,
@@ -75,11 +69,9 @@ impl ConnParams {
         let keys = cell
             .get_or_try_init(|| async {
                 let password = self.password.clone();
-                tokio::task::spawn_blocking(move || {
-                    scram::keys_from_password(&password, &salt, iterations)
-                })
-                .await
-                .context("PBKDF2 task failed")
+                tokio::task::spawn_blocking(move || scram::keys_from_password(&password, &salt, iterations))
+                    .await
+                    .context("PBKDF2 task failed")
             })
             .await?;
         Ok(*keys)
@@ -107,13 +99,7 @@ impl Conn {
     pub async fn connect(params: &ConnParams) -> Result<Conn> {
         tokio::time::timeout(params.connect_timeout, Self::connect_inner(params))
             .await
-            .map_err(|_| {
-                anyhow!(
-                    "connect timeout ({:?}) to {}",
-                    params.connect_timeout,
-                    params.addr
-                )
-            })?
+            .map_err(|_| anyhow!("connect timeout ({:?}) to {}", params.connect_timeout, params.addr))?
     }
 
     async fn connect_inner(params: &ConnParams) -> Result<Conn> {
@@ -167,33 +153,22 @@ impl Conn {
                 }
                 AuthRequest::Sasl { mechanisms } => {
                     if !mechanisms.contains(&scram::MECHANISM) {
-                        bail!(
-                            "server offers SASL mechanisms {mechanisms:?}, not {}",
-                            scram::MECHANISM
-                        );
+                        bail!("server offers SASL mechanisms {mechanisms:?}, not {}", scram::MECHANISM);
                     }
                     let (exchange, first) = scram::ClientExchange::start();
                     encode::sasl_initial_response(&mut self.wbuf, scram::MECHANISM, &first);
                     scram = Some(exchange);
                 }
                 AuthRequest::SaslContinue { data } => {
-                    let exchange = scram
-                        .as_mut()
-                        .ok_or_else(|| anyhow!("SASLContinue before SASL"))?;
+                    let exchange = scram.as_mut().ok_or_else(|| anyhow!("SASLContinue before SASL"))?;
                     let sf = scram::parse_server_first(data)?;
-                    let (client_key, server_key) =
-                        params.scram_keys(sf.salt, sf.iterations).await?;
-                    let creds = scram::ClientCredentials::Keys {
-                        client_key,
-                        server_key,
-                    };
+                    let (client_key, server_key) = params.scram_keys(sf.salt, sf.iterations).await?;
+                    let creds = scram::ClientCredentials::Keys { client_key, server_key };
                     let fin = exchange.respond(data, &creds)?;
                     encode::password(&mut self.wbuf, &fin);
                 }
                 AuthRequest::SaslFinal { data } => {
-                    let exchange = scram
-                        .as_ref()
-                        .ok_or_else(|| anyhow!("SASLFinal before SASL"))?;
+                    let exchange = scram.as_ref().ok_or_else(|| anyhow!("SASLFinal before SASL"))?;
                     exchange.finish(data)?;
                     continue;
                 }
@@ -265,9 +240,7 @@ impl Conn {
                     if body.len() >= 6 {
                         let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
                         if len >= 0 && body.len() >= 6 + len as usize {
-                            value = Some(
-                                String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned(),
-                            );
+                            value = Some(String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned());
                         }
                     }
                 }

@@ -29,10 +29,7 @@ pub async fn run(args: &Args, clients: usize) -> Result<()> {
 }
 
 fn rss_all(args: &Args) -> Vec<Option<u64>> {
-    args.pids
-        .iter()
-        .map(|(_, pid)| procfs::rss_kib(*pid).ok())
-        .collect()
+    args.pids.iter().map(|(_, pid)| procfs::rss_kib(*pid).ok()).collect()
 }
 
 fn mib(kib: u64) -> String {
@@ -50,14 +47,7 @@ async fn run_target(args: &Args, target: &Target, clients: usize, select1: Vec<u
     let recorder = Recorder::default();
     let before = rss_all(args);
     let start = Instant::now();
-    let conns = connect_all(
-        &params,
-        clients,
-        args.connect_concurrency,
-        Some(select1),
-        &recorder,
-    )
-    .await;
+    let conns = connect_all(&params, clients, args.connect_concurrency, Some(select1), &recorder).await;
     let connect_secs = start.elapsed().as_secs_f64();
     let connected = conns.len();
     println!(
@@ -76,10 +66,7 @@ async fn run_target(args: &Args, target: &Target, clients: usize, select1: Vec<u
     let held = rss_all(args);
     for (((name, pid), b), h) in args.pids.iter().zip(&before).zip(&held) {
         let (Some(b), Some(h)) = (b, h) else {
-            println!(
-                "idle target={} process={name} pid={pid}: RSS not readable",
-                target.name
-            );
+            println!("idle target={} process={name} pid={pid}: RSS not readable", target.name);
             continue;
         };
         let delta = h.saturating_sub(*b);

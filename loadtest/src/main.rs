@@ -31,14 +31,10 @@ fn real_main() -> Result<()> {
     let nofile = procfs::raise_nofile_limit()?;
     let wanted = args.idle_clients.unwrap_or(args.clients) as u64 + 64;
     if nofile < wanted {
-        eprintln!(
-            "warning: RLIMIT_NOFILE is {nofile}, below the {wanted} descriptors this run needs"
-        );
+        eprintln!("warning: RLIMIT_NOFILE is {nofile}, below the {wanted} descriptors this run needs");
     }
     let rt = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(args.threads)
@@ -65,15 +61,7 @@ async fn run(args: Args) -> Result<()> {
     let params: Vec<_> = args
         .targets
         .iter()
-        .map(|t| {
-            ConnParams::new(
-                t.addr,
-                &args.user,
-                &args.password,
-                args.dbname(),
-                args.connect_timeout,
-            )
-        })
+        .map(|t| ConnParams::new(t.addr, &args.user, &args.password, args.dbname(), args.connect_timeout))
         .collect();
     let n = args.targets.len();
     let mut results = Vec::new();
@@ -126,28 +114,17 @@ async fn scale(args: &Args) -> Result<Scale> {
     }
     let mut last = anyhow!("no target");
     for t in &args.targets {
-        let params = ConnParams::new(
-            t.addr,
-            &args.user,
-            &args.password,
-            args.dbname(),
-            args.connect_timeout,
-        );
+        let params = ConnParams::new(t.addr, &args.user, &args.password, args.dbname(), args.connect_timeout);
         let attempt = async {
             let mut c = Conn::connect(&params).await?;
-            let v = c
-                .query_scalar("SELECT count(*) FROM pgbench_branches")
-                .await?;
+            let v = c.query_scalar("SELECT count(*) FROM pgbench_branches").await?;
             c.terminate().await;
             let n: u64 = v.context("no row")?.parse().context("count(*)")?;
             Ok::<_, anyhow::Error>(n)
         };
         match attempt.await {
             Ok(n) => {
-                eprintln!(
-                    "pgbench scale {n} (counted in pgbench_branches via {})",
-                    t.name
-                );
+                eprintln!("pgbench scale {n} (counted in pgbench_branches via {})", t.name);
                 return Ok(Scale::new(n, args.pgbench_accounts));
             }
             Err(e) => last = e.context(format!("target {}", t.name)),

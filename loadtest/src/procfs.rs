@@ -5,8 +5,8 @@ use anyhow::{anyhow, Context, Result};
 
 /// User plus system CPU time of a process (all its threads), in µs.
 pub fn cpu_micros(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
     let ticks = parse_stat_cpu_ticks(&stat).ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
     Ok(ticks * 1_000_000 / clock_ticks_per_second())
 }
@@ -32,12 +32,7 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
 
 fn parse_vm_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line["VmRSS:".len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
+    line["VmRSS:".len()..].trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 #[allow(unsafe_code)]

@@ -104,20 +104,10 @@ pub async fn run(
         }
     } else {
         let setup = Generator::new(settings.kind, settings.scale, 0).connection_setup();
-        let conns = connect_all(
-            params,
-            settings.clients,
-            settings.connect_concurrency,
-            setup,
-            &recorder,
-        )
-        .await;
+        let conns = connect_all(params, settings.clients, settings.connect_concurrency, setup, &recorder).await;
         connected = conns.len();
         if connected == 0 {
-            bail!(
-                "no client could connect: {}",
-                recorder.messages().join("; ")
-            );
+            bail!("no client could connect: {}", recorder.messages().join("; "));
         }
         for (i, conn) in conns.into_iter().enumerate() {
             let (params, recorder) = (params.clone(), recorder.clone());
@@ -139,10 +129,7 @@ pub async fn run(
     let gen_cpu1 = procfs::cpu_micros(me).ok();
     let rss_kib = pid.and_then(|p| procfs::rss_kib(p).ok());
 
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tasks.abort_all();
         recorder.note(&format!(
@@ -154,9 +141,7 @@ pub async fn run(
     let hist = recorder.histogram();
     let transactions = hist.len();
     let per_txn = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) if transactions > 0 => {
-            Some(b.saturating_sub(a) as f64 / transactions as f64)
-        }
+        (Some(a), Some(b)) if transactions > 0 => Some(b.saturating_sub(a) as f64 / transactions as f64),
         _ => None,
     };
     let result = RoundResult {

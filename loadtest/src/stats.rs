@@ -58,9 +58,7 @@ impl Recorder {
     #[inline]
     pub fn success(&self, client: usize, latency: Duration) {
         if self.phase() == PHASE_MEASURE {
-            let mut h = self.shards[client % SHARDS]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut h = self.shards[client % SHARDS].lock().unwrap_or_else(|e| e.into_inner());
             h.saturating_record(latency.as_micros().max(1) as u64);
         }
     }
@@ -87,10 +85,7 @@ impl Recorder {
     }
 
     pub fn messages(&self) -> Vec<String> {
-        self.messages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.messages.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// All shards merged.
@@ -201,7 +196,7 @@ impl RoundResult {
                 "{{\"round\":{},\"target\":{},\"clients\":{},\"connected\":{},\"workload\":\"{}\",",
                 "\"transactions\":{},\"seconds\":{:.3},\"tps\":{:.1},\"p50_ms\":{:.3},\"p95_ms\":{:.3},",
                 "\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"errors\":{},\"cpu_us_per_txn\":{},\"rss_kib\":{},",
-"\"gen_cpu_us_per_txn\":{}}}"
+                "\"gen_cpu_us_per_txn\":{}}}"
             ),
             self.round,
             json_str(&self.target),
@@ -270,17 +265,7 @@ pub fn summary(targets: &[String], results: &[RoundResult]) -> String {
     let _ = writeln!(
         out,
         "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>12} {:>9} {:>12} {:>8}",
-        "target",
-        "tps",
-        "p50",
-        "p95",
-        "p99",
-        "p99.9",
-        "errors",
-        "cpu_us/txn",
-        "rss_MiB",
-        "gen_us/txn",
-        "ratio"
+        "target", "tps", "p50", "p95", "p99", "p99.9", "errors", "cpu_us/txn", "rss_MiB", "gen_us/txn", "ratio"
     );
     let mut base = None;
     for t in targets {
@@ -293,10 +278,7 @@ pub fn summary(targets: &[String], results: &[RoundResult]) -> String {
         let base_tps = *base.get_or_insert(tps);
         let cpu: Vec<f64> = rs.iter().filter_map(|r| r.cpu_us_per_txn).collect();
         let gen_cpu: Vec<f64> = rs.iter().filter_map(|r| r.gen_cpu_us_per_txn).collect();
-        let rss: Vec<f64> = rs
-            .iter()
-            .filter_map(|r| r.rss_kib.map(|k| k as f64 / 1024.0))
-            .collect();
+        let rss: Vec<f64> = rs.iter().filter_map(|r| r.rss_kib.map(|k| k as f64 / 1024.0)).collect();
         let opt = |v: Vec<f64>| {
             if v.is_empty() {
                 "-".to_owned()

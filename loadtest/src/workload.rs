@@ -58,9 +58,7 @@ impl Template {
             if open > 0 {
                 pieces.push(Piece::Text(rest.as_bytes()[..open].to_vec()));
             }
-            pieces.push(Piece::Var(
-                rest[open + 1..close].parse().expect("placeholder index"),
-            ));
+            pieces.push(Piece::Var(rest[open + 1..close].parse().expect("placeholder index")));
             rest = &rest[close + 1..];
         }
         if !rest.is_empty() {
@@ -301,27 +299,18 @@ mod tests {
         let tags: Vec<u8> = frames(g.next_request()).iter().map(|f| f.tag).collect();
         assert_eq!(tags, b"PBDES");
         let f = frames(g.next_request());
-        assert_eq!(
-            frontend::parse(f[0].body()).unwrap().query,
-            SELECT_SQL_PARAM
-        );
+        assert_eq!(frontend::parse(f[0].body()).unwrap().query, SELECT_SQL_PARAM);
 
         let mut g = Generator::new(WorkloadKind::SelectPrepared, Scale::new(1, None), 3);
         let setup = frames(&g.connection_setup().unwrap());
-        assert_eq!(
-            frontend::parse(setup[0].body()).unwrap().name,
-            PREPARED_NAME
-        );
+        assert_eq!(frontend::parse(setup[0].body()).unwrap().name, PREPARED_NAME);
         let f = frames(g.next_request());
         assert_eq!(f.iter().map(|f| f.tag).collect::<Vec<_>>(), b"BDES");
         let bind = frontend::bind(f[0].body()).unwrap();
         assert_eq!(bind.statement, PREPARED_NAME);
         let rest = &f[0].body()[bind.rest_offset..];
         let len = i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
-        let aid: u64 = std::str::from_utf8(&rest[8..8 + len])
-            .unwrap()
-            .parse()
-            .unwrap();
+        let aid: u64 = std::str::from_utf8(&rest[8..8 + len]).unwrap().parse().unwrap();
         assert!((1..=100_000).contains(&aid));
         assert_eq!(&rest[8 + len..], &[0, 0]);
     }
