@@ -30,6 +30,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub runtime: Runtime,
+    #[serde(default)]
     pub auth: Auth,
     #[serde(default)]
     pub pool: PoolDefaults,
@@ -114,6 +116,15 @@ impl Default for Limits {
             max_message_size: d_max_message_size(),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// Tokio worker threads; 0 = one per CPU core. On a small machine shared
+    /// with PostgreSQL, 1 saves the cost of waking threads on each other.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

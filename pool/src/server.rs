@@ -79,7 +79,11 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     /// Settings that PostgreSQL does not report but pgferry changed on this
     /// session (search_path on PostgreSQL < 18, statement_timeout, ...).
-    pub settings: Vec<(String, String)>,
+    /// Change them through the methods below, which keep the fingerprint.
+    settings: Vec<(String, String)>,
+    /// Cached fingerprint of `params` and `settings` (see the proxy's
+    /// `params::fingerprint`); None when stale.
+    pub fingerprint: Option<u64>,
     /// Global prepared statements present on this session.
     pub statements: ServerStatements,
     pub created: Instant,
@@ -119,6 +123,7 @@ impl ServerConn {
                 backend_key: r.backend_key,
                 params: r.params,
                 settings: Vec::new(),
+                fingerprint: None,
                 statements: ServerStatements::default(),
                 created: now,
                 idle_since: now,
@@ -139,12 +144,33 @@ impl ServerConn {
     }
 
     pub fn set_param(&mut self, name: &str, value: &str) {
-        set(&mut self.params, name, value);
+        if self.param(name) != Some(value) {
+            set(&mut self.params, name, value);
+            self.fingerprint = None;
+        }
     }
 
     /// An unreported setting pgferry applied, if any.
     pub fn setting(&self, name: &str) -> Option<&str> {
         self.settings.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn settings(&self) -> &[(String, String)] {
+        &self.settings
+    }
+
+    /// Records an unreported setting's value (None: back to its default).
+    pub fn set_setting(&mut self, name: &str, value: Option<&str>) {
+        match value {
+            Some(v) => set(&mut self.settings, name, v),
+            None => self.settings.retain(|(k, _)| k != name),
+        }
+        self.fingerprint = None;
+    }
+
+    pub fn replace_settings(&mut self, settings: Vec<(String, String)>) {
+        self.settings = settings;
+        self.fingerprint = None;
     }
 
     /// True if an idle connection has been closed by the server or has

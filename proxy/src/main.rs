@@ -41,7 +41,11 @@ fn main() -> anyhow::Result<()> {
     let config = pgferry_config::Config::load(&path).with_context(|| format!("loading {}", path.display()))?;
     raise_nofile_limit();
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if config.runtime.worker_threads > 0 {
+        rt.worker_threads(config.runtime.worker_threads);
+    }
+    let rt = rt.enable_all().build()?;
     rt.block_on(async {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

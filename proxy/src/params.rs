@@ -56,9 +56,40 @@ pub struct ClientParams {
     base: Arc<Vec<(String, String)>>,
     overrides: Vec<(String, String)>,
     /// Unreported settings the client changed, with their current values.
-    pub settings: Vec<(String, String)>,
+    settings: Vec<(String, String)>,
     /// Startup values, restored by DISCARD ALL / RESET ALL.
     startup: Vec<(String, String)>,
+    fingerprint: Option<u64>,
+}
+
+/// An order-independent hash of the values that must match between a client
+/// and a server connection: equal fingerprints mean nothing to sync, so the
+/// common case costs one comparison per transaction.
+fn fingerprint<'a>(reported: impl Fn(&str) -> Option<&'a str>, settings: &[(String, String)]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let entry = |kind: u8, k: &str, v: Option<&str>| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (kind, k, v).hash(&mut h);
+        h.finish()
+    };
+    let mut fp = 0u64;
+    for &name in SYNCED.iter().chain(INFORMATIONAL) {
+        fp ^= entry(0, name, reported(name));
+    }
+    for (k, v) in settings {
+        fp ^= entry(1, k, Some(v));
+    }
+    fp
+}
+
+/// The fingerprint of a server connection's session, cached on it.
+pub fn server_fingerprint(conn: &mut ServerConn) -> u64 {
+    if let Some(fp) = conn.fingerprint {
+        return fp;
+    }
+    let fp = fingerprint(|n| conn.param(n), conn.settings());
+    conn.fingerprint = Some(fp);
+    fp
 }
 
 fn find<'a>(list: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -74,6 +105,7 @@ impl ClientParams {
             overrides: Vec::new(),
             settings: Vec::new(),
             startup: Vec::new(),
+            fingerprint: None,
         };
         for (k, v) in startup {
             let name = canonical(k);
@@ -102,11 +134,29 @@ impl ClientParams {
         find(&self.overrides, name).or_else(|| find(&self.base, name))
     }
 
+    /// The client's fingerprint (see [`server_fingerprint`]).
+    pub fn fingerprint(&mut self) -> u64 {
+        if let Some(fp) = self.fingerprint {
+            return fp;
+        }
+        let fp = fingerprint(
+            |n| find(&self.overrides, n).or_else(|| find(&self.base, n)),
+            &self.settings,
+        );
+        self.fingerprint = Some(fp);
+        fp
+    }
+
+    pub fn settings(&self) -> &[(String, String)] {
+        &self.settings
+    }
+
     /// Records a reported value; returns true if it changed.
     pub fn set(&mut self, name: &str, value: &str) -> bool {
         if self.get(name) == Some(value) {
             return false;
         }
+        self.fingerprint = None;
         if find(&self.base, name) == Some(value) {
             self.overrides.retain(|(k, _)| k != name);
         } else {
@@ -130,6 +180,7 @@ impl ClientParams {
 
     /// RESET ALL semantics: unreported settings go back to their startup values.
     pub fn reset_settings(&mut self) {
+        self.fingerprint = None;
         self.settings.clear();
         for (k, v) in &self.startup {
             if find(&self.base, k).is_none() {
@@ -139,6 +190,7 @@ impl ClientParams {
     }
 
     pub fn set_setting(&mut self, name: &str, value: Option<&str>) {
+        self.fingerprint = None;
         match value {
             Some(v) => pgferry_pool::server::set(&mut self.settings, name, v),
             None => self.settings.retain(|(k, _)| k != name),
@@ -185,7 +237,7 @@ pub fn sync_sql(client: &ClientParams, server: &ServerConn) -> Option<Vec<u8>> {
             push_set_config(&mut sql, name, want);
         }
     }
-    for (name, _) in &server.settings {
+    for (name, _) in server.settings() {
         if find(&client.settings, name).is_none() {
             sql.extend_from_slice(b"RESET ");
             quote_ident_path(&mut sql, name);

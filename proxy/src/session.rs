@@ -675,18 +675,20 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         let mut conn = self.pool.checkout().await?;
-        if let Some(sql) = params::sync_sql(&self.params, &conn) {
-            if let Err(e) = self.internal_query(&mut conn, &sql).await {
-                conn.discard("could not apply client parameters");
-                return Err(e);
+        if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
+            if let Some(sql) = params::sync_sql(&self.params, &conn) {
+                if let Err(e) = self.internal_query(&mut conn, &sql).await {
+                    conn.discard("could not apply client parameters");
+                    return Err(e);
+                }
+                conn.replace_settings(self.params.settings().to_vec());
             }
-            conn.settings = self.params.settings.clone();
-        }
-        // Facts about the server (in_hot_standby after a failover, ...).
-        for &name in params::INFORMATIONAL {
-            if let Some(v) = conn.param(name) {
-                if self.params.set(name, v) {
-                    encode::parameter_status(&mut self.to_client, name, v);
+            // Facts about the server (in_hot_standby after a failover, ...).
+            for &name in params::INFORMATIONAL {
+                if let Some(v) = conn.param(name) {
+                    if self.params.set(name, v) {
+                        encode::parameter_status(&mut self.to_client, name, v);
+                    }
                 }
             }
         }
@@ -914,10 +916,9 @@ impl<'a> Session<'a> {
             .fetch_add(self.bound_at.elapsed().as_micros() as u64, Relaxed);
         tracing::trace!(client = self.id, "server released");
         conn.checkin();
-        // Between transactions a client needs no buffers.
-        release_if_empty(&mut self.rbuf);
-        release_if_empty(&mut self.to_client);
-        release_if_empty(&mut self.to_server);
+        shrink_if_large(&mut self.rbuf);
+        shrink_if_large(&mut self.to_client);
+        shrink_if_large(&mut self.to_server);
     }
 
     /// Bookkeeping when a transaction ends: settings it changed, statements
@@ -925,7 +926,7 @@ impl<'a> Session<'a> {
     async fn end_of_transaction(&mut self, conn: &mut ServerConn) -> Result<(), PoolError> {
         if std::mem::take(&mut self.reset_all) {
             self.params.reset_settings();
-            conn.settings.clear();
+            conn.replace_settings(Vec::new());
             // The client's startup settings go back on at the next sync.
         }
         if std::mem::take(&mut self.forget_server_statements) {
@@ -941,10 +942,7 @@ impl<'a> Session<'a> {
                 for (i, name) in names.iter().enumerate() {
                     let value = row.get(i).and_then(|v| v.as_deref());
                     self.params.set_setting(name, value);
-                    match value {
-                        Some(v) => pgferry_pool::server::set(&mut conn.settings, name, v),
-                        None => conn.settings.retain(|(k, _)| k != name),
-                    }
+                    conn.set_setting(name, value);
                 }
             }
         }
@@ -1051,30 +1049,37 @@ impl<'a> Session<'a> {
         }
         if discards {
             conn.statements.clear();
-            conn.settings.clear();
+            conn.replace_settings(Vec::new());
         }
         conn.checkin();
     }
 }
 
-/// Reads from the client. The buffer is allocated only once the socket is
-/// readable, so that an idle client holds no read buffer. Cancel safe.
+/// Reads from the client. Bytes land in a stack buffer first and are copied
+/// to `buf`, which therefore grows only to what is actually pending: an idle
+/// client holds a few hundred bytes, not a read-sized buffer. Cancel safe.
 async fn read_client(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
     loop {
         rd.readable().await?;
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(8192);
-        }
-        match rd.try_read_buf(buf) {
+        match read_now(rd, buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             r => return r,
         }
     }
 }
 
-/// Frees a buffer that holds nothing, so idle clients cost little memory.
-fn release_if_empty(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > 0 {
+/// The synchronous half of [`read_client`], so that the stack buffer is
+/// never part of a future.
+fn read_now(rd: &OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let mut chunk = [0u8; 16 * 1024];
+    let n = rd.try_read(&mut chunk)?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+/// Gives back a buffer's memory after a large message has passed through.
+fn shrink_if_large(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 64 * 1024 {
         *buf = BytesMut::new();
     }
 }
