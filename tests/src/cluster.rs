@@ -11,9 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::osuser::{pg_os_user, OsUser};
 use crate::ports::free_port;
-use crate::util::{
-    log_section, make_temp_dir, quote_ident, quote_literal, run, sh_quote, wait_until,
-};
+use crate::util::{log_section, make_temp_dir, quote_ident, quote_literal, run, sh_quote, wait_until};
 use crate::watchdog::Watchdog;
 
 /// Where the PostgreSQL 15 programs are (Debian's layout). The wrappers in
@@ -24,11 +22,7 @@ pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 /// create: `(name, password)`. `app` owns database `app`; `other` may connect
 /// to it; `admin` is an ordinary login role (pgferry's admin user in
 /// [`crate::Ferry::for_cluster`]).
-pub const STANDARD_USERS: [(&str, &str); 3] = [
-    ("app", "app-pass"),
-    ("admin", "admin-pass"),
-    ("other", "other-pass"),
-];
+pub const STANDARD_USERS: [(&str, &str); 3] = [("app", "app-pass"), ("admin", "admin-pass"), ("other", "other-pass")];
 
 const PG_HBA: &str = "\
 # pgferry test cluster
@@ -70,8 +64,8 @@ impl Node {
 
 /// A running PostgreSQL primary (and optional standby) in its own directory.
 ///
-/// Layout of `dir`: `primary/` and `standby/` (data directories, which are
-/// also the Unix socket directories), `primary.log`, `standby.log`.
+/// Layout of `dir`: `primary/` and `standby/` (data directories),
+/// `primary.log`, `standby.log`, and the servers' Unix sockets.
 /// Dropping it stops the servers (`pg_ctl stop -m immediate`) and removes
 /// `dir`; a watchdog does the same if the test process dies first.
 #[derive(Debug)]
@@ -172,7 +166,7 @@ impl PgCluster {
              hot_standby = on\n\
              log_line_prefix = '%m [%p] %q%u@%d '\n\
              unix_socket_directories = {}\n",
-            quote_literal(&data.to_string_lossy())
+            quote_literal(&self.dir.to_string_lossy())
         );
         append(&data.join("postgresql.conf"), &conf)?;
         fs::write(data.join("pg_hba.conf"), PG_HBA).context("writing pg_hba.conf")?;
@@ -200,13 +194,6 @@ impl PgCluster {
                 "--no-sync".as_ref(),
             ]),
             "pg_basebackup",
-        )?;
-        append(
-            &data.join("postgresql.conf"),
-            &format!(
-                "\n# --- standby ---\nunix_socket_directories = {}\n",
-                quote_literal(&data.to_string_lossy())
-            ),
         )?;
         self.standby_port = Some(self.start_on_free_port(Node::Standby)?);
         let streaming = wait_until(START_TIMEOUT, Duration::from_millis(100), || {
@@ -280,15 +267,7 @@ impl PgCluster {
             Ok(self
                 .user
                 .command(pg_bin("pg_isready"))
-                .args([
-                    "-q",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-U",
-                    "postgres",
-                ])
+                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
                 .status()?
                 .success())
         });
@@ -372,9 +351,7 @@ impl PgCluster {
             .context("starting psql")?;
         {
             let mut stdin = child.stdin.take().expect("piped stdin");
-            stdin
-                .write_all(sql.as_bytes())
-                .context("writing SQL to psql")?;
+            stdin.write_all(sql.as_bytes()).context("writing SQL to psql")?;
         }
         let out = child.wait_with_output().context("waiting for psql")?;
         if !out.status.success() {
@@ -409,11 +386,7 @@ impl PgCluster {
     pub fn create_database(&self, name: &str, owner: &str) -> Result<()> {
         self.psql_primary(
             "postgres",
-            &format!(
-                "CREATE DATABASE {} OWNER {};",
-                quote_ident(name),
-                quote_ident(owner)
-            ),
+            &format!("CREATE DATABASE {} OWNER {};", quote_ident(name), quote_ident(owner)),
         )?;
         Ok(())
     }
@@ -493,19 +466,13 @@ impl PgCluster {
         for (name, password) in STANDARD_USERS {
             let exists = self.psql_primary(
                 "postgres",
-                &format!(
-                    "SELECT count(*) FROM pg_roles WHERE rolname = {}",
-                    quote_literal(name)
-                ),
+                &format!("SELECT count(*) FROM pg_roles WHERE rolname = {}", quote_literal(name)),
             )?;
             if exists == "0" {
                 self.create_user(name, password)?;
             }
         }
-        let exists = self.psql_primary(
-            "postgres",
-            "SELECT count(*) FROM pg_database WHERE datname = 'app'",
-        )?;
+        let exists = self.psql_primary("postgres", "SELECT count(*) FROM pg_database WHERE datname = 'app'")?;
         if exists == "0" {
             self.create_database("app", "app")?;
         }

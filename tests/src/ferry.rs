@@ -20,9 +20,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// The workspace root (the directory with the workspace `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let is_workspace = |dir: &Path| {
-        fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]"))
-    };
+    let is_workspace = |dir: &Path| fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]"));
     if let Some(root) = manifest.parent().filter(|r| is_workspace(r)) {
         return root.to_path_buf();
     }
@@ -104,13 +102,10 @@ fn merge_tables(base: &mut Table, extra: Table) {
     for (key, value) in extra {
         match (base.get_mut(&key), value) {
             (Some(Value::Table(b)), Value::Table(e)) => merge_tables(b, e),
-            (Some(b @ Value::Array(_)), Value::Array(e))
-                if is_table_array(b) && e.iter().all(Value::is_table) =>
-            {
+            (Some(b @ Value::Array(_)), Value::Array(e)) if is_table_array(b) && e.iter().all(Value::is_table) => {
                 let Value::Array(b) = b else { unreachable!() };
                 for item in e {
-                    let pos =
-                        name_of(&item).and_then(|n| b.iter().position(|x| name_of(x) == Some(n)));
+                    let pos = name_of(&item).and_then(|n| b.iter().position(|x| name_of(x) == Some(n)));
                     match (pos, item) {
                         (Some(i), Value::Table(t)) => {
                             if let Value::Table(existing) = &mut b[i] {
@@ -130,16 +125,12 @@ fn merge_tables(base: &mut Table, extra: Table) {
 
 /// `[listen] rw` / `ro` of a config, as addresses to connect to.
 fn listen_addrs(config: &str) -> Result<(SocketAddr, Option<SocketAddr>)> {
-    let t: Table = config
-        .parse()
-        .context("the pgferry config is not valid TOML")?;
+    let t: Table = config.parse().context("the pgferry config is not valid TOML")?;
     let get = |k: &str| -> Result<Option<SocketAddr>> {
         let Some(v) = t.get("listen").and_then(|l| l.get(k)) else {
             return Ok(None);
         };
-        let s = v
-            .as_str()
-            .ok_or_else(|| anyhow!("listen.{k} is not a string"))?;
+        let s = v.as_str().ok_or_else(|| anyhow!("listen.{k} is not a string"))?;
         let mut a: SocketAddr = s.parse().with_context(|| format!("listen.{k} = {s:?}"))?;
         if a.ip().is_unspecified() {
             a.set_ip(match a.ip() {
@@ -287,9 +278,7 @@ impl Ferry {
         if std::env::var_os("RUST_BACKTRACE").is_none() {
             cmd.env("RUST_BACKTRACE", "1");
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
         let watchdog = Watchdog::spawn(
             &format!(
                 "kill -9 {} 2>/dev/null\nrm -rf {}\n",
@@ -462,10 +451,7 @@ mod tests {
         assert_eq!(merged["pool"]["pool_size"].as_integer(), Some(2));
         assert_eq!(merged["pool"]["min_pool_size"].as_integer(), Some(1));
         assert_eq!(merged["limits"]["max_client_conn"].as_integer(), Some(5));
-        assert_eq!(
-            merged["topology"]["standbys"].as_array().map(Vec::len),
-            Some(0)
-        );
+        assert_eq!(merged["topology"]["standbys"].as_array().map(Vec::len), Some(0));
         let users = merged["user"].as_array().unwrap();
         assert_eq!(users.len(), 2);
         assert_eq!(users[0]["name"].as_str(), Some("app"));
@@ -476,8 +462,7 @@ mod tests {
 
     #[test]
     fn listen_addrs_map_unspecified_to_loopback() {
-        let (rw, ro) =
-            listen_addrs("[listen]\nrw = \"0.0.0.0:7000\"\nro = \"[::]:7001\"\n").unwrap();
+        let (rw, ro) = listen_addrs("[listen]\nrw = \"0.0.0.0:7000\"\nro = \"[::]:7001\"\n").unwrap();
         assert_eq!(rw, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(ro, Some("[::1]:7001".parse().unwrap()));
         let (_, ro) = listen_addrs("[listen]\nrw = \"127.0.0.1:7000\"\n").unwrap();

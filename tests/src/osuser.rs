@@ -38,10 +38,7 @@ pub fn pg_os_user() -> Result<&'static OsUser> {
 fn resolve() -> Result<OsUser> {
     let me = std::fs::metadata("/proc/self").context("stat /proc/self")?;
     if me.uid() != 0 {
-        let out = Command::new("id")
-            .arg("-un")
-            .output()
-            .context("running id -un")?;
+        let out = Command::new("id").arg("-un").output().context("running id -un")?;
         return Ok(OsUser {
             name: String::from_utf8_lossy(&out.stdout).trim().to_string(),
             uid: me.uid(),
@@ -70,13 +67,7 @@ fn resolve() -> Result<OsUser> {
     }
     let name = "pgferry-test";
     let out = Command::new("useradd")
-        .args([
-            "--system",
-            "--create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            name,
-        ])
+        .args(["--system", "--create-home", "--shell", "/usr/sbin/nologin", name])
         .output()
         .context("running useradd")?;
     // 9: the user exists (another test binary created it meanwhile).

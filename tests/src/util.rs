@@ -50,10 +50,7 @@ pub(crate) fn make_temp_dir(prefix: &str) -> Result<PathBuf> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let dir = PathBuf::from(format!(
-            "/tmp/{prefix}-{}-{n}-{nanos:09}",
-            std::process::id()
-        ));
+        let dir = PathBuf::from(format!("/tmp/{prefix}-{}-{n}-{nanos:09}", std::process::id()));
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -107,11 +104,7 @@ pub(crate) fn addr_accepts(addr: SocketAddr) -> bool {
 
 /// Polls `f` every `every` until it returns `Ok(true)` or `timeout` passes.
 /// Returns whether it succeeded; errors from `f` count as "not yet".
-pub(crate) fn wait_until(
-    timeout: Duration,
-    every: Duration,
-    mut f: impl FnMut() -> Result<bool>,
-) -> bool {
+pub(crate) fn wait_until(timeout: Duration, every: Duration, mut f: impl FnMut() -> Result<bool>) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(true) = f() {
@@ -169,8 +162,7 @@ pub fn raise_nofile() -> Result<u64> {
         };
         // SAFETY: setrlimit only reads the struct we pass, which is valid.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("setrlimit(RLIMIT_NOFILE, {target})"));
+            return Err(io::Error::last_os_error()).with_context(|| format!("setrlimit(RLIMIT_NOFILE, {target})"));
         }
         lim.rlim_cur = target;
     }

@@ -7,9 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pgferry_protocol::scram::Secret;
-use pgferry_tests::{
-    conn_str, free_port, port_accepts, shared_cluster, Ferry, Node, PgCluster, PgOptions,
-};
+use pgferry_tests::{conn_str, free_port, port_accepts, shared_cluster, Ferry, Node, PgCluster, PgOptions};
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -23,25 +21,17 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 fn login(port: u16, user: &str, password: &str, db: &str) -> Result<String, tokio_postgres::Error> {
     block_on(async {
         let (client, conn) =
-            tokio_postgres::connect(&conn_str(port, user, password, db), tokio_postgres::NoTls)
-                .await?;
+            tokio_postgres::connect(&conn_str(port, user, password, db), tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         let row = client
             .query_one("SELECT current_user::text, current_database()::text", &[])
             .await?;
-        Ok(format!(
-            "{}|{}",
-            row.get::<_, String>(0),
-            row.get::<_, String>(1)
-        ))
+        Ok(format!("{}|{}", row.get::<_, String>(0), row.get::<_, String>(1)))
     })
 }
 
 fn scratch_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(format!(
-        "/tmp/pgferry-harness-{}-{name}",
-        std::process::id()
-    ));
+    let dir = PathBuf::from(format!("/tmp/pgferry-harness-{}-{name}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir
@@ -65,16 +55,8 @@ fn cluster_with_standby_streams_and_drop_cleans_up() {
     assert_ne!(pp, sp);
     assert!(port_accepts(pp) && port_accepts(sp));
 
-    assert_eq!(
-        c.psql(pp, "postgres", "SELECT pg_is_in_recovery()")
-            .unwrap(),
-        "f"
-    );
-    assert_eq!(
-        c.psql(sp, "postgres", "SELECT pg_is_in_recovery()")
-            .unwrap(),
-        "t"
-    );
+    assert_eq!(c.psql(pp, "postgres", "SELECT pg_is_in_recovery()").unwrap(), "f");
+    assert_eq!(c.psql(sp, "postgres", "SELECT pg_is_in_recovery()").unwrap(), "t");
     assert_eq!(
         c.psql_primary("postgres", "SELECT state FROM pg_stat_replication")
             .unwrap(),
@@ -96,34 +78,17 @@ fn cluster_with_standby_streams_and_drop_cleans_up() {
     assert_eq!(c.psql(sp, "postgres", "SHOW port").unwrap(), sp.to_string());
 
     // Several statements, several rows; replication reaches the standby.
-    c.psql_primary(
-        "postgres",
-        "CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2);",
-    )
-    .unwrap();
+    c.psql_primary("postgres", "CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2);")
+        .unwrap();
     c.wait_for_replay().unwrap();
-    assert_eq!(
-        c.psql(sp, "postgres", "SELECT x FROM t ORDER BY x")
-            .unwrap(),
-        "1\n2"
-    );
+    assert_eq!(c.psql(sp, "postgres", "SELECT x FROM t ORDER BY x").unwrap(), "1\n2");
     assert_eq!(c.psql(sp, "postgres", "SELECT 1, 'a'").unwrap(), "1|a");
 
     // Errors carry PostgreSQL's message.
-    let err = c
-        .psql(sp, "postgres", "INSERT INTO t VALUES (3)")
-        .unwrap_err();
-    assert!(
-        format!("{err:#}").contains("read-only transaction"),
-        "{err:#}"
-    );
-    let err = c
-        .psql(pp, "postgres", "SELECT 1; SELECT nope; SELECT 2")
-        .unwrap_err();
-    assert!(
-        format!("{err:#}").contains("\"nope\" does not exist"),
-        "{err:#}"
-    );
+    let err = c.psql(sp, "postgres", "INSERT INTO t VALUES (3)").unwrap_err();
+    assert!(format!("{err:#}").contains("read-only transaction"), "{err:#}");
+    let err = c.psql(pp, "postgres", "SELECT 1; SELECT nope; SELECT 2").unwrap_err();
+    assert!(format!("{err:#}").contains("\"nope\" does not exist"), "{err:#}");
 
     // The servers run as the unprivileged user, which owns the directory.
     let user = c.os_user();
@@ -147,30 +112,18 @@ fn stop_start_and_promote_nodes() {
     assert!(!port_accepts(c.port(Node::Standby)));
     c.start_node(Node::Standby).unwrap();
     assert_eq!(
-        c.psql(
-            c.port(Node::Standby),
-            "postgres",
-            "SELECT pg_is_in_recovery()"
-        )
-        .unwrap(),
+        c.psql(c.port(Node::Standby), "postgres", "SELECT pg_is_in_recovery()")
+            .unwrap(),
         "t"
     );
     c.promote_standby().unwrap();
     assert_eq!(
-        c.psql(
-            c.port(Node::Standby),
-            "postgres",
-            "SELECT pg_is_in_recovery()"
-        )
-        .unwrap(),
+        c.psql(c.port(Node::Standby), "postgres", "SELECT pg_is_in_recovery()")
+            .unwrap(),
         "f"
     );
-    c.psql(
-        c.port(Node::Standby),
-        "postgres",
-        "CREATE TABLE after_promote ()",
-    )
-    .unwrap();
+    c.psql(c.port(Node::Standby), "postgres", "CREATE TABLE after_promote ()")
+        .unwrap();
 }
 
 #[test]
@@ -196,10 +149,7 @@ fn create_user_scram_secret_and_userlist_round_trip() {
     assert!(secret.starts_with("SCRAM-SHA-256$4096:"), "{secret}");
     // The verifier really is the password's: recompute it from the salt.
     let parsed = Secret::parse(&secret).unwrap();
-    assert_eq!(
-        Secret::from_password(password, &parsed.salt, parsed.iterations),
-        parsed
-    );
+    assert_eq!(Secret::from_password(password, &parsed.salt, parsed.iterations), parsed);
     assert_eq!(parsed.encode(), secret);
 
     // PostgreSQL accepts the password over TCP with SCRAM, and only it.
@@ -208,11 +158,7 @@ fn create_user_scram_secret_and_userlist_round_trip() {
         "alice|alicedb"
     );
     let err = login(c.primary_port, "alice", "wrong", "alicedb").unwrap_err();
-    assert_eq!(
-        err.as_db_error().map(|e| e.code().code()),
-        Some("28P01"),
-        "{err}"
-    );
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("28P01"), "{err}");
     // ... on the standby too, once replayed.
     c.wait_for_replay().unwrap();
     assert_eq!(
@@ -241,10 +187,7 @@ fn shared_cluster_has_the_standard_users() {
     let sp = c.standby_port.expect("shared cluster has a standby");
     for port in [c.primary_port, sp] {
         assert_eq!(login(port, "app", "app-pass", "app").unwrap(), "app|app");
-        assert_eq!(
-            login(port, "other", "other-pass", "app").unwrap(),
-            "other|app"
-        );
+        assert_eq!(login(port, "other", "other-pass", "app").unwrap(), "other|app");
         assert_eq!(
             login(port, "admin", "admin-pass", "postgres").unwrap(),
             "admin|postgres"
@@ -258,11 +201,7 @@ fn shared_cluster_has_the_standard_users() {
         .unwrap(),
         "app"
     );
-    assert_eq!(
-        c.psql(sp, "postgres", "SELECT pg_is_in_recovery()")
-            .unwrap(),
-        "t"
-    );
+    assert_eq!(c.psql(sp, "postgres", "SELECT pg_is_in_recovery()").unwrap(), "t");
     // app can create tables in its database (PostgreSQL 15: it owns `public`).
     c.psql_primary("app", "SET ROLE app; CREATE TABLE app_owned (x int)")
         .unwrap();
@@ -287,10 +226,7 @@ fn cluster_config_is_valid_for_pgferry_and_merges_extra() {
     assert_eq!(cfg.auth.admin_users, vec!["admin".to_string()]);
     let pgferry_config::Topology::Static { primary, standbys } = &cfg.topology;
     assert_eq!(primary, &format!("127.0.0.1:{}", c.primary_port));
-    assert_eq!(
-        standbys,
-        &vec![format!("127.0.0.1:{}", c.standby_port.unwrap())]
-    );
+    assert_eq!(standbys, &vec![format!("127.0.0.1:{}", c.standby_port.unwrap())]);
     let app = cfg.user("app").unwrap();
     assert_eq!(app.server_password.as_deref(), Some("app-pass"));
     assert_eq!(app.pool_size, Some(3));
@@ -366,20 +302,13 @@ fn ferry_start_waits_for_listeners_and_drop_kills() {
     let log = ferry.log();
     assert!(log.contains("fake pgferry starting"), "{log}");
     assert!(
-        ferry
-            .rw_conn_str("app", "pw", "app")
-            .contains(&format!("port={rw} "))
-            && ferry
-                .ro_conn_str("app", "pw", "app")
-                .contains(&format!("port={ro} "))
+        ferry.rw_conn_str("app", "pw", "app").contains(&format!("port={rw} "))
+            && ferry.ro_conn_str("app", "pw", "app").contains(&format!("port={ro} "))
     );
 
     // A signal reaches the process; wait_exit reaps it.
     ferry.signal(libc::SIGTERM).unwrap();
-    let status = ferry
-        .wait_exit(Duration::from_secs(10))
-        .unwrap()
-        .expect("exited");
+    let status = ferry.wait_exit(Duration::from_secs(10)).unwrap().expect("exited");
     assert!(!status.success());
     assert!(!ferry.is_running());
     assert!(ferry.signal(libc::SIGTERM).is_err());
@@ -392,10 +321,7 @@ fn ferry_start_waits_for_listeners_and_drop_kills() {
     let pid = ferry.pid();
     let ferry_dir = ferry.dir.clone();
     drop(ferry);
-    assert!(
-        !Path::new(&format!("/proc/{pid}")).exists(),
-        "pid {pid} still exists"
-    );
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} still exists");
     assert!(!ferry_dir.exists());
     assert!(wait_for(Duration::from_secs(5), || !port_accepts(rw)));
     fs::remove_dir_all(&dir).unwrap();
@@ -426,11 +352,7 @@ fn ferry_start_times_out_when_nothing_listens() {
     let config = format!("[listen]\nrw = \"127.0.0.1:{}\"\n", free_port());
     let started = Instant::now();
     let err = format!("{:#}", Ferry::start_with_binary(&bin, &config).unwrap_err());
-    assert!(
-        started.elapsed() >= Duration::from_secs(9),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() >= Duration::from_secs(9), "{:?}", started.elapsed());
     assert!(err.contains("did not accept connections"), "{err}");
     assert!(err.contains("still thinking"), "{err}");
     fs::remove_dir_all(&dir).unwrap();
@@ -455,8 +377,7 @@ fn watchdog_child() {
             std::env::current_exe().unwrap().display()
         ),
     );
-    let ferry =
-        Ferry::start_with_binary(&bin, &format!("[listen]\nrw = \"127.0.0.1:{rw}\"\n")).unwrap();
+    let ferry = Ferry::start_with_binary(&bin, &format!("[listen]\nrw = \"127.0.0.1:{rw}\"\n")).unwrap();
     fs::write(
         &out,
         format!(
@@ -479,12 +400,7 @@ fn watchdog_cleans_up_after_the_test_process_dies() {
     let dir = scratch_dir("watchdog");
     let out_file = dir.join("child.out");
     let status = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "watchdog_child",
-            "--include-ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", "watchdog_child", "--include-ignored", "--nocapture"])
         .env("WATCHDOG_CHILD_OUT", &out_file)
         .status()
         .unwrap();
