@@ -55,7 +55,7 @@ else
 fi
 as_pg() {
     if [ "$(id -u)" -eq 0 ]; then
-        runuser -u "$PG_OS_USER" -- env -u PGDATA -u PGPORT -u PGHOST "$@"
+        (cd / && runuser -u "$PG_OS_USER" -- env -u PGDATA -u PGPORT -u PGHOST "$@")
     else
         env -u PGDATA -u PGPORT -u PGHOST "$@"
     fi
