@@ -41,6 +41,9 @@ pub struct PoolKey {
     pub node: Arc<NodeAddr>,
 }
 
+/// Name/value pairs, shared.
+pub type ParamList = Arc<Vec<(String, String)>>;
+
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct Pool {
@@ -58,7 +61,7 @@ pub struct Pool {
     max_message: usize,
     /// ParameterStatus values of the first connection, replayed to clients
     /// at login so that login needs no server round trip.
-    startup_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    startup_params: Mutex<Option<ParamList>>,
 }
 
 enum Permit {
@@ -216,7 +219,7 @@ impl Pool {
 
     /// ParameterStatus values a new client should see, connecting a server
     /// first if the pool has never had one.
-    pub async fn startup_params(self: &Arc<Self>) -> Result<Arc<Vec<(String, String)>>, PoolError> {
+    pub async fn startup_params(self: &Arc<Self>) -> Result<ParamList, PoolError> {
         if let Some(p) = self.startup_params.lock().unwrap().clone() {
             return Ok(p);
         }

@@ -223,12 +223,7 @@ mod tests {
         #[test]
         fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut buf = BytesMut::from(&data[..]);
-            loop {
-                match decode_frame(&mut buf, 4096) {
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            while let Ok(Some(_)) = decode_frame(&mut buf, 4096) {}
             prop_assert!(buf.capacity() <= 8192);
         }
     }

@@ -152,7 +152,7 @@ fn nonce() -> String {
     B64.encode(b)
 }
 
-fn attr<'a>(part: &'a str, name: char) -> Result<&'a str, ScramError> {
+fn attr(part: &str, name: char) -> Result<&str, ScramError> {
     part.strip_prefix(name)
         .and_then(|p| p.strip_prefix('='))
         .ok_or(ScramError::Malformed("attribute"))
