@@ -278,7 +278,18 @@ impl Ferry {
         if std::env::var_os("RUST_BACKTRACE").is_none() {
             cmd.env("RUST_BACKTRACE", "1");
         }
-        let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
+        // ETXTBSY: a file just written (a test's fake binary) can still be open
+        // for writing in a child that another test thread forked meanwhile.
+        let mut tries = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                res => break res.with_context(|| format!("starting {}", binary.display()))?,
+            }
+        };
         let watchdog = Watchdog::spawn(
             &format!(
                 "kill -9 {} 2>/dev/null\nrm -rf {}\n",
