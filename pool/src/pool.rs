@@ -50,7 +50,8 @@ pub struct Pool {
     pub key: PoolKey,
     pub settings: PoolSettings,
     creds: ServerCredentials,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed so that a checkout moves a pointer, not the connection.
+    idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
     /// Shared by every pool of one database when max_db_connections is set,
@@ -92,6 +93,23 @@ impl Pool {
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
         pool
+    }
+
+    /// Takes an idle connection if one is free right now, without waiting
+    /// or connecting: the fast path, which allocates nothing.
+    pub fn try_checkout(self: &Arc<Self>) -> Option<PooledConn> {
+        if self.closed.load(Relaxed) || !self.shared_limits.is_empty() {
+            return None;
+        }
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let conn = self.pop_idle()?;
+        self.stats.sv_active.fetch_add(1, Relaxed);
+        Some(PooledConn {
+            conn: Some(conn),
+            pool: self.clone(),
+            _permit: Permit::Main(permit),
+            _limits: Vec::new(),
+        })
     }
 
     /// Takes a connection, waiting (fairly, up to query_wait_timeout) for
@@ -167,7 +185,7 @@ impl Pool {
         r.map_err(|_| PoolError::ShuttingDown)
     }
 
-    fn pop_idle(&self) -> Option<ServerConn> {
+    fn pop_idle(&self) -> Option<Box<ServerConn>> {
         loop {
             let c = self.idle.lock().unwrap().pop()?;
             // A connection idle for a while may have been closed by the
@@ -180,7 +198,7 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<ServerConn, PoolError> {
+    async fn connect(&self) -> Result<Box<ServerConn>, PoolError> {
         struct Login<'a>(&'a PoolStats);
         impl Drop for Login<'_> {
             fn drop(&mut self) {
@@ -214,7 +232,7 @@ impl Pool {
                 tracing::warn!(node = %self.key.node, db = %self.key.database, user = %self.key.user, error = %e, "server connection failed");
             }
         }
-        r
+        r.map(Box::new)
     }
 
     /// ParameterStatus values a new client should see, connecting a server
@@ -228,7 +246,7 @@ impl Pool {
         Ok(self.startup_params.lock().unwrap().clone().unwrap_or_default())
     }
 
-    fn close(&self, c: ServerConn, why: &str) {
+    fn close(&self, c: Box<ServerConn>, why: &str) {
         c.terminate();
         self.stats.servers_closed.fetch_add(1, Relaxed);
         tracing::info!(server = c.id, node = %self.key.node, db = %self.key.database, user = %self.key.user, reason = why, "server connection closed");
@@ -274,7 +292,7 @@ impl Pool {
             .collect()
     }
 
-    fn checkin(&self, mut c: ServerConn) {
+    fn checkin(&self, mut c: Box<ServerConn>) {
         let s = &self.settings;
         if self.closed.load(Relaxed) {
             return self.close(c, "pool closed");
@@ -349,7 +367,7 @@ async fn maintain(pool: Weak<Pool>) {
 /// only when it is in sync (ReadyForQuery received, nothing in flight);
 /// otherwise drop it or call [`PooledConn::discard`], which closes it.
 pub struct PooledConn {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     // Released after the connection is back on the idle stack (field order).
     _permit: Permit,

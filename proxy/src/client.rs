@@ -37,7 +37,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, role: Role, shared: Arc<
 
 async fn run(mut io: ClientIo, id: u64, peer: SocketAddr, role: Role, shared: &Arc<Shared>) -> Result<(), ClientError> {
     let timeout = shared.config.limits.client_login_timeout;
-    let login = tokio::time::timeout(timeout, login(&mut io, role, shared))
+    let login = tokio::time::timeout(timeout, Box::pin(login(&mut io, role, shared)))
         .await
         .unwrap_or(Err(ClientError::LoginTimeout));
     let login = match login {
@@ -71,7 +71,9 @@ async fn run(mut io: ClientIo, id: u64, peer: SocketAddr, role: Role, shared: &A
         params: login.params,
         cancel: cancel.entry.clone(),
     };
-    let r = Session::new(shared, init).run().await;
+    // Boxed: the session's future is held for the client's whole life, and
+    // boxing it here keeps the task exactly that size.
+    let r = Box::pin(Session::new(shared, init).run()).await;
     pool.stats.cl_active.fetch_sub(1, Relaxed);
     r
 }

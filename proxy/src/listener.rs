@@ -52,10 +52,12 @@ pub async fn accept_loop(
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let shared = shared.clone();
-                tokio::spawn(async move {
+                let fut = async move {
                     crate::client::serve(stream, peer, role, shared).await;
                     drop(permit);
-                });
+                };
+                tracing::trace!(bytes = std::mem::size_of_val(&fut), "client task size");
+                tokio::spawn(fut);
             }
             Err(_) => {
                 tracing::warn!(%peer, "max_client_conn reached; refusing client");

@@ -222,7 +222,7 @@ impl<'a> Session<'a> {
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.wr.write_all(&self.to_client)).await;
             }
         }
-        self.release_on_exit().await;
+        Box::pin(self.release_on_exit()).await;
         result
     }
 
@@ -320,6 +320,9 @@ impl<'a> Session<'a> {
 
     // ---- client → server ----
 
+    /// Handles every complete message from the client. Handlers are
+    /// synchronous: a message that needs a server gets one bound first, here,
+    /// which keeps this future (and so every client's memory) small.
     async fn on_client_data(&mut self) -> Result<Flow, ClientError> {
         while let Some(frame) = decode_frame(&mut self.rbuf, self.max_message)? {
             if !frontend::is_known(frame.tag) {
@@ -331,29 +334,64 @@ impl<'a> Session<'a> {
             if self.skip_until_sync && frame.tag != frontend::SYNC {
                 continue;
             }
-            self.on_client_frame(frame).await?;
+            let is_copy = matches!(
+                frame.tag,
+                frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
+            );
+            if frame.tag != frontend::SYNC && !is_copy {
+                if let Some((code, msg)) = self.lost_transaction.take() {
+                    self.fail_request(&code, &msg, frame.tag == frontend::QUERY);
+                    continue;
+                }
+            }
+            if self.server.is_none() && self.needs_server(&frame)? {
+                if let Err(e) = self.bind_server().await {
+                    self.fail_pool(&e, frame.tag == frontend::QUERY);
+                    continue;
+                }
+            }
+            self.on_client_frame(frame)?;
         }
         Ok(Flow::Continue)
     }
 
-    async fn on_client_frame(&mut self, frame: Frame) -> Result<(), ClientError> {
+    /// Whether handling `frame` needs a server connection bound.
+    fn needs_server(&self, frame: &Frame) -> Result<bool, ClientError> {
+        Ok(match frame.tag {
+            frontend::SYNC | frontend::FLUSH | frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => false,
+            frontend::PARSE => {
+                let p = frontend::parse(frame.body())?;
+                if !self.rewrite || p.name.is_empty() {
+                    true
+                } else {
+                    // A duplicate name is refused, and a statement some server
+                    // already accepted is answered, without a server (on_parse).
+                    !self.statements.contains_key(p.name)
+                        && !self.shared.statements.is_verified(&frame.body()[p.name.len() + 1..])
+                }
+            }
+            frontend::CLOSE => {
+                let (kind, name) = frontend::target(frame.body(), "Close")?;
+                let local_statement = self.rewrite && kind == b'S' && !name.is_empty();
+                let missing_portal = self.mode == PoolMode::Transaction && kind == b'P';
+                !(local_statement || missing_portal)
+            }
+            _ => true,
+        })
+    }
+
+    fn on_client_frame(&mut self, frame: Frame) -> Result<(), ClientError> {
         tracing::trace!(client = self.id, tag = %(frame.tag as char), len = frame.len(), bound = self.server.is_some(), slots = self.slots.len(), "from client");
         let is_copy = matches!(
             frame.tag,
             frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
         );
-        if frame.tag != frontend::SYNC && !is_copy {
-            if let Some((code, msg)) = self.lost_transaction.take() {
-                self.fail_request(&code, &msg, frame.tag == frontend::QUERY);
-                return Ok(());
-            }
-        }
         match frame.tag {
-            frontend::QUERY => self.on_query(frame).await,
-            frontend::PARSE => self.on_parse(frame).await,
-            frontend::BIND => self.on_bind(frame).await,
-            frontend::DESCRIBE => self.on_describe(frame).await,
-            frontend::CLOSE => self.on_close(frame).await,
+            frontend::QUERY => self.on_query(frame),
+            frontend::PARSE => self.on_parse(frame),
+            frontend::BIND => self.on_bind(frame),
+            frontend::DESCRIBE => self.on_describe(frame),
+            frontend::CLOSE => self.on_close(frame),
             frontend::SYNC => {
                 self.skip_until_sync = false;
                 if self.copy_in {
@@ -368,8 +406,8 @@ impl<'a> Session<'a> {
                 }
                 Ok(())
             }
-            frontend::EXECUTE => self.with_server(&frame, Expect::Execute).await,
-            frontend::FUNCTION_CALL => self.with_server(&frame, Expect::FunctionCall).await,
+            frontend::EXECUTE => self.with_server(&frame, Expect::Execute),
+            frontend::FUNCTION_CALL => self.with_server(&frame, Expect::FunctionCall),
             frontend::FLUSH => {
                 if self.server.is_some() {
                     self.to_server.extend_from_slice(&frame.bytes);
@@ -399,7 +437,7 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn on_query(&mut self, frame: Frame) -> Result<(), ClientError> {
+    fn on_query(&mut self, frame: Frame) -> Result<(), ClientError> {
         let text = frontend::query(frame.body())?;
         if self.mode == PoolMode::Transaction {
             let fx = sql::scan(text);
@@ -419,7 +457,7 @@ impl<'a> Session<'a> {
             }
         }
         self.pool.stats.total_query_count.fetch_add(1, Relaxed);
-        self.with_server(&frame, Expect::Query).await
+        self.with_server(&frame, Expect::Query)
     }
 
     /// Applies what a statement does to session state. Returns false if the
@@ -461,7 +499,7 @@ impl<'a> Session<'a> {
         true
     }
 
-    async fn on_parse(&mut self, frame: Frame) -> Result<(), ClientError> {
+    fn on_parse(&mut self, frame: Frame) -> Result<(), ClientError> {
         let p = frontend::parse(frame.body())?;
         if self.mode == PoolMode::Transaction {
             let fx = sql::scan(p.query);
@@ -470,7 +508,7 @@ impl<'a> Session<'a> {
             }
         }
         if !self.rewrite || p.name.is_empty() {
-            return self.with_server(&frame, Expect::Parse).await;
+            return self.with_server(&frame, Expect::Parse);
         }
         if self.statements.contains_key(p.name) {
             let msg = format!(
@@ -490,8 +528,7 @@ impl<'a> Session<'a> {
             self.respond_local(Bytes::from_static(PARSE_COMPLETE));
             return Ok(());
         }
-        if let Err(e) = self.bind_server().await {
-            self.fail_pool(&e, false);
+        if !self.require_server(false) {
             return Ok(());
         }
         self.statements.insert(p.name.into(), stmt.clone());
@@ -547,16 +584,15 @@ impl<'a> Session<'a> {
         s
     }
 
-    async fn on_bind(&mut self, frame: Frame) -> Result<(), ClientError> {
+    fn on_bind(&mut self, frame: Frame) -> Result<(), ClientError> {
         let b = frontend::bind(frame.body())?;
         if !self.rewrite || b.statement.is_empty() {
-            return self.with_server(&frame, Expect::Bind).await;
+            return self.with_server(&frame, Expect::Bind);
         }
         let Some(stmt) = self.client_statement(b.statement) else {
             return Ok(());
         };
-        if let Err(e) = self.bind_server().await {
-            self.fail_pool(&e, false);
+        if !self.require_server(false) {
             return Ok(());
         }
         self.prepare_on_server(&stmt, false);
@@ -575,16 +611,15 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    async fn on_describe(&mut self, frame: Frame) -> Result<(), ClientError> {
+    fn on_describe(&mut self, frame: Frame) -> Result<(), ClientError> {
         let (kind, name) = frontend::target(frame.body(), "Describe")?;
         if !self.rewrite || kind != b'S' || name.is_empty() {
-            return self.with_server(&frame, Expect::Describe).await;
+            return self.with_server(&frame, Expect::Describe);
         }
         let Some(stmt) = self.client_statement(name) else {
             return Ok(());
         };
-        if let Err(e) = self.bind_server().await {
-            self.fail_pool(&e, false);
+        if !self.require_server(false) {
             return Ok(());
         }
         self.prepare_on_server(&stmt, false);
@@ -598,7 +633,7 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    async fn on_close(&mut self, frame: Frame) -> Result<(), ClientError> {
+    fn on_close(&mut self, frame: Frame) -> Result<(), ClientError> {
         let (kind, name) = frontend::target(frame.body(), "Close")?;
         if self.rewrite && kind == b'S' && !name.is_empty() {
             // The server copy stays cached for other clients.
@@ -611,17 +646,30 @@ impl<'a> Session<'a> {
             self.respond_local(Bytes::from_static(CLOSE_COMPLETE));
             return Ok(());
         }
-        self.with_server(&frame, Expect::Close).await
+        self.with_server(&frame, Expect::Close)
     }
 
-    /// Forwards `frame` after making sure a server is bound.
-    async fn with_server(&mut self, frame: &Frame, expect: Expect) -> Result<(), ClientError> {
-        if let Err(e) = self.bind_server().await {
-            self.fail_pool(&e, expect == Expect::Query);
-            return Ok(());
+    /// Forwards `frame` to the bound server.
+    fn with_server(&mut self, frame: &Frame, expect: Expect) -> Result<(), ClientError> {
+        if self.require_server(expect == Expect::Query) {
+            self.forward(frame, expect);
         }
-        self.forward(frame, expect);
         Ok(())
+    }
+
+    /// on_client_data binds a server before a handler that needs one runs;
+    /// this checks it, reporting an error for the request if it is missing.
+    fn require_server(&mut self, simple: bool) -> bool {
+        if self.server.is_some() {
+            return true;
+        }
+        tracing::error!(client = self.id, "handler ran without a server connection");
+        self.fail_request(
+            sqlstate::INTERNAL_ERROR,
+            "pgferry internal error: no server connection",
+            simple,
+        );
+        false
     }
 
     fn forward(&mut self, frame: &Frame, expect: Expect) {
@@ -674,23 +722,14 @@ impl<'a> Session<'a> {
         if self.server.is_some() {
             return Ok(());
         }
-        let mut conn = self.pool.checkout().await?;
+        // The slow paths are boxed so that they do not enlarge every
+        // client's future (memory per idle client).
+        let mut conn = match self.pool.try_checkout() {
+            Some(c) => c,
+            None => Box::pin(self.pool.checkout()).await?,
+        };
         if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
-            if let Some(sql) = params::sync_sql(&self.params, &conn) {
-                if let Err(e) = self.internal_query(&mut conn, &sql).await {
-                    conn.discard("could not apply client parameters");
-                    return Err(e);
-                }
-                conn.replace_settings(self.params.settings().to_vec());
-            }
-            // Facts about the server (in_hot_standby after a failover, ...).
-            for &name in params::INFORMATIONAL {
-                if let Some(v) = conn.param(name) {
-                    if self.params.set(name, v) {
-                        encode::parameter_status(&mut self.to_client, name, v);
-                    }
-                }
-            }
+            Box::pin(self.sync_server(&mut conn)).await?;
         }
         self.cancel.set_target(Some(CancelTarget {
             addr: conn.addr.clone(),
@@ -699,6 +738,24 @@ impl<'a> Session<'a> {
         }));
         self.server = Some(conn);
         self.bound_at = Instant::now();
+        Ok(())
+    }
+
+    /// Brings a server connection's session parameters in line with the
+    /// client's. On failure the caller drops `conn`, which closes it.
+    async fn sync_server(&mut self, conn: &mut PooledConn) -> Result<(), PoolError> {
+        if let Some(sql) = params::sync_sql(&self.params, conn) {
+            self.internal_query(conn, &sql).await?;
+            conn.replace_settings(self.params.settings().to_vec());
+        }
+        // Facts about the server (in_hot_standby after a failover, ...).
+        for &name in params::INFORMATIONAL {
+            if let Some(v) = conn.param(name) {
+                if self.params.set(name, v) {
+                    encode::parameter_status(&mut self.to_client, name, v);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -899,7 +956,11 @@ impl<'a> Session<'a> {
             return;
         }
         let mut conn = self.server.take().expect("bound");
-        if self.end_of_transaction(&mut conn).await.is_err() {
+        let work = self.reset_all
+            || self.forget_server_statements
+            || !self.capture.is_empty()
+            || (self.pin.is_some() && self.recheck_pin);
+        if work && Box::pin(self.end_of_transaction(&mut conn)).await.is_err() {
             self.cancel.set_target(None);
             conn.discard("internal query failed");
             return;
