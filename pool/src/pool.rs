@@ -50,7 +50,9 @@ pub struct Pool {
     pub key: PoolKey,
     pub settings: PoolSettings,
     creds: ServerCredentials,
-    /// Boxed so that a checkout moves a pointer, not the connection.
+    /// Boxed so that a checkout moves a pointer into the client's session,
+    /// not the whole connection state.
+    #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
