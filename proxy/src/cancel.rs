@@ -35,13 +35,13 @@ pub struct CancelRegistry {
     map: Mutex<HashMap<u32, Arc<CancelEntry>>>,
 }
 
-/// Removes the entry when the client goes away.
-pub struct CancelGuard<'a> {
-    reg: &'a CancelRegistry,
+/// A client's registration; removes the entry when the client goes away.
+pub struct CancelGuard {
+    reg: Arc<CancelRegistry>,
     pub entry: Arc<CancelEntry>,
 }
 
-impl Drop for CancelGuard<'_> {
+impl Drop for CancelGuard {
     fn drop(&mut self) {
         self.reg.map.lock().unwrap().remove(&self.entry.pid);
     }
@@ -49,7 +49,7 @@ impl Drop for CancelGuard<'_> {
 
 impl CancelRegistry {
     /// Registers a new client under a fresh random (pid, key).
-    pub fn register(&self) -> CancelGuard<'_> {
+    pub fn register(self: &Arc<Self>) -> CancelGuard {
         let mut rng = rand::thread_rng();
         let mut map = self.map.lock().unwrap();
         loop {
@@ -64,7 +64,10 @@ impl CancelRegistry {
                 target: Mutex::new(None),
             });
             map.insert(pid, entry.clone());
-            return CancelGuard { reg: self, entry };
+            return CancelGuard {
+                reg: self.clone(),
+                entry,
+            };
         }
     }
 

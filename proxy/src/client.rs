@@ -1,5 +1,9 @@
 //! One client connection from accept to close: startup, authentication,
 //! login, then the session.
+//!
+//! The task's own future stays tiny: login runs in a boxed future that is
+//! freed once it completes, and the session it produces is boxed too, so a
+//! connected client costs the session's state and little else.
 
 use crate::auth::authenticate;
 use crate::clientio::ClientIo;
@@ -8,22 +12,31 @@ use crate::handshake::{handshake, Handshake};
 use crate::params::ClientParams;
 use crate::session::{Session, SessionInit};
 use crate::shared::Shared;
+use bytes::BytesMut;
 use pgferry_protocol::backend::TxStatus;
 use pgferry_protocol::encode::{self, Severity};
 use pgferry_protocol::{sqlstate, startup::parse_options};
 use pgferry_routing::Role;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+type SessionFuture = Pin<Box<dyn Future<Output = Result<(), ClientError>> + Send>>;
+
 pub async fn serve(stream: TcpStream, peer: SocketAddr, role: Role, shared: Arc<Shared>) {
     let id = shared.next_client_id.fetch_add(1, Relaxed);
     let span = tracing::info_span!("client", id, %peer, port = role.as_str());
     async move {
-        let r = run(ClientIo::new(stream), id, peer, role, &shared).await;
+        let r = match Box::pin(start(stream, id, peer, role, shared)).await {
+            Ok(Some(session)) => session.await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
         match &r {
             Ok(()) => tracing::debug!("client closed"),
             Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
@@ -35,14 +48,23 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, role: Role, shared: Arc<
     .await
 }
 
-async fn run(mut io: ClientIo, id: u64, peer: SocketAddr, role: Role, shared: &Arc<Shared>) -> Result<(), ClientError> {
+/// Runs the startup phase; returns the session to run, or None when the
+/// connection was a cancel request.
+async fn start(
+    stream: TcpStream,
+    id: u64,
+    peer: SocketAddr,
+    role: Role,
+    shared: Arc<Shared>,
+) -> Result<Option<SessionFuture>, ClientError> {
+    let mut io = ClientIo::new(stream);
     let timeout = shared.config.limits.client_login_timeout;
-    let login = tokio::time::timeout(timeout, Box::pin(login(&mut io, role, shared)))
+    let login = tokio::time::timeout(timeout, login(&mut io, role, &shared))
         .await
         .unwrap_or(Err(ClientError::LoginTimeout));
     let login = match login {
         Ok(Some(l)) => l,
-        Ok(None) => return Ok(()),
+        Ok(None) => return Ok(None),
         Err(e) => {
             if let Some((code, msg)) = e.to_client() {
                 io.wbuf.clear();
@@ -57,25 +79,28 @@ async fn run(mut io: ClientIo, id: u64, peer: SocketAddr, role: Role, shared: &A
     encode::ready_for_query(&mut io.wbuf, TxStatus::Idle);
     io.flush().await?;
     tracing::info!(user = %login.user, db = %login.database, node = %login.route.member.addr, "client logged in");
-    login.pool.stats.cl_active.fetch_add(1, Relaxed);
     let pool = login.pool.clone();
+    pool.stats.cl_active.fetch_add(1, Relaxed);
     let (rd, wr) = io.stream.into_split();
+    // Usually empty by now: do not keep the login buffer's capacity.
+    let rbuf = if io.rbuf.is_empty() { BytesMut::new() } else { io.rbuf };
     let init = SessionInit {
         id,
         peer,
         rd,
         wr,
-        rbuf: io.rbuf,
+        rbuf,
         pool: login.pool,
         route: login.route,
         params: login.params,
-        cancel: cancel.entry.clone(),
+        cancel,
     };
-    // Boxed: the session's future is held for the client's whole life, and
-    // boxing it here keeps the task exactly that size.
-    let r = Box::pin(Session::new(shared, init).run()).await;
-    pool.stats.cl_active.fetch_sub(1, Relaxed);
-    r
+    let session = Session::new(shared, init);
+    Ok(Some(Box::pin(async move {
+        let r = session.run().await;
+        pool.stats.cl_active.fetch_sub(1, Relaxed);
+        r
+    })))
 }
 
 struct Login {
@@ -85,7 +110,6 @@ struct Login {
     route: pgferry_routing::Route,
     params: ClientParams,
 }
-
 /// Startup and authentication. Returns None for a served cancel request.
 async fn login(io: &mut ClientIo, role: Role, shared: &Shared) -> Result<Option<Login>, ClientError> {
     let params = match handshake(io).await? {

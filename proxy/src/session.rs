@@ -12,7 +12,7 @@
 //! queue is empty, the server is idle ('I') and no session state pins the
 //! client; in session mode it stays until the client leaves.
 
-use crate::cancel::{CancelEntry, CancelTarget};
+use crate::cancel::CancelTarget;
 use crate::params::{self, ClientParams};
 use crate::shared::Shared;
 use crate::ClientError;
@@ -125,11 +125,11 @@ pub struct SessionInit {
     pub pool: Arc<Pool>,
     pub route: Route,
     pub params: ClientParams,
-    pub cancel: Arc<CancelEntry>,
+    pub cancel: crate::cancel::CancelGuard,
 }
 
-pub struct Session<'a> {
-    shared: &'a Shared,
+pub struct Session {
+    shared: Arc<Shared>,
     id: u64,
     peer: SocketAddr,
     rd: OwnedReadHalf,
@@ -170,15 +170,14 @@ pub struct Session<'a> {
     lost_transaction: Option<(String, String)>,
     /// A FATAL the server sent before closing: reported as the reason.
     server_fatal: Option<(String, String)>,
-    cancel: Arc<CancelEntry>,
+    cancel: crate::cancel::CancelGuard,
 }
 
-impl<'a> Session<'a> {
-    pub fn new(shared: &'a Shared, init: SessionInit) -> Self {
+impl Session {
+    pub fn new(shared: Arc<Shared>, init: SessionInit) -> Self {
         let settings = &init.pool.settings;
         let mode = settings.pool_mode;
         Session {
-            shared,
             id: init.id,
             peer: init.peer,
             rd: init.rd,
@@ -189,6 +188,7 @@ impl<'a> Session<'a> {
             mode,
             rewrite: mode == PoolMode::Transaction && settings.max_prepared_statements > 0,
             policy: shared.config.pool.session_state,
+            shared: shared.clone(),
             max_prepared: settings.max_prepared_statements,
             max_message: shared.config.limits.max_message_size,
             pool: init.pool,
@@ -731,7 +731,7 @@ impl<'a> Session<'a> {
         if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
             Box::pin(self.sync_server(&mut conn)).await?;
         }
-        self.cancel.set_target(Some(CancelTarget {
+        self.cancel.entry.set_target(Some(CancelTarget {
             addr: conn.addr.clone(),
             pid: conn.backend_pid,
             key: conn.backend_key,
@@ -910,7 +910,7 @@ impl<'a> Session<'a> {
         };
         tracing::warn!(client = self.id, server = conn.id, error = %e, "server connection lost");
         conn.discard("connection lost");
-        self.cancel.set_target(None);
+        self.cancel.entry.set_target(None);
         let (code, msg) = match self.server_fatal.take() {
             Some((code, m)) => (
                 code,
@@ -961,7 +961,7 @@ impl<'a> Session<'a> {
             || !self.capture.is_empty()
             || (self.pin.is_some() && self.recheck_pin);
         if work && Box::pin(self.end_of_transaction(&mut conn)).await.is_err() {
-            self.cancel.set_target(None);
+            self.cancel.entry.set_target(None);
             conn.discard("internal query failed");
             return;
         }
@@ -969,7 +969,7 @@ impl<'a> Session<'a> {
             self.server = Some(conn);
             return;
         }
-        self.cancel.set_target(None);
+        self.cancel.entry.set_target(None);
         let stats = &self.pool.stats;
         stats.total_xact_count.fetch_add(1, Relaxed);
         stats
@@ -1068,7 +1068,7 @@ impl<'a> Session<'a> {
     /// The client is gone: leave the server clean for the next client, or
     /// close it.
     async fn release_on_exit(&mut self) {
-        self.cancel.set_target(None);
+        self.cancel.entry.set_target(None);
         let Some(mut conn) = self.server.take() else {
             return;
         };
@@ -1161,7 +1161,7 @@ fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, ProtocolError> {
     Ok(out)
 }
 
-impl std::fmt::Debug for Session<'_> {
+impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("id", &self.id)

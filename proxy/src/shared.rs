@@ -22,7 +22,7 @@ pub struct Shared {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     user_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
-    pub cancels: CancelRegistry,
+    pub cancels: Arc<CancelRegistry>,
     pub statements: StatementRegistry,
     /// Seeds mock SCRAM salts for unknown users.
     pub mock_seed: [u8; 32],
@@ -42,7 +42,7 @@ impl Shared {
             pools: Mutex::default(),
             db_limits: Mutex::default(),
             user_limits: Mutex::default(),
-            cancels: CancelRegistry::default(),
+            cancels: Arc::default(),
             statements: StatementRegistry::default(),
             mock_seed,
             plain_secrets: Mutex::default(),
