@@ -340,15 +340,26 @@ impl Pool {
         for (c, why) in expired {
             self.close(c, why);
         }
-        let total = self.idle_count() + self.stats.sv_active.load(Relaxed) + self.stats.sv_login.load(Relaxed);
-        if !self.is_closed() && total < s.min_pool_size {
-            for _ in total..s.min_pool_size {
-                match self.connect().await {
-                    Ok(c) => self.checkin(c),
-                    Err(_) => break,
-                }
+        // Top up to min_pool_size. Each new connection holds a permit while
+        // it is made, like a checkout, so that top-ups racing with clients
+        // never take the pool past pool_size.
+        while !self.is_closed() && self.total() < s.min_pool_size {
+            let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
+                break;
+            };
+            if self.total() >= s.min_pool_size {
+                break;
+            }
+            match self.connect().await {
+                Ok(c) => self.checkin(c),
+                Err(_) => break,
             }
         }
+    }
+
+    /// Server connections open or opening.
+    fn total(&self) -> usize {
+        self.idle_count() + self.stats.sv_active.load(Relaxed) + self.stats.sv_login.load(Relaxed)
     }
 }
 

@@ -359,27 +359,30 @@ pub fn scan(sql: &[u8]) -> Effects {
 }
 
 fn function_effects<'a>(w: &'a [u8], lx: &mut Lexer<'a>, fx: &mut Effects) {
-    if w.len() < 10 {
+    // Every name below is at least 10 bytes long and starts with "pg_" or
+    // "set_": a cheap filter before any comparison.
+    if w.len() < 10 || !(w[..3].eq_ignore_ascii_case(b"pg_") || w[..4].eq_ignore_ascii_case(b"set_")) {
         return;
     }
-    let l = w.to_ascii_lowercase();
-    match l.as_slice() {
-        b"pg_advisory_lock" | b"pg_advisory_lock_shared" | b"pg_try_advisory_lock" | b"pg_try_advisory_lock_shared" => {
-            fx.pin.get_or_insert(Pin::AdvisoryLock);
-        }
-        b"pg_advisory_unlock" | b"pg_advisory_unlock_shared" | b"pg_advisory_unlock_all" => fx.maybe_release = true,
-        b"set_config" => {
-            let save = lx.i;
-            if lx.next() == Some(Tok::Punct(b'(')) {
-                if let Some(Tok::Str(name)) = lx.next() {
-                    fx.settings.push(lower(name));
-                    return;
-                }
-                fx.pin.get_or_insert(Pin::DynamicSetting);
+    let is = |name: &str| w.eq_ignore_ascii_case(name.as_bytes());
+    if is("pg_advisory_lock")
+        || is("pg_advisory_lock_shared")
+        || is("pg_try_advisory_lock")
+        || is("pg_try_advisory_lock_shared")
+    {
+        fx.pin.get_or_insert(Pin::AdvisoryLock);
+    } else if is("pg_advisory_unlock") || is("pg_advisory_unlock_shared") || is("pg_advisory_unlock_all") {
+        fx.maybe_release = true;
+    } else if is("set_config") {
+        let save = lx.i;
+        if lx.next() == Some(Tok::Punct(b'(')) {
+            if let Some(Tok::Str(name)) = lx.next() {
+                fx.settings.push(lower(name));
+                return;
             }
-            lx.i = save;
+            fx.pin.get_or_insert(Pin::DynamicSetting);
         }
-        _ => {}
+        lx.i = save;
     }
 }
 

@@ -47,8 +47,8 @@ async fn ten_thousand_clients_on_twenty_server_connections() {
             let h = tokio::spawn(conn);
             // Every client is connected at the same time before any query runs.
             connected.wait().await;
-            for n in 0..3 {
-                match c.query_one("SELECT $1::int + 1", &[&(n as i32)]).await {
+            for n in 0..3i32 {
+                match c.query_one("SELECT $1::int + 1", &[&n]).await {
                     Ok(r) if r.get::<_, i32>(0) == n + 1 => {}
                     other => {
                         if errors.fetch_add(1, Ordering::Relaxed) < 5 {
