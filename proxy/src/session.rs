@@ -382,10 +382,6 @@ impl Session {
 
     fn on_client_frame(&mut self, frame: Frame) -> Result<(), ClientError> {
         tracing::trace!(client = self.id, tag = %(frame.tag as char), len = frame.len(), bound = self.server.is_some(), slots = self.slots.len(), "from client");
-        let is_copy = matches!(
-            frame.tag,
-            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
-        );
         match frame.tag {
             frontend::QUERY => self.on_query(frame),
             frontend::PARSE => self.on_parse(frame),
@@ -415,7 +411,7 @@ impl Session {
                 Ok(())
             }
             // Outside COPY PostgreSQL ignores these too (postgres.c).
-            _ if is_copy => {
+            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
                 if self.server.is_some() {
                     self.to_server.extend_from_slice(&frame.bytes);
                     if frame.tag != frontend::COPY_DATA {
