@@ -567,17 +567,32 @@ impl Session {
         });
     }
 
-    /// The client's statement named `name`, or an error queued for it.
-    fn client_statement(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
-        let s = self.statements.get(name).cloned();
-        if s.is_none() {
+    /// The client's statement `name`, made present on the bound server, or
+    /// None with an error queued for the request (26000 for an unknown name).
+    fn prepared(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        let Some(stmt) = self.statements.get(name).cloned() else {
             let msg = format!(
                 "prepared statement \"{}\" does not exist",
                 String::from_utf8_lossy(name)
             );
             self.fail_request(sqlstate::INVALID_SQL_STATEMENT_NAME, &msg, false);
+            return None;
+        };
+        if !self.require_server(false) {
+            return None;
         }
-        s
+        self.prepare_on_server(&stmt, false);
+        Some(stmt)
+    }
+
+    /// Queues a client request that pgferry rewrote, with its reply forwarded.
+    fn expect_forwarded(&mut self, expect: Expect) {
+        self.slots.push_back(Slot {
+            expect,
+            action: Action::Forward,
+            stmt: 0,
+            verify: None,
+        });
     }
 
     fn on_bind(&mut self, frame: Frame) -> Result<(), ClientError> {
@@ -585,25 +600,15 @@ impl Session {
         if !self.rewrite || b.statement.is_empty() {
             return self.with_server(&frame, Expect::Bind);
         }
-        let Some(stmt) = self.client_statement(b.statement) else {
-            return Ok(());
-        };
-        if !self.require_server(false) {
-            return Ok(());
+        if let Some(stmt) = self.prepared(b.statement) {
+            encode::bind(
+                &mut self.to_server,
+                b.portal,
+                &stmt.name,
+                &frame.body()[b.rest_offset..],
+            );
+            self.expect_forwarded(Expect::Bind);
         }
-        self.prepare_on_server(&stmt, false);
-        encode::bind(
-            &mut self.to_server,
-            b.portal,
-            &stmt.name,
-            &frame.body()[b.rest_offset..],
-        );
-        self.slots.push_back(Slot {
-            expect: Expect::Bind,
-            action: Action::Forward,
-            stmt: 0,
-            verify: None,
-        });
         Ok(())
     }
 
@@ -612,20 +617,10 @@ impl Session {
         if !self.rewrite || kind != b'S' || name.is_empty() {
             return self.with_server(&frame, Expect::Describe);
         }
-        let Some(stmt) = self.client_statement(name) else {
-            return Ok(());
-        };
-        if !self.require_server(false) {
-            return Ok(());
+        if let Some(stmt) = self.prepared(name) {
+            encode::describe(&mut self.to_server, b'S', &stmt.name);
+            self.expect_forwarded(Expect::Describe);
         }
-        self.prepare_on_server(&stmt, false);
-        encode::describe(&mut self.to_server, b'S', &stmt.name);
-        self.slots.push_back(Slot {
-            expect: Expect::Describe,
-            action: Action::Forward,
-            stmt: 0,
-            verify: None,
-        });
         Ok(())
     }
 
@@ -670,12 +665,7 @@ impl Session {
 
     fn forward(&mut self, frame: &Frame, expect: Expect) {
         self.to_server.extend_from_slice(&frame.bytes);
-        self.slots.push_back(Slot {
-            expect,
-            action: Action::Forward,
-            stmt: 0,
-            verify: None,
-        });
+        self.expect_forwarded(expect);
     }
 
     /// Queues a reply pgferry makes itself, in order with pending replies.
