@@ -24,4 +24,4 @@ cargo build --bins
 if [ $# -eq 0 ]; then
     set -- --workspace
 fi
-exec cargo test "$@"
+exec cargo test --no-fail-fast "$@"

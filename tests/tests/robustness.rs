@@ -135,8 +135,21 @@ async fn failed_logins_are_refused_and_logged_without_secrets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_client_conn_is_enforced() {
     let f = ferry("[limits]\nmax_client_conn = 2\n");
-    let _a = app(&f).await;
-    let _b = app(&f).await;
+    // The harness's readiness probes may hold a slot for a moment after start.
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while held.len() < 2 {
+        match tokio_postgres::connect(&f.rw_conn_str("app", APP_PASS, "app"), tokio_postgres::NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                held.push(c);
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "two clients never got in: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
     let e = tokio_postgres::connect(&f.rw_conn_str("app", APP_PASS, "app"), tokio_postgres::NoTls)
         .await
         .err()
