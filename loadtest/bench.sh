@@ -24,11 +24,13 @@
 #                           (built with cargo build --release -p pgferry-proxy if missing)
 #   LOADTEST_BIN            default: ${CARGO_TARGET_DIR:-target}/release/pgferry-loadtest
 #   PG_BIN=/usr/lib/postgresql/15/bin  PGBOUNCER=/usr/sbin/pgbouncer  RUN_AS=postgres
+#   PGFERRY_WORKERS=0       pgferry's [runtime] worker_threads (0 = one per core)
 #   KEEP_TMP=1              keep the temporary directory (data, configs, logs)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 POOL=${POOL:-20}
+PGFERRY_WORKERS=${PGFERRY_WORKERS:-0}
 SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS:-"16 100 1000"}
 WORKLOADS=${WORKLOADS:-"select-simple select-extended select-prepared write"}
@@ -221,6 +223,9 @@ backlog = 4096
 
 [limits]
 max_client_conn = 12000
+
+[runtime]
+worker_threads = $PGFERRY_WORKERS
 
 [auth]
 method = "scram-sha-256"
