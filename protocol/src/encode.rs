@@ -256,6 +256,14 @@ pub fn close(buf: &mut BytesMut, kind: u8, name: &[u8]) {
     });
 }
 
+/// Execute `portal`, returning at most `max_rows` rows (0 = all).
+pub fn execute(buf: &mut BytesMut, portal: &[u8], max_rows: i32) {
+    message(buf, b'E', |b| {
+        cstr(b, portal);
+        b.put_i32(max_rows);
+    });
+}
+
 pub fn sync(buf: &mut BytesMut) {
     message(buf, b'S', |_| {});
 }

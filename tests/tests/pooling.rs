@@ -4,7 +4,7 @@
 
 mod common;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use common::*;
 use pgferry_protocol::encode;
 use std::time::{Duration, Instant};
@@ -28,10 +28,7 @@ async fn same_statement_names_from_two_clients_on_one_server_connection() {
     let exec = || {
         let mut m = BytesMut::new();
         encode::bind(&mut m, b"", b"s1", &[0, 0, 0, 0, 0, 0]);
-        encode::message(&mut m, b'E', |x| {
-            x.put_u8(0);
-            x.put_i32(0);
-        });
+        encode::execute(&mut m, b"", 0);
         encode::sync(&mut m);
         m
     };

@@ -54,18 +54,12 @@ async fn errors_mid_transaction_and_mid_pipeline() {
     for sql in ["SELECT 1", "SELECT 1/0", "SELECT 2"] {
         encode::parse(&mut b, b"", sql.as_bytes(), &[0, 0]);
         encode::bind(&mut b, b"", b"", &[0, 0, 0, 0, 0, 0]);
-        encode::message(&mut b, b'E', |m| {
-            m.put_u8(0);
-            m.put_i32(0);
-        });
+        encode::execute(&mut b, b"", 0);
     }
     encode::sync(&mut b);
     encode::parse(&mut b, b"", b"SELECT 3", &[0, 0]);
     encode::bind(&mut b, b"", b"", &[0, 0, 0, 0, 0, 0]);
-    encode::message(&mut b, b'E', |m| {
-        m.put_u8(0);
-        m.put_i32(0);
-    });
+    encode::execute(&mut b, b"", 0);
     encode::sync(&mut b);
     r.send(&b).await;
     let first = r.until_ready().await;
@@ -92,10 +86,7 @@ async fn pipeline_of_1000_executes_with_one_sync() {
             m.put_slice(v.as_bytes());
             m.put_i16(0);
         });
-        encode::message(&mut b, b'E', |m| {
-            m.put_u8(0);
-            m.put_i32(0);
-        });
+        encode::execute(&mut b, b"", 0);
     }
     encode::sync(&mut b);
     r.send(&b).await;
