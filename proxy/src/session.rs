@@ -1116,11 +1116,19 @@ async fn read_client(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Res
 }
 
 /// The synchronous half of [`read_client`], so that the stack buffer is
-/// never part of a future.
+/// never part of a future. Small reads (the common case) go through a 2 KiB
+/// stack chunk; once a read fills it, more is likely coming (COPY, a large
+/// message), so the buffer grows and later reads land in it directly.
 fn read_now(rd: &OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
-    let mut chunk = [0u8; 16 * 1024];
+    if buf.capacity() - buf.len() >= 4096 {
+        return rd.try_read_buf(buf);
+    }
+    let mut chunk = [0u8; 2048];
     let n = rd.try_read(&mut chunk)?;
     buf.extend_from_slice(&chunk[..n]);
+    if n == chunk.len() {
+        buf.reserve(64 * 1024);
+    }
     Ok(n)
 }
 
