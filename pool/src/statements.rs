@@ -21,6 +21,9 @@ pub struct Statement {
     pub name: Box<[u8]>,
     /// The Parse body after the statement name: query, NUL, parameter types.
     pub parse_tail: Bytes,
+    /// What executing it does to session state (scanned once, applied at
+    /// every Bind: a statement is parsed once and executed many times).
+    pub effects: pgferry_protocol::sql::Effects,
     /// Some server accepted it once: a client's Parse of it can be answered
     /// without a server, and the statement prepared at Bind or Describe.
     verified: AtomicBool,
@@ -44,6 +47,11 @@ impl Statement {
             .unwrap_or(self.parse_tail.len());
         &self.parse_tail[..end]
     }
+}
+
+/// The query text at the start of a Parse tail.
+fn query_of(parse_tail: &[u8]) -> &[u8] {
+    &parse_tail[..parse_tail.iter().position(|&b| b == 0).unwrap_or(parse_tail.len())]
 }
 
 /// Deduplicates statements across clients. Entries die with their last
@@ -70,7 +78,9 @@ impl StatementRegistry {
         g.next_id += 1;
         let id = g.next_id;
         let tail = Bytes::copy_from_slice(parse_tail);
+        let effects = pgferry_protocol::sql::scan(query_of(&tail));
         let s = Arc::new(Statement {
+            effects,
             id,
             name: format!("pgferry_{id}").into_bytes().into(),
             parse_tail: tail.clone(),

@@ -497,13 +497,12 @@ impl Session {
 
     fn on_parse(&mut self, frame: Frame) -> Result<(), ClientError> {
         let p = frontend::parse(frame.body())?;
-        if self.mode == PoolMode::Transaction {
-            let fx = sql::scan(p.query);
-            if !self.note_effects(&fx, false) {
+        if !self.rewrite || p.name.is_empty() {
+            // Unnamed statements are parsed for each execution, so this is
+            // the place to see their effects. Named ones: at each Bind.
+            if self.mode == PoolMode::Transaction && !self.note_effects(&sql::scan(p.query), false) {
                 return Ok(());
             }
-        }
-        if !self.rewrite || p.name.is_empty() {
             return self.with_server(&frame, Expect::Parse);
         }
         if self.statements.contains_key(p.name) {
@@ -567,22 +566,17 @@ impl Session {
         });
     }
 
-    /// The client's statement `name`, made present on the bound server, or
-    /// None with an error queued for the request (26000 for an unknown name).
-    fn prepared(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
-        let Some(stmt) = self.statements.get(name).cloned() else {
+    /// The client's statement `name`, or None with 26000 queued for the request.
+    fn client_statement(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        let stmt = self.statements.get(name).cloned();
+        if stmt.is_none() {
             let msg = format!(
                 "prepared statement \"{}\" does not exist",
                 String::from_utf8_lossy(name)
             );
             self.fail_request(sqlstate::INVALID_SQL_STATEMENT_NAME, &msg, false);
-            return None;
-        };
-        if !self.require_server(false) {
-            return None;
         }
-        self.prepare_on_server(&stmt, false);
-        Some(stmt)
+        stmt
     }
 
     /// Queues a client request that pgferry rewrote, with its reply forwarded.
@@ -600,15 +594,21 @@ impl Session {
         if !self.rewrite || b.statement.is_empty() {
             return self.with_server(&frame, Expect::Bind);
         }
-        if let Some(stmt) = self.prepared(b.statement) {
-            encode::bind(
-                &mut self.to_server,
-                b.portal,
-                &stmt.name,
-                &frame.body()[b.rest_offset..],
-            );
-            self.expect_forwarded(Expect::Bind);
+        let Some(stmt) = self.client_statement(b.statement) else {
+            return Ok(());
+        };
+        // Executing it is what creates session state (a lock, a LISTEN, ...).
+        if !self.note_effects(&stmt.effects, false) || !self.require_server(false) {
+            return Ok(());
         }
+        self.prepare_on_server(&stmt, false);
+        encode::bind(
+            &mut self.to_server,
+            b.portal,
+            &stmt.name,
+            &frame.body()[b.rest_offset..],
+        );
+        self.expect_forwarded(Expect::Bind);
         Ok(())
     }
 
@@ -617,7 +617,11 @@ impl Session {
         if !self.rewrite || kind != b'S' || name.is_empty() {
             return self.with_server(&frame, Expect::Describe);
         }
-        if let Some(stmt) = self.prepared(name) {
+        let Some(stmt) = self.client_statement(name) else {
+            return Ok(());
+        };
+        if self.require_server(false) {
+            self.prepare_on_server(&stmt, false);
             encode::describe(&mut self.to_server, b'S', &stmt.name);
             self.expect_forwarded(Expect::Describe);
         }

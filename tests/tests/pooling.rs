@@ -371,3 +371,32 @@ async fn idle_timeouts_close_clients_and_free_their_server() {
     idle.query("SELECT 1").await;
     assert_eq!(error_code(&idle.until_closed().await).as_deref(), Some("57P05"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_lock_statements_pin_on_every_execution() {
+    // Prepared once, executed many times: the pin must follow executions,
+    // not the one Parse.
+    let f = ferry("[pool]\npool_size = 2\n");
+    let a = app(&f).await;
+    let b = app(&f).await;
+    let lock = a.prepare("SELECT pg_advisory_lock($1)").await.unwrap();
+    let unlock = a.prepare("SELECT pg_advisory_unlock($1)").await.unwrap();
+    for round in 0..2 {
+        a.query_one(&lock, &[&4343i64]).await.unwrap();
+        // Another client takes a connection in a transaction: if `a` were
+        // not pinned, the LIFO pool would hand it the lock holder.
+        b.batch_execute("BEGIN").await.unwrap();
+        let holder = primary_sql("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 4343 AND granted");
+        assert_eq!(
+            backend_pid(&a).await.to_string(),
+            holder,
+            "round {round}: pinned to the lock holder"
+        );
+        b.batch_execute("COMMIT").await.unwrap();
+        a.query_one(&unlock, &[&4343i64]).await.unwrap();
+        assert_eq!(
+            primary_sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4343"),
+            "0"
+        );
+    }
+}
