@@ -69,10 +69,9 @@ enum Action {
 struct Slot {
     expect: Expect,
     action: Action,
-    /// Global statement id a Parse prepares (0 = none): forgotten if it
-    /// fails, marked verified when it succeeds.
-    stmt: u64,
-    verify: Option<Arc<Statement>>,
+    /// The statement a Parse prepares on the server: forgotten there if the
+    /// Parse fails, marked verified when it succeeds.
+    prepares: Option<Arc<Statement>>,
 }
 
 impl Slot {
@@ -421,8 +420,7 @@ impl Session {
                             self.slots.push_back(Slot {
                                 expect: Expect::CopyEnd,
                                 action: Action::Inject(Bytes::new()),
-                                stmt: 0,
-                                verify: None,
+                                prepares: None,
                             });
                         }
                     }
@@ -547,8 +545,7 @@ impl Session {
             self.slots.push_back(Slot {
                 expect: Expect::Close,
                 action: Action::Swallow,
-                stmt: 0,
-                verify: None,
+                prepares: None,
             });
         }
         encode::message(&mut self.to_server, frontend::PARSE, |b| {
@@ -557,12 +554,10 @@ impl Session {
             b.put_slice(&stmt.parse_tail);
         });
         let action = if explicit { Action::Forward } else { Action::Swallow };
-        let verify = (!stmt.is_verified()).then(|| stmt.clone());
         self.slots.push_back(Slot {
             expect: Expect::Parse,
             action,
-            stmt: stmt.id,
-            verify,
+            prepares: Some(stmt.clone()),
         });
     }
 
@@ -584,8 +579,7 @@ impl Session {
         self.slots.push_back(Slot {
             expect,
             action: Action::Forward,
-            stmt: 0,
-            verify: None,
+            prepares: None,
         });
     }
 
@@ -681,8 +675,7 @@ impl Session {
             self.slots.push_back(Slot {
                 expect: Expect::Sync,
                 action: Action::Inject(bytes),
-                stmt: 0,
-                verify: None,
+                prepares: None,
             });
         }
     }
@@ -811,8 +804,8 @@ impl Session {
                                 break;
                             }
                             let s = self.slots.pop_front().expect("front exists");
-                            if s.stmt != 0 {
-                                self.server.as_deref_mut().expect("bound").statements.remove(s.stmt);
+                            if let Some(stmt) = s.prepares {
+                                self.server.as_deref_mut().expect("bound").statements.remove(stmt.id);
                             }
                         }
                     }
@@ -845,7 +838,10 @@ impl Session {
                     self.copy_in = false;
                 }
                 if self.slots.front().is_some_and(|s| s.ends_with(tag)) {
-                    if let Some(Slot { verify: Some(stmt), .. }) = self.slots.pop_front() {
+                    if let Some(Slot {
+                        prepares: Some(stmt), ..
+                    }) = self.slots.pop_front()
+                    {
                         stmt.set_verified();
                     }
                     self.flush_injected();
