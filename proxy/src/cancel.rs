@@ -77,8 +77,8 @@ impl CancelRegistry {
         let target = {
             let map = self.map.lock().unwrap();
             match map.get(&pid) {
-                // Constant-time compare of the secret half.
-                Some(e) if (e.key ^ key) == 0 => e.target.lock().unwrap().clone(),
+                // The pid is public, the key is the secret: both must match.
+                Some(e) if e.key == key => e.target.lock().unwrap().clone(),
                 _ => None,
             }
         };

@@ -1087,15 +1087,23 @@ impl Session {
         } else if self.mode == PoolMode::Session && !reset.is_empty() {
             steps.push(reset.as_bytes());
         }
-        let discards = steps.iter().any(|s| s.eq_ignore_ascii_case(b"DISCARD ALL"));
+        // What the reset did to the session, from the same scanner that
+        // reads clients' SQL (a custom server_reset_query included).
+        let mut forget_statements = false;
+        let mut forget_settings = false;
         for sql in steps {
+            let fx = sql::scan(sql);
+            forget_statements |= fx.discard_all || fx.deallocate == Some(None);
+            forget_settings |= fx.reset_all;
             if self.internal_query(&mut conn, sql).await.is_err() {
                 conn.discard("reset after client left failed");
                 return;
             }
         }
-        if discards {
+        if forget_statements {
             conn.statements.clear();
+        }
+        if forget_settings {
             conn.replace_settings(Vec::new());
         }
         conn.checkin();

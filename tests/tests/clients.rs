@@ -149,7 +149,6 @@ def client(i):
 threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
 for t in threads: t.start()
 for t in threads: t.join()
-errors = []
 "#,
         f.rw_port,
     );
