@@ -136,37 +136,17 @@ pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<Output> {
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (capped at
-/// `/proc/sys/fs/nr_open`), for this process and the children it starts
-/// afterwards. Returns the new soft limit.
-#[allow(unsafe_code)]
+/// `/proc/sys/fs/nr_open`, above which Linux refuses it), for this process
+/// and the children it starts afterwards. Returns the new soft limit.
 pub fn raise_nofile() -> Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes into the struct we pass, which is valid.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
-    }
-    let mut target = lim.rlim_max;
-    if target == libc::RLIM_INFINITY {
-        target = fs::read_to_string("/proc/sys/fs/nr_open")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(1 << 20);
-    }
-    if lim.rlim_cur < target {
-        let new = libc::rlimit {
-            rlim_cur: target,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: setrlimit only reads the struct we pass, which is valid.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
-            return Err(io::Error::last_os_error()).with_context(|| format!("setrlimit(RLIMIT_NOFILE, {target})"));
-        }
-        lim.rlim_cur = target;
-    }
-    Ok(lim.rlim_cur)
+    rlimit::increase_nofile_limit(nr_open()).context("raising RLIMIT_NOFILE")
+}
+
+fn nr_open() -> u64 {
+    fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u64::MAX)
 }
 
 /// Sends signal `sig` to process `pid`.
@@ -217,15 +197,8 @@ mod tests {
     #[test]
     fn raise_nofile_reaches_hard_limit() {
         let soft = raise_nofile().unwrap();
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        #[allow(unsafe_code)]
-        // SAFETY: as above.
-        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-        assert_eq!(rc, 0);
-        assert_eq!(lim.rlim_cur, soft);
-        assert!(soft >= 1024, "soft limit {soft}");
+        let (cur, hard) = rlimit::Resource::NOFILE.get().unwrap();
+        assert_eq!(cur, soft);
+        assert_eq!(cur, hard.min(nr_open()), "the soft limit reaches the hard limit");
     }
 }
