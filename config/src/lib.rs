@@ -36,6 +36,12 @@ pub struct Config {
     #[serde(default)]
     pub pool: PoolDefaults,
     pub topology: Topology,
+    #[serde(default)]
+    pub tls: Tls,
+    /// Ordered client-authentication rules, like pg_hba.conf; the first that
+    /// matches decides. Empty: every client uses `auth.method`.
+    #[serde(default, rename = "hba")]
+    pub hba: Vec<HbaRule>,
     #[serde(default, rename = "database")]
     pub databases: Vec<DatabaseConfig>,
     #[serde(default, rename = "user")]
@@ -94,6 +100,25 @@ pub struct Limits {
     /// Largest message accepted from a client or server, in bytes.
     #[serde(default = "d_max_message_size")]
     pub max_message_size: usize,
+    /// Connections that have not finished authenticating, at most; more get 53300.
+    #[serde(default = "d_max_pending_logins")]
+    pub max_pending_logins: usize,
+    /// Failed logins from one address within `auth_failure_window` after
+    /// which that address is refused until the window passes; 0 disables.
+    #[serde(default = "d_auth_failure_limit")]
+    pub auth_failure_limit: u32,
+    #[serde(default = "d_auth_failure_window", with = "humantime_serde")]
+    pub auth_failure_window: Duration,
+}
+
+fn d_max_pending_logins() -> usize {
+    1000
+}
+fn d_auth_failure_limit() -> u32 {
+    20
+}
+fn d_auth_failure_window() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn d_max_client_conn() -> usize {
@@ -114,6 +139,9 @@ impl Default for Limits {
             client_idle_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
             max_message_size: d_max_message_size(),
+            max_pending_logins: d_max_pending_logins(),
+            auth_failure_limit: d_auth_failure_limit(),
+            auth_failure_window: d_auth_failure_window(),
         }
     }
 }
@@ -152,6 +180,25 @@ pub struct Auth {
     /// Users allowed to read the admin console's SHOW commands.
     #[serde(default)]
     pub stats_users: Vec<String>,
+    /// Role that runs `auth_query` for users missing from the users file.
+    /// Its own credentials come from the users file or its [[user]] entry.
+    pub auth_user: Option<String>,
+    /// Looks up a user's secret on the server; `$1` is the user name, always
+    /// sent as a bound parameter. Returns (name, secret, valid until).
+    #[serde(default = "d_auth_query")]
+    pub auth_query: String,
+    /// Database auth_query runs in (default: the one the client asked for).
+    pub auth_dbname: Option<String>,
+    /// How long an auth_query answer (found or not) is reused.
+    #[serde(default = "d_auth_cache_ttl", with = "humantime_serde")]
+    pub auth_cache_ttl: Duration,
+}
+
+fn d_auth_query() -> String {
+    "SELECT usename, passwd, valuntil FROM pg_shadow WHERE usename = $1".into()
+}
+fn d_auth_cache_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn d_auth_method() -> AuthMethod {
@@ -165,6 +212,10 @@ impl Default for Auth {
             users_file: None,
             admin_users: vec![],
             stats_users: vec![],
+            auth_user: None,
+            auth_query: d_auth_query(),
+            auth_dbname: None,
+            auth_cache_ttl: d_auth_cache_ttl(),
         }
     }
 }
@@ -325,6 +376,208 @@ pub struct UserConfig {
     pub server_user: Option<String>,
     /// Password for server logins (default: the users_file entry, if it is plaintext).
     pub server_password: Option<String>,
+    /// Client connections of this user at once, at most; more get 53300.
+    pub max_client_connections: Option<usize>,
+    #[serde(default)]
+    pub access: Access,
+}
+
+/// Where a user may connect and what it may do there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Access {
+    #[default]
+    ReadWrite,
+    /// Only the read-only port; the read-write port refuses the login.
+    ReadOnlyPort,
+    /// Both ports, but sessions on the read-write port are read-only
+    /// (default_transaction_read_only = on, and statements that would turn
+    /// it off are refused). PostgreSQL grants remain the real boundary.
+    ReadOnly,
+}
+
+/// TLS for clients (termination) and for server connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// disable | allow | require. Default: allow when a certificate is set.
+    pub client_tls: Option<ClientTls>,
+    /// PEM certificate chain and private key presented to clients; re-read on SIGHUP.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// CA bundle for client certificates; setting it turns on mTLS.
+    pub client_ca_file: Option<PathBuf>,
+    /// With client_ca_file: whether a client must present a certificate.
+    #[serde(default = "d_client_cert")]
+    pub client_cert: ClientCert,
+    /// Lowest TLS version accepted from clients: "1.2" or "1.3".
+    #[serde(default = "d_min_version")]
+    pub min_version: String,
+    /// TLS to PostgreSQL, with libpq's sslmode meanings.
+    #[serde(default = "d_server_tls")]
+    pub server_tls: ServerTls,
+    /// CA bundle for verify-ca / verify-full.
+    pub server_ca_file: Option<PathBuf>,
+    /// Client certificate presented to PostgreSQL, if it asks for one.
+    pub server_cert_file: Option<PathBuf>,
+    pub server_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTls {
+    Disable,
+    Allow,
+    Require,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientCert {
+    Optional,
+    Require,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTls {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+fn d_client_cert() -> ClientCert {
+    ClientCert::Require
+}
+fn d_min_version() -> String {
+    "1.2".into()
+}
+fn d_server_tls() -> ServerTls {
+    ServerTls::Prefer
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+impl Tls {
+    pub fn client_tls(&self) -> ClientTls {
+        self.client_tls.unwrap_or(if self.cert_file.is_some() {
+            ClientTls::Allow
+        } else {
+            ClientTls::Disable
+        })
+    }
+}
+
+/// One client-authentication rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HbaRule {
+    /// host (any connection) | hostssl (TLS only) | hostnossl (plaintext only).
+    #[serde(default = "d_hba_type", rename = "type")]
+    pub conn_type: HbaType,
+    /// "all" or a CIDR such as "10.0.0.0/8" or "::1/128".
+    #[serde(default = "d_all")]
+    pub address: String,
+    /// "all" or database names.
+    #[serde(default = "d_all_list")]
+    pub database: Vec<String>,
+    /// "all" or user names.
+    #[serde(default = "d_all_list")]
+    pub user: Vec<String>,
+    pub method: HbaMethod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HbaType {
+    Host,
+    Hostssl,
+    Hostnossl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum HbaMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+    #[serde(rename = "reject")]
+    Reject,
+}
+
+fn d_hba_type() -> HbaType {
+    HbaType::Host
+}
+fn d_all() -> String {
+    "all".into()
+}
+fn d_all_list() -> Vec<String> {
+    vec!["all".into()]
+}
+
+/// An address range: "all", or base address and prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cidr {
+    All,
+    Net(std::net::IpAddr, u8),
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        if s == "all" {
+            return Some(Cidr::All);
+        }
+        let (a, len) = match s.split_once('/') {
+            Some((a, l)) => (a.parse::<std::net::IpAddr>().ok()?, Some(l.parse::<u8>().ok()?)),
+            None => (s.parse().ok()?, None),
+        };
+        let max = if a.is_ipv4() { 32 } else { 128 };
+        let len = len.unwrap_or(max);
+        (len <= max).then_some(Cidr::Net(a, len))
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (*self, ip) {
+            (Cidr::All, _) => true,
+            (Cidr::Net(IpAddr::V4(n), len), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - len as u32).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (Cidr::Net(IpAddr::V6(n), len), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - len as u32).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl HbaRule {
+    /// Whether this rule applies to a client.
+    pub fn matches(&self, ip: std::net::IpAddr, tls: bool, database: &str, user: &str) -> bool {
+        let conn = match self.conn_type {
+            HbaType::Host => true,
+            HbaType::Hostssl => tls,
+            HbaType::Hostnossl => !tls,
+        };
+        let names = |list: &[String], name: &str| list.iter().any(|n| n == "all" || n == name);
+        conn && Cidr::parse(&self.address).is_some_and(|c| c.contains(ip))
+            && names(&self.database, database)
+            && names(&self.user, user)
+    }
 }
 
 impl Config {
@@ -357,8 +610,8 @@ impl Config {
         if self.pool.min_pool_size > self.pool.pool_size {
             errs.push("pool.min_pool_size cannot exceed pool.pool_size".into());
         }
-        if self.auth.method != AuthMethod::Trust && self.auth.users_file.is_none() {
-            errs.push("auth.users_file is required unless auth.method = \"trust\"".into());
+        if self.auth.method != AuthMethod::Trust && self.auth.users_file.is_none() && self.auth.auth_user.is_none() {
+            errs.push("auth.users_file or auth.auth_user is required unless auth.method = \"trust\"".into());
         }
         if Some(self.listen.rw) == self.listen.ro {
             errs.push("listen.rw and listen.ro must differ".into());
@@ -377,6 +630,30 @@ impl Config {
             if d.pool_size == Some(0) {
                 errs.push(format!("database {:?}: pool_size must be at least 1", d.name));
             }
+        }
+        for (i, r) in self.hba.iter().enumerate() {
+            if Cidr::parse(&r.address).is_none() {
+                errs.push(format!("hba rule {}: address {:?} is not \"all\" or a CIDR", i + 1, r.address));
+            }
+        }
+        let t = &self.tls;
+        if t.cert_file.is_some() != t.key_file.is_some() {
+            errs.push("tls.cert_file and tls.key_file go together".into());
+        }
+        if t.client_tls() != ClientTls::Disable && t.cert_file.is_none() {
+            errs.push("tls.client_tls needs tls.cert_file and tls.key_file".into());
+        }
+        if !matches!(t.min_version.as_str(), "1.2" | "1.3") {
+            errs.push(format!("tls.min_version must be \"1.2\" or \"1.3\", not {:?}", t.min_version));
+        }
+        if matches!(t.server_tls, ServerTls::VerifyCa | ServerTls::VerifyFull) && t.server_ca_file.is_none() {
+            errs.push("tls.server_tls = verify-ca / verify-full needs tls.server_ca_file".into());
+        }
+        if t.server_cert_file.is_some() != t.server_key_file.is_some() {
+            errs.push("tls.server_cert_file and tls.server_key_file go together".into());
+        }
+        if self.auth.auth_user.is_some() && !self.auth.auth_query.contains("$1") {
+            errs.push("auth.auth_query must take the user name as $1".into());
         }
         let mut seen = std::collections::HashSet::new();
         for u in &self.users {
@@ -524,6 +801,43 @@ mod tests {
             !c.databases.is_empty() && !c.users.is_empty(),
             "the example shows every section"
         );
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let c = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(c.contains("10.1.200.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.0.9".parse().unwrap()), "v4-mapped v6");
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(!Cidr::parse("::1").unwrap().contains("127.0.0.1".parse().unwrap()));
+        assert_eq!(Cidr::parse("10.0.0.0/33"), None);
+        assert_eq!(Cidr::parse("nonsense"), None);
+    }
+
+    #[test]
+    fn hba_rules_match_in_order() {
+        let c = Config::from_toml(&format!(
+            "{MIN}[[hba]]\ntype = \"hostnossl\"\nmethod = \"reject\"\n[[hba]]\naddress = \"127.0.0.0/8\"\nuser = [\"bob\"]\nmethod = \"trust\"\n"
+        ))
+        .unwrap();
+        let ip = "127.0.0.1".parse().unwrap();
+        let first = |tls, user| c.hba.iter().find(|r| r.matches(ip, tls, "db", user)).map(|r| r.method);
+        assert_eq!(first(false, "bob"), Some(HbaMethod::Reject));
+        assert_eq!(first(true, "bob"), Some(HbaMethod::Trust));
+        assert_eq!(first(true, "amy"), None);
+        let bad = Config::from_toml(&format!("{MIN}[[hba]]\naddress = \"10.0.0.0/40\"\nmethod = \"trust\"\n"));
+        assert!(bad.unwrap_err().to_string().contains("hba rule 1"));
+    }
+
+    #[test]
+    fn tls_needs_a_certificate() {
+        let err = Config::from_toml(&format!("{MIN}[tls]\nclient_tls = \"require\"\n")).unwrap_err().to_string();
+        assert!(err.contains("client_tls needs"), "{err}");
+        let c = Config::from_toml(&format!("{MIN}[tls]\ncert_file = \"a\"\nkey_file = \"b\"\n")).unwrap();
+        assert_eq!(c.tls.client_tls(), ClientTls::Allow);
+        assert_eq!(Config::from_toml(MIN).unwrap().tls.client_tls(), ClientTls::Disable);
     }
 
     #[test]
