@@ -633,7 +633,11 @@ impl Config {
         }
         for (i, r) in self.hba.iter().enumerate() {
             if Cidr::parse(&r.address).is_none() {
-                errs.push(format!("hba rule {}: address {:?} is not \"all\" or a CIDR", i + 1, r.address));
+                errs.push(format!(
+                    "hba rule {}: address {:?} is not \"all\" or a CIDR",
+                    i + 1,
+                    r.address
+                ));
             }
         }
         let t = &self.tls;
@@ -644,7 +648,10 @@ impl Config {
             errs.push("tls.client_tls needs tls.cert_file and tls.key_file".into());
         }
         if !matches!(t.min_version.as_str(), "1.2" | "1.3") {
-            errs.push(format!("tls.min_version must be \"1.2\" or \"1.3\", not {:?}", t.min_version));
+            errs.push(format!(
+                "tls.min_version must be \"1.2\" or \"1.3\", not {:?}",
+                t.min_version
+            ));
         }
         if matches!(t.server_tls, ServerTls::VerifyCa | ServerTls::VerifyFull) && t.server_ca_file.is_none() {
             errs.push("tls.server_tls = verify-ca / verify-full needs tls.server_ca_file".into());
@@ -827,13 +834,17 @@ mod tests {
         assert_eq!(first(false, "bob"), Some(HbaMethod::Reject));
         assert_eq!(first(true, "bob"), Some(HbaMethod::Trust));
         assert_eq!(first(true, "amy"), None);
-        let bad = Config::from_toml(&format!("{MIN}[[hba]]\naddress = \"10.0.0.0/40\"\nmethod = \"trust\"\n"));
+        let bad = Config::from_toml(&format!(
+            "{MIN}[[hba]]\naddress = \"10.0.0.0/40\"\nmethod = \"trust\"\n"
+        ));
         assert!(bad.unwrap_err().to_string().contains("hba rule 1"));
     }
 
     #[test]
     fn tls_needs_a_certificate() {
-        let err = Config::from_toml(&format!("{MIN}[tls]\nclient_tls = \"require\"\n")).unwrap_err().to_string();
+        let err = Config::from_toml(&format!("{MIN}[tls]\nclient_tls = \"require\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("client_tls needs"), "{err}");
         let c = Config::from_toml(&format!("{MIN}[tls]\ncert_file = \"a\"\nkey_file = \"b\"\n")).unwrap();
         assert_eq!(c.tls.client_tls(), ClientTls::Allow);

@@ -24,6 +24,8 @@ pub enum PoolError {
     Io(#[from] std::io::Error),
     #[error("no server connection available within query_wait_timeout")]
     WaitTimeout,
+    #[error("{0}")]
+    Tls(String),
     #[error("pool is shutting down")]
     ShuttingDown,
 }
@@ -37,7 +39,9 @@ impl PoolError {
             PoolError::Auth(_) => INVALID_PASSWORD,
             PoolError::WaitTimeout => TOO_MANY_CONNECTIONS,
             PoolError::ShuttingDown => ADMIN_SHUTDOWN,
-            PoolError::Connect { .. } | PoolError::ConnectTimeout(_) => SQLCLIENT_UNABLE_TO_ESTABLISH,
+            PoolError::Connect { .. } | PoolError::ConnectTimeout(_) | PoolError::Tls(_) => {
+                SQLCLIENT_UNABLE_TO_ESTABLISH
+            }
             _ => CONNECTION_FAILURE,
         }
     }

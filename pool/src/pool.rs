@@ -65,6 +65,7 @@ pub struct Pool {
     /// ParameterStatus values of the first connection, replayed to clients
     /// at login so that login needs no server round trip.
     startup_params: Mutex<Option<ParamList>>,
+    tls: Arc<pgferry_tls::Connector>,
 }
 
 enum Permit {
@@ -79,6 +80,7 @@ impl Pool {
         creds: ServerCredentials,
         shared_limits: Vec<Arc<Semaphore>>,
         max_message: usize,
+        tls: Arc<pgferry_tls::Connector>,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             permits: Arc::new(Semaphore::new(settings.pool_size)),
@@ -92,6 +94,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             max_message,
             startup_params: Mutex::new(None),
+            tls,
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
         pool
@@ -189,7 +192,7 @@ impl Pool {
 
     fn pop_idle(&self) -> Option<Box<ServerConn>> {
         loop {
-            let c = self.idle.lock().unwrap().pop()?;
+            let mut c = self.idle.lock().unwrap().pop()?;
             // A connection idle for a while may have been closed by the
             // server; checking costs a syscall, so only then.
             if c.idle_since.elapsed() > Duration::from_secs(1) && c.is_stale() {
@@ -218,6 +221,7 @@ impl Pool {
             &s.server_dbname,
             s.server_connect_timeout,
             self.max_message,
+            &self.tls,
         )
         .await;
         match &r {
@@ -248,7 +252,7 @@ impl Pool {
         Ok(self.startup_params.lock().unwrap().clone().unwrap_or_default())
     }
 
-    fn close(&self, c: Box<ServerConn>, why: &str) {
+    fn close(&self, mut c: Box<ServerConn>, why: &str) {
         c.terminate();
         self.stats.servers_closed.fetch_add(1, Relaxed);
         tracing::info!(server = c.id, node = %self.key.node, db = %self.key.database, user = %self.key.user, reason = why, "server connection closed");

@@ -6,10 +6,11 @@ use crate::pool::NodeAddr;
 use crate::statements::ServerStatements;
 use bytes::BytesMut;
 use pgferry_protocol::{decode_frame, encode, Frame};
+use pgferry_tls::stream::{MaybeTls, ServerReadHalf, ServerWriteHalf};
+use pgferry_tls::Connector;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 /// Bytes kept free in a read buffer before each read.
@@ -19,8 +20,8 @@ const READ_CHUNK: usize = 8192;
 /// are separate so that a session can write to the server while it reads
 /// the server's replies (a pipelined client can fill both directions).
 pub struct Wire {
-    pub rd: OwnedReadHalf,
-    pub wr: OwnedWriteHalf,
+    pub rd: ServerReadHalf,
+    pub wr: ServerWriteHalf,
     pub rbuf: BytesMut,
     pub max_message: usize,
 }
@@ -35,8 +36,8 @@ pub async fn fill<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMu
 }
 
 impl Wire {
-    pub fn new(stream: TcpStream, max_message: usize) -> Self {
-        let (rd, wr) = stream.into_split();
+    pub fn new(stream: pgferry_tls::stream::ServerStream, max_message: usize) -> Self {
+        let (rd, wr) = stream.split();
         Wire {
             rd,
             wr,
@@ -61,8 +62,11 @@ impl Wire {
         }
     }
 
+    /// Writes and flushes (over TLS, bytes may otherwise wait in the
+    /// TLS layer).
     pub async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
-        self.wr.write_all(b).await
+        self.wr.write_all(b).await?;
+        self.wr.flush().await
     }
 }
 
@@ -101,6 +105,7 @@ impl ServerConn {
         database: &str,
         timeout: Duration,
         max_message: usize,
+        tls: &Connector,
     ) -> Result<ServerConn, PoolError> {
         let work = async {
             let stream = TcpStream::connect((addr.host.as_str(), addr.port))
@@ -112,6 +117,7 @@ impl ServerConn {
             stream.set_nodelay(true)?;
             let sock = socket2::SockRef::from(&stream);
             let _ = sock.set_keepalive(true);
+            let stream = negotiate_tls(stream, &addr.host, tls).await?;
             let mut wire = Wire::new(stream, max_message);
             let r = login(&mut wire, creds, database).await?;
             let now = Instant::now();
@@ -175,19 +181,51 @@ impl ServerConn {
 
     /// True if an idle connection has been closed by the server or has
     /// sent something unsolicited (a FATAL on shutdown): it must not be reused.
-    pub fn is_stale(&self) -> bool {
+    pub fn is_stale(&mut self) -> bool {
         if !self.wire.rbuf.is_empty() {
             return true;
         }
-        let mut probe = [0u8; 1];
-        !matches!(self.wire.rd.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.wire.rd.has_input()
     }
 
     /// Sends Terminate without waiting; used when closing a connection.
-    pub fn terminate(&self) {
+    pub fn terminate(&mut self) {
         let mut b = BytesMut::with_capacity(5);
         encode::terminate(&mut b);
-        let _ = self.wire.wr.try_write(&b);
+        self.wire.wr.write_now(&b);
+    }
+}
+
+/// SSLRequest and the TLS handshake, as the connector's mode asks.
+pub async fn negotiate_tls(
+    mut tcp: TcpStream,
+    host: &str,
+    tls: &Connector,
+) -> Result<pgferry_tls::stream::ServerStream, PoolError> {
+    if !tls.wants_tls() {
+        return Ok(MaybeTls::Plain(tcp));
+    }
+    let mut b = BytesMut::with_capacity(8);
+    encode::ssl_request(&mut b);
+    tcp.write_all(&b).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {
+            let s = tls
+                .connect(host, tcp)
+                .await
+                .map_err(|e| PoolError::Tls(format!("TLS handshake with {host}: {e}")))?;
+            Ok(MaybeTls::Tls(Box::new(s)))
+        }
+        b'N' if tls.plaintext_allowed() => Ok(MaybeTls::Plain(tcp)),
+        b'N' => Err(PoolError::Tls(format!(
+            "server {host} does not support TLS and server_tls = {:?}",
+            tls.mode
+        ))),
+        _ => Err(PoolError::Tls(format!(
+            "server {host} answered SSLRequest with garbage"
+        ))),
     }
 }
 

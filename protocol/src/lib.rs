@@ -47,4 +47,5 @@ pub mod sqlstate {
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const SYNTAX_ERROR: &str = "42601";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
 }

@@ -1,17 +1,22 @@
-//! Client authentication against the users file.
+//! Client authentication: the method comes from the hba rules, the secret
+//! from the users file or, for users not in it, from auth_query.
 //!
 //! An unknown user goes through the same exchange as a known one (with a
 //! mock SCRAM secret), so the answer and its timing do not reveal which
-//! user names exist.
+//! user names exist. The same holds for a user whose VALID UNTIL has
+//! passed: the exchange completes, then fails like a wrong password.
 
+use crate::authquery::Lookup;
 use crate::clientio::{ClientIo, MAX_AUTH_MESSAGE};
 use crate::error::ClientError;
+use crate::handshake::TlsInfo;
 use crate::shared::Shared;
 use crate::userlist::Credential;
-use pgferry_config::AuthMethod;
+use pgferry_config::HbaMethod;
+use pgferry_pool::NodeAddr;
 use pgferry_protocol::frame::Reader;
-use pgferry_protocol::scram::{self, Secret, ServerExchange};
-use pgferry_protocol::{encode, frontend};
+use pgferry_protocol::scram::{self, ChannelBinding, Secret, ServerExchange};
+use pgferry_protocol::{encode, frontend, sqlstate};
 use rand::RngCore;
 
 /// What authentication established.
@@ -28,31 +33,87 @@ fn fail(user: &str, reason: impl Into<String>) -> ClientError {
     }
 }
 
-pub async fn authenticate(io: &mut ClientIo, user: &str, shared: &Shared) -> Result<Authenticated, ClientError> {
-    let method = shared.config.auth.method;
-    let cred = shared.userlist.get(user).cloned();
-    let out = match (method, &cred) {
-        (AuthMethod::Trust, _) => Authenticated { scram: None },
-        // md5 needs an md5 hash or a password; with only a SCRAM secret,
-        // PostgreSQL uses SCRAM instead, and so does pgferry.
-        (AuthMethod::Md5, Some(Credential::Md5(_) | Credential::Plain(_))) => {
-            md5(io, user, cred.as_ref().unwrap()).await?
-        }
-        _ => {
-            let secret = match &cred {
-                Some(Credential::Scram(s)) => Ok(s.clone()),
-                Some(Credential::Plain(p)) => Ok(shared.plain_secret(user, p).await),
-                Some(Credential::Md5(_)) => Err("only an md5 hash is stored; SCRAM needs a SCRAM secret or a password"),
-                None => Err("no such user"),
-            };
-            scram_exchange(io, user, secret, shared).await?
+/// Who is logging in, and over what.
+pub struct Attempt<'a> {
+    pub user: &'a str,
+    pub database: &'a str,
+    pub node: &'a NodeAddr,
+    pub tls: Option<&'a TlsInfo>,
+}
+
+pub async fn authenticate(
+    io: &mut ClientIo,
+    a: &Attempt<'_>,
+    method: HbaMethod,
+    shared: &Shared,
+) -> Result<Authenticated, ClientError> {
+    let user = a.user;
+    let out = match method {
+        HbaMethod::Reject => unreachable!("rejected before authentication"),
+        HbaMethod::Trust => Authenticated { scram: None },
+        HbaMethod::Md5 | HbaMethod::ScramSha256 => {
+            let (cred, expired) = credential(a, shared).await?;
+            let unusable = if expired { Some("VALID UNTIL has passed") } else { None };
+            match (method, &cred) {
+                // md5 needs an md5 hash or a password; with only a SCRAM
+                // secret, PostgreSQL uses SCRAM instead, and so does pgferry.
+                (HbaMethod::Md5, Some(c @ (Credential::Md5(_) | Credential::Plain(_)))) => {
+                    md5(io, user, c).await?;
+                    if let Some(why) = unusable {
+                        return Err(fail(user, why));
+                    }
+                    Authenticated { scram: None }
+                }
+                _ => {
+                    let secret = match &cred {
+                        Some(Credential::Scram(s)) => Ok(s.clone()),
+                        Some(Credential::Plain(p)) => Ok(shared.plain_secret(user, p).await),
+                        Some(Credential::Md5(_)) => {
+                            Err("only an md5 hash is stored; SCRAM needs a SCRAM secret or a password")
+                        }
+                        None => Err("no such user"),
+                    };
+                    let secret = match (secret, unusable) {
+                        (Ok(_), Some(why)) => Err(why),
+                        (s, _) => s,
+                    };
+                    scram_exchange(io, user, secret, a.tls, shared).await?
+                }
+            }
         }
     };
     encode::auth_ok(&mut io.wbuf);
     Ok(out)
 }
 
-async fn md5(io: &mut ClientIo, user: &str, cred: &Credential) -> Result<Authenticated, ClientError> {
+/// The user's stored credential and whether it has expired: the users file
+/// first, then auth_query.
+async fn credential(a: &Attempt<'_>, shared: &Shared) -> Result<(Option<Credential>, bool), ClientError> {
+    if let Some(c) = shared.userlist.get(a.user) {
+        return Ok((Some(c.clone()), false));
+    }
+    let Some(q) = &shared.auth_query else {
+        return Ok((None, false));
+    };
+    match q.lookup(a.node, a.database, a.user).await {
+        Ok(l) => {
+            let expired = l.is_expired();
+            Ok(match l {
+                Lookup::Missing => (None, false),
+                Lookup::Found { credential, .. } => (Some(credential), expired),
+            })
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "auth_query failed");
+            Err(ClientError::refused(
+                sqlstate::CONNECTION_FAILURE,
+                "pgferry could not look up the user's credentials (auth_query failed; see pgferry's log)",
+            ))
+        }
+    }
+}
+
+async fn md5(io: &mut ClientIo, user: &str, cred: &Credential) -> Result<(), ClientError> {
     let mut salt = [0u8; 4];
     rand::thread_rng().fill_bytes(&mut salt);
     encode::auth_md5(&mut io.wbuf, salt);
@@ -71,20 +132,26 @@ async fn md5(io: &mut ClientIo, user: &str, cred: &Credential) -> Result<Authent
     if got.len() != expected.len() || got.iter().zip(&expected).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
         return Err(fail(user, "wrong password (md5)"));
     }
-    Ok(Authenticated { scram: None })
+    Ok(())
 }
 
 async fn scram_exchange(
     io: &mut ClientIo,
     user: &str,
     secret: Result<Secret, &'static str>,
+    tls: Option<&TlsInfo>,
     shared: &Shared,
 ) -> Result<Authenticated, ClientError> {
     let (secret, unusable) = match secret {
         Ok(s) => (s, None),
         Err(why) => (Secret::mock(user, &shared.mock_seed), Some(why)),
     };
-    encode::auth_sasl(&mut io.wbuf, &[scram::MECHANISM]);
+    // On TLS, offer channel binding first, as PostgreSQL does.
+    if tls.is_some() {
+        encode::auth_sasl(&mut io.wbuf, &[scram::MECHANISM_PLUS, scram::MECHANISM]);
+    } else {
+        encode::auth_sasl(&mut io.wbuf, &[scram::MECHANISM]);
+    }
     io.flush().await?;
 
     let f = io.read_frame(MAX_AUTH_MESSAGE).await?;
@@ -95,14 +162,16 @@ async fn scram_exchange(
     let mechanism = r.cstr_utf8()?;
     let len = r.i32()?;
     let data = r.remaining();
-    if mechanism != scram::MECHANISM {
+    let offered = mechanism == scram::MECHANISM || (tls.is_some() && mechanism == scram::MECHANISM_PLUS);
+    if !offered {
         return Err(fail(user, format!("unsupported SASL mechanism {mechanism:?}")));
     }
     if len < 0 || len as usize != data.len() {
         return Err(pgferry_protocol::ProtocolError::Malformed("SASLInitialResponse").into());
     }
-    let (exchange, server_first) =
-        ServerExchange::start(secret.clone(), data, mechanism, false).map_err(|e| fail(user, format!("SCRAM: {e}")))?;
+    let (exchange, server_first) = ServerExchange::start(secret.clone(), data, mechanism, tls.is_some())
+        .map_err(|e| fail(user, format!("SCRAM: {e}")))?;
+    let binding = exchange.binding;
     encode::auth_sasl_continue(&mut io.wbuf, &server_first);
     io.flush().await?;
 
@@ -110,7 +179,11 @@ async fn scram_exchange(
     if f.tag != frontend::PASSWORD {
         return Err(fail(user, "expected SASLResponse"));
     }
-    let verified = exchange.finish(f.body(), None);
+    let cb = match (binding, tls) {
+        (ChannelBinding::TlsServerEndPoint, Some(t)) => Some(&*t.end_point),
+        _ => None,
+    };
+    let verified = exchange.finish(f.body(), cb);
     if let Some(why) = unusable {
         return Err(fail(user, why));
     }

@@ -73,7 +73,7 @@ impl CancelRegistry {
 
     /// Forwards a cancel request. Unknown keys are ignored silently, as
     /// PostgreSQL does, so that keys cannot be probed.
-    pub async fn cancel(&self, pid: u32, key: u32) -> bool {
+    pub async fn cancel(&self, pid: u32, key: u32, tls: &pgferry_tls::Connector) -> bool {
         let target = {
             let map = self.map.lock().unwrap();
             match map.get(&pid) {
@@ -83,7 +83,7 @@ impl CancelRegistry {
             }
         };
         let Some(t) = target else { return false };
-        send_cancel(&t).await.is_ok()
+        send_cancel(&t, tls).await.is_ok()
     }
 
     pub fn len(&self) -> usize {
@@ -95,10 +95,14 @@ impl CancelRegistry {
     }
 }
 
-/// Sends a CancelRequest to a server.
-pub async fn send_cancel(t: &CancelTarget) -> std::io::Result<()> {
+/// Sends a CancelRequest to a server, over TLS when server connections use
+/// it (the key is a secret).
+pub async fn send_cancel(t: &CancelTarget, tls: &pgferry_tls::Connector) -> std::io::Result<()> {
     let work = async {
-        let mut s = tokio::net::TcpStream::connect((t.addr.host.as_str(), t.addr.port)).await?;
+        let s = tokio::net::TcpStream::connect((t.addr.host.as_str(), t.addr.port)).await?;
+        let mut s = pgferry_pool::server::negotiate_tls(s, &t.addr.host, tls)
+            .await
+            .map_err(std::io::Error::other)?;
         let mut b = bytes::BytesMut::with_capacity(16);
         pgferry_protocol::encode::cancel_request(&mut b, t.pid, t.key);
         s.write_all(&b).await?;

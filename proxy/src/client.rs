@@ -5,7 +5,7 @@
 //! freed once it completes, and the session it produces is boxed too, so a
 //! connected client costs the session's state and little else.
 
-use crate::auth::authenticate;
+use crate::auth::{authenticate, Attempt};
 use crate::clientio::ClientIo;
 use crate::error::ClientError;
 use crate::handshake::{handshake, Handshake};
@@ -13,6 +13,7 @@ use crate::params::ClientParams;
 use crate::session::{Session, SessionInit};
 use crate::shared::Shared;
 use bytes::BytesMut;
+use pgferry_config::{Access, AuthMethod, ClientTls, HbaMethod};
 use pgferry_protocol::backend::TxStatus;
 use pgferry_protocol::encode::{self, Severity};
 use pgferry_protocol::{sqlstate, startup::parse_options};
@@ -22,17 +23,23 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 type SessionFuture = Pin<Box<dyn Future<Output = Result<(), ClientError>> + Send>>;
 
-pub async fn serve(stream: TcpStream, peer: SocketAddr, role: Role, shared: Arc<Shared>) {
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    role: Role,
+    shared: Arc<Shared>,
+    pending: OwnedSemaphorePermit,
+) {
     let id = shared.next_client_id.fetch_add(1, Relaxed);
     let span = tracing::info_span!("client", id, %peer, port = role.as_str());
     async move {
-        let r = match Box::pin(start(stream, id, peer, role, shared)).await {
+        let r = match Box::pin(start(stream, id, peer, role, shared.clone(), pending)).await {
             Ok(Some(session)) => session.await,
             Ok(None) => Ok(()),
             Err(e) => Err(e),
@@ -40,7 +47,10 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, role: Role, shared: Arc<
         match &r {
             Ok(()) => tracing::debug!("client closed"),
             Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
-            Err(e @ ClientError::Auth { .. }) => tracing::warn!(error = %e, "login failed"),
+            Err(e @ ClientError::Auth { .. }) => {
+                shared.throttle.record_failure(peer.ip());
+                tracing::warn!(error = %e, "login failed")
+            }
             Err(e) => tracing::info!(error = %e, "client closed with error"),
         }
     }
@@ -56,12 +66,14 @@ async fn start(
     peer: SocketAddr,
     role: Role,
     shared: Arc<Shared>,
+    pending: OwnedSemaphorePermit,
 ) -> Result<Option<SessionFuture>, ClientError> {
     let mut io = ClientIo::new(stream);
     let timeout = shared.config.limits.client_login_timeout;
-    let login = tokio::time::timeout(timeout, login(&mut io, role, &shared))
+    let login = tokio::time::timeout(timeout, login(&mut io, peer, role, &shared))
         .await
         .unwrap_or(Err(ClientError::LoginTimeout));
+    drop(pending);
     let login = match login {
         Ok(Some(l)) => l,
         Ok(None) => return Ok(None),
@@ -69,7 +81,7 @@ async fn start(
             if let Some((code, msg)) = e.to_client() {
                 io.wbuf.clear();
                 encode::error_response(&mut io.wbuf, Severity::Fatal, &code, &msg);
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), io.stream.write_all(&io.wbuf)).await;
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), io.flush()).await;
             }
             return Err(e);
         }
@@ -78,10 +90,11 @@ async fn start(
     encode::backend_key_data(&mut io.wbuf, cancel.entry.pid, cancel.entry.key);
     encode::ready_for_query(&mut io.wbuf, TxStatus::Idle);
     io.flush().await?;
-    tracing::info!(user = %login.user, db = %login.database, node = %login.route.member.addr, "client logged in");
+    let (tls, client_cert) = (login.tls.is_some(), login.tls == Some(true));
+    tracing::info!(user = %login.user, db = %login.database, node = %login.route.member.addr, tls, client_cert, "client logged in");
     let pool = login.pool.clone();
     pool.stats.cl_active.fetch_add(1, Relaxed);
-    let (rd, wr) = io.stream.into_split();
+    let (rd, wr) = io.stream.split();
     // Usually empty by now: do not keep the login buffer's capacity.
     let rbuf = if io.rbuf.is_empty() { BytesMut::new() } else { io.rbuf };
     let init = SessionInit {
@@ -94,10 +107,13 @@ async fn start(
         route: login.route,
         params: login.params,
         cancel,
+        read_only: login.read_only,
     };
     let session = Session::new(shared, init);
+    let user_permit = login.user_permit;
     Ok(Some(Box::pin(async move {
         let r = session.run().await;
+        drop(user_permit);
         pool.stats.cl_active.fetch_sub(1, Relaxed);
         r
     })))
@@ -109,17 +125,29 @@ struct Login {
     pool: Arc<pgferry_pool::Pool>,
     route: pgferry_routing::Route,
     params: ClientParams,
+    read_only: bool,
+    user_permit: Option<OwnedSemaphorePermit>,
+    /// On TLS: whether a client certificate was presented.
+    tls: Option<bool>,
 }
 /// Startup and authentication. Returns None for a served cancel request.
-async fn login(io: &mut ClientIo, role: Role, shared: &Shared) -> Result<Option<Login>, ClientError> {
-    let params = match handshake(io).await? {
+async fn login(io: &mut ClientIo, peer: SocketAddr, role: Role, shared: &Shared) -> Result<Option<Login>, ClientError> {
+    let (params, tls) = match handshake(io, &shared.tls).await? {
         Handshake::Cancel { pid, key } => {
-            let done = shared.cancels.cancel(pid, key).await;
+            // Accepted with or without TLS: libpq sends cancels on a new,
+            // plain connection whatever the main one uses.
+            let done = shared.cancels.cancel(pid, key, &shared.server_tls).await;
             tracing::info!(forwarded = done, "cancel request");
             return Ok(None);
         }
-        Handshake::Startup(p) => p,
+        Handshake::Startup { params, tls } => (params, tls),
     };
+    if tls.is_none() && shared.tls.mode() == ClientTls::Require {
+        return Err(ClientError::refused(
+            sqlstate::INVALID_AUTHORIZATION,
+            "pgferry requires TLS: connect with sslmode=require (or verify-ca / verify-full)",
+        ));
+    }
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let user = get("user").filter(|u| !u.is_empty()).ok_or_else(|| {
         ClientError::refused(
@@ -161,12 +189,37 @@ async fn login(io: &mut ClientIo, role: Role, shared: &Shared) -> Result<Option<
         ));
     }
 
-    let auth = authenticate(io, &user, shared).await?;
+    let access = shared.config.user(&user).map(|u| u.access).unwrap_or_default();
+    if access == Access::ReadOnlyPort && role == Role::ReadWrite {
+        return Err(ClientError::refused(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!("user \"{user}\" may only connect to pgferry's read-only port"),
+        ));
+    }
+    let read_only = access == Access::ReadOnly && role == Role::ReadWrite;
+    if read_only {
+        startup.retain(|(k, _)| !k.eq_ignore_ascii_case("default_transaction_read_only"));
+        startup.push(("default_transaction_read_only".into(), "on".into()));
+    }
 
+    let method = hba_method(shared, peer, tls.is_some(), &database, &user)?;
     let route = shared.router.route(role).ok_or_else(|| {
         ClientError::refused(
             sqlstate::CANNOT_CONNECT_NOW,
             format!("no server is available for the {} port", role.as_str()),
+        )
+    })?;
+    let attempt = Attempt {
+        user: &user,
+        database: &database,
+        node: &route.member.addr,
+        tls: tls.as_ref(),
+    };
+    let auth = authenticate(io, &attempt, method, shared).await?;
+    let user_permit = shared.user_client_permit(&user).map_err(|()| {
+        ClientError::refused(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!("too many connections for user \"{user}\" (max_client_connections)"),
         )
     })?;
     let pool = shared.pool(&database, &user, &route.member.addr);
@@ -185,5 +238,50 @@ async fn login(io: &mut ClientIo, role: Role, shared: &Shared) -> Result<Option<
         pool,
         route,
         params: client_params,
+        read_only,
+        user_permit,
+        tls: tls.as_ref().map(|t| t.client_cert),
     }))
+}
+
+/// The authentication method for this client: the first matching hba rule,
+/// or `auth.method` when there are none. No match, or `reject`, refuses the
+/// login as pg_hba.conf does (and counts as a failed login).
+fn hba_method(
+    shared: &Shared,
+    peer: SocketAddr,
+    tls: bool,
+    database: &str,
+    user: &str,
+) -> Result<HbaMethod, ClientError> {
+    let rules = &shared.config.hba;
+    if rules.is_empty() {
+        return Ok(match shared.config.auth.method {
+            AuthMethod::ScramSha256 => HbaMethod::ScramSha256,
+            AuthMethod::Md5 => HbaMethod::Md5,
+            AuthMethod::Trust => HbaMethod::Trust,
+        });
+    }
+    let method = rules
+        .iter()
+        .find(|r| r.matches(peer.ip(), tls, database, user))
+        .map(|r| r.method);
+    match method {
+        Some(HbaMethod::Reject) | None => {
+            let enc = if tls { "TLS" } else { "no encryption" };
+            let how = if method.is_some() {
+                "rejects"
+            } else {
+                "has no entry for"
+            };
+            let msg = format!(
+                "pgferry hba {how} host \"{}\", user \"{user}\", database \"{database}\", {enc}",
+                peer.ip()
+            );
+            tracing::warn!(user, reason = %msg, "login refused");
+            shared.throttle.record_failure(peer.ip());
+            Err(ClientError::refused(sqlstate::INVALID_AUTHORIZATION, msg))
+        }
+        Some(m) => Ok(m),
+    }
 }

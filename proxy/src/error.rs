@@ -21,6 +21,9 @@ pub enum ClientError {
     Pool(#[from] PoolError),
     #[error("client disconnected")]
     Disconnected,
+    /// TLS negotiation failed: there is no channel to report it on.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A refusal with a fixed SQLSTATE and a message meant for the client.
@@ -58,7 +61,7 @@ impl ClientError {
             )),
             ClientError::Refused(r) => Some((r.code.into(), r.message.clone())),
             ClientError::Pool(e) => Some((e.sqlstate().into(), pool_message(e))),
-            ClientError::Io(_) | ClientError::Disconnected => None,
+            ClientError::Io(_) | ClientError::Disconnected | ClientError::Tls(_) => None,
         }
     }
 }

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 mod auth;
+mod authquery;
 mod cancel;
 mod client;
 mod clientio;
@@ -16,6 +17,7 @@ mod listener;
 pub mod params;
 mod session;
 pub mod shared;
+mod throttle;
 pub mod userlist;
 
 pub use error::ClientError;
@@ -32,6 +34,8 @@ pub enum StartError {
     Users(#[from] userlist::UserlistError),
     #[error("topology: {0}")]
     Routing(#[from] pgferry_routing::RoutingError),
+    #[error("TLS: {0}")]
+    Tls(#[from] pgferry_tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -52,7 +56,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let config = Arc::new(config);
     let users = load_userlist(&config)?;
     let (router, _topology_tx) = Router::new(Topology::from_config(&config)?, config.pool.ro_fallback_to_primary);
-    let shared = Arc::new(Shared::new(config.clone(), users, router));
+    let tls = pgferry_tls::Acceptor::new(&config.tls)?;
+    let server_tls = Arc::new(pgferry_tls::Connector::new(&config.tls)?);
+    let shared = Arc::new(Shared::new(config.clone(), users, router, tls, server_tls));
+    tokio::spawn(reload_on_sighup(shared.clone()));
     let slots = Arc::new(Semaphore::new(config.limits.max_client_conn));
     let mut listeners = vec![(config.listen.rw, Role::ReadWrite)];
     if let Some(ro) = config.listen.ro {
@@ -77,4 +84,20 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         p.shut_down("pgferry shutting down");
     }
     Ok(())
+}
+
+/// SIGHUP re-reads the TLS certificate and key (a failed reload keeps the
+/// old ones). Connections already established keep their TLS session.
+async fn reload_on_sighup(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; TLS files will not be reloaded");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match shared.tls.reload(&shared.config.tls) {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificate"),
+        }
+    }
 }

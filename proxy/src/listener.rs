@@ -49,30 +49,51 @@ pub async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let shared = shared.clone();
-                let fut = async move {
-                    crate::client::serve(stream, peer, role, shared).await;
-                    drop(permit);
-                };
-                tracing::trace!(bytes = std::mem::size_of_val(&fut), "client task size");
-                tokio::spawn(fut);
-            }
-            Err(_) => {
-                tracing::warn!(%peer, "max_client_conn reached; refusing client");
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let mut b = bytes::BytesMut::new();
-                    encode::error_response(
-                        &mut b,
-                        Severity::Fatal,
-                        sqlstate::TOO_MANY_CONNECTIONS,
-                        "too many clients: max_client_conn reached",
-                    );
-                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&b)).await;
-                });
-            }
+        // Refusals cost nothing but this FATAL: no TLS, no authentication.
+        if shared.throttle.is_blocked(peer.ip()) {
+            tracing::debug!(%peer, "refusing address with too many failed logins");
+            refuse(
+                stream,
+                sqlstate::INVALID_AUTHORIZATION,
+                "too many failed login attempts from this address; try again later",
+            );
+            continue;
         }
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "max_client_conn reached; refusing client");
+            refuse(
+                stream,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "too many clients: max_client_conn reached",
+            );
+            continue;
+        };
+        let Ok(pending) = shared.pending_logins.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "max_pending_logins reached; refusing client");
+            refuse(
+                stream,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "too many connections are still logging in (max_pending_logins)",
+            );
+            continue;
+        };
+        let shared = shared.clone();
+        let fut = async move {
+            crate::client::serve(stream, peer, role, shared, pending).await;
+            drop(permit);
+        };
+        tracing::trace!(bytes = std::mem::size_of_val(&fut), "client task size");
+        tokio::spawn(fut);
     }
+}
+
+/// Sends a FATAL in plaintext and closes, without reading anything. libpq
+/// reports it even in answer to an SSLRequest.
+fn refuse(stream: tokio::net::TcpStream, code: &'static str, msg: &'static str) {
+    tokio::spawn(async move {
+        let mut stream = stream;
+        let mut b = bytes::BytesMut::new();
+        encode::error_response(&mut b, Severity::Fatal, code, msg);
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&b)).await;
+    });
 }

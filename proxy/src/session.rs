@@ -25,13 +25,13 @@ use pgferry_protocol::encode::{self, Severity};
 use pgferry_protocol::sql::{self, Pin};
 use pgferry_protocol::{decode_frame, frontend, sqlstate, Frame, ProtocolError};
 use pgferry_routing::Route;
+use pgferry_tls::stream::{ClientReadHalf, ClientWriteHalf, ReadHalf};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Stop reading from one side while this much is waiting to be written to
 /// the other: backpressure instead of unbounded buffering.
@@ -105,9 +105,10 @@ enum Flow {
 
 enum Event {
     ClientRead(std::io::Result<usize>),
-    ClientWrote(std::io::Result<usize>),
+    /// Bytes written, or None for a completed flush.
+    ClientWrote(std::io::Result<Option<usize>>),
     ServerRead(std::io::Result<usize>),
-    ServerWrote(std::io::Result<usize>),
+    ServerWrote(std::io::Result<Option<usize>>),
     Timeout(&'static str, &'static str),
 }
 
@@ -118,10 +119,12 @@ static CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 pub struct SessionInit {
     pub id: u64,
     pub peer: SocketAddr,
-    pub rd: OwnedReadHalf,
-    pub wr: OwnedWriteHalf,
+    pub rd: ClientReadHalf,
+    pub wr: ClientWriteHalf,
     pub rbuf: BytesMut,
     pub pool: Arc<Pool>,
+    /// Refuse statements that would leave read-only mode (`access = "read-only"`).
+    pub read_only: bool,
     pub route: Route,
     pub params: ClientParams,
     pub cancel: crate::cancel::CancelGuard,
@@ -131,11 +134,16 @@ pub struct Session {
     shared: Arc<Shared>,
     id: u64,
     peer: SocketAddr,
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: ClientReadHalf,
+    wr: ClientWriteHalf,
     rbuf: BytesMut,
     to_client: BytesMut,
     to_server: BytesMut,
+    /// Over TLS a write can leave bytes in the TLS layer: flush once the
+    /// buffer has drained. Always false on plain sockets.
+    client_unflushed: bool,
+    server_unflushed: bool,
+    read_only: bool,
     pool: Arc<Pool>,
     _route: Route,
     mode: PoolMode,
@@ -184,6 +192,9 @@ impl Session {
             rbuf: init.rbuf,
             to_client: BytesMut::new(),
             to_server: BytesMut::new(),
+            client_unflushed: false,
+            server_unflushed: false,
+            read_only: init.read_only,
             mode,
             rewrite: mode == PoolMode::Transaction && settings.max_prepared_statements > 0,
             policy: shared.config.pool.session_state,
@@ -218,7 +229,13 @@ impl Session {
             if let Some((code, msg)) = e.to_client() {
                 self.to_client.clear();
                 encode::error_response(&mut self.to_client, Severity::Fatal, &code, &msg);
-                let _ = tokio::time::timeout(Duration::from_secs(1), self.wr.write_all(&self.to_client)).await;
+                let wr = &mut self.wr;
+                let out = &self.to_client;
+                let _ = tokio::time::timeout(Duration::from_secs(1), async move {
+                    wr.write_all(out).await?;
+                    wr.flush().await
+                })
+                .await;
             }
         }
         Box::pin(self.release_on_exit()).await;
@@ -229,12 +246,19 @@ impl Session {
         loop {
             self.maybe_release().await;
             match self.next_event().await {
-                Event::ClientWrote(r) => {
-                    let n = r?;
-                    self.to_client.advance(n);
-                    self.pool.stats.total_sent.fetch_add(n as u64, Relaxed);
+                Event::ClientWrote(r) => match r? {
+                    Some(n) => {
+                        self.to_client.advance(n);
+                        self.client_unflushed = self.wr.is_tls();
+                        self.pool.stats.total_sent.fetch_add(n as u64, Relaxed);
+                    }
+                    None => self.client_unflushed = false,
+                },
+                Event::ServerWrote(Ok(Some(n))) => {
+                    self.to_server.advance(n);
+                    self.server_unflushed = self.server.as_ref().is_some_and(|s| s.wire.wr.is_tls());
                 }
-                Event::ServerWrote(Ok(n)) => self.to_server.advance(n),
+                Event::ServerWrote(Ok(None)) => self.server_unflushed = false,
                 Event::ServerWrote(Err(e)) => self.server_lost(e.into()),
                 Event::ServerRead(Ok(0)) => self.server_lost(PoolError::Closed),
                 Event::ServerRead(Ok(_)) => self.on_server_data(),
@@ -267,6 +291,8 @@ impl Session {
             to_client,
             to_server,
             server,
+            client_unflushed,
+            server_unflushed,
             ..
         } = self;
         let (srd, swr, sbuf) = match server.as_deref_mut() {
@@ -281,8 +307,8 @@ impl Session {
         let read_server = bound && to_client.len() < HIGH_WATER;
         tokio::select! {
             biased;
-            r = wr.write(to_client), if !to_client.is_empty() => Event::ClientWrote(r),
-            r = async { swr.expect("bound").write(to_server).await }, if bound && !to_server.is_empty() => Event::ServerWrote(r),
+            r = write_or_flush(wr, to_client), if !to_client.is_empty() || *client_unflushed => Event::ClientWrote(r),
+            r = async { write_or_flush(swr.expect("bound"), to_server).await }, if bound && (!to_server.is_empty() || *server_unflushed) => Event::ServerWrote(r),
             r = async { pgferry_pool::server::fill(srd.expect("bound"), sbuf.expect("bound")).await }, if read_server => Event::ServerRead(r),
             r = read_client(rd, rbuf), if want_client => Event::ClientRead(r),
             (code, what) = async {
@@ -433,6 +459,10 @@ impl Session {
 
     fn on_query(&mut self, frame: Frame) -> Result<(), ClientError> {
         let text = frontend::query(frame.body())?;
+        if self.read_only && sql::may_leave_read_only(text) {
+            self.refuse_read_write(true);
+            return Ok(());
+        }
         if self.mode == PoolMode::Transaction {
             let fx = sql::scan(text);
             if !self.note_effects(&fx, true) {
@@ -493,8 +523,21 @@ impl Session {
         true
     }
 
+    /// A read-only user tried to leave read-only mode.
+    fn refuse_read_write(&mut self, simple: bool) {
+        self.fail_request(
+            sqlstate::READ_ONLY_SQL_TRANSACTION,
+            "this user is read-only through pgferry: statements that could leave read-only mode are refused",
+            simple,
+        );
+    }
+
     fn on_parse(&mut self, frame: Frame) -> Result<(), ClientError> {
         let p = frontend::parse(frame.body())?;
+        if self.read_only && sql::may_leave_read_only(p.query) {
+            self.refuse_read_write(false);
+            return Ok(());
+        }
         if !self.rewrite || p.name.is_empty() {
             // Unnamed statements are parsed for each execution, so this is
             // the place to see their effects. Named ones: at each Bind.
@@ -720,6 +763,7 @@ impl Session {
             key: conn.backend_key,
         }));
         self.server = Some(conn);
+        self.server_unflushed = false;
         self.bound_at = Instant::now();
         Ok(())
     }
@@ -1066,8 +1110,9 @@ impl Session {
                 pid: conn.backend_pid,
                 key: conn.backend_key,
             };
+            let tls = self.shared.server_tls.clone();
             tokio::spawn(async move {
-                let _ = crate::cancel::send_cancel(&t).await;
+                let _ = crate::cancel::send_cancel(&t, &tls).await;
             });
             tracing::info!(
                 client = self.id,
@@ -1110,10 +1155,25 @@ impl Session {
     }
 }
 
+/// Writes some of `buf`, or flushes when it is empty: over TLS a write can
+/// leave bytes in the TLS layer until a flush. Cancel safe.
+async fn write_or_flush<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> std::io::Result<Option<usize>> {
+    if buf.is_empty() {
+        w.flush().await.map(|()| None)
+    } else {
+        w.write(buf).await.map(Some)
+    }
+}
+
 /// Reads from the client. Bytes land in a stack buffer first and are copied
 /// to `buf`, which therefore grows only to what is actually pending: an idle
 /// client holds a few hundred bytes, not a read-sized buffer. Cancel safe.
-async fn read_client(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_client(rd: &mut ClientReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let rd = match rd {
+        ReadHalf::Plain(rd) => rd,
+        // The TLS layer holds its own buffers; read through it.
+        ReadHalf::Tls(t) => return pgferry_pool::server::fill(t, buf).await,
+    };
     loop {
         rd.readable().await?;
         match read_now(rd, buf) {
@@ -1127,7 +1187,7 @@ async fn read_client(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Res
 /// never part of a future. Small reads (the common case) go through a 2 KiB
 /// stack chunk; once a read fills it, more is likely coming (COPY, a large
 /// message), so the buffer grows and later reads land in it directly.
-fn read_now(rd: &OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+fn read_now(rd: &tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() >= 4096 {
         return rd.try_read_buf(buf);
     }

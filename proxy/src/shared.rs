@@ -19,6 +19,16 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub userlist: Userlist,
     pub router: Router,
+    /// TLS termination for both listeners (reloadable).
+    pub tls: pgferry_tls::Acceptor,
+    /// TLS to PostgreSQL, shared by every pool.
+    pub server_tls: Arc<pgferry_tls::Connector>,
+    pub auth_query: Option<crate::authquery::AuthQuery>,
+    pub throttle: crate::throttle::AuthThrottle,
+    /// Connections still in startup or authentication.
+    pub pending_logins: Arc<Semaphore>,
+    /// Per-user client caps (max_client_connections).
+    user_clients: Mutex<HashMap<String, Arc<Semaphore>>>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     user_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -32,10 +42,27 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Arc<Config>, userlist: Userlist, router: Router) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        userlist: Userlist,
+        router: Router,
+        tls: pgferry_tls::Acceptor,
+        server_tls: Arc<pgferry_tls::Connector>,
+    ) -> Self {
         let mut mock_seed = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut mock_seed);
+        let auth_query = config.auth.auth_user.as_deref().and_then(|u| {
+            let password = server_password(&config, &userlist, u);
+            crate::authquery::AuthQuery::new(&config, password, &server_tls)
+        });
+        let l = &config.limits;
         Shared {
+            throttle: crate::throttle::AuthThrottle::new(l.auth_failure_limit, l.auth_failure_window),
+            pending_logins: Arc::new(Semaphore::new(l.max_pending_logins.max(1))),
+            user_clients: Mutex::default(),
+            auth_query,
+            tls,
+            server_tls,
             config,
             userlist,
             router,
@@ -63,14 +90,7 @@ impl Shared {
             }
         }
         let settings = self.config.pool_settings(database, user);
-        let password = self
-            .config
-            .user(user)
-            .and_then(|u| u.server_password.clone())
-            .or_else(|| match self.userlist.get(user) {
-                Some(crate::userlist::Credential::Plain(p)) => Some(p.clone()),
-                _ => None,
-            });
+        let password = server_password(&self.config, &self.userlist, user);
         let creds = ServerCredentials::new(settings.server_user.clone(), password);
         let mut limits = Vec::new();
         if settings.max_db_connections > 0 {
@@ -90,6 +110,7 @@ impl Shared {
             creds,
             limits,
             self.config.limits.max_message_size,
+            self.server_tls.clone(),
         );
         pools.insert(key, pool.clone());
         pool
@@ -120,6 +141,32 @@ impl Shared {
             .or_insert(secret)
             .clone()
     }
+}
+
+/// A permit for one more client of `user`, if it has a cap; Err when the
+/// cap is reached.
+impl Shared {
+    pub fn user_client_permit(&self, user: &str) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ()> {
+        let Some(cap) = self.config.user(user).and_then(|u| u.max_client_connections) else {
+            return Ok(None);
+        };
+        shared_limit(&self.user_clients, user, cap)
+            .try_acquire_owned()
+            .map(Some)
+            .map_err(|_| ())
+    }
+}
+
+/// The password for server logins of `user`: its [[user]] server_password,
+/// else a plaintext users-file entry.
+fn server_password(config: &Config, userlist: &Userlist, user: &str) -> Option<String> {
+    config
+        .user(user)
+        .and_then(|u| u.server_password.clone())
+        .or_else(|| match userlist.get(user) {
+            Some(crate::userlist::Credential::Plain(p)) => Some(p.clone()),
+            _ => None,
+        })
 }
 
 fn shared_limit(map: &Mutex<HashMap<String, Arc<Semaphore>>>, name: &str, n: usize) -> Arc<Semaphore> {

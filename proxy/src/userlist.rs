@@ -14,6 +14,23 @@ pub enum Credential {
     Plain(String),
 }
 
+impl Credential {
+    /// Reads a secret as stored in pg_authid.rolpassword: a SCRAM verifier,
+    /// an md5 hash, or else a plaintext password.
+    pub fn parse(secret: &str) -> Result<Credential, &'static str> {
+        Ok(if secret.starts_with("SCRAM-SHA-256$") {
+            Credential::Scram(Secret::parse(secret).map_err(|_| "malformed SCRAM secret")?)
+        } else if secret.len() == 35 && secret.starts_with("md5") && secret[3..].bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&secret.as_bytes()[3..]);
+            Credential::Md5(h)
+        } else {
+            Credential::Plain(secret.to_owned())
+        })
+    }
+}
+
 impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -69,18 +86,7 @@ impl Userlist {
             if !rest.trim().is_empty() {
                 return Err(syntax("unexpected text after the secret"));
             }
-            let cred = if secret.starts_with("SCRAM-SHA-256$") {
-                Credential::Scram(Secret::parse(&secret).map_err(|_| syntax("malformed SCRAM secret"))?)
-            } else if secret.len() == 35
-                && secret.starts_with("md5")
-                && secret[3..].bytes().all(|b| b.is_ascii_hexdigit())
-            {
-                let mut h = [0u8; 32];
-                h.copy_from_slice(&secret.as_bytes()[3..]);
-                Credential::Md5(h)
-            } else {
-                Credential::Plain(secret)
-            };
+            let cred = Credential::parse(&secret).map_err(syntax)?;
             users.insert(user, cred);
         }
         Ok(Userlist { users })

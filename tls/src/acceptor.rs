@@ -27,8 +27,8 @@ impl Termination {
         }
         let chain = load_certs(cert)?;
         let key = load_key(key)?;
-        let builder = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(versions(&t.min_version))?;
+        let builder =
+            rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions(&t.min_version))?;
         let builder = match &t.client_ca_file {
             Some(ca) => {
                 let roots = Arc::new(load_roots(ca)?);

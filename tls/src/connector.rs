@@ -26,7 +26,8 @@ impl Connector {
             });
         }
         let p = provider();
-        let builder = rustls::ClientConfig::builder_with_provider(p.clone()).with_protocol_versions(crate::versions("1.2"))?;
+        let builder =
+            rustls::ClientConfig::builder_with_provider(p.clone()).with_protocol_versions(crate::versions("1.2"))?;
         let verifier: Arc<dyn ServerCertVerifier> = match (&t.server_ca_file, t.server_tls) {
             (Some(ca), mode) => {
                 let roots = Arc::new(load_roots(ca)?);
@@ -50,6 +51,12 @@ impl Connector {
             mode: t.server_tls,
             config: Some(Arc::new(config)),
         })
+    }
+
+    /// The rustls configuration, for control-plane connections made by
+    /// tokio-postgres; None when server_tls = disable.
+    pub fn client_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.config.clone()
     }
 
     /// Whether to send SSLRequest at all.
@@ -134,7 +141,10 @@ impl ServerCertVerifier for Verify {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) if !self.check_name => Ok(ServerCertVerified::assertion()),

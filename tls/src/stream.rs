@@ -118,6 +118,10 @@ impl<T: AsyncRead> AsyncRead for ReadHalf<T> {
 }
 
 impl<T: AsyncWrite> WriteHalf<T> {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, WriteHalf::Tls(_))
+    }
+
     /// Writes what the socket takes right now, without waiting (used for
     /// a parting Terminate). Over TLS this may queue the record only.
     pub fn write_now(&mut self, b: &[u8]) {
@@ -169,4 +173,30 @@ impl<T: AsyncWrite> AsyncWrite for WriteHalf<T> {
             WriteHalf::Tls(w) => w.is_write_vectored(),
         }
     }
+}
+
+/// Read half of a client's socket.
+pub type ClientReadHalf = ReadHalf<tokio_rustls::server::TlsStream<TcpStream>>;
+/// Write half of a client's socket.
+pub type ClientWriteHalf = WriteHalf<tokio_rustls::server::TlsStream<TcpStream>>;
+/// Read half of a server socket.
+pub type ServerReadHalf = ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+/// Write half of a server socket.
+pub type ServerWriteHalf = WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A TLS handshake accepted on a listener.
+pub async fn accept(
+    config: std::sync::Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    tokio_rustls::TlsAcceptor::from(config).accept(tcp).await
+}
+
+/// ALPN protocol and whether a client certificate was presented.
+pub fn session_info(s: &tokio_rustls::server::TlsStream<TcpStream>) -> (Option<Vec<u8>>, bool) {
+    let (_, conn) = s.get_ref();
+    (
+        conn.alpn_protocol().map(|p| p.to_vec()),
+        conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+    )
 }
