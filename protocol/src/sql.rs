@@ -426,6 +426,47 @@ fn statement_set(lx: &mut Lexer<'_>, fx: &mut Effects) {
     }
 }
 
+/// Whether a statement might take a forced read-only session out of
+/// read-only mode: it mentions `transaction_read_only` (SET, set_config),
+/// `READ WRITE` (BEGIN, SET TRANSACTION, SET SESSION CHARACTERISTICS), or
+/// resets every setting (RESET ALL, DISCARD ALL). Case and whitespace,
+/// including comments, do not matter; a false positive (the words inside
+/// a string literal) is refused too, which is the safe side.
+pub fn may_leave_read_only(sql: &[u8]) -> bool {
+    // Lower-cased words, comments and whitespace squeezed to one space.
+    let mut words = Vec::with_capacity(sql.len().min(4096));
+    let mut i = 0;
+    while i < sql.len() {
+        let c = sql[i];
+        if c == b'-' && sql.get(i + 1) == Some(&b'-') {
+            while i < sql.len() && sql[i] != b'\n' {
+                i += 1;
+            }
+            words.push(b' ');
+            continue;
+        }
+        if c == b'/' && sql.get(i + 1) == Some(&b'*') {
+            i += 2;
+            while i < sql.len() && !(sql[i] == b'*' && sql.get(i + 1) == Some(&b'/')) {
+                i += 1;
+            }
+            i += 2;
+            words.push(b' ');
+            continue;
+        }
+        if c.is_ascii_whitespace() {
+            if words.last() != Some(&b' ') {
+                words.push(b' ');
+            }
+        } else {
+            words.push(c.to_ascii_lowercase());
+        }
+        i += 1;
+    }
+    let has = |needle: &[u8]| words.windows(needle.len()).any(|w| w == needle);
+    has(b"transaction_read_only") || has(b"read write") || has(b"reset all") || has(b"discard all")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,45 +569,4 @@ mod tests {
             let _ = scan(s.as_bytes());
         }
     }
-}
-
-/// Whether a statement might take a forced read-only session out of
-/// read-only mode: it mentions `transaction_read_only` (SET, set_config),
-/// `READ WRITE` (BEGIN, SET TRANSACTION, SET SESSION CHARACTERISTICS), or
-/// resets every setting (RESET ALL, DISCARD ALL). Case and whitespace,
-/// including comments, do not matter; a false positive (the words inside
-/// a string literal) is refused too, which is the safe side.
-pub fn may_leave_read_only(sql: &[u8]) -> bool {
-    // Lower-cased words, comments and whitespace squeezed to one space.
-    let mut words = Vec::with_capacity(sql.len().min(4096));
-    let mut i = 0;
-    while i < sql.len() {
-        let c = sql[i];
-        if c == b'-' && sql.get(i + 1) == Some(&b'-') {
-            while i < sql.len() && sql[i] != b'\n' {
-                i += 1;
-            }
-            words.push(b' ');
-            continue;
-        }
-        if c == b'/' && sql.get(i + 1) == Some(&b'*') {
-            i += 2;
-            while i < sql.len() && !(sql[i] == b'*' && sql.get(i + 1) == Some(&b'/')) {
-                i += 1;
-            }
-            i += 2;
-            words.push(b' ');
-            continue;
-        }
-        if c.is_ascii_whitespace() {
-            if words.last() != Some(&b' ') {
-                words.push(b' ');
-            }
-        } else {
-            words.push(c.to_ascii_lowercase());
-        }
-        i += 1;
-    }
-    let has = |needle: &[u8]| words.windows(needle.len()).any(|w| w == needle);
-    has(b"transaction_read_only") || has(b"read write") || has(b"reset all") || has(b"discard all")
 }

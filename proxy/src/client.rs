@@ -216,12 +216,7 @@ async fn login(io: &mut ClientIo, peer: SocketAddr, role: Role, shared: &Shared)
         tls: tls.as_ref(),
     };
     let auth = authenticate(io, &attempt, method, shared).await?;
-    let user_permit = shared.user_client_permit(&user).map_err(|()| {
-        ClientError::refused(
-            sqlstate::TOO_MANY_CONNECTIONS,
-            format!("too many connections for user \"{user}\" (max_client_connections)"),
-        )
-    })?;
+    let user_permit = shared.user_client_permit(&user)?;
     let pool = shared.pool(&database, &user, &route.member.addr);
     if let Some((secret, client_key)) = &auth.scram {
         pool.credentials()

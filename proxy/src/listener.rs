@@ -7,7 +7,7 @@ use pgferry_routing::Role;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -94,6 +94,16 @@ fn refuse(stream: tokio::net::TcpStream, code: &'static str, msg: &'static str) 
         let mut stream = stream;
         let mut b = bytes::BytesMut::new();
         encode::error_response(&mut b, Severity::Fatal, code, msg);
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&b)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            stream.write_all(&b).await?;
+            stream.shutdown().await?;
+            // Read what the client sent until it closes: closing with unread
+            // input would reset the connection and could destroy the error
+            // before the client reads it.
+            let mut sink = [0u8; 512];
+            while stream.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
     });
 }

@@ -143,17 +143,23 @@ impl Shared {
     }
 }
 
-/// A permit for one more client of `user`, if it has a cap; Err when the
-/// cap is reached.
 impl Shared {
-    pub fn user_client_permit(&self, user: &str) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ()> {
+    /// A permit for one more client of `user` when it has a
+    /// max_client_connections cap; 53300 once the cap is reached.
+    pub fn user_client_permit(
+        &self,
+        user: &str,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, crate::ClientError> {
         let Some(cap) = self.config.user(user).and_then(|u| u.max_client_connections) else {
             return Ok(None);
         };
-        shared_limit(&self.user_clients, user, cap)
-            .try_acquire_owned()
-            .map(Some)
-            .map_err(|_| ())
+        match shared_limit(&self.user_clients, user, cap).try_acquire_owned() {
+            Ok(p) => Ok(Some(p)),
+            Err(_) => Err(crate::ClientError::refused(
+                pgferry_protocol::sqlstate::TOO_MANY_CONNECTIONS,
+                format!("too many connections for user \"{user}\" (max_client_connections)"),
+            )),
+        }
     }
 }
 
