@@ -118,7 +118,7 @@ esac
 # ---------------------------------------------------------------------------
 # 1. Packages.
 missing=()
-for pkg in postgresql-15 postgresql-client-15 build-essential pkg-config protobuf-compiler; do
+for pkg in postgresql-15 postgresql-client-15 build-essential pkg-config protobuf-compiler openssl; do
     dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -271,6 +271,15 @@ psql_primary -c "SELECT '\"' || rolname || '\" \"' || rolpassword || '\"'
                  FROM pg_authid WHERE rolname = '$APP_USER'" >"$RUN/userlist.txt"
 grep -q 'SCRAM-SHA-256' "$RUN/userlist.txt" || die "no SCRAM secret for $APP_USER in pg_authid"
 
+# A self-signed certificate, so that sslmode=require works out of the box
+# (use verify-full with a real CA in production: see README "TLS").
+if [ ! -s "$RUN/server.crt" ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 825 \
+        -subj "/CN=pgferry quickstart" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout "$RUN/server.key" -out "$RUN/server.crt" >/dev/null 2>&1 \
+        || die "openssl could not make a self-signed certificate"
+fi
+
 cat >"$RUN/pgferry.toml" <<EOF
 # Written by deploy/quickstart.sh; every key is described in deploy/pgferry.example.toml.
 [listen]
@@ -281,6 +290,11 @@ ro = "0.0.0.0:$PGFERRY_RO_PORT"
 method = "scram-sha-256"
 users_file = "$RUN/userlist.txt"
 admin_users = ["$APP_USER"]
+
+[tls]
+client_tls = "allow"
+cert_file = "$RUN/server.crt"
+key_file = "$RUN/server.key"
 
 [topology]
 source = "static"
@@ -306,8 +320,8 @@ cat >&2 <<EOF
   PostgreSQL primary  127.0.0.1:$PG_PRIMARY_PORT   standby 127.0.0.1:$PG_STANDBY_PORT   (data: $BASE)
   pgferry config      $RUN/pgferry.toml
 
-  Connect through pgferry, read-write (primary):
-    psql "host=127.0.0.1 port=$PGFERRY_RW_PORT user=$APP_USER dbname=$APP_DB password=$APP_PASSWORD"
+  Connect through pgferry, read-write (primary), over TLS:
+    psql "host=127.0.0.1 port=$PGFERRY_RW_PORT user=$APP_USER dbname=$APP_DB password=$APP_PASSWORD sslmode=require"
   read-only (standby):
     psql "host=127.0.0.1 port=$PGFERRY_RO_PORT user=$APP_USER dbname=$APP_DB password=$APP_PASSWORD"
 
