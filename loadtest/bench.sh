@@ -26,9 +26,38 @@
 #   PG_BIN=/usr/lib/postgresql/15/bin  PGBOUNCER=/usr/sbin/pgbouncer  RUN_AS=postgres
 #   PGFERRY_WORKERS=0       pgferry's [runtime] worker_threads (0 = one per core)
 #   KEEP_TMP=1              keep the temporary directory (data, configs, logs)
+#   CONNECT_CLIENTS=""      client counts for the connect workload (connect,
+#                           authenticate, SELECT 1, Terminate per transaction);
+#                           "" = skip
+#   CONNECT_TARGETS=$TARGETS  targets of the connect workload
+#
+# TLS mode (TLS=1, issue 3): a self-signed certificate is made with openssl and
+# a second PgBouncer and a second pgferry are started with it, client TLS
+# required (targets pgbouncer-tls and pgferry-tls; same pools, SCRAM as well),
+# so TLS and plain run side by side in one loadtest invocation with alternating
+# rounds, and each process's CPU time is its own. The defaults change to
+#   TARGETS="pgbouncer pgbouncer-tls pgferry pgferry-tls" CLIENTS="16 100"
+#   WORKLOADS="select-simple select-extended" PGBENCH_MODES="" IDLE_CLIENTS=0
+#   CONNECT_CLIENTS="16 64"
+# and any of them can still be set. Further settings:
+#   TLS_KEY=ec              certificate key: ec (P-256) or rsa (2048 bits)
+#   TLS_GROUPS=""           key-exchange groups the generator offers
+#                           (pgferry-loadtest --tls-groups, e.g. X25519)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TLS=${TLS:-0}
+TLS_KEY=${TLS_KEY:-ec}
+TLS_GROUPS=${TLS_GROUPS:-}
+if [ "$TLS" = 1 ]; then
+    TARGETS=${TARGETS:-"pgbouncer pgbouncer-tls pgferry pgferry-tls"}
+    CLIENTS=${CLIENTS:-"16 100"}
+    WORKLOADS=${WORKLOADS:-"select-simple select-extended"}
+    PGBENCH_MODES=${PGBENCH_MODES-""}
+    IDLE_CLIENTS=${IDLE_CLIENTS:-0}
+    CONNECT_CLIENTS=${CONNECT_CLIENTS-"16 64"}
+fi
+CONNECT_CLIENTS=${CONNECT_CLIENTS-""}
 POOL=${POOL:-20}
 PGFERRY_WORKERS=${PGFERRY_WORKERS:-0}
 SCALE=${SCALE:-10}
@@ -42,6 +71,7 @@ IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 HOLD=${HOLD:-10}
 MAX_CONNECTIONS=${MAX_CONNECTIONS:-300}
 TARGETS=${TARGETS:-"direct pgbouncer pgferry"}
+CONNECT_TARGETS=${CONNECT_TARGETS:-$TARGETS}
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
 RUN_AS=${RUN_AS:-postgres}
@@ -70,6 +100,7 @@ id "$RUN_AS" >/dev/null 2>&1 || die "no user $RUN_AS"
 for b in "$PG_BIN/initdb" "$PG_BIN/pg_ctl" "$PG_BIN/pgbench" "$PG_BIN/psql" "$PGBOUNCER"; do
     [ -x "$b" ] || die "missing $b"
 done
+[ "$TLS" = 0 ] || command -v openssl >/dev/null || die "TLS=1 needs openssl"
 
 # Clients are sockets: lift the open-files limit for everything started here.
 ulimit -n "$(ulimit -Hn)"
@@ -80,20 +111,24 @@ chmod 755 "$TMP"
 PG_DATA=$TMP/pg
 PGBOUNCER_PID=
 PGFERRY_PID=
+PGBOUNCER_TLS_PID=
+PGFERRY_TLS_PID=
+
+# Stops process $1 (if set and alive): TERM, then KILL after 5 s.
+stop_pid() {
+    [ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 0
+    kill -TERM "$1"
+    for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$1" 2>/dev/null
+}
 
 cleanup() {
     local rc=$?
     set +e
-    if [ -n "$PGFERRY_PID" ] && kill -0 "$PGFERRY_PID" 2>/dev/null; then
-        kill "$PGFERRY_PID"
-        for _ in $(seq 50); do kill -0 "$PGFERRY_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$PGFERRY_PID" 2>/dev/null
-    fi
-    if [ -n "$PGBOUNCER_PID" ] && kill -0 "$PGBOUNCER_PID" 2>/dev/null; then
-        kill -TERM "$PGBOUNCER_PID"
-        for _ in $(seq 50); do kill -0 "$PGBOUNCER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$PGBOUNCER_PID" 2>/dev/null
-    fi
+    stop_pid "$PGFERRY_PID"
+    stop_pid "$PGFERRY_TLS_PID"
+    stop_pid "$PGBOUNCER_PID"
+    stop_pid "$PGBOUNCER_TLS_PID"
     if [ -f "$PG_DATA/postmaster.pid" ]; then
         as_user "$PG_BIN/pg_ctl" -D "$PG_DATA" -m immediate -w stop >/dev/null 2>&1
     fi
@@ -144,6 +179,7 @@ cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev
 log "# pgferry benchmark $(date -u +%FT%TZ) on $(uname -srm), $(nproc) cores, $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
 log "# POOL=$POOL SCALE=$SCALE CLIENTS='$CLIENTS' WORKLOADS='$WORKLOADS' PGBENCH_MODES='$PGBENCH_MODES'"
 log "# DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS IDLE_CLIENTS=$IDLE_CLIENTS HOLD=$HOLD MAX_CONNECTIONS=$MAX_CONNECTIONS"
+log "# TARGETS='$TARGETS' CONNECT_CLIENTS='$CONNECT_CLIENTS' CONNECT_TARGETS='$CONNECT_TARGETS' TLS=$TLS TLS_KEY=$TLS_KEY TLS_GROUPS='$TLS_GROUPS'"
 log "# $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version | head -1); temp dir $TMP"
 
 # ---- the load generator -------------------------------------------------
@@ -180,13 +216,16 @@ chown "$RUN_AS" "$TMP/userlist.txt"
 chmod 600 "$TMP/userlist.txt"
 
 # ---- PgBouncer -------------------------------------------------------------
-PGBOUNCER_PORT=$(free_port)
-cat >"$TMP/pgbouncer.ini" <<EOF
+# Starts PgBouncer as $RUN_AS: start_pgbouncer NAME PORT [extra ini lines];
+# sets STARTED_PID.
+start_pgbouncer() {
+    local name=$1 port=$2 extra=${3:-}
+    cat >"$TMP/$name.ini" <<EOF
 [databases]
 * = host=127.0.0.1 port=$PG_PORT
 [pgbouncer]
 listen_addr = 127.0.0.1
-listen_port = $PGBOUNCER_PORT
+listen_port = $port
 listen_backlog = 4096
 unix_socket_dir =
 auth_type = scram-sha-256
@@ -196,29 +235,65 @@ default_pool_size = $POOL
 max_client_conn = 12000
 log_connections = 0
 log_disconnections = 0
-logfile = $TMP/pgbouncer.log
+logfile = $TMP/$name.log
 ignore_startup_parameters = extra_float_digits
+$extra
 EOF
-chown "$RUN_AS" "$TMP/pgbouncer.ini"
-log "# pgbouncer.ini:"; tee -a "$RESULTS" <"$TMP/pgbouncer.ini"
-log "+ $PGBOUNCER $TMP/pgbouncer.ini (as $RUN_AS)"
-"${AS_USER[@]}" "$PGBOUNCER" "$TMP/pgbouncer.ini" >/dev/null 2>"$TMP/pgbouncer.stderr" &
-PGBOUNCER_PID=$!
-wait_port "$PGBOUNCER_PORT" "$PGBOUNCER_PID" || die "pgbouncer did not start: $(tail -5 "$TMP/pgbouncer.stderr" "$TMP/pgbouncer.log" 2>/dev/null)"
+    chown "$RUN_AS" "$TMP/$name.ini"
+    log "# $name.ini:"; tee -a "$RESULTS" <"$TMP/$name.ini"
+    log "+ $PGBOUNCER $TMP/$name.ini (as $RUN_AS)"
+    "${AS_USER[@]}" "$PGBOUNCER" "$TMP/$name.ini" >/dev/null 2>"$TMP/$name.stderr" &
+    STARTED_PID=$!
+    wait_port "$port" "$STARTED_PID" || die "$name did not start: $(tail -5 "$TMP/$name.stderr" "$TMP/$name.log" 2>/dev/null)"
+}
+
+PGBOUNCER_PORT=$(free_port)
+start_pgbouncer pgbouncer "$PGBOUNCER_PORT"
+PGBOUNCER_PID=$STARTED_PID
+
+# ---- TLS: certificate and the TLS-only PgBouncer -------------------------------
+PGBOUNCER_TLS_PORT=
+if [ "$TLS" = 1 ]; then
+    case $TLS_KEY in
+    ec) keyopts=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1) ;;
+    rsa) keyopts=(-newkey rsa:2048) ;;
+    *) die "TLS_KEY must be ec or rsa" ;;
+    esac
+    run openssl req -x509 "${keyopts[@]}" -nodes -days 30 -subj /CN=localhost \
+        -addext subjectAltName=IP:127.0.0.1,DNS:localhost -keyout "$TMP/server.key" -out "$TMP/server.crt"
+    chown "$RUN_AS" "$TMP/server.key" "$TMP/server.crt"
+    chmod 600 "$TMP/server.key"
+    log "# certificate: $(openssl x509 -in "$TMP/server.crt" -noout -text | grep -m1 'Public Key Algorithm' | sed 's/^ *//'), $(openssl version)"
+    PGBOUNCER_TLS_PORT=$(free_port)
+    start_pgbouncer pgbouncer-tls "$PGBOUNCER_TLS_PORT" "client_tls_sslmode = require
+client_tls_key_file = $TMP/server.key
+client_tls_cert_file = $TMP/server.crt"
+    PGBOUNCER_TLS_PID=$STARTED_PID
+fi
 
 # ---- pgferry ----------------------------------------------------------------
-PGFERRY_PORT=$(free_port)
-PGFERRY_RO_PORT=$(free_port)
-PGFERRY_OK=1
 if [ ! -x "$PGFERRY_BIN" ]; then
     run cargo build --release -p pgferry-proxy --manifest-path "$REPO/Cargo.toml" || true
 fi
 if [ -x "$PGFERRY_BIN" ]; then
     cp "$PGFERRY_BIN" "$TMP/pgferry" # readable by $RUN_AS whatever the build dir's permissions
-    cat >"$TMP/pgferry.toml" <<EOF
+fi
+
+# Starts pgferry as $RUN_AS: start_pgferry NAME PORT [extra TOML]; sets
+# STARTED_PID (empty when it is not serving) and STARTED_OK (1 when it answered
+# a psql SELECT 1, over TLS when the extra TOML has a [tls] section).
+start_pgferry() {
+    local name=$1 port=$2 extra=${3:-} sslmode=${PGSSLMODE:-prefer} st
+    STARTED_PID=
+    STARTED_OK=1
+    if [ ! -x "$TMP/pgferry" ]; then
+        STARTED_OK=0
+        echo "no binary at $PGFERRY_BIN" >"$TMP/$name.log"
+    else
+        cat >"$TMP/$name.toml" <<EOF
 [listen]
-rw = "127.0.0.1:$PGFERRY_PORT"
-ro = "127.0.0.1:$PGFERRY_RO_PORT"
+rw = "127.0.0.1:$port"
+ro = "127.0.0.1:$(free_port)"
 backlog = 4096
 
 [limits]
@@ -242,54 +317,98 @@ primary = "127.0.0.1:$PG_PORT"
 [[user]]
 name = "$BENCH_USER"
 server_password = "$BENCH_PASSWORD"
+$extra
 EOF
-    chown "$RUN_AS" "$TMP/pgferry.toml"
-    log "# pgferry.toml:"; tee -a "$RESULTS" <"$TMP/pgferry.toml"
-    log "+ $TMP/pgferry --config $TMP/pgferry.toml (as $RUN_AS; binary copied from $PGFERRY_BIN)"
-    PGFERRY_LOG=${PGFERRY_LOG:-warn} "${AS_USER[@]}" "$TMP/pgferry" --config "$TMP/pgferry.toml" >"$TMP/pgferry.log" 2>&1 &
-    PGFERRY_PID=$!
-    if ! wait_port "$PGFERRY_PORT" "$PGFERRY_PID"; then
-        PGFERRY_OK=0
-    elif ! "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$PGFERRY_PORT" -U "$BENCH_USER" -d "$BENCH_DB" -c "SELECT 1" >>"$TMP/pgferry.log" 2>&1; then
-        PGFERRY_OK=0
+        chown "$RUN_AS" "$TMP/$name.toml"
+        log "# $name.toml:"; tee -a "$RESULTS" <"$TMP/$name.toml"
+        log "+ $TMP/pgferry --config $TMP/$name.toml (as $RUN_AS; binary copied from $PGFERRY_BIN)"
+        PGFERRY_LOG=${PGFERRY_LOG:-warn} "${AS_USER[@]}" "$TMP/pgferry" --config "$TMP/$name.toml" >"$TMP/$name.log" 2>&1 &
+        STARTED_PID=$!
+        case $extra in *"[tls]"*) sslmode=require ;; esac
+        if ! wait_port "$port" "$STARTED_PID"; then
+            STARTED_OK=0
+        elif ! PGSSLMODE=$sslmode "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U "$BENCH_USER" -d "$BENCH_DB" -c "SELECT 1" >>"$TMP/$name.log" 2>&1; then
+            STARTED_OK=0
+        fi
     fi
-else
-    PGFERRY_OK=0
-    echo "no binary at $PGFERRY_BIN" >"$TMP/pgferry.log"
-fi
-if [ "$PGFERRY_OK" = 0 ]; then
-    if [ -n "$PGFERRY_PID" ] && ! kill -0 "$PGFERRY_PID" 2>/dev/null; then
-        wait "$PGFERRY_PID" && st=0 || st=$?
-        log "# pgferry exited with status $st"
-        PGFERRY_PID=
+    if [ "$STARTED_OK" = 0 ]; then
+        if [ -n "$STARTED_PID" ] && ! kill -0 "$STARTED_PID" 2>/dev/null; then
+            wait "$STARTED_PID" && st=0 || st=$?
+            log "# $name exited with status $st"
+            STARTED_PID=
+        fi
+        log "# WARNING: $name is not serving; continuing without it. Last lines of its log:"
+        tail -20 "$TMP/$name.log" 2>/dev/null | sed 's/^/#   /' | tee -a "$RESULTS"
     fi
-    log "# WARNING: pgferry is not serving; continuing without it. Last lines of its log:"
-    tail -20 "$TMP/pgferry.log" 2>/dev/null | sed 's/^/#   /' | tee -a "$RESULTS"
+}
+
+PGFERRY_PORT=$(free_port)
+start_pgferry pgferry "$PGFERRY_PORT"
+PGFERRY_PID=$STARTED_PID
+PGFERRY_OK=$STARTED_OK
+
+PGFERRY_TLS_PORT=
+PGFERRY_TLS_OK=0
+if [ "$TLS" = 1 ]; then
+    PGFERRY_TLS_PORT=$(free_port)
+    start_pgferry pgferry-tls "$PGFERRY_TLS_PORT" "
+[tls]
+client_tls = \"require\"
+cert_file = \"$TMP/server.crt\"
+key_file = \"$TMP/server.key\""
+    PGFERRY_TLS_PID=$STARTED_PID
+    PGFERRY_TLS_OK=$STARTED_OK
 fi
 
 # ---- targets --------------------------------------------------------------
-declare -A PORT=([direct]=$PG_PORT [pgbouncer]=$PGBOUNCER_PORT [pgferry]=$PGFERRY_PORT)
-declare -A PID=([pgbouncer]=$PGBOUNCER_PID [pgferry]=$PGFERRY_PID)
-# What direct PostgreSQL can take while both poolers hold their pools.
-DIRECT_MAX=$((MAX_CONNECTIONS - 3 - 2 * POOL - 5))
+declare -A PORT=([direct]=$PG_PORT [pgbouncer]=$PGBOUNCER_PORT [pgferry]=$PGFERRY_PORT
+    [pgbouncer-tls]=$PGBOUNCER_TLS_PORT [pgferry-tls]=$PGFERRY_TLS_PORT)
+declare -A PID=([pgbouncer]=$PGBOUNCER_PID [pgferry]=$PGFERRY_PID
+    [pgbouncer-tls]=$PGBOUNCER_TLS_PID [pgferry-tls]=$PGFERRY_TLS_PID)
+# What direct PostgreSQL can take while the poolers hold their pools.
+NPOOLERS=2
+if [ "$TLS" = 1 ]; then NPOOLERS=4; fi
+DIRECT_MAX=$((MAX_CONNECTIONS - 3 - NPOOLERS * POOL - 5))
 
-# Targets usable at $1 clients.
+# Targets usable at $1 clients, out of $2 (default $TARGETS).
 targets_for() {
     local t out=()
-    for t in $TARGETS; do
+    for t in ${2:-$TARGETS}; do
         case $t in
         direct) [ "$1" -le "$DIRECT_MAX" ] || continue ;;
         pgferry) [ "$PGFERRY_OK" = 1 ] || continue ;;
+        pgferry-tls) [ "$PGFERRY_TLS_OK" = 1 ] || continue ;;
+        *-tls) [ -n "${PORT[$t]:-}" ] || continue ;;
         esac
         out+=("$t")
     done
     echo "${out[@]}"
 }
 
+# pgferry-loadtest's --target and --pid arguments for the targets "$@", one a
+# line (targets named *-tls get tls:).
+target_args() {
+    local t tls
+    for t in "$@"; do
+        tls=
+        case $t in *-tls) tls=tls: ;; esac
+        printf '%s\n' --target "$t=${tls}127.0.0.1:${PORT[$t]}"
+        if [ -n "${PID[$t]:-}" ]; then
+            printf '%s\n' --pid "$t=${PID[$t]}"
+        fi
+    done
+}
+
 log "# targets: direct=127.0.0.1:$PG_PORT (postmaster pid $PG_PID) pgbouncer=127.0.0.1:$PGBOUNCER_PORT (pid $PGBOUNCER_PID) pgferry=127.0.0.1:$PGFERRY_PORT (pid ${PGFERRY_PID:-none}, serving=$PGFERRY_OK)"
-log "# direct is skipped above $DIRECT_MAX clients (max_connections=$MAX_CONNECTIONS minus 3 reserved and both pools)"
+if [ "$TLS" = 1 ]; then
+    log "# TLS targets (client TLS required): pgbouncer-tls=127.0.0.1:$PGBOUNCER_TLS_PORT (pid $PGBOUNCER_TLS_PID) pgferry-tls=127.0.0.1:$PGFERRY_TLS_PORT (pid ${PGFERRY_TLS_PID:-none}, serving=$PGFERRY_TLS_OK)"
+fi
+log "# direct is skipped above $DIRECT_MAX clients (max_connections=$MAX_CONNECTIONS minus 3 reserved and all pools)"
 
 LT_COMMON=(--user "$BENCH_USER" --password "$BENCH_PASSWORD" --dbname "$BENCH_DB" --scale "$SCALE")
+if [ -n "$TLS_GROUPS" ]; then
+    LT_COMMON+=(--tls-groups "$TLS_GROUPS")
+fi
 
 # ---- idle clients (first, while the proxies are fresh) ---------------------------
 if [ "$IDLE_CLIENTS" -gt 0 ]; then
@@ -312,11 +431,7 @@ for clients in $CLIENTS; do
     read -r -a tg <<<"$(targets_for "$clients")"
     [ "${#tg[@]}" -gt 0 ] || { log "# no target can take $clients clients"; continue; }
     for workload in $WORKLOADS; do
-        args=()
-        for t in "${tg[@]}"; do
-            args+=(--target "$t=127.0.0.1:${PORT[$t]}")
-            [ -n "${PID[$t]:-}" ] && args+=(--pid "$t=${PID[$t]}")
-        done
+        mapfile -t args < <(target_args "${tg[@]}")
         log ""
         log "## pgferry-loadtest workload=$workload clients=$clients"
         run "$LOADTEST_BIN" "${args[@]}" "${LT_COMMON[@]}" --clients "$clients" --workload "$workload" \
@@ -332,7 +447,9 @@ for clients in $CLIENTS; do
             out=$TMP/pgbench.out
             # pgbench's -T includes its connection phase, which runs PBKDF2
             # per SCRAM login (about 7 s for 1000 clients here): allow for it.
-            run "$PG_BIN/pgbench" -n -S -M "$mode" -c "$clients" -j 2 -T "$((DURATION + (clients + 99) / 100))" \
+            sslmode=${PGSSLMODE:-prefer}
+            case $t in *-tls) sslmode=require ;; esac
+            PGSSLMODE=$sslmode run "$PG_BIN/pgbench" -n -S -M "$mode" -c "$clients" -j 2 -T "$((DURATION + (clients + 99) / 100))" \
                 -h 127.0.0.1 -p "${PORT[$t]}" -U "$BENCH_USER" "$BENCH_DB" >"$out" || true
             cat "$out"
             tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
@@ -350,8 +467,19 @@ for clients in $CLIENTS; do
     done
 done
 
+# ---- connect per transaction ------------------------------------------------
+for clients in $CONNECT_CLIENTS; do
+    read -r -a tg <<<"$(targets_for "$clients" "$CONNECT_TARGETS")"
+    [ "${#tg[@]}" -gt 0 ] || { log "# no target can take $clients clients"; continue; }
+    mapfile -t args < <(target_args "${tg[@]}")
+    log ""
+    log "## pgferry-loadtest workload=connect clients=$clients"
+    run "$LOADTEST_BIN" "${args[@]}" "${LT_COMMON[@]}" --clients "$clients" --workload connect \
+        --duration "${DURATION}s" --warmup "${WARMUP}s" --rounds "$ROUNDS" --json || log "# (exit status $?)"
+done
+
 log ""
 log "## summary"
-grep -E '^(summary|target |direct |pgbouncer |pgferry |pgbench target=|idle target=.*(process|connected)=)' "$RESULTS" | tee -a "$RESULTS.summary" >/dev/null || true
+grep -E '^(summary|target |direct |pgbouncer(-tls)? |pgferry(-tls)? |tls target=|pgbench target=|idle target=.*(process|connected)=)' "$RESULTS" | tee -a "$RESULTS.summary" >/dev/null || true
 cat "$RESULTS.summary" | tee -a "$RESULTS"
 rm -f "$RESULTS.summary"

@@ -3,8 +3,14 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use tokio_rustls::TlsConnector;
+
+use crate::conn::ConnParams;
+use crate::tls::{self, TlsOptions};
 
 /// A lean PostgreSQL wire-protocol load generator: pre-encoded requests,
 /// one write and reads up to ReadyForQuery per transaction, latencies in an
@@ -12,10 +18,27 @@ use clap::{Parser, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "pgferry-loadtest", version)]
 pub struct Args {
-    /// A server to load, as NAME=HOST:PORT. Repeat to compare servers; the
-    /// first one is the baseline of the summary's TPS ratio.
-    #[arg(long = "target", value_name = "NAME=HOST:PORT", value_parser = parse_target, required = true)]
+    /// A server to load, as NAME=HOST:PORT, or NAME=tls:HOST:PORT for TLS
+    /// (SSLRequest, then a handshake; the certificate is not verified).
+    /// Repeat to compare servers; the first one is the baseline of the
+    /// summary's TPS ratio.
+    #[arg(long = "target", value_name = "NAME=[tls:]HOST:PORT", value_parser = parse_target, required = true)]
     pub targets: Vec<Target>,
+
+    /// Use TLS for every target.
+    #[arg(long)]
+    pub tls: bool,
+
+    /// TLS key-exchange groups to offer, comma-separated rustls names
+    /// (X25519MLKEM768, X25519, secp256r1, secp384r1). Default: all of
+    /// aws-lc-rs's defaults.
+    #[arg(long, value_delimiter = ',')]
+    pub tls_groups: Vec<String>,
+
+    /// Resume TLS sessions across connections (off: every connection pays a
+    /// full handshake, as libpq clients do).
+    #[arg(long)]
+    pub tls_resume: bool,
 
     /// Process whose CPU time per transaction and RSS are reported for the
     /// target NAME (utime+stime of all its threads, from /proc).
@@ -131,6 +154,7 @@ impl WorkloadKind {
 pub struct Target {
     pub name: String,
     pub addr: SocketAddr,
+    pub tls: bool,
 }
 
 fn parse_target(s: &str) -> Result<Target> {
@@ -140,6 +164,10 @@ fn parse_target(s: &str) -> Result<Target> {
     if name.is_empty() {
         bail!("empty target name in {s:?}");
     }
+    let (tls, hostport) = match hostport.strip_prefix("tls:") {
+        Some(rest) => (true, rest),
+        None => (false, hostport),
+    };
     let addr = hostport
         .to_socket_addrs()
         .with_context(|| format!("resolving {hostport:?}"))?
@@ -148,6 +176,7 @@ fn parse_target(s: &str) -> Result<Target> {
     Ok(Target {
         name: name.to_owned(),
         addr,
+        tls,
     })
 }
 
@@ -181,6 +210,36 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
 impl Args {
     pub fn dbname(&self) -> &str {
         self.dbname.as_deref().unwrap_or(&self.user)
+    }
+
+    /// Whether connections to `t` use TLS.
+    pub fn uses_tls(&self, t: &Target) -> bool {
+        self.tls || t.tls
+    }
+
+    /// The TLS connector, when some target uses TLS (one for all of them).
+    pub fn tls_connector(&self) -> Result<Option<TlsConnector>> {
+        if !self.targets.iter().any(|t| self.uses_tls(t)) {
+            return Ok(None);
+        }
+        let opts = TlsOptions {
+            groups: self.tls_groups.clone(),
+            resume: self.tls_resume,
+        };
+        tls::connector(&opts).map(Some)
+    }
+
+    /// Connection parameters for `t`; `tls` from [`Args::tls_connector`].
+    pub fn conn_params(&self, t: &Target, tls: Option<&TlsConnector>) -> Arc<ConnParams> {
+        let tls = if self.uses_tls(t) { tls.cloned() } else { None };
+        ConnParams::new(
+            t.addr,
+            &self.user,
+            &self.password,
+            self.dbname(),
+            self.connect_timeout,
+            tls,
+        )
     }
 
     pub fn pid_of(&self, target: &str) -> Option<u32> {
@@ -235,6 +294,9 @@ mod tests {
     fn targets() {
         let t = parse_target("pgb=127.0.0.1:6432").unwrap();
         assert_eq!((t.name.as_str(), t.addr.port()), ("pgb", 6432));
+        assert!(!t.tls);
+        let t = parse_target("pgb-tls=tls:127.0.0.1:6433").unwrap();
+        assert_eq!((t.name.as_str(), t.addr.port(), t.tls), ("pgb-tls", 6433, true));
         assert!(parse_target("127.0.0.1:6432").is_err());
         assert_eq!(parse_pid("pgb=42").unwrap(), ("pgb".to_owned(), 42));
     }

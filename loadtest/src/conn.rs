@@ -1,10 +1,13 @@
-//! A minimal PostgreSQL protocol client: startup and authentication (trust,
-//! cleartext, md5, SCRAM-SHA-256), then request/response exchanges that end
-//! at ReadyForQuery.
+//! A minimal PostgreSQL protocol client: optional TLS (SSLRequest), startup
+//! and authentication (trust, cleartext, md5, SCRAM-SHA-256), then
+//! request/response exchanges that end at ReadyForQuery.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,9 +15,14 @@ use bytes::{Buf, BytesMut};
 use pgferry_protocol::backend::{self, AuthRequest, TxStatus};
 use pgferry_protocol::frame::{self, decode_frame};
 use pgferry_protocol::{encode, scram};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::tls;
 
 /// Largest server message accepted.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -34,6 +42,9 @@ pub struct ConnParams {
     /// The StartupMessage, encoded once.
     startup: Vec<u8>,
     pub connect_timeout: Duration,
+    /// Set for a TLS target: every connection sends SSLRequest and
+    /// handshakes before the StartupMessage.
+    tls: Option<TlsConnector>,
     /// PBKDF2 results per (salt, iterations): the password's keys are derived
     /// once, not once per connection, so connection storms stay cheap for
     /// the generator (the server still does its full share of the work).
@@ -41,7 +52,14 @@ pub struct ConnParams {
 }
 
 impl ConnParams {
-    pub fn new(addr: SocketAddr, user: &str, password: &str, dbname: &str, connect_timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+        dbname: &str,
+        connect_timeout: Duration,
+        tls: Option<TlsConnector>,
+    ) -> Arc<Self> {
         let mut startup = BytesMut::new();
         encode::startup_message(
             &mut startup,
@@ -57,6 +75,7 @@ impl ConnParams {
             password: password.to_owned(),
             startup: startup.to_vec(),
             connect_timeout,
+            tls,
             scram_keys: Mutex::new(HashMap::new()),
         })
     }
@@ -87,8 +106,60 @@ pub struct Reply {
     pub error: bool,
 }
 
+/// A plain or TLS socket. Plain sockets go straight to tokio; the match per
+/// poll is all the plain path pays for TLS support.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Stream {
+    /// Writes all of `buf`; over TLS also flushes the records rustls holds.
+    async fn send(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(buf).await,
+            Stream::Tls(s) => {
+                s.write_all(buf).await?;
+                s.flush().await
+            }
+        }
+    }
+}
+
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     last_error: String,
@@ -103,17 +174,30 @@ impl Conn {
     }
 
     async fn connect_inner(params: &ConnParams) -> Result<Conn> {
-        let stream = TcpStream::connect(params.addr)
+        let mut tcp = TcpStream::connect(params.addr)
             .await
             .with_context(|| format!("connect to {}", params.addr))?;
-        stream.set_nodelay(true)?;
+        tcp.set_nodelay(true)?;
+        let stream = match &params.tls {
+            None => Stream::Plain(tcp),
+            Some(connector) => {
+                let mut req = BytesMut::new();
+                encode::ssl_request(&mut req);
+                tcp.write_all(&req).await?;
+                let answer = tcp.read_u8().await.context("reading the answer to SSLRequest")?;
+                tls::check_ssl_answer(answer)?;
+                let name = ServerName::IpAddress(params.addr.ip().into());
+                let s = connector.connect(name, tcp).await.context("TLS handshake")?;
+                Stream::Tls(Box::new(s))
+            }
+        };
         let mut conn = Conn {
             stream,
             rbuf: BytesMut::with_capacity(1024),
             wbuf: BytesMut::new(),
             last_error: String::new(),
         };
-        conn.stream.write_all(&params.startup).await?;
+        conn.stream.send(&params.startup).await?;
         conn.authenticate(params).await?;
         // Drain ParameterStatus, BackendKeyData, notices up to ReadyForQuery.
         loop {
@@ -174,7 +258,7 @@ impl Conn {
                 }
                 AuthRequest::Other(n) => bail!("unsupported authentication request {n}"),
             }
-            self.stream.write_all(&self.wbuf).await?;
+            self.stream.send(&self.wbuf).await?;
         }
     }
 
@@ -199,7 +283,7 @@ impl Conn {
     /// Sends pre-encoded request bytes and reads up to ReadyForQuery. The hot
     /// path: one write, reads into a reused buffer, no per-message allocation.
     pub async fn exchange(&mut self, request: &[u8]) -> Result<Reply> {
-        self.stream.write_all(request).await?;
+        self.stream.send(request).await?;
         let mut error = false;
         loop {
             while let Some((tag, total)) = frame::peek_header(&self.rbuf, MAX_MESSAGE)? {
@@ -230,7 +314,7 @@ impl Conn {
     pub async fn query_scalar(&mut self, sql: &str) -> Result<Option<String>> {
         let mut req = BytesMut::new();
         encode::query(&mut req, sql.as_bytes());
-        self.stream.write_all(&req).await?;
+        self.stream.send(&req).await?;
         let mut value = None;
         loop {
             let f = self.read_frame().await?;
@@ -251,6 +335,14 @@ impl Conn {
         }
     }
 
+    /// The negotiated TLS parameters, or None on a plain connection.
+    pub fn tls_description(&self) -> Option<String> {
+        match &self.stream {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => Some(tls::describe(s.get_ref().1)),
+        }
+    }
+
     /// The text of the first ErrorResponse of the last failed exchange.
     pub fn last_error(&self) -> &str {
         &self.last_error
@@ -260,7 +352,7 @@ impl Conn {
     pub async fn terminate(mut self) {
         let mut buf = BytesMut::new();
         encode::terminate(&mut buf);
-        let _ = self.stream.write_all(&buf).await;
+        let _ = self.stream.send(&buf).await;
         let _ = self.stream.shutdown().await;
     }
 }

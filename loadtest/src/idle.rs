@@ -1,6 +1,7 @@
 //! Idle-client memory: open many authenticated connections that each ran
 //! one `SELECT 1`, hold them, and report how the watched processes' RSS grew.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -21,8 +22,10 @@ const SETTLE: Duration = Duration::from_secs(1);
 pub async fn run(args: &Args, clients: usize) -> Result<()> {
     let mut select1 = BytesMut::new();
     encode::query(&mut select1, b"SELECT 1");
+    let tls = args.tls_connector()?;
     for target in &args.targets {
-        run_target(args, target, clients, select1.to_vec()).await?;
+        let params = args.conn_params(target, tls.as_ref());
+        run_target(args, target, &params, clients, select1.to_vec()).await?;
         tokio::time::sleep(SETTLE).await;
     }
     Ok(())
@@ -36,18 +39,17 @@ fn mib(kib: u64) -> String {
     format!("{:.1}MiB", kib as f64 / 1024.0)
 }
 
-async fn run_target(args: &Args, target: &Target, clients: usize, select1: Vec<u8>) -> Result<()> {
-    let params = ConnParams::new(
-        target.addr,
-        &args.user,
-        &args.password,
-        args.dbname(),
-        args.connect_timeout,
-    );
+async fn run_target(
+    args: &Args,
+    target: &Target,
+    params: &Arc<ConnParams>,
+    clients: usize,
+    select1: Vec<u8>,
+) -> Result<()> {
     let recorder = Recorder::default();
     let before = rss_all(args);
     let start = Instant::now();
-    let conns = connect_all(&params, clients, args.connect_concurrency, Some(select1), &recorder).await;
+    let conns = connect_all(params, clients, args.connect_concurrency, Some(select1), &recorder).await;
     let connect_secs = start.elapsed().as_secs_f64();
     let connected = conns.len();
     println!(

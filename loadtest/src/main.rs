@@ -7,7 +7,10 @@ mod idle;
 mod procfs;
 mod round;
 mod stats;
+mod tls;
 mod workload;
+
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -48,7 +51,10 @@ async fn run(args: Args) -> Result<()> {
     if let Some(n) = args.idle_clients {
         return idle::run(&args, n).await;
     }
-    let scale = scale(&args).await?;
+    let tls = args.tls_connector()?;
+    let params: Vec<_> = args.targets.iter().map(|t| args.conn_params(t, tls.as_ref())).collect();
+    describe_tls(&args, &params).await;
+    let scale = scale(&args, &params).await?;
     let settings = Settings {
         kind: args.workload,
         scale,
@@ -58,11 +64,6 @@ async fn run(args: Args) -> Result<()> {
         think: args.think,
         connect_concurrency: args.connect_concurrency,
     };
-    let params: Vec<_> = args
-        .targets
-        .iter()
-        .map(|t| ConnParams::new(t.addr, &args.user, &args.password, args.dbname(), args.connect_timeout))
-        .collect();
     let n = args.targets.len();
     let mut results = Vec::new();
     for round in 1..=args.rounds {
@@ -98,9 +99,26 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Prints what one connection to each TLS target negotiated.
+async fn describe_tls(args: &Args, params: &[Arc<ConnParams>]) {
+    for (t, params) in args.targets.iter().zip(params) {
+        if !args.uses_tls(t) {
+            continue;
+        }
+        match Conn::connect(params).await {
+            Ok(c) => {
+                let d = c.tls_description().unwrap_or_default();
+                println!("tls target={} {d}", t.name);
+                c.terminate().await;
+            }
+            Err(e) => println!("tls target={} probe failed: {e:#}", t.name),
+        }
+    }
+}
+
 /// pgbench's scale: from --scale, else counted in pgbench_branches on the
 /// first target that answers.
-async fn scale(args: &Args) -> Result<Scale> {
+async fn scale(args: &Args, params: &[Arc<ConnParams>]) -> Result<Scale> {
     if let Some(s) = args.scale {
         return Ok(Scale::new(s, args.pgbench_accounts));
     }
@@ -113,10 +131,9 @@ async fn scale(args: &Args) -> Result<Scale> {
         }
     }
     let mut last = anyhow!("no target");
-    for t in &args.targets {
-        let params = ConnParams::new(t.addr, &args.user, &args.password, args.dbname(), args.connect_timeout);
+    for (t, params) in args.targets.iter().zip(params) {
         let attempt = async {
-            let mut c = Conn::connect(&params).await?;
+            let mut c = Conn::connect(params).await?;
             let v = c.query_scalar("SELECT count(*) FROM pgbench_branches").await?;
             c.terminate().await;
             let n: u64 = v.context("no row")?.parse().context("count(*)")?;
