@@ -347,6 +347,61 @@ pub enum Topology {
         #[serde(default)]
         standbys: Vec<String>,
     },
+    /// Patroni's keys in etcd (v3 API), followed through a watch.
+    Etcd(Box<EtcdTopology>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTopology {
+    /// etcd v3 endpoints, "host:port" (or "https://host:port" with TLS).
+    pub endpoints: Vec<String>,
+    /// Patroni's `namespace` (default "/service/") and `scope`.
+    #[serde(default = "d_namespace")]
+    pub namespace: String,
+    pub scope: String,
+    /// Patroni's Citus layout: `/<namespace>/<scope>/<group>/...`; 5432
+    /// follows group 0 (the coordinator), worker groups are tracked.
+    #[serde(default)]
+    pub citus: bool,
+    /// etcd authentication.
+    pub etcd_user: Option<String>,
+    pub etcd_password: Option<String>,
+    /// CA bundle for https:// endpoints.
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Role and password for pgferry's control connections (the
+    /// pg_is_in_recovery() check that confirms a new leader before writes go
+    /// there). Needs only LOGIN and CONNECT on `check_dbname`.
+    pub check_user: String,
+    pub check_password: Option<String>,
+    #[serde(default = "d_check_dbname")]
+    pub check_dbname: String,
+    /// New transactions on the read-write port wait this long for a
+    /// confirmed leader during a failover, then fail with 57P03.
+    #[serde(default = "d_failover_hold_timeout", with = "humantime_serde")]
+    pub failover_hold_timeout: Duration,
+    /// With etcd unreachable, the last confirmed leader is kept this long,
+    /// then writes stop (a minority partition must not keep writing).
+    /// Default: Patroni's `ttl` from its `config` key (30 s if absent).
+    #[serde(default, with = "humantime_serde::option")]
+    pub etcd_grace: Option<Duration>,
+    /// Replicas further behind the leader than this many bytes of WAL get
+    /// no new read-only sessions.
+    #[serde(default = "d_max_replica_lag")]
+    pub max_replica_lag: u64,
+}
+
+fn d_namespace() -> String {
+    "/service/".into()
+}
+fn d_check_dbname() -> String {
+    "postgres".into()
+}
+fn d_failover_hold_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_max_replica_lag() -> u64 {
+    16 << 20
 }
 
 /// Per-database overrides.
@@ -616,10 +671,21 @@ impl Config {
         if Some(self.listen.rw) == self.listen.ro {
             errs.push("listen.rw and listen.ro must differ".into());
         }
-        let Topology::Static { primary, standbys } = &self.topology;
-        for a in std::iter::once(primary).chain(standbys) {
-            if split_host_port(a).is_none() {
-                errs.push(format!("topology: {a:?} is not host:port"));
+        match &self.topology {
+            Topology::Static { primary, standbys } => {
+                for a in std::iter::once(primary).chain(standbys) {
+                    if split_host_port(a).is_none() {
+                        errs.push(format!("topology: {a:?} is not host:port"));
+                    }
+                }
+            }
+            Topology::Etcd(e) => {
+                if e.endpoints.is_empty() {
+                    errs.push("topology.endpoints: at least one etcd endpoint".into());
+                }
+                if e.scope.is_empty() || e.scope.contains('/') {
+                    errs.push("topology.scope must be Patroni's scope (no '/')".into());
+                }
             }
         }
         let mut seen = std::collections::HashSet::new();

@@ -26,6 +26,9 @@ pub enum PoolError {
     WaitTimeout,
     #[error("{0}")]
     Tls(String),
+    /// No member to route to within failover_hold_timeout.
+    #[error("{0}")]
+    NoServer(String),
     #[error("pool is shutting down")]
     ShuttingDown,
 }
@@ -39,6 +42,7 @@ impl PoolError {
             PoolError::Auth(_) => INVALID_PASSWORD,
             PoolError::WaitTimeout => TOO_MANY_CONNECTIONS,
             PoolError::ShuttingDown => ADMIN_SHUTDOWN,
+            PoolError::NoServer(_) => CANNOT_CONNECT_NOW,
             PoolError::Connect { .. } | PoolError::ConnectTimeout(_) | PoolError::Tls(_) => {
                 SQLCLIENT_UNABLE_TO_ESTABLISH
             }

@@ -66,6 +66,24 @@ impl ServerCredentials {
         }
     }
 
+    /// Takes over the SCRAM keys another pool of the same user learned (a
+    /// session moving to a new leader brings its pass-through keys along).
+    pub fn adopt(&self, other: &ServerCredentials) {
+        if self.password.is_some() || Arc::ptr_eq(&self.derived, &other.derived) {
+            return;
+        }
+        let theirs = other.derived.lock().unwrap();
+        let mut mine = self.derived.lock().unwrap();
+        if let (None, Some(d)) = (mine.as_ref(), theirs.as_ref()) {
+            *mine = Some(Derived {
+                salt: d.salt.clone(),
+                iterations: d.iterations,
+                client_key: d.client_key,
+                server_key: d.server_key,
+            });
+        }
+    }
+
     /// Credentials for a SCRAM exchange with this server-first message.
     async fn scram_credentials(&self, server_first: &[u8]) -> Result<ClientCredentials, PoolError> {
         let sf = scram::parse_server_first(server_first).map_err(|e| PoolError::Auth(e.to_string()))?;

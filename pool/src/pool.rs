@@ -39,6 +39,10 @@ pub struct PoolKey {
     pub database: String,
     pub user: String,
     pub node: Arc<NodeAddr>,
+    /// Pools for the read-only port are separate from the read-write
+    /// port's, even on the same node: when a node stops being the leader,
+    /// its read-write connections are cut while read-only ones may stay.
+    pub read_only: bool,
 }
 
 /// Name/value pairs, shared.
@@ -66,6 +70,8 @@ pub struct Pool {
     /// at login so that login needs no server round trip.
     startup_params: Mutex<Option<ParamList>>,
     tls: Arc<pgferry_tls::Connector>,
+    /// Every open connection's socket, idle or in use (see `retire`).
+    live: Mutex<Vec<Weak<socket2::Socket>>>,
 }
 
 enum Permit {
@@ -95,6 +101,7 @@ impl Pool {
             max_message,
             startup_params: Mutex::new(None),
             tls,
+            live: Mutex::new(Vec::new()),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
         pool
@@ -228,6 +235,11 @@ impl Pool {
             Ok(c) => {
                 self.stats.servers_opened.fetch_add(1, Relaxed);
                 tracing::info!(server = c.id, node = %self.key.node, db = %self.key.database, user = %self.key.user, backend_pid = c.backend_pid, "server connection opened");
+                {
+                    let mut live = self.live.lock().unwrap();
+                    live.retain(|w| w.strong_count() > 0);
+                    live.push(Arc::downgrade(&c.sever));
+                }
                 let mut sp = self.startup_params.lock().unwrap();
                 if sp.is_none() {
                     *sp = Some(Arc::new(c.params.clone()));
@@ -273,6 +285,23 @@ impl Pool {
         self.permits.close();
         self.reserve.close();
         self.close_idle(why);
+    }
+
+    /// Shuts the pool down and cuts every connection it has, including the
+    /// ones sessions hold in the middle of a transaction: their next read
+    /// fails, so the client gets an error and nothing more reaches this
+    /// server. Used when a node stops being the leader (or an eligible
+    /// replica).
+    pub fn retire(&self, why: &str) -> usize {
+        self.shut_down(why);
+        let live = std::mem::take(&mut *self.live.lock().unwrap());
+        let mut cut = 0;
+        for s in live.iter().filter_map(Weak::upgrade) {
+            if s.shutdown(std::net::Shutdown::Both).is_ok() {
+                cut += 1;
+            }
+        }
+        cut
     }
 
     pub fn credentials(&self) -> &ServerCredentials {

@@ -94,6 +94,10 @@ pub struct ServerConn {
     pub idle_since: Instant,
     /// Transactions run on it, for the admin console.
     pub uses: u64,
+    /// A duplicate of the socket, through which the pool can cut the
+    /// connection while a session holds it (failover: nothing more may
+    /// reach a demoted primary).
+    pub(crate) sever: Arc<socket2::Socket>,
 }
 
 impl ServerConn {
@@ -117,6 +121,7 @@ impl ServerConn {
             stream.set_nodelay(true)?;
             let sock = socket2::SockRef::from(&stream);
             let _ = sock.set_keepalive(true);
+            let sever = Arc::new(sock.try_clone()?);
             let stream = negotiate_tls(stream, &addr.host, tls).await?;
             let mut wire = Wire::new(stream, max_message);
             let r = login(&mut wire, creds, database).await?;
@@ -134,6 +139,7 @@ impl ServerConn {
                 created: now,
                 idle_since: now,
                 uses: 0,
+                sever,
             })
         };
         if timeout.is_zero() {

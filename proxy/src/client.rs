@@ -92,8 +92,6 @@ async fn start(
     io.flush().await?;
     let (tls, client_cert) = (login.tls.is_some(), login.tls == Some(true));
     tracing::info!(user = %login.user, db = %login.database, node = %login.route.member.addr, tls, client_cert, "client logged in");
-    let pool = login.pool.clone();
-    pool.stats.cl_active.fetch_add(1, Relaxed);
     let (rd, wr) = io.stream.split();
     // Usually empty by now: do not keep the login buffer's capacity.
     let rbuf = if io.rbuf.is_empty() { BytesMut::new() } else { io.rbuf };
@@ -114,7 +112,6 @@ async fn start(
     Ok(Some(Box::pin(async move {
         let r = session.run().await;
         drop(user_permit);
-        pool.stats.cl_active.fetch_sub(1, Relaxed);
         r
     })))
 }
@@ -203,12 +200,18 @@ async fn login(io: &mut ClientIo, peer: SocketAddr, role: Role, shared: &Shared)
     }
 
     let method = hba_method(shared, peer, tls.is_some(), &database, &user)?;
-    let route = shared.router.route(role).ok_or_else(|| {
-        ClientError::refused(
-            sqlstate::CANNOT_CONNECT_NOW,
-            format!("no server is available for the {} port", role.as_str()),
-        )
-    })?;
+    // During a failover there is briefly no leader: wait for one (bounded)
+    // rather than fail the login.
+    let route = shared
+        .router
+        .route_wait(role, shared.failover_hold())
+        .await
+        .ok_or_else(|| {
+            ClientError::refused(
+                sqlstate::CANNOT_CONNECT_NOW,
+                format!("no server is available for the {} port", role.as_str()),
+            )
+        })?;
     let attempt = Attempt {
         user: &user,
         database: &database,
@@ -217,7 +220,7 @@ async fn login(io: &mut ClientIo, peer: SocketAddr, role: Role, shared: &Shared)
     };
     let auth = authenticate(io, &attempt, method, shared).await?;
     let user_permit = shared.user_client_permit(&user)?;
-    let pool = shared.pool(&database, &user, &route.member.addr);
+    let pool = shared.pool(&database, &user, &route.member.addr, role);
     if let Some((secret, client_key)) = &auth.scram {
         pool.credentials()
             .learn_scram_keys(&secret.salt, secret.iterations, *client_key, secret.server_key);

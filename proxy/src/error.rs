@@ -73,6 +73,7 @@ pub fn pool_message(e: &PoolError) -> String {
         PoolError::Server { message, .. } => message.clone(),
         PoolError::WaitTimeout => "no server connection available within query_wait_timeout".into(),
         PoolError::ShuttingDown => "pgferry is shutting down".into(),
+        PoolError::NoServer(m) => m.clone(),
         PoolError::Auth(_) => "pgferry could not log in to the server (see pgferry's log)".into(),
         PoolError::Connect { .. } | PoolError::ConnectTimeout(_) => "pgferry could not connect to the server".into(),
         _ => "server connection failed".into(),

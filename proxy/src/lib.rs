@@ -55,10 +55,29 @@ pub fn load_userlist(config: &Config) -> Result<userlist::Userlist, StartError> 
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
     let config = Arc::new(config);
     let users = load_userlist(&config)?;
-    let (router, _topology_tx) = Router::new(Topology::from_config(&config)?, config.pool.ro_fallback_to_primary);
+    let (router, publisher) = Router::new(Topology::from_config(&config)?, config.pool.ro_fallback_to_primary);
     let tls = pgferry_tls::Acceptor::new(&config.tls)?;
     let server_tls = Arc::new(pgferry_tls::Connector::new(&config.tls)?);
+    if let pgferry_config::Topology::Etcd(etcd) = &config.topology {
+        let check = pgferry_routing::confirm::CheckLogin {
+            user: etcd.check_user.clone(),
+            password: etcd.check_password.clone(),
+            dbname: etcd.check_dbname.clone(),
+            tls: server_tls.client_config(),
+            ssl_mode: match config.tls.server_tls {
+                pgferry_config::ServerTls::Disable => tokio_postgres::config::SslMode::Disable,
+                pgferry_config::ServerTls::Prefer => tokio_postgres::config::SslMode::Prefer,
+                _ => tokio_postgres::config::SslMode::Require,
+            },
+        };
+        tracing::info!(endpoints = ?etcd.endpoints, scope = %etcd.scope, citus = etcd.citus, "topology: following Patroni through etcd");
+        tokio::spawn(pgferry_routing::etcd::run((**etcd).clone(), check, publisher));
+    } else {
+        // The static topology never changes: nothing publishes.
+        drop(publisher);
+    }
     let shared = Arc::new(Shared::new(config.clone(), users, router, tls, server_tls));
+    tokio::spawn(follow_topology(shared.clone()));
     tokio::spawn(reload_on_sighup(shared.clone()));
     let slots = Arc::new(Semaphore::new(config.limits.max_client_conn));
     let mut listeners = vec![(config.listen.rw, Role::ReadWrite)];
@@ -84,6 +103,14 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         p.shut_down("pgferry shutting down");
     }
     Ok(())
+}
+
+/// Applies every topology change to the pools (see `Shared::apply_topology`).
+async fn follow_topology(shared: Arc<Shared>) {
+    let mut rx = shared.router.subscribe();
+    while rx.changed().await.is_ok() {
+        shared.apply_topology();
+    }
 }
 
 /// SIGHUP re-reads the TLS certificate and key (a failed reload keeps the

@@ -24,7 +24,7 @@ use pgferry_protocol::backend::{self, TxStatus};
 use pgferry_protocol::encode::{self, Severity};
 use pgferry_protocol::sql::{self, Pin};
 use pgferry_protocol::{decode_frame, frontend, sqlstate, Frame, ProtocolError};
-use pgferry_routing::Route;
+use pgferry_routing::{Role, Route};
 use pgferry_tls::stream::{ClientReadHalf, ClientWriteHalf, ReadHalf};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -145,7 +145,10 @@ pub struct Session {
     server_unflushed: bool,
     read_only: bool,
     pool: Arc<Pool>,
-    _route: Route,
+    /// The member this session is routed to, and the router generation
+    /// that decision was made under.
+    route: Route,
+    route_gen: u64,
     mode: PoolMode,
     /// Rename named statements (transaction mode with a statement cache).
     rewrite: bool,
@@ -202,7 +205,8 @@ impl Session {
             max_prepared: settings.max_prepared_statements,
             max_message: shared.config.limits.max_message_size,
             pool: init.pool,
-            _route: init.route,
+            route: init.route,
+            route_gen: shared.router.generation(),
             server: None,
             bound_at: Instant::now(),
             slots: VecDeque::new(),
@@ -224,6 +228,7 @@ impl Session {
 
     /// Runs the session to its end, then returns or discards the server.
     pub async fn run(mut self) -> Result<(), ClientError> {
+        self.pool.stats.cl_active.fetch_add(1, Relaxed);
         let result = self.main_loop().await;
         if let Err(e) = &result {
             if let Some((code, msg)) = e.to_client() {
@@ -239,6 +244,7 @@ impl Session {
             }
         }
         Box::pin(self.release_on_exit()).await;
+        self.pool.stats.cl_active.fetch_sub(1, Relaxed);
         result
     }
 
@@ -750,6 +756,9 @@ impl Session {
         }
         // The slow paths are boxed so that they do not enlarge every
         // client's future (memory per idle client).
+        if self.route_gen != self.shared.router.generation() || self.pool.is_closed() {
+            Box::pin(self.reroute()).await?;
+        }
         let mut conn = match self.pool.try_checkout() {
             Some(c) => c,
             None => Box::pin(self.pool.checkout()).await?,
@@ -765,6 +774,42 @@ impl Session {
         self.server = Some(conn);
         self.server_unflushed = false;
         self.bound_at = Instant::now();
+        Ok(())
+    }
+
+    /// The topology changed since this session last routed (a failover, a
+    /// replica gone or back): keep the member if it still serves this port,
+    /// else route again, waiting up to failover_hold_timeout for a leader.
+    /// Runs only between transactions, so a client that is not in one sees
+    /// nothing of a failover but a short wait.
+    async fn reroute(&mut self) -> Result<(), PoolError> {
+        let role = if self.pool.key.read_only {
+            Role::ReadOnly
+        } else {
+            Role::ReadWrite
+        };
+        let router = &self.shared.router;
+        let generation = router.generation();
+        if !self.pool.is_closed() && router.allows(role, &self.route.member.addr) {
+            self.route_gen = generation;
+            return Ok(());
+        }
+        let hold = self.shared.failover_hold();
+        let route = router.route_wait(role, hold).await.ok_or_else(|| {
+            PoolError::NoServer(format!(
+                "no server is available for the {} port (no confirmed leader within failover_hold_timeout, {hold:?})",
+                role.as_str()
+            ))
+        })?;
+        let key = &self.pool.key;
+        let pool = self.shared.pool(&key.database, &key.user, &route.member.addr, role);
+        pool.credentials().adopt(self.pool.credentials());
+        tracing::info!(client = self.id, from = %self.route.member.addr, to = %route.member.addr, port = role.as_str(), "session moved to a new server");
+        self.pool.stats.cl_active.fetch_sub(1, Relaxed);
+        pool.stats.cl_active.fetch_add(1, Relaxed);
+        self.pool = pool;
+        self.route = route;
+        self.route_gen = generation;
         Ok(())
     }
 

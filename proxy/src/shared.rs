@@ -8,7 +8,7 @@ use pgferry_config::Config;
 use pgferry_pool::statements::StatementRegistry;
 use pgferry_pool::{NodeAddr, Pool, PoolKey, ServerCredentials};
 use pgferry_protocol::scram::{self, Secret};
-use pgferry_routing::Router;
+use pgferry_routing::{Role, Router};
 use rand::RngCore;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -77,12 +77,14 @@ impl Shared {
         }
     }
 
-    /// The pool for (database, user) on `node`, created on first use.
-    pub fn pool(&self, database: &str, user: &str, node: &Arc<NodeAddr>) -> Arc<Pool> {
+    /// The pool for (database, user) on `node` for `role`'s port, created
+    /// on first use.
+    pub fn pool(&self, database: &str, user: &str, node: &Arc<NodeAddr>, role: Role) -> Arc<Pool> {
         let key = PoolKey {
             database: database.to_owned(),
             user: user.to_owned(),
             node: node.clone(),
+            read_only: role == Role::ReadOnly,
         };
         if let Some(p) = self.pools.lock().unwrap().get(&key) {
             if !p.is_closed() {
@@ -118,6 +120,41 @@ impl Shared {
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {
         self.pools.lock().unwrap().values().cloned().collect()
+    }
+
+    /// How long a new read-write transaction waits for a confirmed leader.
+    pub fn failover_hold(&self) -> std::time::Duration {
+        match &self.config.topology {
+            pgferry_config::Topology::Etcd(e) => e.failover_hold_timeout,
+            pgferry_config::Topology::Static { .. } => std::time::Duration::ZERO,
+        }
+    }
+
+    /// Applies a topology change to the pools: a node that is no longer
+    /// the leader loses its read-write connections at once, in use or not
+    /// (nothing more may reach it); a node that no longer serves reads has
+    /// its idle read-only connections closed, and sessions move at their
+    /// next transaction. Closed pools are dropped from the map.
+    pub fn apply_topology(&self) {
+        let pools = self.pools();
+        for p in pools {
+            let role = if p.key.read_only {
+                Role::ReadOnly
+            } else {
+                Role::ReadWrite
+            };
+            if p.is_closed() || self.router.allows(role, &p.key.node) {
+                continue;
+            }
+            if p.key.read_only {
+                p.shut_down("node no longer serves the read-only port");
+                tracing::info!(node = %p.key.node, db = %p.key.database, user = %p.key.user, "read-only pool closed: node no longer eligible");
+            } else {
+                let cut = p.retire("node is no longer the leader");
+                tracing::warn!(node = %p.key.node, db = %p.key.database, user = %p.key.user, connections_cut = cut, "read-write pool retired: node is no longer the leader");
+            }
+        }
+        self.pools.lock().unwrap().retain(|_, p| !p.is_closed());
     }
 
     /// A SCRAM secret for a plaintext password, derived once (PBKDF2 runs

@@ -2,15 +2,20 @@
 //!
 //! A topology source publishes the current [`Topology`] through a
 //! `tokio::sync::watch` channel; routing reads the latest value on every
-//! decision, so a source that changes at run time (the etcd/Patroni watcher)
-//! plugs in without touching the sessions. The `static` source publishes
-//! the configured primary and standbys once.
+//! decision, so a source that changes at run time plugs in without touching
+//! the sessions. Sources: `static` (the configured primary and standbys,
+//! published once) and [`etcd`] (Patroni's keys, followed by a watch; a new
+//! leader is published only once [`confirm`] has seen it writable).
 
 #![forbid(unsafe_code)]
 
+pub mod confirm;
+pub mod etcd;
+pub mod patroni;
+
 use pgferry_config::{split_host_port, Config, Topology as TopologyConfig};
 use pgferry_pool::NodeAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -35,6 +40,8 @@ impl Role {
 /// A member the router may send sessions to.
 #[derive(Debug)]
 pub struct Member {
+    /// Patroni's member name (the address for static members).
+    pub name: String,
     pub addr: Arc<NodeAddr>,
     /// Sessions currently routed here (least-connections balancing).
     pub sessions: AtomicUsize,
@@ -46,6 +53,38 @@ pub struct Topology {
     /// None while there is no confirmed primary (during failover).
     pub primary: Option<Arc<Member>>,
     pub standbys: Vec<Arc<Member>>,
+    /// What the console and metrics show.
+    pub view: View,
+}
+
+/// The topology as operators see it (SHOW TOPOLOGY, /metrics, logs).
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// "static" or "etcd".
+    pub source: &'static str,
+    /// The leader named by etcd, confirmed writable or not yet.
+    pub leader: Option<String>,
+    pub leader_confirmed: bool,
+    pub members: Vec<MemberView>,
+    /// Worker groups' leaders (Citus layout): (group, leader name, host:port).
+    pub workers: Vec<(u32, Option<String>, Option<String>)>,
+    pub etcd_revision: i64,
+    pub etcd_connected: bool,
+    pub failover_pending: bool,
+    /// When this view was published.
+    pub since: Option<std::time::SystemTime>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MemberView {
+    pub name: String,
+    pub addr: String,
+    pub role: String,
+    pub state: String,
+    /// Bytes behind the leader.
+    pub lag: Option<u64>,
+    /// Takes new read-only sessions.
+    pub serving_reads: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,19 +95,59 @@ pub enum RoutingError {
 
 fn member(addr: &str) -> Result<Arc<Member>, RoutingError> {
     let (host, port) = split_host_port(addr).ok_or_else(|| RoutingError::BadAddress(addr.to_owned()))?;
-    Ok(Arc::new(Member {
-        addr: Arc::new(NodeAddr { host, port }),
-        sessions: AtomicUsize::new(0),
-    }))
+    Ok(Member::new(addr, host, port))
+}
+
+impl Member {
+    pub fn new(name: &str, host: String, port: u16) -> Arc<Member> {
+        Arc::new(Member {
+            name: name.to_owned(),
+            addr: Arc::new(NodeAddr { host, port }),
+            sessions: AtomicUsize::new(0),
+        })
+    }
 }
 
 impl Topology {
+    /// The starting topology: the configured one for `static`, none yet
+    /// for `etcd` (its watcher publishes once it has read the keys).
     pub fn from_config(cfg: &Config) -> Result<Self, RoutingError> {
-        let TopologyConfig::Static { primary, standbys } = &cfg.topology;
-        Ok(Topology {
-            primary: Some(member(primary)?),
-            standbys: standbys.iter().map(|s| member(s)).collect::<Result<_, _>>()?,
-        })
+        match &cfg.topology {
+            TopologyConfig::Static { primary, standbys } => {
+                let primary = member(primary)?;
+                let standbys: Vec<_> = standbys.iter().map(|s| member(s)).collect::<Result<_, _>>()?;
+                let view = View {
+                    source: "static",
+                    leader: Some(primary.name.clone()),
+                    leader_confirmed: true,
+                    members: std::iter::once((&primary, "primary"))
+                        .chain(standbys.iter().map(|s| (s, "standby")))
+                        .map(|(m, role)| MemberView {
+                            name: m.name.clone(),
+                            addr: m.addr.to_string(),
+                            role: role.into(),
+                            state: "configured".into(),
+                            lag: None,
+                            serving_reads: role == "standby",
+                        })
+                        .collect(),
+                    since: Some(std::time::SystemTime::now()),
+                    ..View::default()
+                };
+                Ok(Topology {
+                    primary: Some(primary),
+                    standbys,
+                    view,
+                })
+            }
+            TopologyConfig::Etcd(_) => Ok(Topology {
+                view: View {
+                    source: "etcd",
+                    ..View::default()
+                },
+                ..Topology::default()
+            }),
+        }
     }
 }
 
@@ -76,7 +155,32 @@ impl Topology {
 #[derive(Clone)]
 pub struct Router {
     rx: watch::Receiver<Arc<Topology>>,
+    generation: Arc<AtomicU64>,
     ro_fallback_to_primary: bool,
+}
+
+/// The sending side: what a topology source publishes through.
+pub struct Publisher {
+    tx: watch::Sender<Arc<Topology>>,
+    generation: Arc<AtomicU64>,
+}
+
+impl Publisher {
+    /// Publishes a new topology; sessions re-route at their next transaction.
+    pub fn publish(&self, t: Topology) {
+        self.tx.send_replace(Arc::new(t));
+        self.generation.fetch_add(1, Relaxed);
+    }
+
+    /// Publishes a topology whose routing is unchanged (lag, view only):
+    /// sessions keep their routes.
+    pub fn update_view(&self, t: Topology) {
+        self.tx.send_replace(Arc::new(t));
+    }
+
+    pub fn current(&self) -> Arc<Topology> {
+        self.tx.borrow().clone()
+    }
 }
 
 /// A session's claim on a member; releases the least-connections count on drop.
@@ -91,20 +195,66 @@ impl Drop for Route {
 }
 
 impl Router {
-    /// A router plus the sender a topology source publishes on.
-    pub fn new(initial: Topology, ro_fallback_to_primary: bool) -> (Router, watch::Sender<Arc<Topology>>) {
+    /// A router plus the publisher a topology source sends on.
+    pub fn new(initial: Topology, ro_fallback_to_primary: bool) -> (Router, Publisher) {
         let (tx, rx) = watch::channel(Arc::new(initial));
+        let generation = Arc::new(AtomicU64::new(1));
         (
             Router {
                 rx,
+                generation: generation.clone(),
                 ro_fallback_to_primary,
             },
-            tx,
+            Publisher { tx, generation },
         )
     }
 
     pub fn topology(&self) -> Arc<Topology> {
         self.rx.borrow().clone()
+    }
+
+    /// Changes with every published topology: a session compares it with
+    /// the one it routed under to know whether to route again. One atomic
+    /// load, cheap enough for every transaction.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Relaxed)
+    }
+
+    /// A receiver that wakes on every change (for tasks that react to them).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Topology>> {
+        self.rx.clone()
+    }
+
+    /// Routes like [`route`](Self::route), waiting up to `hold` for a
+    /// member to appear (a failover in progress). None after `hold`.
+    pub async fn route_wait(&self, role: Role, hold: std::time::Duration) -> Option<Route> {
+        if let Some(r) = self.route(role) {
+            return Some(r);
+        }
+        let mut rx = self.rx.clone();
+        let wait = async {
+            loop {
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+                if let Some(r) = self.route(role) {
+                    return Some(r);
+                }
+            }
+        };
+        tokio::time::timeout(hold, wait).await.ok().flatten()
+    }
+
+    /// Whether `addr` may still serve sessions routed for `role`.
+    pub fn allows(&self, role: Role, addr: &NodeAddr) -> bool {
+        let topo = self.rx.borrow();
+        let is_primary = topo.primary.as_ref().is_some_and(|p| *p.addr == *addr);
+        match role {
+            Role::ReadWrite => is_primary,
+            Role::ReadOnly => {
+                topo.standbys.iter().any(|s| *s.addr == *addr) || (is_primary && self.ro_fallback_to_primary)
+            }
+        }
     }
 
     /// Picks a member for a new session on `role`.
@@ -138,6 +288,7 @@ mod tests {
         Topology {
             primary: Some(member("p:1").unwrap()),
             standbys: standbys.iter().map(|s| member(s).unwrap()).collect(),
+            view: View::default(),
         }
     }
 
@@ -164,11 +315,31 @@ mod tests {
     #[test]
     fn topology_changes_are_seen() {
         let (r, tx) = Router::new(topo(&[]), false);
-        tx.send(Arc::new(Topology {
-            primary: None,
-            standbys: vec![],
-        }))
-        .unwrap();
+        let g = r.generation();
+        tx.publish(Topology::default());
         assert!(r.route(Role::ReadWrite).is_none());
+        assert_ne!(r.generation(), g);
+    }
+
+    #[tokio::test]
+    async fn route_wait_holds_until_a_primary_appears() {
+        let (r, tx) = Router::new(Topology::default(), false);
+        let hold = std::time::Duration::from_secs(5);
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move {
+                r.route_wait(Role::ReadWrite, hold)
+                    .await
+                    .map(|x| x.member.addr.host.clone())
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tx.publish(topo(&[]));
+        assert_eq!(waiter.await.unwrap().as_deref(), Some("p"));
+        let (r, _tx) = Router::new(Topology::default(), false);
+        assert!(r
+            .route_wait(Role::ReadWrite, std::time::Duration::from_millis(50))
+            .await
+            .is_none());
     }
 }

@@ -224,7 +224,9 @@ fn cluster_config_is_valid_for_pgferry_and_merges_extra() {
     assert_eq!(cfg.pool.pool_size, 2);
     assert_eq!(cfg.limits.max_client_conn, 50);
     assert_eq!(cfg.auth.admin_users, vec!["admin".to_string()]);
-    let pgferry_config::Topology::Static { primary, standbys } = &cfg.topology;
+    let pgferry_config::Topology::Static { primary, standbys } = &cfg.topology else {
+        panic!("the harness writes a static topology");
+    };
     assert_eq!(primary, &format!("127.0.0.1:{}", c.primary_port));
     assert_eq!(standbys, &vec![format!("127.0.0.1:{}", c.standby_port.unwrap())]);
     let app = cfg.user("app").unwrap();
