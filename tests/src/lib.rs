@@ -15,6 +15,7 @@
 mod cluster;
 mod ferry;
 mod osuser;
+mod patroni;
 mod ports;
 mod util;
 mod watchdog;
@@ -22,5 +23,10 @@ mod watchdog;
 pub use cluster::{shared_cluster, Node, PgCluster, PgOptions, PG_BIN, STANDARD_USERS};
 pub use ferry::{merge_toml, pgferry_bin, workspace_root, Ferry};
 pub use osuser::{pg_os_user, OsUser};
+pub use patroni::{
+    patroni_member_json, write_citus_layout, CitusGroup, Etcd, PatroniCluster, PatroniOptions, CITUS_LAYOUT_XLOG,
+    ETCDCTL_BIN, ETCD_BIN, PATRONICTL_BIN, PATRONI_BIN, PATRONI_REPLICATION_PASSWORD, PATRONI_REWIND_PASSWORD,
+    PATRONI_SUPERUSER_PASSWORD,
+};
 pub use ports::free_port;
 pub use util::{conn_str, port_accepts, quote_ident, quote_literal, raise_nofile, tail_file};
