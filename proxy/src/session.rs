@@ -790,7 +790,7 @@ impl Session {
         };
         let router = &self.shared.router;
         let generation = router.generation();
-        if !self.pool.is_closed() && router.allows(role, &self.route.member.addr) {
+        if !self.pool.is_closed() && router.keeps(role, &self.route.member.addr) {
             self.route_gen = generation;
             return Ok(());
         }

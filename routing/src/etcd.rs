@@ -303,7 +303,7 @@ impl Watcher {
         done_tx: &mpsc::Sender<Confirmed>,
         attempt: &mut u64,
     ) {
-        if !self.confirming.as_ref().is_some_and(|(_, _, m)| *m == n) {
+        if self.confirming.as_ref().is_none_or(|(_, _, m)| *m != n) {
             return; // superseded by a later change
         }
         self.confirming = None;
@@ -357,7 +357,7 @@ impl Watcher {
                 serving_reads: eligible,
             });
         }
-        let workers = self
+        let workers: Vec<(u32, Option<String>, Option<String>)> = self
             .state
             .groups
             .iter()
@@ -373,9 +373,14 @@ impl Watcher {
         );
         let routing_changed = self.published.as_ref() != Some(&routing);
         if routing_changed {
+            let workers_text = workers
+                .iter()
+                .map(|(g, l, a)| format!("{g}:{}@{}", l.as_deref().unwrap_or("-"), a.as_deref().unwrap_or("-")))
+                .collect::<Vec<_>>();
             tracing::info!(
                 primary = ?routing.0.as_ref().map(|a| a.to_string()),
                 standbys = ?routing.1.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                workers = ?workers_text,
                 etcd_revision = self.revision,
                 "topology: routing changed"
             );

@@ -245,6 +245,22 @@ impl Router {
         tokio::time::timeout(hold, wait).await.ok().flatten()
     }
 
+    /// Whether a session on `addr` should stay there for its next
+    /// transaction: the primary for read-write; for read-only a standby, or
+    /// the primary only while no standby qualifies (so that read sessions
+    /// come back to the standbys once one does).
+    pub fn keeps(&self, role: Role, addr: &NodeAddr) -> bool {
+        let topo = self.rx.borrow();
+        let is_primary = topo.primary.as_ref().is_some_and(|p| *p.addr == *addr);
+        match role {
+            Role::ReadWrite => is_primary,
+            Role::ReadOnly => {
+                topo.standbys.iter().any(|s| *s.addr == *addr)
+                    || (is_primary && self.ro_fallback_to_primary && topo.standbys.is_empty())
+            }
+        }
+    }
+
     /// Whether `addr` may still serve sessions routed for `role`.
     pub fn allows(&self, role: Role, addr: &NodeAddr) -> bool {
         let topo = self.rx.borrow();

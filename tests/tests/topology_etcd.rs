@@ -1,0 +1,251 @@
+//! The etcd topology source against a real etcd, with Patroni's keys
+//! written by the test (plain and Citus layouts) and pointing at the shared
+//! PostgreSQL primary and standby: routing, holding transactions while there
+//! is no leader, cutting the old leader's connections, never sending writes
+//! to a node that is not writable, replica lag, and etcd outages.
+//! (tests/patroni_failover.rs does the same with real Patroni.)
+
+mod common;
+
+use common::*;
+use pgferry_tests::Etcd;
+use pgferry_tests::Ferry;
+use std::time::{Duration, Instant};
+
+fn member(port: u16, role: &str, xlog: u64) -> String {
+    format!(
+        r#"{{"conn_url":"postgres://127.0.0.1:{port}/postgres","api_url":"http://127.0.0.1:1/patroni","state":"running","role":"{role}","version":"3.0.2","xlog_location":{xlog},"timeline":1}}"#
+    )
+}
+
+/// pgferry in front of the shared cluster, following `scope` in `etcd`.
+fn etcd_ferry(etcd: &Etcd, scope: &str, citus: bool, extra_topology: &str, extra: &str) -> Ferry {
+    let cluster = pgferry_tests::shared_cluster();
+    let dir = std::env::temp_dir().join(format!("pgferry-etcd-cfg-{scope}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = Ferry::cluster_config(cluster, &dir, extra).unwrap();
+    let mut t: toml::Table = base.parse().unwrap();
+    let topo = format!(
+        "source = \"etcd\"\nendpoints = [\"{}\"]\nscope = \"{scope}\"\ncitus = {citus}\ncheck_user = \"postgres\"\n{extra_topology}\n",
+        etcd.endpoint()
+    );
+    t.insert("topology".into(), toml::Value::Table(topo.parse().unwrap()));
+    Ferry::start(&toml::to_string(&t).unwrap()).expect("start pgferry")
+}
+
+async fn in_recovery(c: &tokio_postgres::Client) -> bool {
+    c.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0)
+}
+
+async fn ro(f: &Ferry) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(&f.ro_conn_str("app", APP_PASS, "app"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+fn wait_log(f: &Ferry, needle: &str, timeout: Duration) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        let log = f.log();
+        if log.contains(needle) || Instant::now() > end {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `needle` appears `n` times in pgferry's log.
+fn wait_count(f: &Ferry, needle: &str, n: usize, timeout: Duration) {
+    let end = Instant::now() + timeout;
+    while f.log().matches(needle).count() < n {
+        assert!(Instant::now() < end, "{needle:?} not seen {n} times:\n{}", f.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_key_routes_writes_and_lag_routes_reads() {
+    let cluster = pgferry_tests::shared_cluster();
+    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
+    let etcd = Etcd::start().unwrap();
+    let pre = "/service/plain/";
+    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 5000))
+        .unwrap();
+    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 5000))
+        .unwrap();
+    etcd.put(&format!("{pre}status"), r#"{"optime":5000}"#).unwrap();
+    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    let f = etcd_ferry(&etcd, "plain", false, "max_replica_lag = 1000", "");
+
+    let rw = app(&f).await;
+    assert!(!in_recovery(&rw).await, "5432 goes to the leader");
+    let r = ro(&f).await;
+    assert!(in_recovery(&r).await, "5433 goes to the replica");
+    let log = f.log();
+    assert!(log.contains("leader confirmed writable"), "{log}");
+
+    // The replica falls behind: new read-only transactions go elsewhere (the
+    // leader, as ro_fallback_to_primary allows), with no error.
+    etcd.put(&format!("{pre}status"), r#"{"optime":9000000}"#).unwrap();
+    wait_log(&f, "standbys=[]", Duration::from_secs(5));
+    assert!(!in_recovery(&r).await, "a lagging replica gets no new transactions");
+    // It catches up: reads go back to it.
+    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 9000000))
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while !in_recovery(&r).await {
+        assert!(Instant::now() < end, "reads did not return to the replica");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // noloadbalance takes it out too.
+    let tagged =
+        member(s, "replica", 9000000).replace(r#""timeline":1"#, r#""timeline":1,"tags":{"noloadbalance":true}"#);
+    etcd.put(&format!("{pre}members/pg2"), &tagged).unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while in_recovery(&r).await {
+        assert!(Instant::now() < end, "noloadbalance was ignored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_leader_holds_transactions_and_cuts_the_old_leader() {
+    let cluster = pgferry_tests::shared_cluster();
+    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
+    let etcd = Etcd::start().unwrap();
+    let pre = "/service/hold/";
+    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 1)).unwrap();
+    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 1))
+        .unwrap();
+    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    let f = etcd_ferry(&etcd, "hold", false, "failover_hold_timeout = \"4s\"", "");
+
+    let busy = app(&f).await;
+    let idle = app(&f).await;
+    busy.simple_query("BEGIN; SELECT 1").await.unwrap();
+    idle.simple_query("SELECT 1").await.unwrap();
+
+    // The leader key goes away (a failover begins).
+    etcd.delete(&format!("{pre}leader")).unwrap();
+    wait_log(&f, "read-write pool retired", Duration::from_secs(5));
+    // The transaction in flight on the old leader cannot be saved: an error.
+    let e = busy.simple_query("SELECT 2").await;
+    assert!(e.is_err(), "a transaction on the old leader must fail");
+
+    // A client between transactions waits for the new leader, then runs.
+    let put_back = {
+        let etcd_key = format!("{pre}leader");
+        let endpoint = etcd.endpoint();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1200));
+            let out = std::process::Command::new("etcdctl")
+                .args(["--endpoints", &endpoint, "put", &etcd_key, "pg1"])
+                .env("ETCDCTL_API", "3")
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+        })
+    };
+    let t = Instant::now();
+    let rows = idle
+        .query_one("SELECT NOT pg_is_in_recovery()", &[])
+        .await
+        .expect("held, then run");
+    assert!(rows.get::<_, bool>(0));
+    let waited = t.elapsed();
+    put_back.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "did not wait for the leader: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(4), "waited too long: {waited:?}");
+    // The failed client can go on with a new transaction.
+    let _ = busy.simple_query("ROLLBACK").await;
+    busy.simple_query("SELECT 3")
+        .await
+        .expect("the session survives the lost transaction");
+
+    // The leader key names a node that is not writable (a standby): writes
+    // never go there; after failover_hold_timeout the client is told so.
+    etcd.put(&format!("{pre}leader"), "pg2").unwrap();
+    wait_log(&f, "leader not confirmed writable", Duration::from_secs(10));
+    let e = idle.simple_query("CREATE TEMP TABLE x (a int)").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e}");
+    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    wait_count(&f, "leader confirmed writable", 3, Duration::from_secs(5));
+    idle.simple_query("SELECT 4").await.expect("back on the leader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn citus_layout_follows_group_zero() {
+    let cluster = pgferry_tests::shared_cluster();
+    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
+    let etcd = Etcd::start().unwrap();
+    let pre = "/service/citusdemo/";
+    // Group 1 (a worker) is written first and points at the standby: 5432
+    // must follow group 0 only.
+    etcd.put(&format!("{pre}1/members/w1a"), &member(s, "master", 1))
+        .unwrap();
+    etcd.put(&format!("{pre}1/leader"), "w1a").unwrap();
+    etcd.put(&format!("{pre}0/members/c1"), &member(p, "master", 1))
+        .unwrap();
+    etcd.put(&format!("{pre}0/members/c2"), &member(s, "replica", 1))
+        .unwrap();
+    etcd.put(&format!("{pre}0/leader"), "c1").unwrap();
+    let f = etcd_ferry(&etcd, "citusdemo", true, "", "");
+    let rw = app(&f).await;
+    assert!(!in_recovery(&rw).await);
+    assert!(in_recovery(&ro(&f).await).await);
+    let log = wait_log(&f, "workers", Duration::from_secs(3));
+    assert!(
+        log.contains(&format!("1:w1a@127.0.0.1:{s}")),
+        "worker groups are tracked: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_stops_writes_after_the_grace_period() {
+    let cluster = pgferry_tests::shared_cluster();
+    let p = cluster.primary_port;
+    let etcd = Etcd::start().unwrap();
+    let pre = "/service/outage/";
+    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 1)).unwrap();
+    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    let f = etcd_ferry(
+        &etcd,
+        "outage",
+        false,
+        "etcd_grace = \"3s\"\nfailover_hold_timeout = \"2s\"",
+        "",
+    );
+    let c = app(&f).await;
+    c.simple_query("SELECT 1").await.unwrap();
+    let stopped = Instant::now();
+    etcd.stop();
+    // Within the grace period the last leader keeps serving.
+    c.simple_query("SELECT 2").await.expect("inside the grace period");
+    wait_log(
+        &f,
+        "etcd unreachable for longer than the grace period",
+        Duration::from_secs(10),
+    );
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(3),
+        "writes stopped before the grace period"
+    );
+    let e = c.simple_query("SELECT 3").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e}");
+    // etcd is back: so is the leader.
+    etcd.restart().unwrap();
+    wait_count(&f, "leader confirmed writable", 2, Duration::from_secs(15));
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.simple_query("SELECT 4").await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < end, "writes did not resume: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
