@@ -201,8 +201,9 @@ impl Pool {
         loop {
             let mut c = self.idle.lock().unwrap().pop()?;
             // A connection idle for a while may have been closed by the
-            // server; checking costs a syscall, so only then.
-            if c.idle_since.elapsed() > Duration::from_secs(1) && c.is_stale() {
+            // server (a shutdown sends FATAL to idle sessions); checking
+            // costs a syscall, so a connection reused at once is not checked.
+            if c.idle_since.elapsed() > Duration::from_millis(100) && c.is_stale() {
                 self.close(c, "closed by server while idle");
                 continue;
             }

@@ -761,7 +761,7 @@ impl Session {
         }
         let mut conn = match self.pool.try_checkout() {
             Some(c) => c,
-            None => Box::pin(self.pool.checkout()).await?,
+            None => Box::pin(self.checkout_or_hold()).await?,
         };
         if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
             Box::pin(self.sync_server(&mut conn)).await?;
@@ -775,6 +775,37 @@ impl Session {
         self.server_unflushed = false;
         self.bound_at = Instant::now();
         Ok(())
+    }
+
+    /// Checks a connection out; when the server cannot be reached (it just
+    /// crashed, or is restarting in place), holds the transaction, retrying
+    /// and following topology changes, for up to failover_hold_timeout: a
+    /// client between transactions sees a pause, not an error, while etcd
+    /// catches up with a dead leader.
+    async fn checkout_or_hold(&mut self) -> Result<PooledConn, PoolError> {
+        let hold = self.shared.failover_hold();
+        let deadline = Instant::now() + hold;
+        let mut topology = self.shared.router.subscribe();
+        let mut logged = false;
+        loop {
+            let err = match self.pool.checkout().await {
+                Ok(c) => return Ok(c),
+                Err(e @ (PoolError::Connect { .. } | PoolError::ConnectTimeout(_))) => e,
+                Err(e) => return Err(e),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(err);
+            }
+            if !logged {
+                tracing::info!(client = self.id, error = %err, "server unreachable; holding the transaction until it returns or the topology changes");
+                logged = true;
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), topology.changed()).await;
+            if self.route_gen != self.shared.router.generation() || self.pool.is_closed() {
+                self.reroute().await?;
+            }
+        }
     }
 
     /// The topology changed since this session last routed (a failover, a

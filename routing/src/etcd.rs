@@ -44,6 +44,7 @@ pub async fn run(cfg: EtcdTopology, check: CheckLogin, publisher: Publisher) {
         confirming: None,
         members: HashMap::new(),
         published: None,
+        draining_since: None,
     };
     w.run().await
 }
@@ -66,6 +67,8 @@ struct Watcher {
     members: HashMap<(String, NodeAddr), Arc<Member>>,
     /// What routing last published: (primary, standbys).
     published: Option<(Option<NodeAddr>, Vec<NodeAddr>)>,
+    /// Since when a switchover announced in the `failover` key holds writes.
+    draining_since: Option<Instant>,
 }
 
 /// A finished confirmation: (attempt, name, address, result).
@@ -243,9 +246,31 @@ impl Watcher {
         self.last_ok.is_some_and(|t| t.elapsed() <= self.grace())
     }
 
+    /// A switchover announced in the `failover` key (1.3–1.4 s before the
+    /// leader key moves, while the old primary is already shutting down):
+    /// new write transactions are held from then on, rather than sent to a
+    /// primary that is about to refuse them. Bounded by
+    /// failover_hold_timeout, in case the switchover never happens.
+    fn draining(&mut self) -> bool {
+        let announced = self.state.coordinator().is_some_and(|g| g.failover_pending);
+        match (announced, self.draining_since) {
+            (false, _) => {
+                self.draining_since = None;
+                false
+            }
+            (true, None) => {
+                tracing::info!("topology: switchover announced in etcd; holding new write transactions");
+                self.draining_since = Some(Instant::now());
+                true
+            }
+            (true, Some(t)) => t.elapsed() < self.cfg.failover_hold_timeout,
+        }
+    }
+
     /// Decides the leader from the current state and publishes.
     fn reconcile(&mut self, done_tx: &mpsc::Sender<Confirmed>, attempt: &mut u64) {
-        let desired = if self.etcd_fresh() {
+        let draining = self.draining();
+        let desired = if self.etcd_fresh() && !draining {
             self.state.coordinator().and_then(|g| g.leader_member()).map(|m| {
                 (
                     m.name.clone(),
@@ -262,6 +287,8 @@ impl Watcher {
             let (name, addr) = self.confirmed.take().expect("checked");
             let why = if !self.etcd_fresh() {
                 "etcd unreachable for longer than the grace period"
+            } else if draining {
+                "switchover announced"
             } else if desired.is_none() {
                 "leader key gone"
             } else {

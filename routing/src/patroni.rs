@@ -200,10 +200,14 @@ impl PatroniState {
                 Change::Topology
             }
             "failover" => {
-                // Left as "{}" after a switchover: only a non-empty object counts.
+                // Left as "{}" after a switchover: only a non-empty object
+                // counts. A scheduled one ("scheduled_at") is not imminent.
                 g.failover_pending = value
                     .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
-                    .is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty()));
+                    .is_some_and(|v| {
+                        v.as_object()
+                            .is_some_and(|o| !o.is_empty() && !o.contains_key("scheduled_at"))
+                    });
                 Change::Topology
             }
             "status" => {
@@ -306,6 +310,11 @@ mod tests {
         assert!(s.coordinator().unwrap().failover_pending);
         s.apply("/service/demo/failover", Some(b"{}"));
         assert!(!s.coordinator().unwrap().failover_pending);
+        s.apply(
+            "/service/demo/failover",
+            Some(br#"{"leader":"pg1","member":"pg2","scheduled_at":"2030-01-01T00:00:00+00:00"}"#),
+        );
+        assert!(!s.coordinator().unwrap().failover_pending, "scheduled: not yet");
         assert_eq!(s.apply("/service/demo/leader", None), Change::Topology);
         assert!(s.coordinator().unwrap().leader_member().is_none());
         s.apply("/service/demo/config", Some(br#"{"ttl": 10, "loop_wait": 2}"#));

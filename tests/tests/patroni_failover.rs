@@ -1,0 +1,353 @@
+//! pgferry in front of a real 3-member Patroni cluster (Debian's Patroni
+//! 3.0.2, etcd 3.4, PostgreSQL 15), with clients running a steady stream of
+//! transactions through it while the cluster goes through a planned
+//! switchover, a crash of the leader's Patroni and postmaster, a crash of
+//! the leader's Patroni alone (PostgreSQL keeps running and writable), a
+//! replica stopped, and etcd stopped and restarted.
+
+use pgferry_tests::{Ferry, PatroniCluster, PatroniOptions, PATRONI_SUPERUSER_PASSWORD};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const APP_PASS: &str = "app-pass";
+
+/// Cluster, app role and table, and pgferry following it.
+fn setup(extra: &str) -> (PatroniCluster, Ferry) {
+    let cluster = PatroniCluster::start(PatroniOptions::default()).expect("Patroni cluster");
+    cluster.create_user("app", APP_PASS).unwrap();
+    cluster.create_database("app", "app").unwrap();
+    cluster
+        .psql_leader(
+            "app",
+            "CREATE TABLE probe (id bigserial PRIMARY KEY, port int, at timestamptz DEFAULT clock_timestamp());
+             ALTER TABLE probe OWNER TO app;",
+        )
+        .unwrap();
+    let secret = cluster
+        .psql_leader("postgres", "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("pgferry-patroni-{}-{}", std::process::id(), cluster.scope));
+    std::fs::create_dir_all(&dir).unwrap();
+    let users = dir.join("userlist.txt");
+    std::fs::write(&users, format!("\"app\" \"{secret}\"\n")).unwrap();
+    let config = format!(
+        "[listen]\nrw = \"127.0.0.1:{rw}\"\nro = \"127.0.0.1:{ro}\"\n\
+         [auth]\nusers_file = {users:?}\n\
+         [pool]\npool_size = 6\n\
+         [topology]\nsource = \"etcd\"\nendpoints = [\"{etcd}\"]\nscope = \"{scope}\"\n\
+         check_user = \"postgres\"\ncheck_password = \"{su}\"\n{extra}\n",
+        rw = pgferry_tests::free_port(),
+        ro = pgferry_tests::free_port(),
+        etcd = cluster.etcd.endpoint(),
+        scope = cluster.scope,
+        su = PATRONI_SUPERUSER_PASSWORD,
+    );
+    let f = Ferry::start(&config).expect("start pgferry");
+    (cluster, f)
+}
+
+async fn client(port: u16) -> tokio_postgres::Client {
+    let cs = pgferry_tests::conn_str(port, "app", APP_PASS, "app");
+    let (c, conn) = tokio_postgres::connect(&cs, tokio_postgres::NoTls)
+        .await
+        .expect("connect through pgferry");
+    tokio::spawn(conn);
+    c
+}
+
+/// Clients that each run one short transaction every `pause`: between
+/// transactions nearly all the time.
+struct Load {
+    stop: Arc<AtomicBool>,
+    /// (when, server port or error)
+    results: Arc<Mutex<Vec<(Instant, Result<i32, String>)>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    async fn start(port: u16, clients: usize, sql: &'static str, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let c = client(port).await;
+            let (stop, results) = (stop.clone(), results.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = match c.query_one(sql, &[]).await {
+                        Ok(row) => Ok(row.get::<_, i32>(0)),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    results.lock().unwrap().push((Instant::now(), r));
+                    tokio::time::sleep(pause).await;
+                }
+            }));
+        }
+        Load { stop, results, tasks }
+    }
+
+    /// The first success on `port` at or after `since`.
+    fn first_on(&self, port: i32, since: Instant) -> Option<Instant> {
+        self.results
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, r)| *t >= since && r.as_ref().is_ok_and(|p| *p == port))
+            .map(|(t, _)| *t)
+            .min()
+    }
+
+    async fn wait_for_port(&self, port: i32, since: Instant, timeout: Duration) -> Instant {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(t) = self.first_on(port, since) {
+                return t;
+            }
+            assert!(
+                Instant::now() < end,
+                "no transaction reached port {port} in {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn errors(&self) -> Vec<String> {
+        let r = self.results.lock().unwrap();
+        r.iter().filter_map(|(_, r)| r.as_ref().err().cloned()).collect()
+    }
+
+    fn count(&self) -> usize {
+        self.results.lock().unwrap().len()
+    }
+
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let r = self.results.lock().unwrap();
+        r.iter().filter_map(|(_, r)| r.as_ref().err().cloned()).collect()
+    }
+}
+
+const WRITE: &str = "INSERT INTO probe (port) VALUES (inet_server_port()) RETURNING port";
+
+/// When `name` first answers pg_is_in_recovery() = false, polled directly.
+async fn writable_at(cluster: &PatroniCluster, name: &str, timeout: Duration) -> Instant {
+    let port = cluster.pg_port(name);
+    let cs = pgferry_tests::conn_str(port, "postgres", PATRONI_SUPERUSER_PASSWORD, "postgres");
+    let end = Instant::now() + timeout;
+    let mut conn: Option<tokio_postgres::Client> = None;
+    loop {
+        assert!(Instant::now() < end, "{name} never became writable");
+        if conn.as_ref().is_none_or(|c| c.is_closed()) {
+            conn = match tokio_postgres::connect(&cs, tokio_postgres::NoTls).await {
+                Ok((c, k)) => {
+                    tokio::spawn(k);
+                    Some(c)
+                }
+                Err(_) => None,
+            };
+        }
+        if let Some(c) = &conn {
+            if let Ok(r) = c.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                if !r.get::<_, bool>(0) {
+                    return Instant::now();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_switchover_is_a_non_event() {
+    let (cluster, f) = setup("");
+    let old = cluster.leader().unwrap().unwrap();
+    let new = cluster.member_names().into_iter().find(|n| *n != old).unwrap();
+    let load = Load::start(f.rw_port, 6, WRITE, Duration::from_millis(100)).await;
+    let reads = Load::start(
+        f.ro_port.unwrap(),
+        3,
+        "SELECT inet_server_port()",
+        Duration::from_millis(100),
+    )
+    .await;
+    load.wait_for_port(
+        cluster.pg_port(&old) as i32,
+        Instant::now() - Duration::from_secs(60),
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let started = Instant::now();
+    let watcher = {
+        let c = &cluster;
+        let n = new.clone();
+        async move { writable_at(c, &n, Duration::from_secs(30)).await }
+    };
+    let (writable, ()) = tokio::join!(watcher, async {
+        tokio::task::block_in_place(|| cluster.switchover(&old, &new).unwrap());
+    });
+    let first = load
+        .wait_for_port(cluster.pg_port(&new) as i32, started, Duration::from_secs(30))
+        .await;
+    let gap = first.saturating_duration_since(writable);
+    let early = writable.saturating_duration_since(first);
+    // The write unavailability as clients saw it: the longest stretch
+    // without a committed write around the switchover.
+    let mut times: Vec<Instant> = load
+        .results
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, r)| r.is_ok() && *t >= started - Duration::from_secs(1))
+        .map(|(t, _)| *t)
+        .collect();
+    times.sort();
+    let window = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n = load.count();
+    let write_errors = load.finish().await;
+    let read_errors = reads.finish().await;
+    println!(
+        "switchover {old} -> {new}: new leader writable (5 ms direct poll) -> first write through pgferry {gap:?} \
+         (or {early:?} before the poll saw it); \
+         longest gap between committed writes {window:?}; {n} writes, {} write errors, {} read errors",
+        write_errors.len(),
+        read_errors.len()
+    );
+    assert!(write_errors.is_empty(), "write errors: {write_errors:?}\n{}", f.log());
+    assert!(read_errors.is_empty(), "read errors: {read_errors:?}");
+    assert!(
+        gap < Duration::from_secs(1),
+        "writes resumed {gap:?} after the new leader was writable"
+    );
+    let log = f.log();
+    assert!(log.contains("switchover announced"), "{log}");
+    assert!(log.contains("leader confirmed writable"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_crash_and_patroni_only_crash() {
+    let (cluster, f) = setup("");
+    let load = Load::start(f.rw_port, 4, WRITE, Duration::from_millis(100)).await;
+    let first = cluster.leader().unwrap().unwrap();
+    load.wait_for_port(
+        cluster.pg_port(&first) as i32,
+        Instant::now() - Duration::from_secs(60),
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // 1. SIGKILL of the leader's Patroni and postmaster: clients are held
+    // until the lease expires and a new leader is confirmed, then go on.
+    let t = Instant::now();
+    cluster.kill_member(&first).unwrap();
+    let second =
+        tokio::task::block_in_place(|| cluster.wait_for_leader(Some(&first), Duration::from_secs(30))).unwrap();
+    let resumed = load
+        .wait_for_port(cluster.pg_port(&second) as i32, t, Duration::from_secs(40))
+        .await;
+    println!("leader crash: writes resumed on {second} after {:?}", resumed - t);
+    let errors = load.errors();
+    assert!(
+        errors.is_empty(),
+        "errors during a leader crash: {errors:?}\n{}",
+        f.log()
+    );
+
+    // 2. Only the new leader's Patroni dies: its PostgreSQL stays up and
+    // writable, but once its key expires nothing more may reach it.
+    let t = Instant::now();
+    cluster.kill_patroni(&second).unwrap();
+    let third =
+        tokio::task::block_in_place(|| cluster.wait_for_leader(Some(&second), Duration::from_secs(30))).unwrap();
+    let key_gone = Instant::now();
+    let gone_at = cluster
+        .psql(&second, "postgres", "SELECT clock_timestamp()")
+        .expect("the old primary is still up");
+    load.wait_for_port(cluster.pg_port(&third) as i32, t, Duration::from_secs(40))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let errors = load.finish().await;
+    println!(
+        "patroni-only crash: key moved {second} -> {third} after {:?}; {} errors",
+        key_gone - t,
+        errors.len()
+    );
+    // Writes committed on the old primary after its key was gone (as seen
+    // by the test, a little later than pgferry saw it): none.
+    let late = cluster
+        .psql(
+            &second,
+            "app",
+            &format!("SELECT count(*) FROM probe WHERE at > '{gone_at}'"),
+        )
+        .unwrap();
+    assert_eq!(late, "0", "writes reached the old primary after its key was gone");
+    assert!(
+        cluster.psql(&second, "postgres", "SELECT pg_is_in_recovery()").unwrap() == "f",
+        "the scenario needs the old primary still writable"
+    );
+    // In-flight writes on the old primary may fail when it is cut off;
+    // clients between transactions must not.
+    assert!(errors.len() <= 4, "errors: {errors:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_stopped_and_etcd_restarted() {
+    let (cluster, f) = setup("");
+    let leader = cluster.leader().unwrap().unwrap();
+    let replicas: Vec<String> = cluster.member_names().into_iter().filter(|n| *n != leader).collect();
+    let reads = Load::start(
+        f.ro_port.unwrap(),
+        4,
+        "SELECT inet_server_port()",
+        Duration::from_millis(100),
+    )
+    .await;
+    let writes = Load::start(f.rw_port, 2, WRITE, Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A replica stops: reads move to the other one.
+    let stopped = &replicas[0];
+    let t = Instant::now();
+    tokio::task::block_in_place(|| cluster.stop_member(stopped)).unwrap();
+    let other = cluster.pg_port(&replicas[1]) as i32;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after: Vec<i32> = reads
+        .results
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, r)| *at > t + Duration::from_secs(1) && r.is_ok())
+        .map(|(_, r)| *r.as_ref().unwrap())
+        .collect();
+    assert!(
+        !after.is_empty() && after.iter().all(|p| *p == other),
+        "reads still reach the stopped replica: {after:?}"
+    );
+
+    // etcd stops for a few seconds (less than Patroni's ttl): pgferry keeps
+    // the confirmed leader, then watches again.
+    cluster.etcd.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::block_in_place(|| cluster.etcd.restart()).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = f.log();
+    assert!(
+        log.matches("etcd: watching").count() >= 2,
+        "the watch did not resume: {log}"
+    );
+    let write_errors = writes.finish().await;
+    let read_errors = reads.finish().await;
+    println!(
+        "replica stop + etcd restart: {} write errors, {} read errors",
+        write_errors.len(),
+        read_errors.len()
+    );
+    assert!(write_errors.is_empty(), "write errors: {write_errors:?}");
+    assert!(read_errors.len() <= 1, "read errors: {read_errors:?}");
+}
