@@ -200,10 +200,11 @@ impl Pool {
     fn pop_idle(&self) -> Option<Box<ServerConn>> {
         loop {
             let mut c = self.idle.lock().unwrap().pop()?;
-            // A connection idle for a while may have been closed by the
-            // server (a shutdown sends FATAL to idle sessions); checking
-            // costs a syscall, so a connection reused at once is not checked.
-            if c.idle_since.elapsed() > Duration::from_millis(100) && c.is_stale() {
+            // An idle connection may have been closed by the server (a
+            // shutdown sends FATAL to idle sessions): never hand one out.
+            // The check asks the reactor first and makes a syscall only
+            // when the socket may have input.
+            if c.is_stale() {
                 self.close(c, "closed by server while idle");
                 continue;
             }

@@ -5,6 +5,7 @@
 //! streams split through `tokio::io::split`, as one TLS state serves both
 //! directions.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -98,7 +99,16 @@ impl<T: AsyncRead + Unpin> ReadHalf<T> {
     pub fn has_input(&mut self) -> bool {
         let mut probe = [0u8; 1];
         match self {
-            ReadHalf::Plain(r) => !matches!(r.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            ReadHalf::Plain(r) => {
+                // The reactor's readiness first: when it says not readable
+                // (the usual case for an idle connection), no syscall.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let readable = std::pin::pin!(r.readable());
+                if readable.poll(&mut cx).is_pending() {
+                    return false;
+                }
+                !matches!(r.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
             ReadHalf::Tls(r) => {
                 let mut cx = Context::from_waker(std::task::Waker::noop());
                 let mut buf = ReadBuf::new(&mut probe);
