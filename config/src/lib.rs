@@ -155,15 +155,8 @@ pub struct Runtime {
     pub worker_threads: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum AuthMethod {
-    #[serde(rename = "scram-sha-256")]
-    ScramSha256,
-    #[serde(rename = "md5")]
-    Md5,
-    #[serde(rename = "trust")]
-    Trust,
-}
+/// The default client-authentication method (`reject` is refused there).
+pub type AuthMethod = HbaMethod;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -664,6 +657,9 @@ impl Config {
         }
         if self.pool.min_pool_size > self.pool.pool_size {
             errs.push("pool.min_pool_size cannot exceed pool.pool_size".into());
+        }
+        if self.auth.method == AuthMethod::Reject {
+            errs.push("auth.method cannot be \"reject\" (use an [[hba]] rule)".into());
         }
         if self.auth.method != AuthMethod::Trust && self.auth.users_file.is_none() && self.auth.auth_user.is_none() {
             errs.push("auth.users_file or auth.auth_user is required unless auth.method = \"trust\"".into());

@@ -13,7 +13,7 @@ use crate::params::ClientParams;
 use crate::session::{Session, SessionInit};
 use crate::shared::Shared;
 use bytes::BytesMut;
-use pgferry_config::{Access, AuthMethod, ClientTls, HbaMethod};
+use pgferry_config::{Access, ClientTls, HbaMethod};
 use pgferry_protocol::backend::TxStatus;
 use pgferry_protocol::encode::{self, Severity};
 use pgferry_protocol::{sqlstate, startup::parse_options};
@@ -254,11 +254,7 @@ fn hba_method(
 ) -> Result<HbaMethod, ClientError> {
     let rules = &shared.config.hba;
     if rules.is_empty() {
-        return Ok(match shared.config.auth.method {
-            AuthMethod::ScramSha256 => HbaMethod::ScramSha256,
-            AuthMethod::Md5 => HbaMethod::Md5,
-            AuthMethod::Trust => HbaMethod::Trust,
-        });
+        return Ok(shared.config.auth.method);
     }
     let method = rules
         .iter()

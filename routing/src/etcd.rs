@@ -45,6 +45,7 @@ pub async fn run(cfg: EtcdTopology, check: CheckLogin, publisher: Publisher) {
         members: HashMap::new(),
         published: None,
         draining_since: None,
+        changed_at: SystemTime::now(),
     };
     w.run().await
 }
@@ -69,6 +70,8 @@ struct Watcher {
     published: Option<(Option<NodeAddr>, Vec<NodeAddr>)>,
     /// Since when a switchover announced in the `failover` key holds writes.
     draining_since: Option<Instant>,
+    /// When routing last changed.
+    changed_at: SystemTime,
 }
 
 /// A finished confirmation: (attempt, name, address, result).
@@ -412,6 +415,9 @@ impl Watcher {
                 "topology: routing changed"
             );
         }
+        if routing_changed {
+            self.changed_at = SystemTime::now();
+        }
         self.published = Some(routing);
         let view = View {
             source: "etcd",
@@ -422,7 +428,7 @@ impl Watcher {
             etcd_revision: self.revision,
             etcd_connected: self.connected && fresh,
             failover_pending: group.failover_pending,
-            since: Some(SystemTime::now()),
+            since: Some(self.changed_at),
         };
         let topo = Topology {
             primary,

@@ -71,7 +71,7 @@ pub struct View {
     pub etcd_revision: i64,
     pub etcd_connected: bool,
     pub failover_pending: bool,
-    /// When this view was published.
+    /// When routing (leader or readable replicas) last changed.
     pub since: Option<std::time::SystemTime>,
 }
 
@@ -250,25 +250,23 @@ impl Router {
     /// the primary only while no standby qualifies (so that read sessions
     /// come back to the standbys once one does).
     pub fn keeps(&self, role: Role, addr: &NodeAddr) -> bool {
+        self.serves(role, addr, true)
+    }
+
+    /// Whether `addr` may still serve sessions routed for `role` (a pool on
+    /// a node that may not is retired).
+    pub fn allows(&self, role: Role, addr: &NodeAddr) -> bool {
+        self.serves(role, addr, false)
+    }
+
+    fn serves(&self, role: Role, addr: &NodeAddr, prefer_standbys: bool) -> bool {
         let topo = self.rx.borrow();
         let is_primary = topo.primary.as_ref().is_some_and(|p| *p.addr == *addr);
         match role {
             Role::ReadWrite => is_primary,
             Role::ReadOnly => {
                 topo.standbys.iter().any(|s| *s.addr == *addr)
-                    || (is_primary && self.ro_fallback_to_primary && topo.standbys.is_empty())
-            }
-        }
-    }
-
-    /// Whether `addr` may still serve sessions routed for `role`.
-    pub fn allows(&self, role: Role, addr: &NodeAddr) -> bool {
-        let topo = self.rx.borrow();
-        let is_primary = topo.primary.as_ref().is_some_and(|p| *p.addr == *addr);
-        match role {
-            Role::ReadWrite => is_primary,
-            Role::ReadOnly => {
-                topo.standbys.iter().any(|s| *s.addr == *addr) || (is_primary && self.ro_fallback_to_primary)
+                    || (is_primary && self.ro_fallback_to_primary && (!prefer_standbys || topo.standbys.is_empty()))
             }
         }
     }

@@ -56,12 +56,14 @@ async fn client(port: u16) -> tokio_postgres::Client {
     c
 }
 
+/// What a client saw: (when, server port or error).
+type Outcomes = Arc<Mutex<Vec<(Instant, Result<i32, String>)>>>;
+
 /// Clients that each run one short transaction every `pause`: between
 /// transactions nearly all the time.
 struct Load {
     stop: Arc<AtomicBool>,
-    /// (when, server port or error)
-    results: Arc<Mutex<Vec<(Instant, Result<i32, String>)>>>,
+    results: Outcomes,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
