@@ -821,17 +821,34 @@ impl Session {
         };
         let router = &self.shared.router;
         let generation = router.generation();
+        let mut candidate = None;
         if !self.pool.is_closed() && router.keeps(role, &self.route.member.addr) {
-            self.route_gen = generation;
-            return Ok(());
+            // Read-only sessions also rebalance when the set of replicas
+            // changes (one came back): move if another is less loaded.
+            let mine = &self.route.member;
+            match router.route(role).filter(|_| role == Role::ReadOnly) {
+                Some(c)
+                    if !Arc::ptr_eq(&c.member, mine)
+                        && c.member.sessions.load(Relaxed) < mine.sessions.load(Relaxed) =>
+                {
+                    candidate = Some(c)
+                }
+                _ => {
+                    self.route_gen = generation;
+                    return Ok(());
+                }
+            }
         }
         let hold = self.shared.failover_hold();
-        let route = router.route_wait(role, hold).await.ok_or_else(|| {
-            PoolError::NoServer(format!(
-                "no server is available for the {} port (no confirmed leader within failover_hold_timeout, {hold:?})",
-                role.as_str()
-            ))
-        })?;
+        let route = match candidate {
+            Some(c) => c,
+            None => router.route_wait(role, hold).await.ok_or_else(|| {
+                PoolError::NoServer(format!(
+                    "no server is available for the {} port (no confirmed leader within failover_hold_timeout, {hold:?})",
+                    role.as_str()
+                ))
+            })?,
+        };
         let key = &self.pool.key;
         let pool = self.shared.pool(&key.database, &key.user, &route.member.addr, role);
         pool.credentials().adopt(self.pool.credentials());

@@ -27,6 +27,20 @@ fn setup(extra: &str) -> (PatroniCluster, Ferry) {
     let secret = cluster
         .psql_leader("postgres", "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
         .unwrap();
+    // The replicas must have replayed the database and table before reads go there.
+    let leader = cluster.leader().unwrap().unwrap();
+    for name in cluster.member_names().into_iter().filter(|n| *n != leader) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while cluster
+            .psql(&name, "app", "SELECT count(*) FROM pg_class WHERE relname = 'probe'")
+            .ok()
+            .as_deref()
+            != Some("1")
+        {
+            assert!(Instant::now() < end, "{name} did not replay the setup");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let dir = std::env::temp_dir().join(format!("pgferry-patroni-{}-{}", std::process::id(), cluster.scope));
     std::fs::create_dir_all(&dir).unwrap();
     let users = dir.join("userlist.txt");
@@ -355,4 +369,94 @@ async fn replica_stopped_and_etcd_restarted() {
     );
     assert!(write_errors.is_empty(), "write errors: {write_errors:?}");
     assert!(read_errors.is_empty(), "read errors: {read_errors:?}");
+}
+
+/// A replica whose WAL receiver is frozen (SIGSTOP) falls behind: once
+/// Patroni publishes its position, read-only transactions stop going there,
+/// and come back after it catches up. No client sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_replica_leaves_the_read_port() {
+    let (cluster, f) = setup("max_replica_lag = 1048576");
+    let leader = cluster.leader().unwrap().unwrap();
+    let replicas: Vec<String> = cluster.member_names().into_iter().filter(|n| *n != leader).collect();
+    let (lagging, other) = (&replicas[0], &replicas[1]);
+    let reads = Load::start(
+        f.ro_port.unwrap(),
+        4,
+        "SELECT inet_server_port()",
+        Duration::from_millis(50),
+    )
+    .await;
+    reads
+        .wait_for_port(
+            cluster.pg_port(lagging) as i32,
+            Instant::now() - Duration::from_secs(60),
+            Duration::from_secs(10),
+        )
+        .await;
+
+    let receiver: i32 = cluster
+        .psql(lagging, "postgres", "SELECT pid FROM pg_stat_wal_receiver")
+        .unwrap()
+        .parse()
+        .expect("a WAL receiver");
+    signal_process(receiver, libc::SIGSTOP);
+    // 8 MB or so of WAL on the leader, which the frozen receiver misses.
+    cluster
+        .psql_leader(
+            "app",
+            "INSERT INTO probe (port) SELECT g FROM generate_series(1, 100000) g",
+        )
+        .unwrap();
+    let t = Instant::now();
+    let end = t + Duration::from_secs(20);
+    loop {
+        let log = f.log();
+        let port = cluster.pg_port(lagging);
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("topology: routing changed"))
+            .unwrap_or("");
+        if !last.contains(&format!("127.0.0.1:{port}\"")) {
+            break;
+        }
+        assert!(Instant::now() < end, "the lagging replica was never taken out:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let late: Vec<i32> = reads
+        .results
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, r)| *at > out_at + Duration::from_millis(200) && r.is_ok())
+        .map(|(_, r)| *r.as_ref().unwrap())
+        .collect();
+    assert!(
+        !late.is_empty() && late.iter().all(|p| *p == cluster.pg_port(other) as i32),
+        "reads still reach the lagging replica: {late:?}"
+    );
+    println!(
+        "lagging replica taken out of the read port {:?} after the WAL burst",
+        out_at - t
+    );
+    signal_process(receiver, libc::SIGCONT);
+    reads
+        .wait_for_port(cluster.pg_port(lagging) as i32, Instant::now(), Duration::from_secs(30))
+        .await;
+    let errors = reads.finish().await;
+    assert!(errors.is_empty(), "read errors: {errors:?}");
+}
+
+/// Sends a signal to a process this test found (the WAL receiver).
+fn signal_process(pid: i32, sig: i32) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
 }

@@ -737,6 +737,8 @@ async fn failed_logins_are_throttled_per_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_logins_are_capped() {
     let f = ferry("[limits]\nmax_pending_logins = 5\nclient_login_timeout = \"3s\"\n");
+    // The harness's readiness probe may still hold a slot for a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut idle = Vec::new();
     for _ in 0..5 {
         idle.push(TcpStream::connect(("127.0.0.1", f.rw_port)).await.unwrap());
