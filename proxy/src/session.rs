@@ -1050,15 +1050,32 @@ impl Session {
                 self.lost_transaction = Some((code, msg));
             }
         } else {
-            let mut had_sync = false;
-            encode::error_response(&mut self.to_client, Severity::Error, &code, &msg);
+            // Every request group still waiting (each up to its Sync) gets
+            // its own error and ReadyForQuery, as the server would have
+            // answered each; an unfinished group gets the error now and the
+            // rest of it is skipped up to its Sync.
+            // pgferry's own queued answers still go out, in order.
+            let mut open_group = false;
             for s in self.slots.drain(..) {
-                if s.is_sync_point() && !matches!(s.action, Action::Inject(_)) {
-                    encode::ready_for_query(&mut self.to_client, TxStatus::Idle);
-                    had_sync = true;
+                match s.action {
+                    Action::Inject(b) => {
+                        self.to_client.extend_from_slice(&b);
+                        if ends_with_ready(&b) {
+                            open_group = false;
+                        }
+                    }
+                    _ if s.is_sync_point() => {
+                        encode::error_response(&mut self.to_client, Severity::Error, &code, &msg);
+                        encode::ready_for_query(&mut self.to_client, TxStatus::Idle);
+                        open_group = false;
+                    }
+                    _ => open_group = true,
                 }
             }
-            self.skip_until_sync = !had_sync;
+            if open_group {
+                encode::error_response(&mut self.to_client, Severity::Error, &code, &msg);
+            }
+            self.skip_until_sync = open_group;
         }
         self.to_server.clear();
         self.copy_in = false;
@@ -1291,6 +1308,11 @@ fn read_now(rd: &tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io:
         buf.reserve(64 * 1024);
     }
     Ok(n)
+}
+
+/// Whether `b` ends with a ReadyForQuery message.
+fn ends_with_ready(b: &[u8]) -> bool {
+    b.len() >= 6 && b[b.len() - 6] == b'Z' && b[b.len() - 5..b.len() - 1] == [0, 0, 0, 5]
 }
 
 /// Gives back a buffer's memory after a large message has passed through.

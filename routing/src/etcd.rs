@@ -68,8 +68,9 @@ struct Watcher {
     members: HashMap<(String, NodeAddr), Arc<Member>>,
     /// What routing last published: (primary, standbys).
     published: Option<(Option<NodeAddr>, Vec<NodeAddr>)>,
-    /// Since when a switchover announced in the `failover` key holds writes.
-    draining_since: Option<Instant>,
+    /// Since when a switchover announced in the `failover` key holds
+    /// writes, and the leader it was announced under.
+    draining_since: Option<(Instant, Option<String>)>,
     /// When routing last changed.
     changed_at: SystemTime,
 }
@@ -255,18 +256,23 @@ impl Watcher {
     /// primary that is about to refuse them. Bounded by
     /// failover_hold_timeout, in case the switchover never happens.
     fn draining(&mut self) -> bool {
-        let announced = self.state.coordinator().is_some_and(|g| g.failover_pending);
-        match (announced, self.draining_since) {
+        let g = self.state.coordinator();
+        let announced = g.is_some_and(|g| g.failover_pending);
+        let leader = g.and_then(|g| g.leader.clone());
+        match (announced, &self.draining_since) {
             (false, _) => {
                 self.draining_since = None;
                 false
             }
             (true, None) => {
                 tracing::info!("topology: switchover announced in etcd; holding new write transactions");
-                self.draining_since = Some(Instant::now());
+                self.draining_since = Some((Instant::now(), leader));
                 true
             }
-            (true, Some(t)) => t.elapsed() < self.cfg.failover_hold_timeout,
+            // Drain only while the leader that was being switched away from
+            // still holds the key: once the key has moved, the new leader is
+            // confirmed at once, even if the failover key is not cleared yet.
+            (true, Some((t, from))) => *from == leader && t.elapsed() < self.cfg.failover_hold_timeout,
         }
     }
 

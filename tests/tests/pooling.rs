@@ -400,3 +400,37 @@ async fn prepared_lock_statements_pin_on_every_execution() {
         );
     }
 }
+
+/// The server dies with several Sync-delimited requests pipelined behind a
+/// running one: each request group gets its own ErrorResponse and
+/// ReadyForQuery, as PostgreSQL would have answered each, and the client
+/// can go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lost_answers_every_pipelined_group() {
+    let f = ferry("[pool]\npool_size = 1\n");
+    let mut raw = Raw::login(f.rw_port, "app", APP_PASS).await;
+    let pid = rows(&raw.query("SELECT pg_backend_pid()").await)[0][0].clone().unwrap();
+    let mut b = BytesMut::new();
+    let no_params: &[u8] = &[0, 0, 0, 0, 0, 0];
+    for sql in ["SELECT pg_sleep(10)", "SELECT 1"] {
+        encode::parse(&mut b, b"", sql.as_bytes(), &[0, 0]);
+        encode::bind(&mut b, b"", b"", no_params);
+        encode::execute(&mut b, b"", 0);
+        encode::sync(&mut b);
+    }
+    encode::query(&mut b, b"SELECT 2");
+    raw.send(&b).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    primary_sql(&format!("SELECT pg_terminate_backend({pid})"));
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.extend(raw.until_ready().await);
+    }
+    let t = tags(&got).replace(' ', "");
+    assert_eq!(t.matches('E').count(), 3, "one error per request group: {t}");
+    assert_eq!(t.matches('Z').count(), 3, "{t}");
+    assert!(t.ends_with("EZEZEZ"), "{t}");
+    // The session goes on, on a new server connection.
+    let r = raw.query("SELECT 3").await;
+    assert_eq!(rows(&r)[0][0].as_deref(), Some("3"));
+}
