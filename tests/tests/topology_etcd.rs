@@ -249,3 +249,55 @@ async fn etcd_outage_stops_writes_after_the_grace_period() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A session that moves between a standby and the primary is told so:
+/// in_hot_standby follows the node it is really on (what keycloak#49515
+/// shows going wrong behind proxies that do not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_hot_standby_follows_the_node() {
+    let cluster = pgferry_tests::shared_cluster();
+    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
+    let etcd = Etcd::start().unwrap();
+    let pre = "/service/hotstandby/";
+    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 5000))
+        .unwrap();
+    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 5000))
+        .unwrap();
+    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    let f = etcd_ferry(&etcd, "hotstandby", false, "max_replica_lag = 1000", "");
+    let mut raw = Raw::login(f.ro_port.unwrap(), "app", APP_PASS).await;
+    let hot = |frames: &[pgferry_protocol::Frame]| {
+        frames
+            .iter()
+            .filter(|f| f.tag == b'S')
+            .filter_map(|f| pgferry_protocol::backend::parameter_status(f.body()).ok())
+            .find(|(k, _)| *k == "in_hot_standby")
+            .map(|(_, v)| v.to_owned())
+    };
+    let r = raw.query("SELECT pg_is_in_recovery()").await;
+    assert_eq!(rows(&r)[0][0].as_deref(), Some("t"));
+    // The standby falls behind: the session moves to the primary and is told.
+    etcd.put(&format!("{pre}status"), r#"{"optime":9000000}"#).unwrap();
+    wait_log(&f, "standbys=[]", Duration::from_secs(5));
+    let r = raw.query("SELECT pg_is_in_recovery()").await;
+    assert_eq!(rows(&r)[0][0].as_deref(), Some("f"));
+    assert_eq!(
+        hot(&r).as_deref(),
+        Some("off"),
+        "ParameterStatus in_hot_standby=off expected: {}",
+        tags(&r)
+    );
+    // Caught up: back to the standby, and told again.
+    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 9000000))
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = raw.query("SELECT pg_is_in_recovery()").await;
+        if rows(&r)[0][0].as_deref() == Some("t") {
+            assert_eq!(hot(&r).as_deref(), Some("on"), "{}", tags(&r));
+            break;
+        }
+        assert!(Instant::now() < end, "the session did not return to the standby");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
