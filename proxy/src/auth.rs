@@ -37,7 +37,8 @@ fn fail(user: &str, reason: impl Into<String>) -> ClientError {
 pub struct Attempt<'a> {
     pub user: &'a str,
     pub database: &'a str,
-    pub node: &'a NodeAddr,
+    /// Where auth_query runs; None: the users file only (admin console).
+    pub node: Option<&'a NodeAddr>,
     pub tls: Option<&'a TlsInfo>,
 }
 
@@ -92,10 +93,10 @@ async fn credential(a: &Attempt<'_>, shared: &Shared) -> Result<(Option<Credenti
     if let Some(c) = shared.userlist.get(a.user) {
         return Ok((Some(c.clone()), false));
     }
-    let Some(q) = &shared.auth_query else {
+    let (Some(q), Some(node)) = (&shared.auth_query, a.node) else {
         return Ok((None, false));
     };
-    match q.lookup(a.node, a.database, a.user).await {
+    match q.lookup(node, a.database, a.user).await {
         Ok(l) => {
             let expired = l.is_expired();
             Ok(match l {

@@ -75,7 +75,24 @@ async fn start(
         .unwrap_or(Err(ClientError::LoginTimeout));
     drop(pending);
     let login = match login {
-        Ok(Some(l)) => l,
+        Ok(Some(Started::Session(l))) => l,
+        Ok(Some(Started::Console { user, admin })) => {
+            // The console's own startup reply: what psql needs to show a prompt.
+            for (k, v) in [
+                ("server_version", "15.0 (pgferry)"),
+                ("client_encoding", "UTF8"),
+                ("server_encoding", "UTF8"),
+                ("DateStyle", "ISO"),
+                ("standard_conforming_strings", "on"),
+                ("integer_datetimes", "on"),
+            ] {
+                encode::parameter_status(&mut io.wbuf, k, v);
+            }
+            encode::backend_key_data(&mut io.wbuf, rand::random(), rand::random());
+            encode::ready_for_query(&mut io.wbuf, TxStatus::Idle);
+            io.flush().await?;
+            return Ok(Some(Box::pin(crate::admin::run(io, user, admin, shared))));
+        }
         Ok(None) => return Ok(None),
         Err(e) => {
             if let Some((code, msg)) = e.to_client() {
@@ -128,7 +145,22 @@ struct Login {
     tls: Option<bool>,
 }
 /// Startup and authentication. Returns None for a served cancel request.
-async fn login(io: &mut ClientIo, peer: SocketAddr, role: Role, shared: &Shared) -> Result<Option<Login>, ClientError> {
+/// What a successful startup leads to.
+enum Started {
+    Session(Login),
+    /// The admin console; `admin` is false for a stats-only user.
+    Console {
+        user: String,
+        admin: bool,
+    },
+}
+
+async fn login(
+    io: &mut ClientIo,
+    peer: SocketAddr,
+    role: Role,
+    shared: &Shared,
+) -> Result<Option<Started>, ClientError> {
     let (params, tls) = match handshake(io, &shared.tls).await? {
         Handshake::Cancel { pid, key } => {
             // Accepted with or without TLS: libpq sends cancels on a new,
@@ -161,6 +193,9 @@ async fn login(io: &mut ClientIo, peer: SocketAddr, role: Role, shared: &Shared)
                 "replication connections are not supported by pgferry",
             ));
         }
+    }
+    if crate::admin::is_console(&database) {
+        return console_login(io, peer, tls.as_ref(), &user, &database, shared).await;
     }
     if !shared.config.pool.auto_database && shared.config.database(&database).is_none() {
         return Err(ClientError::refused(
@@ -215,7 +250,7 @@ async fn login(io: &mut ClientIo, peer: SocketAddr, role: Role, shared: &Shared)
     let attempt = Attempt {
         user: &user,
         database: &database,
-        node: &route.member.addr,
+        node: Some(&route.member.addr),
         tls: tls.as_ref(),
     };
     let auth = authenticate(io, &attempt, method, shared).await?;
@@ -230,7 +265,7 @@ async fn login(io: &mut ClientIo, peer: SocketAddr, role: Role, shared: &Shared)
     for (k, v) in client_params.reported() {
         encode::parameter_status(&mut io.wbuf, k, v);
     }
-    Ok(Some(Login {
+    Ok(Some(Started::Session(Login {
         user,
         database,
         pool,
@@ -239,6 +274,39 @@ async fn login(io: &mut ClientIo, peer: SocketAddr, role: Role, shared: &Shared)
         read_only,
         user_permit,
         tls: tls.as_ref().map(|t| t.client_cert),
+    })))
+}
+
+/// Authenticates an admin-console user: only users named in admin_users or
+/// stats_users, with the method the hba rules give, against the users file.
+async fn console_login(
+    io: &mut ClientIo,
+    peer: SocketAddr,
+    tls: Option<&crate::handshake::TlsInfo>,
+    user: &str,
+    database: &str,
+    shared: &Shared,
+) -> Result<Option<Started>, ClientError> {
+    let auth = &shared.config.auth;
+    let admin = auth.admin_users.iter().any(|u| u == user);
+    if !admin && !auth.stats_users.iter().any(|u| u == user) {
+        return Err(ClientError::refused(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("user \"{user}\" may not use the admin console (not in admin_users or stats_users)"),
+        ));
+    }
+    let method = hba_method(shared, peer, tls.is_some(), database, user)?;
+    // Console users come from the users file; auth_query is not asked.
+    let attempt = Attempt {
+        user,
+        database,
+        node: None,
+        tls,
+    };
+    authenticate(io, &attempt, method, shared).await?;
+    Ok(Some(Started::Console {
+        user: user.to_owned(),
+        admin,
     }))
 }
 

@@ -6,6 +6,7 @@
 
 #![deny(unsafe_code)]
 
+mod admin;
 mod auth;
 mod authquery;
 mod cancel;

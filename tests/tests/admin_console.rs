@@ -1,0 +1,128 @@
+//! The admin console through real psql: who may connect, the column names
+//! and order of each implemented SHOW command (checked against PgBouncer
+//! 1.18's, as Debian ships it), counters that move with traffic, and the
+//! errors for stats users, unknown and not-yet-implemented commands.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// psql with headers, unaligned: Ok(stdout) or Err(stderr).
+fn console(port: u16, user: &str, password: &str, db: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new(Path::new(PG_BIN).join("psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={port} user={user} password={password} dbname={db} sslmode=disable"
+        ))
+        .args(["-X", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// PgBouncer 1.18's header line for each command (captured from Debian's
+/// pgbouncer 1.18.0 with psql -A).
+const HEADERS: &[(&str, &str)] = &[
+    ("POOLS", "database|user|cl_active|cl_waiting|cl_active_cancel_req|cl_waiting_cancel_req|sv_active|sv_active_cancel|sv_being_canceled|sv_idle|sv_used|sv_tested|sv_login|maxwait|maxwait_us|pool_mode"),
+    ("STATS", "database|total_xact_count|total_query_count|total_received|total_sent|total_xact_time|total_query_time|total_wait_time|avg_xact_count|avg_query_count|avg_recv|avg_sent|avg_xact_time|avg_query_time|avg_wait_time"),
+    ("STATS_TOTALS", "database|xact_count|query_count|bytes_received|bytes_sent|xact_time|query_time|wait_time"),
+    ("STATS_AVERAGES", "database|xact_count|query_count|bytes_received|bytes_sent|xact_time|query_time|wait_time"),
+    ("DATABASES", "name|host|port|database|force_user|pool_size|min_pool_size|reserve_pool|pool_mode|max_connections|current_connections|paused|disabled"),
+    ("USERS", "name|pool_mode"),
+    ("CONFIG", "key|value|default|changeable"),
+    ("LISTS", "list|items"),
+    ("VERSION", "version"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_commands_match_pgbouncer_columns() {
+    let f = ferry("[auth]\nstats_users = [\"other\"]\n[[database]]\nname = \"app\"\n");
+    // Some traffic, so that the app pool exists and its counters move.
+    let c = app(&f).await;
+    for _ in 0..5 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    for port in [f.rw_port, f.ro_port.unwrap()] {
+        for (cmd, header) in HEADERS {
+            let out = console(port, "admin", "admin-pass", "pgbouncer", &format!("SHOW {cmd};"))
+                .unwrap_or_else(|e| panic!("SHOW {cmd}: {e}"));
+            assert_eq!(out.lines().next(), Some(*header), "SHOW {cmd}");
+        }
+    }
+    let pools = console(f.rw_port, "admin", "admin-pass", "pgferry", "show pools").unwrap();
+    let app_row = pools
+        .lines()
+        .find(|l| l.starts_with("app|app|"))
+        .unwrap_or_else(|| panic!("no app pool row:\n{pools}"));
+    let cols: Vec<&str> = app_row.split('|').collect();
+    assert_eq!(cols[2], "1", "one client logged in: {app_row}");
+    assert_eq!(cols[15], "transaction");
+    assert!(
+        cols[9].parse::<u32>().unwrap() >= 1,
+        "an idle server connection: {app_row}"
+    );
+    let totals = console(f.rw_port, "admin", "admin-pass", "pgbouncer", "SHOW STATS_TOTALS").unwrap();
+    let row = totals.lines().find(|l| l.starts_with("app|")).expect("app totals");
+    let xacts: u64 = row.split('|').nth(1).unwrap().parse().unwrap();
+    assert!(xacts >= 5, "transactions counted: {row}");
+    let topo = console(f.rw_port, "admin", "admin-pass", "pgbouncer", "SHOW TOPOLOGY").unwrap();
+    assert!(
+        topo.starts_with("group|member|addr|role|state|lag_bytes|takes_writes|takes_reads|source"),
+        "{topo}"
+    );
+    assert!(topo.contains("|primary|configured||true|false|static|"), "{topo}");
+    let help = Command::new(Path::new(PG_BIN).join("psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={} user=admin password=admin-pass dbname=pgbouncer sslmode=disable",
+            f.rw_port
+        ))
+        .args(["-X", "-c", "SHOW HELP"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let notice = String::from_utf8_lossy(&help.stderr);
+    assert!(
+        notice.contains("NOTICE:  Console usage") && notice.contains("SHOW HELP|CONFIG"),
+        "{notice}"
+    );
+
+    // A stats user reads but may not act; unknown commands are syntax errors.
+    assert!(console(f.rw_port, "other", "other-pass", "pgbouncer", "SHOW POOLS").is_ok());
+    let e = console(f.rw_port, "other", "other-pass", "pgbouncer", "PAUSE").unwrap_err();
+    assert!(e.contains("admin access needed"), "{e}");
+    let e = console(f.rw_port, "admin", "admin-pass", "pgbouncer", "SHOW NONSENSE").unwrap_err();
+    assert!(e.contains("invalid command"), "{e}");
+    let e = console(f.rw_port, "admin", "admin-pass", "pgbouncer", "DROP TABLE x").unwrap_err();
+    assert!(e.contains("invalid command"), "{e}");
+    let e = console(f.rw_port, "admin", "admin-pass", "pgbouncer", "SHOW CLIENTS").unwrap_err();
+    assert!(e.contains("not implemented by pgferry yet"), "{e}");
+    // A driver on the extended protocol is told the console speaks only the
+    // simple one, and can go on with simple queries.
+    let (k, conn) = tokio_postgres::connect(
+        &f.rw_conn_str("admin", "admin-pass", "pgbouncer"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let e = k.query("SHOW POOLS", &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e}");
+    let v = k.simple_query("SHOW VERSION").await.unwrap();
+    let version = v.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert!(version.is_some_and(|v| v.starts_with("pgferry ")));
+    // Only admin and stats users, and only with the right password.
+    let e = console(f.rw_port, "app", APP_PASS, "pgbouncer", "SHOW POOLS").unwrap_err();
+    assert!(e.contains("may not use the admin console"), "{e}");
+    let e = console(f.rw_port, "admin", "wrong", "pgbouncer", "SHOW POOLS").unwrap_err();
+    assert!(e.contains("password authentication failed"), "{e}");
+}
