@@ -38,6 +38,8 @@ pub struct Config {
     pub topology: Topology,
     #[serde(default)]
     pub tls: Tls,
+    #[serde(default)]
+    pub http: Http,
     /// Ordered client-authentication rules, like pg_hba.conf; the first that
     /// matches decides. Empty: every client uses `auth.method`.
     #[serde(default, rename = "hba")]
@@ -442,6 +444,29 @@ pub enum Access {
     /// (default_transaction_read_only = on, and statements that would turn
     /// it off are refused). PostgreSQL grants remain the real boundary.
     ReadOnly,
+}
+
+/// The HTTP listener: /metrics (Prometheus), /health, /ready and a status page.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    #[serde(default = "d_http_listen")]
+    pub listen: SocketAddr,
+}
+
+fn d_http_listen() -> SocketAddr {
+    "0.0.0.0:8404".parse().unwrap()
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            enabled: true,
+            listen: d_http_listen(),
+        }
+    }
 }
 
 /// TLS for clients (termination) and for server connections.

@@ -48,6 +48,7 @@ pub async fn serve(
             Ok(()) => tracing::debug!("client closed"),
             Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
             Err(e @ ClientError::Auth { .. }) => {
+                shared.counters.auth_failures.fetch_add(1, Relaxed);
                 shared.throttle.record_failure(peer.ip());
                 tracing::warn!(error = %e, "login failed")
             }
@@ -171,6 +172,9 @@ async fn login(
         }
         Handshake::Startup { params, tls } => (params, tls),
     };
+    if tls.is_some() {
+        shared.counters.tls_handshakes.fetch_add(1, Relaxed);
+    }
     if tls.is_none() && shared.tls.mode() == ClientTls::Require {
         return Err(ClientError::refused(
             sqlstate::INVALID_AUTHORIZATION,
@@ -341,6 +345,7 @@ fn hba_method(
                 peer.ip()
             );
             tracing::warn!(user, reason = %msg, "login refused");
+            shared.counters.auth_failures.fetch_add(1, Relaxed);
             shared.throttle.record_failure(peer.ip());
             Err(ClientError::refused(sqlstate::INVALID_AUTHORIZATION, msg))
         }

@@ -14,6 +14,7 @@ mod client;
 mod clientio;
 mod error;
 mod handshake;
+mod http;
 mod listener;
 pub mod params;
 mod session;
@@ -79,6 +80,17 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     }
     let shared = Arc::new(Shared::new(config.clone(), users, router, tls, server_tls));
     tokio::spawn(follow_topology(shared.clone()));
+    if config.http.enabled {
+        // The status endpoints matter less than the proxy: a port that
+        // cannot be bound is logged, not fatal.
+        match listener::bind(config.http.listen, 128) {
+            Ok(l) => {
+                tracing::info!(addr = %config.http.listen, "HTTP: /metrics /health /ready /");
+                tokio::spawn(http::serve(l, shared.clone(), shutdown.clone()));
+            }
+            Err(e) => tracing::error!(addr = %config.http.listen, error = %e, "HTTP listener not started"),
+        }
+    }
     tokio::spawn(reload_on_sighup(shared.clone()));
     let slots = Arc::new(Semaphore::new(config.limits.max_client_conn));
     let mut listeners = vec![(config.listen.rw, Role::ReadWrite)];

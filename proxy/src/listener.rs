@@ -5,6 +5,7 @@ use pgferry_protocol::encode::{self, Severity};
 use pgferry_protocol::sqlstate;
 use pgferry_routing::Role;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,7 +51,13 @@ pub async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         // Refusals cost nothing but this FATAL: no TLS, no authentication.
+        let accepted = match role {
+            Role::ReadWrite => &shared.counters.accepted_rw,
+            Role::ReadOnly => &shared.counters.accepted_ro,
+        };
+        accepted.fetch_add(1, Relaxed);
         if shared.throttle.is_blocked(peer.ip()) {
+            shared.counters.refused_throttled.fetch_add(1, Relaxed);
             tracing::debug!(%peer, "refusing address with too many failed logins");
             refuse(
                 stream,
@@ -60,6 +67,7 @@ pub async fn accept_loop(
             continue;
         }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            shared.counters.refused_max_client_conn.fetch_add(1, Relaxed);
             tracing::warn!(%peer, "max_client_conn reached; refusing client");
             refuse(
                 stream,
@@ -69,6 +77,7 @@ pub async fn accept_loop(
             continue;
         };
         let Ok(pending) = shared.pending_logins.clone().try_acquire_owned() else {
+            shared.counters.refused_pending_logins.fetch_add(1, Relaxed);
             tracing::warn!(%peer, "max_pending_logins reached; refusing client");
             refuse(
                 stream,

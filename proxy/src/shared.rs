@@ -29,6 +29,9 @@ pub struct Shared {
     pub pending_logins: Arc<Semaphore>,
     /// Per-user client caps (max_client_connections).
     user_clients: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Listener counters for /metrics.
+    pub counters: Counters,
+    pub started: std::time::SystemTime,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     user_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -60,6 +63,8 @@ impl Shared {
             throttle: crate::throttle::AuthThrottle::new(l.auth_failure_limit, l.auth_failure_window),
             pending_logins: Arc::new(Semaphore::new(l.max_pending_logins.max(1))),
             user_clients: Mutex::default(),
+            counters: Counters::default(),
+            started: std::time::SystemTime::now(),
             auth_query,
             tls,
             server_tls,
@@ -198,6 +203,20 @@ impl Shared {
             )),
         }
     }
+}
+
+/// What the listeners count (read by /metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Connections accepted on the read-write and read-only ports.
+    pub accepted_rw: AtomicU64,
+    pub accepted_ro: AtomicU64,
+    pub tls_handshakes: AtomicU64,
+    pub auth_failures: AtomicU64,
+    /// Connections refused at accept, by reason.
+    pub refused_throttled: AtomicU64,
+    pub refused_max_client_conn: AtomicU64,
+    pub refused_pending_logins: AtomicU64,
 }
 
 /// The password for server logins of `user`: its [[user]] server_password,

@@ -218,6 +218,8 @@ impl Ferry {
              admin_users = [\"admin\"]\n\
              [pool]\n\
              pool_size = 4\n\
+             [http]\n\
+             listen = \"127.0.0.1:{http}\"\n\
              [topology]\n\
              source = \"static\"\n\
              primary = \"127.0.0.1:{primary}\"\n\
@@ -227,6 +229,7 @@ impl Ferry {
              server_password = \"app-pass\"\n",
             rw = free_port(),
             ro = free_port(),
+            http = free_port(),
             users_file = Value::String(userlist.to_string_lossy().into_owned()),
             primary = cluster.primary_port,
         );

@@ -1,0 +1,389 @@
+//! The HTTP listener (default 0.0.0.0:8404): `/metrics` in the Prometheus
+//! text format, `/health` (the process is up), `/ready` (a leader is
+//! confirmed for the read-write port), and `/`, a plain HTML status page
+//! that refreshes itself.
+//!
+//! A few GET requests a second at most: a minimal HTTP/1.1 responder (one
+//! request per connection, bounded request size and time) is all it needs.
+//! Every value is computed at request time from the same counters the
+//! admin console reads.
+
+use crate::shared::Shared;
+use pgferry_pool::Pool;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const MAX_REQUEST: usize = 8192;
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, &shared)).await;
+        });
+    }
+}
+
+async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || buf.len() + n > MAX_REQUEST {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(buf.split(|b| *b == b'\r').next().unwrap_or_default()).into_owned();
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics(shared)),
+        ("GET" | "HEAD", "/health") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ("GET" | "HEAD", "/ready") => {
+            if shared.router.topology().primary.is_some() {
+                ("200 OK", "text/plain", "ready: a leader is confirmed\n".to_owned())
+            } else {
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready: no confirmed leader\n".to_owned(),
+                )
+            }
+        }
+        ("GET" | "HEAD", "/") => ("200 OK", "text/html; charset=utf-8", status_page(shared)),
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned()),
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if method != "HEAD" {
+        out.extend_from_slice(body.as_bytes());
+    }
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+fn pools(shared: &Shared) -> Vec<Arc<Pool>> {
+    let mut p = shared.pools();
+    p.sort_by(|a, b| {
+        (
+            &a.key.database,
+            &a.key.user,
+            a.key.read_only,
+            &a.key.node.host,
+            a.key.node.port,
+        )
+            .cmp(&(
+                &b.key.database,
+                &b.key.user,
+                b.key.read_only,
+                &b.key.node.host,
+                b.key.node.port,
+            ))
+    });
+    p
+}
+
+/// Escapes a label value (backslash, quote, newline).
+fn label(v: &str) -> String {
+    v.replace('\\', r"\\").replace('"', "\\\"").replace('\n', r"\n")
+}
+
+fn metrics(shared: &Shared) -> String {
+    let mut m = String::with_capacity(8192);
+    let pools = pools(shared);
+    let pool_labels = |p: &Pool| {
+        format!(
+            "database=\"{}\",user=\"{}\",node=\"{}\",port=\"{}\"",
+            label(&p.key.database),
+            label(&p.key.user),
+            label(&p.key.node.to_string()),
+            if p.key.read_only { "ro" } else { "rw" }
+        )
+    };
+    type Gauge = fn(&Pool) -> f64;
+    let per_pool: &[(&str, &str, &str, Gauge)] = &[
+        (
+            "pgferry_pool_clients_active",
+            "gauge",
+            "Clients logged in to the pool.",
+            |p| p.stats.cl_active.load(Relaxed) as f64,
+        ),
+        (
+            "pgferry_pool_clients_waiting",
+            "gauge",
+            "Clients waiting for a server connection.",
+            |p| p.stats.cl_waiting.load(Relaxed) as f64,
+        ),
+        (
+            "pgferry_pool_servers_active",
+            "gauge",
+            "Server connections in use by a client.",
+            |p| p.stats.sv_active.load(Relaxed) as f64,
+        ),
+        ("pgferry_pool_servers_idle", "gauge", "Idle server connections.", |p| {
+            p.idle_count() as f64
+        }),
+        (
+            "pgferry_pool_servers_login",
+            "gauge",
+            "Server connections being established.",
+            |p| p.stats.sv_login.load(Relaxed) as f64,
+        ),
+        ("pgferry_pool_transactions_total", "counter", "Transactions run.", |p| {
+            p.stats.total_xact_count.load(Relaxed) as f64
+        }),
+        (
+            "pgferry_pool_queries_total",
+            "counter",
+            "Simple-protocol queries run.",
+            |p| p.stats.total_query_count.load(Relaxed) as f64,
+        ),
+        (
+            "pgferry_pool_received_bytes_total",
+            "counter",
+            "Bytes received from clients.",
+            |p| p.stats.total_received.load(Relaxed) as f64,
+        ),
+        (
+            "pgferry_pool_sent_bytes_total",
+            "counter",
+            "Bytes sent to clients.",
+            |p| p.stats.total_sent.load(Relaxed) as f64,
+        ),
+        (
+            "pgferry_pool_transaction_seconds_total",
+            "counter",
+            "Time spent in transactions.",
+            |p| p.stats.total_xact_time.load(Relaxed) as f64 / 1e6,
+        ),
+        (
+            "pgferry_pool_wait_seconds_total",
+            "counter",
+            "Time clients waited for a server connection.",
+            |p| p.stats.total_wait_time.load(Relaxed) as f64 / 1e6,
+        ),
+        (
+            "pgferry_pool_servers_opened_total",
+            "counter",
+            "Server connections opened.",
+            |p| p.stats.servers_opened.load(Relaxed) as f64,
+        ),
+        (
+            "pgferry_pool_server_errors_total",
+            "counter",
+            "Failed server connection attempts.",
+            |p| p.stats.server_errors.load(Relaxed) as f64,
+        ),
+        (
+            "pgferry_pool_wait_timeouts_total",
+            "counter",
+            "Clients refused after query_wait_timeout.",
+            |p| p.stats.wait_timeouts.load(Relaxed) as f64,
+        ),
+    ];
+    for (name, kind, help, get) in per_pool {
+        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in &pools {
+            let _ = writeln!(m, "{name}{{{}}} {}", pool_labels(p), get(p));
+        }
+    }
+    let c = &shared.counters;
+    let _ = writeln!(
+        m,
+        "# HELP pgferry_connections_accepted_total Client connections accepted, by port.\n\
+         # TYPE pgferry_connections_accepted_total counter\n\
+         pgferry_connections_accepted_total{{port=\"rw\"}} {}\n\
+         pgferry_connections_accepted_total{{port=\"ro\"}} {}",
+        c.accepted_rw.load(Relaxed),
+        c.accepted_ro.load(Relaxed)
+    );
+    let _ = writeln!(
+        m,
+        "# HELP pgferry_connections_refused_total Client connections refused at accept, by reason.\n\
+         # TYPE pgferry_connections_refused_total counter\n\
+         pgferry_connections_refused_total{{reason=\"throttled\"}} {}\n\
+         pgferry_connections_refused_total{{reason=\"max_client_conn\"}} {}\n\
+         pgferry_connections_refused_total{{reason=\"max_pending_logins\"}} {}",
+        c.refused_throttled.load(Relaxed),
+        c.refused_max_client_conn.load(Relaxed),
+        c.refused_pending_logins.load(Relaxed)
+    );
+    let _ = writeln!(
+        m,
+        "# HELP pgferry_tls_handshakes_total Client TLS handshakes completed.\n\
+         # TYPE pgferry_tls_handshakes_total counter\npgferry_tls_handshakes_total {}\n\
+         # HELP pgferry_auth_failures_total Failed client logins (wrong password, unknown user, hba refusal).\n\
+         # TYPE pgferry_auth_failures_total counter\npgferry_auth_failures_total {}",
+        c.tls_handshakes.load(Relaxed),
+        c.auth_failures.load(Relaxed)
+    );
+    let topo = shared.router.topology();
+    let v = &topo.view;
+    let _ = writeln!(
+        m,
+        "# HELP pgferry_topology_leader_confirmed 1 when a leader is confirmed writable for the read-write port.\n\
+         # TYPE pgferry_topology_leader_confirmed gauge\npgferry_topology_leader_confirmed {}\n\
+         # HELP pgferry_topology_etcd_connected 1 while the etcd watch is up (etcd source only).\n\
+         # TYPE pgferry_topology_etcd_connected gauge\npgferry_topology_etcd_connected {}\n\
+         # HELP pgferry_topology_etcd_revision Last etcd revision seen.\n\
+         # TYPE pgferry_topology_etcd_revision gauge\npgferry_topology_etcd_revision {}",
+        u8::from(topo.primary.is_some()),
+        u8::from(v.etcd_connected),
+        v.etcd_revision
+    );
+    let _ = writeln!(
+        m,
+        "# HELP pgferry_member_info Cluster members as pgferry sees them (value 1).\n# TYPE pgferry_member_info gauge"
+    );
+    for mem in &v.members {
+        let _ = writeln!(
+            m,
+            "pgferry_member_info{{member=\"{}\",addr=\"{}\",role=\"{}\",state=\"{}\",takes_reads=\"{}\"}} 1",
+            label(&mem.name),
+            label(&mem.addr),
+            label(&mem.role),
+            label(&mem.state),
+            mem.serving_reads
+        );
+    }
+    let _ = writeln!(
+        m,
+        "# HELP pgferry_member_lag_bytes WAL bytes a member is behind the leader.\n# TYPE pgferry_member_lag_bytes gauge"
+    );
+    for mem in v.members.iter().filter(|x| x.lag.is_some()) {
+        let _ = writeln!(
+            m,
+            "pgferry_member_lag_bytes{{member=\"{}\"}} {}",
+            label(&mem.name),
+            mem.lag.unwrap_or(0)
+        );
+    }
+    let (rss, fds) = process_stats();
+    let _ = writeln!(
+        m,
+        "# HELP pgferry_process_resident_memory_bytes Resident memory.\n\
+         # TYPE pgferry_process_resident_memory_bytes gauge\npgferry_process_resident_memory_bytes {rss}\n\
+         # HELP pgferry_process_open_fds Open file descriptors.\n\
+         # TYPE pgferry_process_open_fds gauge\npgferry_process_open_fds {fds}"
+    );
+    m
+}
+
+/// (RSS bytes, open fds) from /proc/self; zeros where unavailable.
+fn process_stats() -> (u64, usize) {
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    (rss, fds)
+}
+
+fn html(v: &str) -> String {
+    v.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn status_page(shared: &Shared) -> String {
+    let mut h = String::with_capacity(8192);
+    let topo = shared.router.topology();
+    let v = &topo.view;
+    let leader = match (&v.leader, v.leader_confirmed) {
+        (Some(l), true) => format!("{} (confirmed writable)", html(l)),
+        (Some(l), false) => format!("{} (not confirmed yet: writes are held)", html(l)),
+        (None, _) => "none: writes are held".into(),
+    };
+    let _ = write!(
+        h,
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">\
+         <title>pgferry status</title><style>\
+         body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse;margin-bottom:1.5em}}\
+         th,td{{border:1px solid #999;padding:2px 8px;text-align:right}}th{{background:#ddd}}\
+         td.l,th.l{{text-align:left}}.bad{{background:#f99}}.ok{{background:#9f9}}</style></head><body>\
+         <h1>pgferry {}</h1><p>topology source: {} &middot; leader: {} &middot; etcd revision {} &middot; \
+         page refreshes every 5 s</p>",
+        env!("CARGO_PKG_VERSION"),
+        v.source,
+        leader,
+        v.etcd_revision
+    );
+    h.push_str(
+        "<h2>Pools</h2><table id=\"pools\"><tr><th class=l>database</th><th class=l>user</th><th class=l>node</th>\
+         <th class=l>port</th><th>clients active</th><th>clients waiting</th><th>servers active</th>\
+         <th>servers idle</th><th>transactions</th><th>wait ms total</th><th class=l>mode</th></tr>",
+    );
+    for p in pools(shared) {
+        let s = &p.stats;
+        let waiting = s.cl_waiting.load(Relaxed);
+        let _ = write!(
+            h,
+            "<tr><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td><td>{}</td>\
+             <td{}>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=l>{}</td></tr>",
+            html(&p.key.database),
+            html(&p.key.user),
+            html(&p.key.node.to_string()),
+            if p.key.read_only { "ro" } else { "rw" },
+            s.cl_active.load(Relaxed),
+            if waiting > 0 { " class=bad" } else { "" },
+            waiting,
+            s.sv_active.load(Relaxed),
+            p.idle_count(),
+            s.total_xact_count.load(Relaxed),
+            s.total_wait_time.load(Relaxed) / 1000,
+            p.settings.pool_mode.as_str()
+        );
+    }
+    h.push_str(
+        "</table><h2>Topology</h2><table id=\"topology\"><tr><th class=l>member</th><th class=l>address</th>\
+         <th class=l>role</th><th class=l>state</th><th>lag bytes</th><th class=l>reads</th></tr>",
+    );
+    for m in &v.members {
+        let _ = write!(
+            h,
+            "<tr><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td><td>{}</td>\
+             <td class=\"l {}\">{}</td></tr>",
+            html(&m.name),
+            html(&m.addr),
+            html(&m.role),
+            html(&m.state),
+            m.lag.map(|l| l.to_string()).unwrap_or_default(),
+            if m.serving_reads { "ok" } else { "" },
+            if m.serving_reads { "yes" } else { "no" }
+        );
+    }
+    let c = &shared.counters;
+    let _ = write!(
+        h,
+        "</table><h2>Listeners</h2><table><tr><th class=l>accepted rw</th><th class=l>accepted ro</th>\
+         <th>TLS handshakes</th><th>auth failures</th><th>refused (throttled)</th></tr>\
+         <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table></body></html>",
+        c.accepted_rw.load(Relaxed),
+        c.accepted_ro.load(Relaxed),
+        c.tls_handshakes.load(Relaxed),
+        c.auth_failures.load(Relaxed),
+        c.refused_throttled.load(Relaxed)
+    );
+    h
+}
