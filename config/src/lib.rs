@@ -148,13 +148,30 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
     /// Tokio worker threads; 0 = one per CPU core. On a small machine shared
     /// with PostgreSQL, 1 saves the cost of waking threads on each other.
     #[serde(default)]
     pub worker_threads: usize,
+    /// On SIGTERM: how long clients in a transaction may take to finish
+    /// before pgferry exits anyway (idle clients are closed at once).
+    #[serde(default = "d_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+fn d_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Runtime {
+            worker_threads: 0,
+            shutdown_timeout: d_shutdown_timeout(),
+        }
+    }
 }
 
 /// The default client-authentication method (`reject` is refused there).

@@ -112,6 +112,19 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     for t in tasks {
         let _ = t.await;
     }
+    // Graceful shutdown: idle clients get 57P01 now, the others at the end
+    // of their transaction; wait for them (bounded), then close the pools.
+    shared.start_draining();
+    let total = config.limits.max_client_conn as u32;
+    let timeout = config.runtime.shutdown_timeout;
+    tracing::info!(clients = total as usize - slots.available_permits(), timeout = ?timeout, "shutting down: closing clients at transaction boundaries");
+    match tokio::time::timeout(timeout, slots.acquire_many(total)).await {
+        Ok(_) => tracing::info!("all clients gone"),
+        Err(_) => tracing::warn!(
+            clients = total as usize - slots.available_permits(),
+            "shutdown_timeout reached; closing the remaining clients"
+        ),
+    }
     for p in shared.pools() {
         p.shut_down("pgferry shutting down");
     }

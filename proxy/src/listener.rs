@@ -12,7 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-/// Binds a listening socket with SO_REUSEADDR and the configured backlog.
+/// Binds a listening socket with SO_REUSEADDR, SO_REUSEPORT (so that a new
+/// pgferry can bind the same ports and take over while this one drains: a
+/// rolling restart) and the configured backlog.
 pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     let domain = if addr.is_ipv6() {
         socket2::Domain::IPV6
@@ -21,6 +23,7 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     };
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(backlog.min(i32::MAX as u32) as i32)?;
@@ -37,8 +40,12 @@ pub async fn accept_loop(
 ) {
     loop {
         let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.wait_for(|s| *s) => return,
+            r = listener.accept() => Some(r),
+            _ = shutdown.wait_for(|s| *s) => None,
+        };
+        let Some(accepted) = accepted else {
+            drain_queue(&listener, role, &shared, &slots).await;
+            return;
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -93,6 +100,26 @@ pub async fn accept_loop(
         };
         tracing::trace!(bytes = std::mem::size_of_val(&fut), "client task size");
         tokio::spawn(fut);
+    }
+}
+
+/// Connections the kernel already queued on a listener would be reset when
+/// it closes: take them; they are served (and closed at their first
+/// transaction boundary, as pgferry is draining).
+async fn drain_queue(listener: &TcpListener, role: Role, shared: &Arc<Shared>, slots: &Arc<Semaphore>) {
+    while let Ok(Ok((stream, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+        let _ = stream.set_nodelay(true);
+        let (Ok(permit), Ok(pending)) = (
+            slots.clone().try_acquire_owned(),
+            shared.pending_logins.clone().try_acquire_owned(),
+        ) else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            crate::client::serve(stream, peer, role, shared, pending).await;
+            drop(permit);
+        });
     }
 }
 

@@ -49,14 +49,22 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let server = tokio::spawn(pgferry_proxy::run(config, rx));
+        let mut server = tokio::spawn(pgferry_proxy::run(config, rx));
         tokio::select! {
-            r = server => return r.context("proxy task")?.map_err(anyhow::Error::from),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            r = &mut server => return r.context("proxy task")?.map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT: exiting now");
+                return Ok(());
+            }
+            _ = term.recv() => tracing::info!("SIGTERM: graceful shutdown (SIGINT or a second SIGTERM: exit now)"),
         }
+        // Stop accepting, let transactions finish (up to shutdown_timeout).
         let _ = tx.send(true);
-        Ok(())
+        tokio::select! {
+            r = &mut server => r.context("proxy task")?.map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = term.recv() => Ok(()),
+        }
     })
 }
 

@@ -109,6 +109,8 @@ enum Event {
     ClientWrote(std::io::Result<Option<usize>>),
     ServerRead(std::io::Result<usize>),
     ServerWrote(std::io::Result<Option<usize>>),
+    /// pgferry started shutting down while this client was idle.
+    Drain,
     Timeout(&'static str, &'static str),
 }
 
@@ -181,6 +183,7 @@ pub struct Session {
     /// A FATAL the server sent before closing: reported as the reason.
     server_fatal: Option<(String, String)>,
     cancel: crate::cancel::CancelGuard,
+    drain: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Session {
@@ -223,6 +226,7 @@ impl Session {
             lost_transaction: None,
             server_fatal: None,
             cancel: init.cancel,
+            drain: shared.drain_tx.subscribe(),
         }
     }
 
@@ -251,6 +255,18 @@ impl Session {
     async fn main_loop(&mut self) -> Result<(), ClientError> {
         loop {
             self.maybe_release().await;
+            if self.shared.draining.load(Relaxed) && self.between_transactions() {
+                // Shutting down. A client idle at a transaction boundary is
+                // closed after DRAIN_GRACE (idle_timeout): a transaction can
+                // span several round trips at "idle" status (prepare, then
+                // execute), so a boundary alone is not proof it is done.
+                // One that keeps working is closed at a boundary once half
+                // of shutdown_timeout has passed.
+                let half = self.shared.config.runtime.shutdown_timeout / 2;
+                if self.shared.drain_started.get().is_some_and(|t| t.elapsed() >= half) {
+                    return Err(shutting_down());
+                }
+            }
             match self.next_event().await {
                 Event::ClientWrote(r) => match r? {
                     Some(n) => {
@@ -279,6 +295,9 @@ impl Session {
                         return Ok(());
                     }
                 }
+                // Woken to re-evaluate: an idle client now gets a short grace
+                // (idle_timeout) in case its next request is already on the way.
+                Event::Drain => {}
                 Event::Timeout(code, what) => {
                     tracing::info!(client = self.id, "closing client: {what}");
                     return Err(ClientError::refused(code, what));
@@ -290,6 +309,7 @@ impl Session {
     /// Waits for the next thing to do. Cancel safe in every branch.
     async fn next_event(&mut self) -> Event {
         let timeout = self.idle_timeout();
+        let wake_on_drain = self.server.is_none() || self.mode == PoolMode::Session;
         let Session {
             rd,
             wr,
@@ -299,6 +319,7 @@ impl Session {
             server,
             client_unflushed,
             server_unflushed,
+            drain,
             ..
         } = self;
         let (srd, swr, sbuf) = match server.as_deref_mut() {
@@ -317,6 +338,8 @@ impl Session {
             r = async { write_or_flush(swr.expect("bound"), to_server).await }, if bound && (!to_server.is_empty() || *server_unflushed) => Event::ServerWrote(r),
             r = async { pgferry_pool::server::fill(srd.expect("bound"), sbuf.expect("bound")).await }, if read_server => Event::ServerRead(r),
             r = read_client(rd, rbuf), if want_client => Event::ClientRead(r),
+            // Polled only while idle, so a busy session pays nothing for it.
+            Ok(()) = drain.changed(), if wake_on_drain && to_client.is_empty() => Event::Drain,
             (code, what) = async {
                 match timeout {
                     Some((d, code, what)) => { tokio::time::sleep(d).await; (code, what) }
@@ -326,8 +349,22 @@ impl Session {
         }
     }
 
+    /// Nothing in flight either way and no transaction open: the client can
+    /// be closed without losing anything.
+    fn between_transactions(&self) -> bool {
+        self.status == TxStatus::Idle
+            && self.slots.is_empty()
+            && self.to_server.is_empty()
+            && self.to_client.is_empty()
+            && !self.client_unflushed
+            && (self.server.is_none() || self.mode == PoolMode::Session)
+    }
+
     /// The idle timeout that applies now, if any.
     fn idle_timeout(&self) -> Option<(Duration, &'static str, &'static str)> {
+        if self.shared.draining.load(Relaxed) && self.between_transactions() {
+            return Some((DRAIN_GRACE, sqlstate::ADMIN_SHUTDOWN, SHUTTING_DOWN));
+        }
         if !self.slots.is_empty() || !self.to_client.is_empty() {
             return None;
         }
@@ -791,6 +828,9 @@ impl Session {
             let err = match self.pool.checkout().await {
                 Ok(c) => return Ok(c),
                 Err(e @ (PoolError::Connect { .. } | PoolError::ConnectTimeout(_))) => e,
+                // "the database system is starting up / shutting down": the
+                // node is going away or coming back; the topology will say.
+                Err(e @ PoolError::Server { .. }) if e.sqlstate() == sqlstate::CANNOT_CONNECT_NOW => e,
                 Err(e) => return Err(e),
             };
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1308,6 +1348,16 @@ fn read_now(rd: &tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io:
         buf.reserve(64 * 1024);
     }
     Ok(n)
+}
+
+const SHUTTING_DOWN: &str = "terminating connection due to administrator command: pgferry is shutting down";
+
+/// While draining, a client idle this long is closed: long enough for a
+/// request already on its way (a client that just connected) to arrive.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+fn shutting_down() -> ClientError {
+    ClientError::refused(sqlstate::ADMIN_SHUTDOWN, SHUTTING_DOWN)
 }
 
 /// Whether `b` ends with a ReadyForQuery message.

@@ -31,6 +31,11 @@ pub struct Shared {
     user_clients: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Listener counters for /metrics.
     pub counters: Counters,
+    /// Set on SIGTERM: sessions close at their next transaction boundary.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Wakes sessions idle between transactions when draining starts.
+    pub drain_tx: tokio::sync::watch::Sender<bool>,
+    pub drain_started: std::sync::OnceLock<std::time::Instant>,
     pub started: std::time::SystemTime,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -64,6 +69,9 @@ impl Shared {
             pending_logins: Arc::new(Semaphore::new(l.max_pending_logins.max(1))),
             user_clients: Mutex::default(),
             counters: Counters::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            drain_tx: tokio::sync::watch::channel(false).0,
+            drain_started: std::sync::OnceLock::new(),
             started: std::time::SystemTime::now(),
             auth_query,
             tls,
@@ -125,6 +133,14 @@ impl Shared {
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {
         self.pools.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Starts a graceful shutdown: idle clients are closed with 57P01 now,
+    /// the others at the end of their transaction.
+    pub fn start_draining(&self) {
+        let _ = self.drain_started.set(std::time::Instant::now());
+        self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.drain_tx.send_replace(true);
     }
 
     /// How long a new read-write transaction waits for a confirmed leader.

@@ -1,0 +1,123 @@
+//! Shutdown and upgrades: SIGTERM closes idle clients with 57P01 and lets
+//! a transaction in flight finish; a second pgferry binds the same ports
+//! (SO_REUSEPORT) and takes over while the first drains, under load, with
+//! no refused connection and no failed transaction.
+
+mod common;
+
+use common::*;
+use pgferry_tests::Ferry;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn config() -> String {
+    let cluster = pgferry_tests::shared_cluster();
+    let dir = std::env::temp_dir().join(format!("pgferry-lifecycle-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Ferry::cluster_config(cluster, &dir, "[runtime]\nshutdown_timeout = \"10s\"\n").unwrap()
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_clients_and_lets_transactions_finish() {
+    let mut f = Ferry::start(&config()).unwrap();
+    let idle = app(&f).await;
+    let busy = app(&f).await;
+    busy.batch_execute("BEGIN").await.unwrap();
+    busy.simple_query("SELECT 1").await.unwrap();
+    f.signal(libc::SIGTERM).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The idle client was told why it was closed.
+    let e = idle.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        e.as_db_error().is_some_and(|d| d.code().code() == "57P01") || idle.is_closed(),
+        "{e}"
+    );
+    // The transaction in flight goes on and commits.
+    busy.simple_query("SELECT 2")
+        .await
+        .expect("the open transaction continues");
+    busy.batch_execute("COMMIT").await.expect("and commits");
+    // Then pgferry exits, without waiting for shutdown_timeout.
+    let t = Instant::now();
+    let status = tokio::task::block_in_place(|| f.wait_exit(Duration::from_secs(8))).unwrap();
+    assert!(status.is_some(), "pgferry did not exit:\n{}", f.log());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let log = f.log();
+    assert!(
+        log.contains("SIGTERM: graceful shutdown") && log.contains("all clients gone"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_under_load() {
+    let cfg = config();
+    let mut old = Ferry::start(&cfg).unwrap();
+    let port = old.rw_port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (stop, ok, cs) = (stop.clone(), ok.clone(), old.rw_conn_str("app", APP_PASS, "app"));
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                // A new connection for every transaction: every one of them
+                // must be accepted by one pgferry or the other.
+                match tokio_postgres::connect(&cs, tokio_postgres::NoTls).await {
+                    Ok((c, conn)) => {
+                        let h = tokio::spawn(conn);
+                        match c.query_one("SELECT 1::int4", &[]).await {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => errors.push(format!("query: {e}")),
+                        }
+                        drop(c);
+                        let _ = h.await;
+                    }
+                    Err(e) => errors.push(format!("connect: {e}")),
+                }
+            }
+            errors
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The new process binds the same ports while the old one still runs.
+    let new = Ferry::start(&cfg).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while !new.log().contains("listening") {
+        assert!(Instant::now() < end, "the new pgferry did not bind:\n{}", new.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ok.load(Ordering::Relaxed);
+    old.signal(libc::SIGTERM).unwrap();
+    let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15))).unwrap();
+    assert!(status.is_some(), "the old pgferry did not exit:\n{}", old.log());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for t in tasks {
+        errors.extend(t.await.unwrap());
+    }
+    let after = ok.load(Ordering::Relaxed);
+    println!(
+        "rolling restart: {after} transactions ({} after the new pgferry started), errors: {errors:?}",
+        after - before
+    );
+    assert!(
+        errors.is_empty(),
+        "refused connections or failed transactions: {errors:?}"
+    );
+    assert!(after > before + 50, "the new pgferry served the load");
+    assert!(port > 0 && new.log().contains("client logged in"));
+}
