@@ -48,4 +48,5 @@ pub mod sqlstate {
     pub const SYNTAX_ERROR: &str = "42601";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
 }

@@ -4,7 +4,8 @@
 //! Debian ships it) so that existing tools read them unchanged.
 //!
 //! Implemented: SHOW HELP, VERSION, POOLS, STATS, STATS_TOTALS,
-//! STATS_AVERAGES, DATABASES, USERS, CONFIG, LISTS, TOPOLOGY. The other
+//! STATS_AVERAGES, DATABASES, USERS, CONFIG, LISTS, TOPOLOGY; PAUSE [db],
+//! RESUME [db]. The other
 //! PgBouncer commands are recognised and answered with 0A000 until they
 //! exist; anything else is a syntax error (42601). A stats user gets 42501
 //! for admin commands.
@@ -61,7 +62,8 @@ const SHOW_NOT_YET: &[&str] = &[
 
 const HELP: &str =
     "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION|TOPOLOGY\n\
-\tnot yet: SHOW CLIENTS|SERVERS|PREPARED_STATEMENTS|LATENCY, PAUSE, RESUME, RELOAD, RECONNECT, KILL, KILL_CLIENT, \
+\tPAUSE [<db>], RESUME [<db>]\n\
+\tnot yet: SHOW CLIENTS|SERVERS|PREPARED_STATEMENTS|LATENCY, RELOAD, RECONNECT, KILL, KILL_CLIENT, \
 WAIT_CLOSE, SHUTDOWN, SET";
 
 /// Runs a console session after login until the client leaves.
@@ -77,7 +79,11 @@ pub async fn run(mut io: ClientIo, user: String, admin: bool, shared: Arc<Shared
             frontend::TERMINATE => return Ok(()),
             frontend::QUERY => {
                 let sql = String::from_utf8_lossy(frontend::query(f.body())?).into_owned();
-                answer(&mut io.wbuf, &sql, admin, &shared);
+                if let Some(db) = pause_target(&sql).filter(|_| admin) {
+                    pause(&mut io.wbuf, db.as_deref(), &shared).await;
+                } else {
+                    answer(&mut io.wbuf, &sql, admin, &shared);
+                }
                 encode::ready_for_query(&mut io.wbuf, TxStatus::Idle);
             }
             frontend::SYNC => encode::ready_for_query(&mut io.wbuf, TxStatus::Idle),
@@ -102,6 +108,36 @@ pub async fn run(mut io: ClientIo, user: String, admin: bool, shared: Arc<Shared
         }
         io.flush().await?;
     }
+}
+
+/// `PAUSE` or `PAUSE db` alone in a query string: Some(target).
+fn pause_target(sql: &str) -> Option<Option<String>> {
+    let words: Vec<&str> = sql.trim().trim_end_matches(';').split_whitespace().collect();
+    match words.as_slice() {
+        [w] if w.eq_ignore_ascii_case("PAUSE") => Some(None),
+        [w, db] if w.eq_ignore_ascii_case("PAUSE") => Some(Some(db.trim_matches('"').to_owned())),
+        _ => None,
+    }
+}
+
+/// PAUSE: new transactions of `db` (or all) wait from now on; returns once
+/// the transactions in flight there have finished, as PgBouncer's does.
+async fn pause(out: &mut BytesMut, db: Option<&str>, shared: &Shared) {
+    shared.pause(db);
+    tracing::info!(db = db.unwrap_or("*"), "PAUSE: holding new transactions");
+    loop {
+        let busy: usize = shared
+            .pools()
+            .iter()
+            .filter(|p| db.is_none_or(|d| p.key.database == d))
+            .map(|p| p.stats.sv_active.load(Relaxed))
+            .sum();
+        if busy == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    encode::command_complete(out, "PAUSE");
 }
 
 /// Answers one query string (possibly several `;`-separated commands).
@@ -152,6 +188,21 @@ fn command(out: &mut BytesMut, text: &str, admin: bool, shared: &Shared) -> Resu
                     sqlstate::INSUFFICIENT_PRIVILEGE,
                     "admin access needed: this user is in stats_users only".into(),
                 ));
+            }
+            if w == "RESUME" {
+                let db = text.split_whitespace().nth(1).map(|d| d.trim_matches('"'));
+                if !shared.resume(db) {
+                    return Err((
+                        sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        "pooler is not paused".into(),
+                    ));
+                }
+                tracing::info!(db = db.unwrap_or("*"), "RESUME");
+                encode::command_complete(out, "RESUME");
+                return Ok(());
+            }
+            if w == "PAUSE" {
+                return Err(syntax());
             }
             Err((
                 sqlstate::FEATURE_NOT_SUPPORTED,

@@ -793,6 +793,19 @@ impl Session {
         }
         // The slow paths are boxed so that they do not enlarge every
         // client's future (memory per idle client).
+        if self.shared.any_paused.load(Relaxed) {
+            // PAUSE: new transactions wait (bounded like any wait for a
+            // server) until RESUME.
+            let shared = self.shared.clone();
+            let db = self.pool.key.database.clone();
+            let wait = self.pool.settings.query_wait_timeout;
+            let paused = Box::pin(async move { shared.wait_unpaused(&db).await });
+            if wait.is_zero() {
+                paused.await;
+            } else if tokio::time::timeout(wait, paused).await.is_err() {
+                return Err(PoolError::WaitTimeout);
+            }
+        }
         if self.route_gen != self.shared.router.generation() || self.pool.is_closed() {
             Box::pin(self.reroute()).await?;
         }

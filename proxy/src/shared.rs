@@ -36,6 +36,10 @@ pub struct Shared {
     /// Wakes sessions idle between transactions when draining starts.
     pub drain_tx: tokio::sync::watch::Sender<bool>,
     pub drain_started: std::sync::OnceLock<std::time::Instant>,
+    /// PAUSE: databases whose new transactions wait ("*" = all).
+    pause: tokio::sync::watch::Sender<std::collections::BTreeSet<String>>,
+    /// Whether anything is paused: the one check on the hot path.
+    pub any_paused: std::sync::atomic::AtomicBool,
     pub started: std::time::SystemTime,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -72,6 +76,8 @@ impl Shared {
             draining: std::sync::atomic::AtomicBool::new(false),
             drain_tx: tokio::sync::watch::channel(false).0,
             drain_started: std::sync::OnceLock::new(),
+            pause: tokio::sync::watch::channel(Default::default()).0,
+            any_paused: std::sync::atomic::AtomicBool::new(false),
             started: std::time::SystemTime::now(),
             auth_query,
             tls,
@@ -141,6 +147,47 @@ impl Shared {
         let _ = self.drain_started.set(std::time::Instant::now());
         self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
         self.drain_tx.send_replace(true);
+    }
+
+    /// PAUSE `db` (None: every database): new transactions wait.
+    pub fn pause(&self, db: Option<&str>) {
+        self.pause.send_modify(|p| {
+            p.insert(db.unwrap_or("*").to_owned());
+        });
+        self.any_paused.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// RESUME `db` (None: everything). Returns false if it was not paused.
+    pub fn resume(&self, db: Option<&str>) -> bool {
+        let mut was = false;
+        self.pause.send_modify(|p| {
+            was = match db {
+                Some(d) => p.remove(d),
+                None => {
+                    let any = !p.is_empty();
+                    p.clear();
+                    any
+                }
+            };
+            self.any_paused
+                .store(!p.is_empty(), std::sync::atomic::Ordering::Relaxed);
+        });
+        was
+    }
+
+    pub fn is_paused(&self, db: &str) -> bool {
+        let p = self.pause.borrow();
+        p.contains("*") || p.contains(db)
+    }
+
+    /// Waits until `db` is not paused.
+    pub async fn wait_unpaused(&self, db: &str) {
+        let mut rx = self.pause.subscribe();
+        while self.is_paused(db) {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// How long a new read-write transaction waits for a confirmed leader.

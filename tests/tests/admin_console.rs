@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -101,6 +102,8 @@ async fn show_commands_match_pgbouncer_columns() {
     assert!(e.contains("invalid command"), "{e}");
     let e = console(f.rw_port, "admin", "admin-pass", "pgbouncer", "DROP TABLE x").unwrap_err();
     assert!(e.contains("invalid command"), "{e}");
+    let e = console(f.rw_port, "other", "other-pass", "pgbouncer", "RESUME").unwrap_err();
+    assert!(e.contains("admin access needed"), "{e}");
     let e = console(f.rw_port, "admin", "admin-pass", "pgbouncer", "SHOW CLIENTS").unwrap_err();
     assert!(e.contains("not implemented by pgferry yet"), "{e}");
     // A driver on the extended protocol is told the console speaks only the
@@ -125,4 +128,44 @@ async fn show_commands_match_pgbouncer_columns() {
     assert!(e.contains("may not use the admin console"), "{e}");
     let e = console(f.rw_port, "admin", "wrong", "pgbouncer", "SHOW POOLS").unwrap_err();
     assert!(e.contains("password authentication failed"), "{e}");
+}
+
+/// PAUSE waits for the transaction in flight and holds new ones; RESUME
+/// lets them run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_transactions_until_resume() {
+    let f = ferry("");
+    let busy = app(&f).await;
+    let waiter = app(&f).await;
+    busy.batch_execute("BEGIN").await.unwrap();
+    busy.simple_query("SELECT 1").await.unwrap();
+    // PAUSE (blocking) while a transaction is open.
+    let port = f.rw_port;
+    let pause = tokio::task::spawn_blocking(move || console(port, "admin", "admin-pass", "pgbouncer", "PAUSE app"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pause.is_finished(), "PAUSE returned with a transaction in flight");
+    // The open transaction may go on and commit.
+    busy.simple_query("SELECT 2").await.unwrap();
+    busy.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(pause.await.unwrap().unwrap().trim(), "PAUSE");
+    // A new transaction now waits.
+    let t = Instant::now();
+    let q = tokio::spawn(async move {
+        waiter
+            .query_one("SELECT 7::int4", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!q.is_finished(), "a transaction ran while paused");
+    assert_eq!(
+        console(port, "admin", "admin-pass", "pgbouncer", "RESUME app")
+            .unwrap()
+            .trim(),
+        "RESUME"
+    );
+    assert_eq!(q.await.unwrap().unwrap(), 7);
+    assert!(t.elapsed() >= Duration::from_millis(500));
+    let e = console(port, "admin", "admin-pass", "pgbouncer", "RESUME").unwrap_err();
+    assert!(e.contains("not paused"), "{e}");
 }
