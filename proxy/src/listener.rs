@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 /// Binds a listening socket with SO_REUSEADDR, SO_REUSEPORT (so that a new
@@ -56,75 +56,67 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        // Refusals cost nothing but this FATAL: no TLS, no authentication.
-        let accepted = match role {
-            Role::ReadWrite => &shared.counters.accepted_rw,
-            Role::ReadOnly => &shared.counters.accepted_ro,
-        };
-        accepted.fetch_add(1, Relaxed);
-        if shared.throttle.is_blocked(peer.ip()) {
-            shared.counters.refused_throttled.fetch_add(1, Relaxed);
-            tracing::debug!(%peer, "refusing address with too many failed logins");
-            refuse(
-                stream,
-                sqlstate::INVALID_AUTHORIZATION,
-                "too many failed login attempts from this address; try again later",
-            );
-            continue;
-        }
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            shared.counters.refused_max_client_conn.fetch_add(1, Relaxed);
-            tracing::warn!(%peer, "max_client_conn reached; refusing client");
-            refuse(
-                stream,
-                sqlstate::TOO_MANY_CONNECTIONS,
-                "too many clients: max_client_conn reached",
-            );
-            continue;
-        };
-        let Ok(pending) = shared.pending_logins.clone().try_acquire_owned() else {
-            shared.counters.refused_pending_logins.fetch_add(1, Relaxed);
-            tracing::warn!(%peer, "max_pending_logins reached; refusing client");
-            refuse(
-                stream,
-                sqlstate::TOO_MANY_CONNECTIONS,
-                "too many connections are still logging in (max_pending_logins)",
-            );
-            continue;
-        };
-        let shared = shared.clone();
-        let fut = async move {
-            crate::client::serve(stream, peer, role, shared, pending).await;
-            drop(permit);
-        };
-        tracing::trace!(bytes = std::mem::size_of_val(&fut), "client task size");
-        tokio::spawn(fut);
+        admit(stream, peer, role, &shared, &slots);
     }
 }
 
 /// Connections the kernel already queued on a listener would be reset when
-/// it closes: take them; they are served (and closed at their first
-/// transaction boundary, as pgferry is draining).
+/// it closes: take them and admit them like any other (pgferry is draining,
+/// so they are closed at their first transaction boundary).
 async fn drain_queue(listener: &TcpListener, role: Role, shared: &Arc<Shared>, slots: &Arc<Semaphore>) {
     while let Ok(Ok((stream, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-        let _ = stream.set_nodelay(true);
-        let (Ok(permit), Ok(pending)) = (
-            slots.clone().try_acquire_owned(),
-            shared.pending_logins.clone().try_acquire_owned(),
-        ) else {
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            crate::client::serve(stream, peer, role, shared, pending).await;
-            drop(permit);
-        });
+        admit(stream, peer, role, shared, slots);
     }
 }
 
-/// Sends a FATAL in plaintext and closes, without reading anything. libpq
-/// reports it even in answer to an SSLRequest.
+/// Counts a new connection, refuses it if a limit says so (the refusal
+/// costs only a FATAL: no TLS, no authentication), else starts its task.
+fn admit(stream: TcpStream, peer: SocketAddr, role: Role, shared: &Arc<Shared>, slots: &Arc<Semaphore>) {
+    let _ = stream.set_nodelay(true);
+    let c = &shared.counters;
+    match role {
+        Role::ReadWrite => &c.accepted_rw,
+        Role::ReadOnly => &c.accepted_ro,
+    }
+    .fetch_add(1, Relaxed);
+    if shared.throttle.is_blocked(peer.ip()) {
+        c.refused_throttled.fetch_add(1, Relaxed);
+        tracing::debug!(%peer, "refusing address with too many failed logins");
+        return refuse(
+            stream,
+            sqlstate::INVALID_AUTHORIZATION,
+            "too many failed login attempts from this address; try again later",
+        );
+    }
+    let Ok(permit) = slots.clone().try_acquire_owned() else {
+        c.refused_max_client_conn.fetch_add(1, Relaxed);
+        tracing::warn!(%peer, "max_client_conn reached; refusing client");
+        return refuse(
+            stream,
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "too many clients: max_client_conn reached",
+        );
+    };
+    let Ok(pending) = shared.pending_logins.clone().try_acquire_owned() else {
+        c.refused_pending_logins.fetch_add(1, Relaxed);
+        tracing::warn!(%peer, "max_pending_logins reached; refusing client");
+        return refuse(
+            stream,
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "too many connections are still logging in (max_pending_logins)",
+        );
+    };
+    let shared = shared.clone();
+    let fut = async move {
+        crate::client::serve(stream, peer, role, shared, pending).await;
+        drop(permit);
+    };
+    tracing::trace!(bytes = std::mem::size_of_val(&fut), "client task size");
+    tokio::spawn(fut);
+}
+
+/// Sends a FATAL in plaintext and closes (after reading whatever the client
+/// sends, see below). libpq reports it even in answer to an SSLRequest.
 fn refuse(stream: tokio::net::TcpStream, code: &'static str, msg: &'static str) {
     tokio::spawn(async move {
         let mut stream = stream;

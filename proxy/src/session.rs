@@ -255,15 +255,14 @@ impl Session {
     async fn main_loop(&mut self) -> Result<(), ClientError> {
         loop {
             self.maybe_release().await;
-            if self.shared.draining.load(Relaxed) && self.between_transactions() {
-                // Shutting down. A client idle at a transaction boundary is
-                // closed after DRAIN_GRACE (idle_timeout): a transaction can
-                // span several round trips at "idle" status (prepare, then
-                // execute), so a boundary alone is not proof it is done.
-                // One that keeps working is closed at a boundary once half
-                // of shutdown_timeout has passed.
-                let half = self.shared.config.runtime.shutdown_timeout / 2;
-                if self.shared.drain_started.get().is_some_and(|t| t.elapsed() >= half) {
+            // Shutting down. A client idle at a transaction boundary is
+            // closed after DRAIN_GRACE (idle_timeout): a transaction can span
+            // several round trips at "idle" status (prepare, then execute),
+            // so a boundary alone is not proof it is done. One that keeps
+            // working is closed at a boundary once half of shutdown_timeout
+            // has passed.
+            if let Some(age) = self.shared.drain_age() {
+                if age >= self.shared.config.runtime.shutdown_timeout / 2 && self.between_transactions() {
                     return Err(shutting_down());
                 }
             }
@@ -338,7 +337,8 @@ impl Session {
             r = async { write_or_flush(swr.expect("bound"), to_server).await }, if bound && (!to_server.is_empty() || *server_unflushed) => Event::ServerWrote(r),
             r = async { pgferry_pool::server::fill(srd.expect("bound"), sbuf.expect("bound")).await }, if read_server => Event::ServerRead(r),
             r = read_client(rd, rbuf), if want_client => Event::ClientRead(r),
-            // Polled only while idle, so a busy session pays nothing for it.
+            // Polled only while no server is bound (waiting for the client),
+            // not while a transaction's messages flow.
             Ok(()) = drain.changed(), if wake_on_drain && to_client.is_empty() => Event::Drain,
             (code, what) = async {
                 match timeout {
@@ -362,7 +362,7 @@ impl Session {
 
     /// The idle timeout that applies now, if any.
     fn idle_timeout(&self) -> Option<(Duration, &'static str, &'static str)> {
-        if self.shared.draining.load(Relaxed) && self.between_transactions() {
+        if self.shared.drain_age().is_some() && self.between_transactions() {
             return Some((DRAIN_GRACE, sqlstate::ADMIN_SHUTDOWN, SHUTTING_DOWN));
         }
         if !self.slots.is_empty() || !self.to_client.is_empty() {
@@ -879,17 +879,15 @@ impl Session {
             // Read-only sessions also rebalance when the set of replicas
             // changes (one came back): move if another is less loaded.
             let mine = &self.route.member;
-            match router.route(role).filter(|_| role == Role::ReadOnly) {
-                Some(c)
-                    if !Arc::ptr_eq(&c.member, mine)
-                        && c.member.sessions.load(Relaxed) < mine.sessions.load(Relaxed) =>
-                {
-                    candidate = Some(c)
-                }
-                _ => {
-                    self.route_gen = generation;
-                    return Ok(());
-                }
+            candidate = match role {
+                Role::ReadWrite => None,
+                Role::ReadOnly => router.route(role).filter(|c| {
+                    !Arc::ptr_eq(&c.member, mine) && c.member.sessions.load(Relaxed) < mine.sessions.load(Relaxed)
+                }),
+            };
+            if candidate.is_none() {
+                self.route_gen = generation;
+                return Ok(());
             }
         }
         let hold = self.shared.failover_hold();

@@ -31,11 +31,10 @@ pub struct Shared {
     user_clients: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Listener counters for /metrics.
     pub counters: Counters,
-    /// Set on SIGTERM: sessions close at their next transaction boundary.
-    pub draining: std::sync::atomic::AtomicBool,
     /// Wakes sessions idle between transactions when draining starts.
     pub drain_tx: tokio::sync::watch::Sender<bool>,
-    pub drain_started: std::sync::OnceLock<std::time::Instant>,
+    /// Set on SIGTERM: sessions close at their next transaction boundary.
+    drain_started: std::sync::OnceLock<std::time::Instant>,
     /// PAUSE: databases whose new transactions wait ("*" = all).
     pause: tokio::sync::watch::Sender<std::collections::BTreeSet<String>>,
     /// Whether anything is paused: the one check on the hot path.
@@ -73,7 +72,6 @@ impl Shared {
             pending_logins: Arc::new(Semaphore::new(l.max_pending_logins.max(1))),
             user_clients: Mutex::default(),
             counters: Counters::default(),
-            draining: std::sync::atomic::AtomicBool::new(false),
             drain_tx: tokio::sync::watch::channel(false).0,
             drain_started: std::sync::OnceLock::new(),
             pause: tokio::sync::watch::channel(Default::default()).0,
@@ -145,8 +143,12 @@ impl Shared {
     /// the others at the end of their transaction.
     pub fn start_draining(&self) {
         let _ = self.drain_started.set(std::time::Instant::now());
-        self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
         self.drain_tx.send_replace(true);
+    }
+
+    /// How long pgferry has been draining; None while it is not.
+    pub fn drain_age(&self) -> Option<std::time::Duration> {
+        self.drain_started.get().map(|t| t.elapsed())
     }
 
     /// PAUSE `db` (None: every database): new transactions wait.

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::osuser::{pg_os_user, OsUser};
 use crate::ports::free_port;
-use crate::util::{log_section, make_temp_dir, quote_ident, quote_literal, run, sh_quote, wait_until};
+use crate::util::{log_section, make_temp_dir, quote_literal, run, sh_quote, wait_until};
 use crate::watchdog::Watchdog;
 
 /// Where the PostgreSQL 15 programs are (Debian's layout). The wrappers in
@@ -371,23 +371,13 @@ impl PgCluster {
 
     /// `CREATE ROLE name LOGIN PASSWORD password` with a SCRAM-SHA-256 verifier.
     pub fn create_user(&self, name: &str, password: &str) -> Result<()> {
-        self.psql_primary(
-            "postgres",
-            &format!(
-                "SET password_encryption = 'scram-sha-256';\nCREATE ROLE {} LOGIN PASSWORD {};",
-                quote_ident(name),
-                quote_literal(password)
-            ),
-        )?;
+        self.psql_primary("postgres", &crate::util::create_role_sql(name, password))?;
         Ok(())
     }
 
     /// `CREATE DATABASE name OWNER owner`.
     pub fn create_database(&self, name: &str, owner: &str) -> Result<()> {
-        self.psql_primary(
-            "postgres",
-            &format!("CREATE DATABASE {} OWNER {};", quote_ident(name), quote_ident(owner)),
-        )?;
+        self.psql_primary("postgres", &crate::util::create_database_sql(name, owner))?;
         Ok(())
     }
 

@@ -39,7 +39,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::cluster::PG_BIN;
 use crate::osuser::{pg_os_user, OsUser};
 use crate::ports::free_port;
-use crate::util::{log_section, make_temp_dir, quote_ident, quote_literal, send_signal, sh_quote, tail_file};
+use crate::util::{log_section, make_temp_dir, send_signal, sh_quote, tail_file};
 use crate::watchdog::Watchdog;
 
 /// `/usr/bin/etcd` (Debian's `etcd-server`, 3.4).
@@ -1091,23 +1091,13 @@ impl PatroniCluster {
     /// `CREATE ROLE name LOGIN PASSWORD password` (SCRAM-SHA-256) on the
     /// leader.
     pub fn create_user(&self, name: &str, password: &str) -> Result<()> {
-        self.psql_leader(
-            "postgres",
-            &format!(
-                "SET password_encryption = 'scram-sha-256';\nCREATE ROLE {} LOGIN PASSWORD {};",
-                quote_ident(name),
-                quote_literal(password)
-            ),
-        )?;
+        self.psql_leader("postgres", &crate::util::create_role_sql(name, password))?;
         Ok(())
     }
 
     /// `CREATE DATABASE name OWNER owner` on the leader.
     pub fn create_database(&self, name: &str, owner: &str) -> Result<()> {
-        self.psql_leader(
-            "postgres",
-            &format!("CREATE DATABASE {} OWNER {};", quote_ident(name), quote_ident(owner)),
-        )?;
+        self.psql_leader("postgres", &crate::util::create_database_sql(name, owner))?;
         Ok(())
     }
 

@@ -160,6 +160,20 @@ pub(crate) fn send_signal(pid: u32, sig: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// SQL creating a login role with a SCRAM-SHA-256 verifier for `password`.
+pub fn create_role_sql(name: &str, password: &str) -> String {
+    format!(
+        "SET password_encryption = 'scram-sha-256';\nCREATE ROLE {} LOGIN PASSWORD {};",
+        quote_ident(name),
+        quote_literal(password)
+    )
+}
+
+/// SQL creating database `name` owned by `owner`.
+pub fn create_database_sql(name: &str, owner: &str) -> String {
+    format!("CREATE DATABASE {} OWNER {};", quote_ident(name), quote_ident(owner))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
