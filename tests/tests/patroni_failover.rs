@@ -270,9 +270,12 @@ async fn leader_crash_and_patroni_only_crash() {
         .wait_for_port(cluster.pg_port(&second) as i32, t, Duration::from_secs(40))
         .await;
     println!("leader crash: writes resumed on {second} after {:?}", resumed - t);
+    // A write executing at the instant of the SIGKILL cannot be saved: it
+    // gets "server connection lost" (at most one per client). Clients between
+    // transactions are held, so nothing else may fail.
     let errors = load.errors();
     assert!(
-        errors.is_empty(),
+        errors.len() <= 4 && errors.iter().all(|e| e.starts_with("08006: server connection lost")),
         "errors during a leader crash: {errors:?}\n{}",
         f.log()
     );
