@@ -22,7 +22,7 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -50,7 +50,7 @@ pub struct Config {
     pub users: Vec<UserConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     /// Read-write listener: always the primary (Patroni leader).
@@ -84,7 +84,7 @@ impl Default for Listen {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Most client connections at once; further ones get 53300.
@@ -148,7 +148,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
     /// Tokio worker threads; 0 = one per CPU core. On a small machine shared
@@ -159,10 +159,18 @@ pub struct Runtime {
     /// before pgferry exits anyway (idle clients are closed at once).
     #[serde(default = "d_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// The period of the averages (SHOW STATS, STATS_AVERAGES) and of the
+    /// latency window (SHOW LATENCY shows the last one or two periods).
+    #[serde(default = "d_stats_period", with = "humantime_serde")]
+    pub stats_period: Duration,
 }
 
 fn d_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn d_stats_period() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl Default for Runtime {
@@ -170,6 +178,7 @@ impl Default for Runtime {
         Runtime {
             worker_threads: 0,
             shutdown_timeout: d_shutdown_timeout(),
+            stats_period: d_stats_period(),
         }
     }
 }
@@ -177,7 +186,7 @@ impl Default for Runtime {
 /// The default client-authentication method (`reject` is refused there).
 pub type AuthMethod = HbaMethod;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Auth {
     #[serde(default = "d_auth_method")]
@@ -259,7 +268,7 @@ pub enum SessionStatePolicy {
     Error,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolDefaults {
     #[serde(default = "d_pool_mode")]
@@ -350,7 +359,7 @@ impl Default for PoolDefaults {
 }
 
 /// Where the servers are.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "source", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Topology {
     /// A fixed primary and standbys, for users without Patroni.
@@ -363,7 +372,7 @@ pub enum Topology {
     Etcd(Box<EtcdTopology>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdTopology {
     /// etcd v3 endpoints, "host:port" (or "https://host:port" with TLS).
@@ -417,7 +426,7 @@ fn d_max_replica_lag() -> u64 {
 }
 
 /// Per-database overrides.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// Name clients connect to.
@@ -432,7 +441,7 @@ pub struct DatabaseConfig {
 }
 
 /// Per-user overrides and server credentials.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -464,7 +473,7 @@ pub enum Access {
 }
 
 /// The HTTP listener: /metrics (Prometheus), /health, /ready and a status page.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Http {
     #[serde(default = "d_true")]
@@ -487,7 +496,7 @@ impl Default for Http {
 }
 
 /// TLS for clients (termination) and for server connections.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     /// disable | allow | require. Default: allow when a certificate is set.
@@ -565,7 +574,7 @@ impl Tls {
 }
 
 /// One client-authentication rule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HbaRule {
     /// host (any connection) | hostssl (TLS only) | hostnossl (plaintext only).
@@ -814,6 +823,7 @@ impl Config {
             max_prepared_statements: p.max_prepared_statements,
             server_dbname: d.and_then(|d| d.dbname.clone()).unwrap_or_else(|| database.to_owned()),
             server_user: u.and_then(|u| u.server_user.clone()).unwrap_or_else(|| user.to_owned()),
+            stats_period: self.runtime.stats_period,
         }
     }
 }
@@ -836,6 +846,7 @@ pub struct PoolSettings {
     pub max_prepared_statements: usize,
     pub server_dbname: String,
     pub server_user: String,
+    pub stats_period: Duration,
 }
 
 /// Splits `host:port`, `[v6]:port` or a bare host (port 5432).

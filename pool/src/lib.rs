@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod latency;
 mod login;
 pub mod pool;
 pub mod server;
@@ -16,7 +17,8 @@ pub mod statements;
 pub mod stats;
 
 pub use error::PoolError;
+pub use latency::Latency;
 pub use login::ServerCredentials;
 pub use pool::{NodeAddr, Pool, PoolKey, PooledConn};
 pub use server::ServerConn;
-pub use stats::PoolStats;
+pub use stats::{Averages, PoolStats};

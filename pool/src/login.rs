@@ -66,6 +66,11 @@ impl ServerCredentials {
         }
     }
 
+    /// Whether these credentials log in with `password`.
+    pub fn has_password(&self, password: Option<&str>) -> bool {
+        self.password.as_deref() == password
+    }
+
     /// Takes over the SCRAM keys another pool of the same user learned (a
     /// session moving to a new leader brings its pass-through keys along).
     pub fn adopt(&self, other: &ServerCredentials) {

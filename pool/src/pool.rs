@@ -64,6 +64,7 @@ pub struct Pool {
     /// and of one user when max_user_connections is set.
     shared_limits: Vec<Arc<Semaphore>>,
     pub stats: PoolStats,
+    pub latency: crate::Latency,
     closed: AtomicBool,
     max_message: usize,
     /// ParameterStatus values of the first connection, replayed to clients
@@ -97,6 +98,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             shared_limits,
             stats: PoolStats::default(),
+            latency: crate::Latency::default(),
             closed: AtomicBool::new(false),
             max_message,
             startup_params: Mutex::new(None),
@@ -151,7 +153,6 @@ impl Pool {
             };
             limits.push(p.map_err(|_| PoolError::ShuttingDown)?);
         }
-        PoolStats::add(&self.stats.total_wait_time, start.elapsed().as_micros() as u64);
         let conn = match self.pop_idle() {
             Some(c) => c,
             None => self.connect().await?,
@@ -345,6 +346,9 @@ impl Pool {
     /// One pass of housekeeping: expire idle connections, keep min_pool_size.
     async fn housekeep(self: &Arc<Self>) {
         let s = &self.settings;
+        if let Some(elapsed) = self.latency.rotate(s.stats_period) {
+            self.stats.end_period(elapsed);
+        }
         let mut expired = Vec::new();
         {
             let mut idle = self.idle.lock().unwrap();

@@ -104,6 +104,20 @@ impl StatementRegistry {
             .is_some_and(|s| s.is_verified())
     }
 
+    /// Every live statement, by id (SHOW PREPARED_STATEMENTS).
+    pub fn snapshot(&self) -> Vec<Arc<Statement>> {
+        let mut v: Vec<_> = self
+            .inner
+            .lock()
+            .unwrap()
+            .by_text
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
     /// Number of live distinct statements.
     pub fn len(&self) -> usize {
         self.inner

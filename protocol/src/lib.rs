@@ -46,6 +46,9 @@ pub mod sqlstate {
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const SYNTAX_ERROR: &str = "42601";
+    pub const UNDEFINED_OBJECT: &str = "42704";
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    pub const CONFIG_FILE_ERROR: &str = "F0000";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";

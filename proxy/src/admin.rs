@@ -3,17 +3,19 @@
 //! query protocol. Commands and column names follow PgBouncer's (1.18, as
 //! Debian ships it) so that existing tools read them unchanged.
 //!
-//! Implemented: SHOW HELP, VERSION, POOLS, STATS, STATS_TOTALS,
-//! STATS_AVERAGES, DATABASES, USERS, CONFIG, LISTS, TOPOLOGY; PAUSE [db],
-//! RESUME [db]. The other
-//! PgBouncer commands are recognised and answered with 0A000 until they
-//! exist; anything else is a syntax error (42601). A stats user gets 42501
-//! for admin commands.
+//! SHOW HELP, VERSION, POOLS, CLIENTS, SERVERS, STATS, STATS_TOTALS,
+//! STATS_AVERAGES, DATABASES, USERS, CONFIG, LISTS; pgferry's own SHOW
+//! TOPOLOGY, LATENCY, PREPARED_STATEMENTS; PAUSE [db], RESUME [db], RELOAD,
+//! RECONNECT [db], KILL db, KILL_CLIENT id, WAIT_CLOSE [db], SHUTDOWN,
+//! SET key = value. PgBouncer commands that have no meaning here (SUSPEND,
+//! DISABLE, ENABLE, SHOW FDS, ...) get 0A000; anything else is a syntax
+//! error (42601). A stats user gets 42501 for admin commands.
 
 use crate::clientio::ClientIo;
 use crate::error::ClientError;
 use crate::shared::Shared;
 use bytes::BytesMut;
+use pgferry_pool::latency::Kind;
 use pgferry_pool::Pool;
 use pgferry_protocol::backend::TxStatus;
 use pgferry_protocol::encode::{self, Severity};
@@ -21,6 +23,7 @@ use pgferry_protocol::{frontend, sqlstate};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 /// Database names that open the console.
 pub fn is_console(database: &str) -> bool {
@@ -43,10 +46,9 @@ const ADMIN_COMMANDS: &[&str] = &[
     "ENABLE",
 ];
 
-/// PgBouncer SHOW commands pgferry does not answer yet.
-const SHOW_NOT_YET: &[&str] = &[
-    "CLIENTS",
-    "SERVERS",
+/// PgBouncer SHOW commands that have no meaning for pgferry (no online
+/// restart by fd passing, no DNS cache, no peering).
+const SHOW_NOT_HERE: &[&str] = &[
     "SOCKETS",
     "ACTIVE_SOCKETS",
     "FDS",
@@ -56,15 +58,23 @@ const SHOW_NOT_YET: &[&str] = &[
     "STATE",
     "PEERS",
     "PEER_POOLS",
-    "PREPARED_STATEMENTS",
-    "LATENCY",
 ];
 
-const HELP: &str =
-    "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION|TOPOLOGY\n\
-\tPAUSE [<db>], RESUME [<db>]\n\
-\tnot yet: SHOW CLIENTS|SERVERS|PREPARED_STATEMENTS|LATENCY, RELOAD, RECONNECT, KILL, KILL_CLIENT, \
-WAIT_CLOSE, SHUTDOWN, SET";
+const HELP: &str = "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n\
+\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|LISTS\n\
+\tSHOW TOPOLOGY|LATENCY|PREPARED_STATEMENTS (pgferry)\n\
+\tSET key = arg\n\
+\tRELOAD\n\
+\tPAUSE [<db>]\n\
+\tRESUME [<db>]\n\
+\tKILL <db>\n\
+\tKILL_CLIENT <id>\n\
+\tRECONNECT [<db>]\n\
+\tWAIT_CLOSE [<db>]\n\
+\tSHUTDOWN";
+
+/// How long PAUSE and WAIT_CLOSE wait at most (the console stays usable).
+const WAIT_LIMIT: Duration = Duration::from_secs(600);
 
 /// Runs a console session after login until the client leaves.
 pub async fn run(mut io: ClientIo, user: String, admin: bool, shared: Arc<Shared>) -> Result<(), ClientError> {
@@ -79,11 +89,7 @@ pub async fn run(mut io: ClientIo, user: String, admin: bool, shared: Arc<Shared
             frontend::TERMINATE => return Ok(()),
             frontend::QUERY => {
                 let sql = String::from_utf8_lossy(frontend::query(f.body())?).into_owned();
-                if let Some(db) = pause_target(&sql).filter(|_| admin) {
-                    pause(&mut io.wbuf, db.as_deref(), &shared).await;
-                } else {
-                    answer(&mut io.wbuf, &sql, admin, &shared);
-                }
+                answer(&mut io.wbuf, &sql, &user, admin, &shared).await;
                 encode::ready_for_query(&mut io.wbuf, TxStatus::Idle);
             }
             frontend::SYNC => encode::ready_for_query(&mut io.wbuf, TxStatus::Idle),
@@ -110,45 +116,36 @@ pub async fn run(mut io: ClientIo, user: String, admin: bool, shared: Arc<Shared
     }
 }
 
-/// `PAUSE` or `PAUSE db` alone in a query string: Some(target).
-fn pause_target(sql: &str) -> Option<Option<String>> {
-    let words: Vec<&str> = sql.trim().trim_end_matches(';').split_whitespace().collect();
-    match words.as_slice() {
-        [w] if w.eq_ignore_ascii_case("PAUSE") => Some(None),
-        [w, db] if w.eq_ignore_ascii_case("PAUSE") => Some(Some(db.trim_matches('"').to_owned())),
-        _ => None,
+/// Waits (polling, bounded) until `done` holds.
+async fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while !done() {
+        if start.elapsed() > WAIT_LIMIT {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    true
 }
 
-/// PAUSE: new transactions of `db` (or all) wait from now on; returns once
-/// the transactions in flight there have finished, as PgBouncer's does.
-async fn pause(out: &mut BytesMut, db: Option<&str>, shared: &Shared) {
-    shared.pause(db);
-    tracing::info!(db = db.unwrap_or("*"), "PAUSE: holding new transactions");
-    loop {
-        let busy: usize = shared
-            .pools()
-            .iter()
-            .filter(|p| db.is_none_or(|d| p.key.database == d))
-            .map(|p| p.stats.sv_active.load(Relaxed))
-            .sum();
-        if busy == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    encode::command_complete(out, "PAUSE");
+/// Server connections in use in the pools of `db` (None: all).
+fn busy(db: Option<&str>, pools: Vec<Arc<Pool>>) -> usize {
+    pools
+        .iter()
+        .filter(|p| db.is_none_or(|d| p.key.database == d))
+        .map(|p| p.stats.sv_active.load(Relaxed))
+        .sum()
 }
 
 /// Answers one query string (possibly several `;`-separated commands).
-fn answer(out: &mut BytesMut, sql: &str, admin: bool, shared: &Shared) {
+async fn answer(out: &mut BytesMut, sql: &str, user: &str, admin: bool, shared: &Shared) {
     let commands: Vec<&str> = sql.split(';').map(str::trim).filter(|c| !c.is_empty()).collect();
     if commands.is_empty() {
         encode::empty_query_response(out);
         return;
     }
     for c in commands {
-        if let Err((code, msg)) = command(out, c, admin, shared) {
+        if let Err((code, msg)) = command(out, c, user, admin, shared).await {
             encode::error_response(out, Severity::Error, code, &msg);
             return;
         }
@@ -157,60 +154,138 @@ fn answer(out: &mut BytesMut, sql: &str, admin: bool, shared: &Shared) {
 
 type Refusal = (&'static str, String);
 
-fn command(out: &mut BytesMut, text: &str, admin: bool, shared: &Shared) -> Result<(), Refusal> {
-    let words: Vec<String> = text.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
+async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared: &Shared) -> Result<(), Refusal> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let verb = words.first().map(|w| w.to_ascii_uppercase()).unwrap_or_default();
     let syntax = || {
         (
             sqlstate::SYNTAX_ERROR,
             format!("invalid command '{text}', use SHOW HELP;"),
         )
     };
-    match words.first().map(String::as_str) {
-        Some("SHOW") => {
-            let what = words.get(1).ok_or_else(syntax)?;
-            if words.len() > 2 {
-                return Err(syntax());
-            }
-            show(out, what, shared).ok_or_else(|| {
-                if SHOW_NOT_YET.contains(&what.as_str()) {
-                    (
-                        sqlstate::FEATURE_NOT_SUPPORTED,
-                        format!("SHOW {what} is not implemented by pgferry yet"),
-                    )
-                } else {
-                    syntax()
-                }
-            })
+    if verb == "SHOW" {
+        let what = words.get(1).ok_or_else(syntax)?.to_ascii_uppercase();
+        if words.len() > 2 {
+            return Err(syntax());
         }
-        Some(w) if ADMIN_COMMANDS.contains(&w) => {
-            if !admin {
+        return show(out, &what, shared).ok_or_else(|| {
+            if SHOW_NOT_HERE.contains(&what.as_str()) {
+                (
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!("SHOW {what} has no meaning in pgferry"),
+                )
+            } else {
+                syntax()
+            }
+        });
+    }
+    if !ADMIN_COMMANDS.contains(&verb.as_str()) {
+        return Err(syntax());
+    }
+    if !admin {
+        return Err((
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            "admin access needed: this user is in stats_users only".into(),
+        ));
+    }
+    // The optional or required argument: a database name or client id.
+    let arg = words.get(1).map(|d| d.trim_matches('"'));
+    let at_most = |n: usize| if words.len() > n { Err(syntax()) } else { Ok(()) };
+    tracing::info!(user, command = text, "admin command");
+    match verb.as_str() {
+        "PAUSE" => {
+            at_most(2)?;
+            shared.pause(arg);
+            tracing::info!(db = arg.unwrap_or("*"), "PAUSE: holding new transactions");
+            // Returns once the transactions in flight there have finished,
+            // as PgBouncer's does.
+            wait_until(|| busy(arg, shared.pools()) == 0).await;
+        }
+        "RESUME" => {
+            at_most(2)?;
+            if !shared.resume(arg) {
                 return Err((
-                    sqlstate::INSUFFICIENT_PRIVILEGE,
-                    "admin access needed: this user is in stats_users only".into(),
+                    sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "pooler is not paused".into(),
                 ));
             }
-            if w == "RESUME" {
-                let db = text.split_whitespace().nth(1).map(|d| d.trim_matches('"'));
-                if !shared.resume(db) {
-                    return Err((
-                        sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
-                        "pooler is not paused".into(),
-                    ));
-                }
-                tracing::info!(db = db.unwrap_or("*"), "RESUME");
-                encode::command_complete(out, "RESUME");
-                return Ok(());
+            tracing::info!(db = arg.unwrap_or("*"), "RESUME");
+        }
+        "RELOAD" => {
+            at_most(1)?;
+            crate::reload(shared, "RELOAD").map_err(|e| {
+                (
+                    sqlstate::CONFIG_FILE_ERROR,
+                    format!("reload refused, the running configuration stays: {e}"),
+                )
+            })?;
+        }
+        "RECONNECT" => {
+            at_most(2)?;
+            let n = shared.replace_pools(arg, "RECONNECT", false);
+            tracing::info!(
+                db = arg.unwrap_or("*"),
+                pools = n,
+                "RECONNECT: server connections close as their transactions end"
+            );
+        }
+        "WAIT_CLOSE" => {
+            at_most(2)?;
+            wait_until(|| busy(arg, shared.retired_pools()) == 0).await;
+        }
+        "KILL" => {
+            at_most(2)?;
+            let db = arg.ok_or_else(syntax)?;
+            // New clients of `db` wait until RESUME, as in PgBouncer.
+            shared.pause(Some(db));
+            let clients = shared.clients.kill(|c| c.database == db);
+            let pools = shared.replace_pools(Some(db), "KILL", true);
+            tracing::warn!(
+                db,
+                clients,
+                pools,
+                "KILL: clients and server connections closed; db paused until RESUME"
+            );
+        }
+        "KILL_CLIENT" => {
+            at_most(2)?;
+            let id: u64 = arg.and_then(|a| a.parse().ok()).ok_or_else(syntax)?;
+            if shared.clients.kill(|c| c.id == id) == 0 {
+                return Err((sqlstate::UNDEFINED_OBJECT, format!("no client with id {id}")));
             }
-            if w == "PAUSE" {
-                return Err(syntax());
-            }
-            Err((
+        }
+        "SHUTDOWN" => {
+            at_most(1)?;
+            tracing::warn!("SHUTDOWN from the admin console: graceful shutdown");
+            shared.stop_tx.send_replace(true);
+        }
+        "SET" => {
+            // SET key = value, SET key TO value, SET key=value.
+            let rest = text[3..].trim();
+            let (key, value) = rest
+                .split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim()))
+                .or_else(|| {
+                    let (k, v) = rest.split_once(char::is_whitespace)?;
+                    let v = v.trim();
+                    let v = v.strip_prefix("TO ").or_else(|| v.strip_prefix("to "))?;
+                    Some((k.trim(), v.trim()))
+                })
+                .ok_or_else(syntax)?;
+            shared
+                .set(key, value)
+                .map_err(|e| (sqlstate::INVALID_PARAMETER_VALUE, e))?;
+            tracing::info!(key, value, "SET");
+        }
+        other => {
+            return Err((
                 sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("{w} is not implemented by pgferry yet"),
+                format!("{other} has no meaning in pgferry"),
             ))
         }
-        _ => Err(syntax()),
     }
+    encode::command_complete(out, &verb);
+    Ok(())
 }
 
 /// A result set with text columns.
@@ -285,14 +360,13 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             );
         }
         "STATS" => {
+            let avgs = averages_per_database(&pools);
             let rows: Vec<Vec<String>> = per_database(&pools)
                 .into_iter()
                 .map(|(db, t)| {
-                    let mut r = vec![db];
+                    let mut r = vec![db.clone()];
                     r.extend(t.iter().map(u64::to_string));
-                    // Averages over pgferry's lifetime (PgBouncer's are per
-                    // stats_period; pgferry has none yet).
-                    r.extend(t.iter().map(|_| "0".to_string()));
+                    r.extend(avgs[&db].iter().map(u64::to_string));
                     r
                 })
                 .collect();
@@ -319,15 +393,17 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             );
         }
         "STATS_TOTALS" | "STATS_AVERAGES" => {
-            let totals = what == "STATS_TOTALS";
-            let rows: Vec<Vec<String>> = per_database(&pools)
-                .into_iter()
-                .map(|(db, t)| {
-                    let mut r = vec![db];
-                    r.extend(t.iter().map(|v| if totals { v.to_string() } else { "0".into() }));
-                    r
-                })
-                .collect();
+            let rows: Vec<Vec<String>> = if what == "STATS_TOTALS" {
+                per_database(&pools).into_iter()
+            } else {
+                averages_per_database(&pools).into_iter()
+            }
+            .map(|(db, t)| {
+                let mut r = vec![db];
+                r.extend(t.iter().map(u64::to_string));
+                r
+            })
+            .collect();
             table(
                 out,
                 &[
@@ -344,7 +420,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             );
         }
         "DATABASES" => {
-            let c = &shared.config;
+            let c = &shared.config();
             let mut rows: Vec<Vec<String>> = Vec::new();
             let topo = shared.router.topology();
             let (host, port) = topo
@@ -371,7 +447,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
                     s.pool_mode.as_str().into(),
                     s.max_db_connections.to_string(),
                     current.to_string(),
-                    "0".into(),
+                    u8::from(shared.is_paused(&d.name)).to_string(),
                     "0".into(),
                 ]);
             }
@@ -396,7 +472,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             );
         }
         "USERS" => {
-            let c = &shared.config;
+            let c = &shared.config();
             let rows: Vec<Vec<String>> = c
                 .users
                 .iter()
@@ -410,38 +486,153 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             table(out, &["name", "pool_mode"], &rows);
         }
         "CONFIG" => {
-            let c = &shared.config;
-            let p = &c.pool;
-            let l = &c.limits;
-            let secs = |d: std::time::Duration| d.as_secs_f64().to_string();
-            let rows: Vec<Vec<String>> = [
-                ("listen_rw", c.listen.rw.to_string()),
-                ("listen_ro", c.listen.ro.map(|a| a.to_string()).unwrap_or_default()),
-                ("max_client_conn", l.max_client_conn.to_string()),
-                ("client_login_timeout", secs(l.client_login_timeout)),
-                ("client_idle_timeout", secs(l.client_idle_timeout)),
-                ("idle_transaction_timeout", secs(l.idle_transaction_timeout)),
-                ("max_message_size", l.max_message_size.to_string()),
-                ("pool_mode", p.pool_mode.as_str().into()),
-                ("default_pool_size", p.pool_size.to_string()),
-                ("min_pool_size", p.min_pool_size.to_string()),
-                ("reserve_pool_size", p.reserve_pool_size.to_string()),
-                ("reserve_pool_timeout", secs(p.reserve_pool_timeout)),
-                ("max_db_connections", p.max_db_connections.to_string()),
-                ("max_user_connections", p.max_user_connections.to_string()),
-                ("query_wait_timeout", secs(p.query_wait_timeout)),
-                ("server_connect_timeout", secs(p.server_connect_timeout)),
-                ("server_lifetime", secs(p.server_lifetime)),
-                ("server_idle_timeout", secs(p.server_idle_timeout)),
-                ("server_reset_query", p.server_reset_query.clone()),
-                ("max_prepared_statements", p.max_prepared_statements.to_string()),
-                ("admin_users", c.auth.admin_users.join(",")),
-                ("stats_users", c.auth.stats_users.join(",")),
-            ]
-            .into_iter()
-            .map(|(k, v)| vec![k.to_owned(), v, String::new(), "no".to_owned()])
-            .collect();
+            let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
+            let rows: Vec<Vec<String>> = crate::reload::settings(&shared.config())
+                .into_iter()
+                .map(|r| vec![r.key.to_owned(), r.value, r.default, yes_no(r.changeable)])
+                .collect();
             table(out, &["key", "value", "default", "changeable"], &rows);
+        }
+        "CLIENTS" => {
+            let config = shared.config();
+            let rows: Vec<Vec<String>> = shared
+                .clients
+                .all()
+                .iter()
+                .map(|e| {
+                    let c = &e.info;
+                    let row = e.row();
+                    let waiting = e.waiting.load(Relaxed);
+                    let local = match c.port {
+                        pgferry_routing::Role::ReadWrite => Some(config.listen.rw),
+                        pgferry_routing::Role::ReadOnly => config.listen.ro,
+                    };
+                    let wait = if waiting { row.request_age } else { Duration::ZERO };
+                    vec![
+                        "C".into(),
+                        c.user.clone(),
+                        c.database.clone(),
+                        if waiting { "waiting" } else { "active" }.into(),
+                        c.peer.ip().to_string(),
+                        c.peer.port().to_string(),
+                        local.map(|a| a.ip().to_string()).unwrap_or_default(),
+                        local.map(|a| a.port().to_string()).unwrap_or_default(),
+                        timestamp(c.connected),
+                        timestamp(SystemTime::now() - row.request_age),
+                        wait.as_secs().to_string(),
+                        wait.subsec_micros().to_string(),
+                        "0".into(),
+                        c.id.to_string(),
+                        row.server.map(|t| t.server.to_string()).unwrap_or_default(),
+                        "0".into(),
+                        c.tls.clone(),
+                        c.application_name.clone(),
+                    ]
+                })
+                .collect();
+            table(out, CLIENT_COLUMNS, &rows);
+        }
+        "SERVERS" => {
+            let now = std::time::Instant::now();
+            let ago = |t: std::time::Instant| timestamp(SystemTime::now() - now.saturating_duration_since(t));
+            let mut rows: Vec<Vec<String>> = Vec::new();
+            // Servers in use: where each client's transaction runs.
+            for e in shared.clients.all() {
+                let Some(t) = e.row().server else { continue };
+                let c = &e.info;
+                rows.push(vec![
+                    "S".into(),
+                    c.user.clone(),
+                    c.database.clone(),
+                    "active".into(),
+                    t.addr.host.clone(),
+                    t.addr.port.to_string(),
+                    String::new(),
+                    String::new(),
+                    ago(t.server_created),
+                    timestamp(SystemTime::now() - e.row().request_age),
+                    "0".into(),
+                    "0".into(),
+                    "0".into(),
+                    t.server.to_string(),
+                    c.id.to_string(),
+                    t.pid.to_string(),
+                    String::new(),
+                    c.application_name.clone(),
+                ]);
+            }
+            for p in &pools {
+                for (id, pid, age, idle, _uses) in p.idle_snapshot() {
+                    rows.push(vec![
+                        "S".into(),
+                        p.key.user.clone(),
+                        p.key.database.clone(),
+                        "idle".into(),
+                        p.key.node.host.clone(),
+                        p.key.node.port.to_string(),
+                        String::new(),
+                        String::new(),
+                        timestamp(SystemTime::now() - age),
+                        timestamp(SystemTime::now() - idle),
+                        "0".into(),
+                        "0".into(),
+                        "0".into(),
+                        id.to_string(),
+                        String::new(),
+                        pid.to_string(),
+                        String::new(),
+                        String::new(),
+                    ]);
+                }
+            }
+            rows.sort_by_key(|r| r[13].parse::<u64>().unwrap_or(0));
+            table(out, CLIENT_COLUMNS, &rows);
+        }
+        "LATENCY" => {
+            let mut rows: Vec<Vec<String>> = Vec::new();
+            for p in &pools {
+                for kind in Kind::ALL {
+                    let l = p.latency.percentiles(kind);
+                    rows.push(vec![
+                        p.key.database.clone(),
+                        p.key.user.clone(),
+                        if p.key.read_only { "ro" } else { "rw" }.into(),
+                        p.key.node.to_string(),
+                        kind.as_str().into(),
+                        l.count.to_string(),
+                        l.p50.to_string(),
+                        l.p95.to_string(),
+                        l.p99.to_string(),
+                        l.p999.to_string(),
+                        l.max.to_string(),
+                    ]);
+                }
+            }
+            table(
+                out,
+                &[
+                    "database", "user", "port", "node", "kind", "count", "p50_us", "p95_us", "p99_us", "p999_us",
+                    "max_us",
+                ],
+                &rows,
+            );
+        }
+        "PREPARED_STATEMENTS" => {
+            let rows: Vec<Vec<String>> = shared
+                .statements
+                .snapshot()
+                .iter()
+                .map(|st| {
+                    vec![
+                        String::from_utf8_lossy(&st.name).into_owned(),
+                        // The registry's Arc is held by each client naming it.
+                        (Arc::strong_count(st) - 1).to_string(),
+                        st.is_verified().to_string(),
+                        String::from_utf8_lossy(st.query()).into_owned(),
+                    ]
+                })
+                .collect();
+            table(out, &["name", "client_refs", "verified", "query"], &rows);
         }
         "LISTS" => {
             let clients: usize = pools.iter().map(|p| p.stats.cl_active.load(Relaxed)).sum();
@@ -452,8 +643,8 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             let free: usize = pools.iter().map(|p| p.idle_count()).sum();
             let n = |v: usize| v.to_string();
             let rows = vec![
-                vec!["databases".into(), n(shared.config.databases.len())],
-                vec!["users".into(), n(shared.config.users.len())],
+                vec!["databases".into(), n(shared.config().databases.len())],
+                vec!["users".into(), n(shared.config().users.len())],
                 vec!["pools".into(), n(pools.len())],
                 vec!["free_clients".into(), "0".into()],
                 vec!["used_clients".into(), n(clients)],
@@ -532,6 +723,61 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
     Some(())
 }
 
+/// SHOW CLIENTS and SHOW SERVERS: PgBouncer 1.18's columns. `ptr` holds
+/// pgferry's client or server id (KILL_CLIENT takes it), `link` the id on
+/// the other side.
+const CLIENT_COLUMNS: &[&str] = &[
+    "type",
+    "user",
+    "database",
+    "state",
+    "addr",
+    "port",
+    "local_addr",
+    "local_port",
+    "connect_time",
+    "request_time",
+    "wait",
+    "wait_us",
+    "close_needed",
+    "ptr",
+    "link",
+    "remote_pid",
+    "tls",
+    "application_name",
+];
+
+/// "2026-11-22 10:56:18 UTC", as PgBouncer prints times.
+fn timestamp(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
 fn sorted_pools(shared: &Shared) -> Vec<Arc<Pool>> {
     let mut pools = shared.pools();
     pools.sort_by(|a, b| {
@@ -563,4 +809,38 @@ fn per_database(pools: &[Arc<Pool>]) -> BTreeMap<String, [u64; 7]> {
         }
     }
     m
+}
+
+/// Per database: PgBouncer's averages over the last stats period, in the
+/// order of `per_database`: rates summed over pools, times weighted by
+/// each pool's transaction (or query) rate.
+fn averages_per_database(pools: &[Arc<Pool>]) -> BTreeMap<String, [u64; 7]> {
+    let mut acc: BTreeMap<String, [u64; 7]> = BTreeMap::new();
+    for p in pools {
+        let a = p.stats.averages();
+        let t = acc.entry(p.key.database.clone()).or_default();
+        t[0] += a.xact_count;
+        t[1] += a.query_count;
+        t[2] += a.recv;
+        t[3] += a.sent;
+        t[4] += a.xact_time * a.xact_count;
+        t[5] += a.query_time * a.query_count;
+        t[6] += a.wait_time * a.xact_count;
+    }
+    for t in acc.values_mut() {
+        t[4] = t[4].checked_div(t[0]).unwrap_or(0);
+        t[5] = t[5].checked_div(t[1]).unwrap_or(0);
+        t[6] = t[6].checked_div(t[0]).unwrap_or(0);
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_print_like_pgbouncer() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_344_978);
+        assert_eq!(super::timestamp(t), "2026-11-22 10:56:18 UTC");
+        assert_eq!(super::timestamp(std::time::UNIX_EPOCH), "1970-01-01 00:00:00 UTC");
+    }
 }

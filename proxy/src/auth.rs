@@ -90,7 +90,7 @@ pub async fn authenticate(
 /// The user's stored credential and whether it has expired: the users file
 /// first, then auth_query.
 async fn credential(a: &Attempt<'_>, shared: &Shared) -> Result<(Option<Credential>, bool), ClientError> {
-    if let Some(c) = shared.userlist.get(a.user) {
+    if let Some(c) = shared.userlist().get(a.user) {
         return Ok((Some(c.clone()), false));
     }
     let (Some(q), Some(node)) = (&shared.auth_query, a.node) else {

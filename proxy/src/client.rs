@@ -7,6 +7,7 @@
 
 use crate::auth::{authenticate, Attempt};
 use crate::clientio::ClientIo;
+use crate::clients::ClientInfo;
 use crate::error::ClientError;
 use crate::handshake::{handshake, Handshake};
 use crate::params::ClientParams;
@@ -70,7 +71,7 @@ async fn start(
     pending: OwnedSemaphorePermit,
 ) -> Result<Option<SessionFuture>, ClientError> {
     let mut io = ClientIo::new(stream);
-    let timeout = shared.config.limits.client_login_timeout;
+    let timeout = shared.config().limits.client_login_timeout;
     let login = tokio::time::timeout(timeout, login(&mut io, peer, role, &shared))
         .await
         .unwrap_or(Err(ClientError::LoginTimeout));
@@ -104,11 +105,20 @@ async fn start(
             return Err(e);
         }
     };
-    let cancel = shared.cancels.register();
-    encode::backend_key_data(&mut io.wbuf, cancel.entry.pid, cancel.entry.key);
+    let (tls, client_cert) = (login.tls.is_some(), login.tls.as_ref().is_some_and(|t| t.0));
+    let client = shared.clients.register(ClientInfo {
+        id,
+        application_name: login.params.get("application_name").unwrap_or_default().to_owned(),
+        user: login.user.clone(),
+        database: login.database.clone(),
+        peer,
+        port: role,
+        connected: std::time::SystemTime::now(),
+        tls: login.tls.map(|t| t.1).unwrap_or_default(),
+    });
+    encode::backend_key_data(&mut io.wbuf, client.entry.pid, client.entry.key);
     encode::ready_for_query(&mut io.wbuf, TxStatus::Idle);
     io.flush().await?;
-    let (tls, client_cert) = (login.tls.is_some(), login.tls == Some(true));
     tracing::info!(user = %login.user, db = %login.database, node = %login.route.member.addr, tls, client_cert, "client logged in");
     let (rd, wr) = io.stream.split();
     // Usually empty by now: do not keep the login buffer's capacity.
@@ -122,7 +132,7 @@ async fn start(
         pool: login.pool,
         route: login.route,
         params: login.params,
-        cancel,
+        client,
         read_only: login.read_only,
     };
     let session = Session::new(shared, init);
@@ -142,8 +152,9 @@ struct Login {
     params: ClientParams,
     read_only: bool,
     user_permit: Option<OwnedSemaphorePermit>,
-    /// On TLS: whether a client certificate was presented.
-    tls: Option<bool>,
+    /// On TLS: whether a client certificate was presented, and the
+    /// version and cipher suite.
+    tls: Option<(bool, String)>,
 }
 /// Startup and authentication. Returns None for a served cancel request.
 /// What a successful startup leads to.
@@ -166,7 +177,7 @@ async fn login(
         Handshake::Cancel { pid, key } => {
             // Accepted with or without TLS: libpq sends cancels on a new,
             // plain connection whatever the main one uses.
-            let done = shared.cancels.cancel(pid, key, &shared.server_tls).await;
+            let done = shared.clients.cancel(pid, key, &shared.server_tls).await;
             tracing::info!(forwarded = done, "cancel request");
             return Ok(None);
         }
@@ -201,7 +212,7 @@ async fn login(
     if crate::admin::is_console(&database) {
         return console_login(io, peer, tls.as_ref(), &user, &database, shared).await;
     }
-    if !shared.config.pool.auto_database && shared.config.database(&database).is_none() {
+    if !shared.config().pool.auto_database && shared.config().database(&database).is_none() {
         return Err(ClientError::refused(
             sqlstate::INVALID_CATALOG_NAME,
             format!("no such database: {database}"),
@@ -225,7 +236,7 @@ async fn login(
         ));
     }
 
-    let access = shared.config.user(&user).map(|u| u.access).unwrap_or_default();
+    let access = shared.config().user(&user).map(|u| u.access).unwrap_or_default();
     if access == Access::ReadOnlyPort && role == Role::ReadWrite {
         return Err(ClientError::refused(
             sqlstate::INSUFFICIENT_PRIVILEGE,
@@ -277,7 +288,7 @@ async fn login(
         params: client_params,
         read_only,
         user_permit,
-        tls: tls.as_ref().map(|t| t.client_cert),
+        tls: tls.map(|t| (t.client_cert, t.describe)),
     })))
 }
 
@@ -291,7 +302,7 @@ async fn console_login(
     database: &str,
     shared: &Shared,
 ) -> Result<Option<Started>, ClientError> {
-    let auth = &shared.config.auth;
+    let auth = &shared.config().auth;
     let admin = auth.admin_users.iter().any(|u| u == user);
     if !admin && !auth.stats_users.iter().any(|u| u == user) {
         return Err(ClientError::refused(
@@ -324,9 +335,9 @@ fn hba_method(
     database: &str,
     user: &str,
 ) -> Result<HbaMethod, ClientError> {
-    let rules = &shared.config.hba;
+    let rules = &shared.config().hba;
     if rules.is_empty() {
-        return Ok(shared.config.auth.method);
+        return Ok(shared.config().auth.method);
     }
     let method = rules
         .iter()

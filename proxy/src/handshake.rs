@@ -26,6 +26,8 @@ pub struct TlsInfo {
     pub end_point: Arc<[u8]>,
     /// A client certificate was presented (and verified, as mTLS requires).
     pub client_cert: bool,
+    /// Version and cipher suite (SHOW CLIENTS).
+    pub describe: String,
 }
 
 pub async fn handshake(io: &mut ClientIo, acceptor: &Acceptor) -> Result<Handshake, ClientError> {
@@ -103,5 +105,6 @@ async fn start_tls(io: &mut ClientIo, t: &pgferry_tls::Termination, direct: bool
     Ok(TlsInfo {
         end_point: t.end_point.clone(),
         client_cert,
+        describe: pgferry_tls::stream::describe(s),
     })
 }

@@ -9,14 +9,15 @@
 mod admin;
 mod auth;
 mod authquery;
-mod cancel;
 mod client;
 mod clientio;
+mod clients;
 mod error;
 mod handshake;
 mod http;
 mod listener;
 pub mod params;
+mod reload;
 mod session;
 pub mod shared;
 mod throttle;
@@ -53,8 +54,13 @@ pub fn load_userlist(config: &Config) -> Result<userlist::Userlist, StartError> 
     })
 }
 
-/// Runs the proxy until `shutdown` turns true.
-pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
+/// Runs the proxy until `shutdown` turns true (or the console's SHUTDOWN).
+/// `config_path` is what RELOAD and SIGHUP re-read.
+pub async fn run(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), StartError> {
     let config = Arc::new(config);
     let users = load_userlist(&config)?;
     let (router, publisher) = Router::new(Topology::from_config(&config)?, config.pool.ro_fallback_to_primary);
@@ -78,7 +84,18 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         // The static topology never changes: nothing publishes.
         drop(publisher);
     }
-    let shared = Arc::new(Shared::new(config.clone(), users, router, tls, server_tls));
+    let shared = Arc::new(Shared::new(config.clone(), config_path, users, router, tls, server_tls));
+    // One stop signal for the listeners: the caller's (SIGTERM) or SHUTDOWN.
+    let stop = shared.stop_tx.subscribe();
+    {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if shutdown.wait_for(|s| *s).await.is_ok() {
+                shared.stop_tx.send_replace(true);
+            }
+        });
+    }
+    let shutdown = stop;
     tokio::spawn(follow_topology(shared.clone()));
     if config.http.enabled {
         // The status endpoints matter less than the proxy: a port that
@@ -139,18 +156,34 @@ async fn follow_topology(shared: Arc<Shared>) {
     }
 }
 
-/// SIGHUP re-reads the TLS certificate and key (a failed reload keeps the
-/// old ones). Connections already established keep their TLS session.
+/// SIGHUP does what the console's RELOAD does.
 async fn reload_on_sighup(shared: Arc<Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; TLS files will not be reloaded");
+        tracing::warn!("cannot listen for SIGHUP; use the console's RELOAD");
         return;
     };
     while hup.recv().await.is_some() {
-        match shared.tls.reload(&shared.config.tls) {
-            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
-            Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificate"),
+        let _ = reload(&shared, "SIGHUP");
+    }
+}
+
+/// Re-reads the configuration, users and TLS files (see `Shared::reload`),
+/// and logs the outcome. Connections already established keep their TLS
+/// session; clients stay connected.
+pub(crate) fn reload(shared: &Shared, why: &str) -> Result<(), String> {
+    match shared.reload() {
+        Ok(restart) if restart.is_empty() => {
+            tracing::info!("{why}: configuration, users and TLS files reloaded");
+            Ok(())
+        }
+        Ok(restart) => {
+            tracing::warn!(needs_restart = ?restart, "{why}: configuration reloaded; these changed settings keep their running values until a restart");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "{why}: reload refused; the running configuration stays");
+            Err(e)
         }
     }
 }

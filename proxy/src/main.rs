@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut server = tokio::spawn(pgferry_proxy::run(config, rx));
+        let mut server = tokio::spawn(pgferry_proxy::run(config, Some(path), rx));
         tokio::select! {
             r = &mut server => return r.context("proxy task")?.map_err(anyhow::Error::from),
             _ = tokio::signal::ctrl_c() => {

@@ -12,12 +12,13 @@
 //! queue is empty, the server is idle ('I') and no session state pins the
 //! client; in session mode it stays until the client leaves.
 
-use crate::cancel::CancelTarget;
+use crate::clients::CancelTarget;
 use crate::params::{self, ClientParams};
 use crate::shared::Shared;
 use crate::ClientError;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pgferry_config::{PoolMode, SessionStatePolicy};
+use pgferry_pool::latency::Kind as LatencyKind;
 use pgferry_pool::statements::Statement;
 use pgferry_pool::{Pool, PoolError, PooledConn, ServerConn};
 use pgferry_protocol::backend::{self, TxStatus};
@@ -111,6 +112,8 @@ enum Event {
     ServerWrote(std::io::Result<Option<usize>>),
     /// pgferry started shutting down while this client was idle.
     Drain,
+    /// KILL_CLIENT or KILL db from the console.
+    Killed,
     Timeout(&'static str, &'static str),
 }
 
@@ -129,7 +132,7 @@ pub struct SessionInit {
     pub read_only: bool,
     pub route: Route,
     pub params: ClientParams,
-    pub cancel: crate::cancel::CancelGuard,
+    pub client: crate::clients::ClientGuard,
 }
 
 pub struct Session {
@@ -159,6 +162,9 @@ pub struct Session {
     max_message: usize,
     server: Option<PooledConn>,
     bound_at: Instant,
+    /// When the oldest request still waiting for a ReadyForQuery was sent
+    /// (query time: request to ReadyForQuery).
+    query_start: Option<Instant>,
     slots: VecDeque<Slot>,
     /// Transaction status as of the last ReadyForQuery.
     status: TxStatus,
@@ -182,7 +188,7 @@ pub struct Session {
     lost_transaction: Option<(String, String)>,
     /// A FATAL the server sent before closing: reported as the reason.
     server_fatal: Option<(String, String)>,
-    cancel: crate::cancel::CancelGuard,
+    client: crate::clients::ClientGuard,
     drain: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -203,15 +209,16 @@ impl Session {
             read_only: init.read_only,
             mode,
             rewrite: mode == PoolMode::Transaction && settings.max_prepared_statements > 0,
-            policy: shared.config.pool.session_state,
+            policy: shared.config().pool.session_state,
             shared: shared.clone(),
             max_prepared: settings.max_prepared_statements,
-            max_message: shared.config.limits.max_message_size,
+            max_message: shared.config().limits.max_message_size,
             pool: init.pool,
             route: init.route,
             route_gen: shared.router.generation(),
             server: None,
             bound_at: Instant::now(),
+            query_start: None,
             slots: VecDeque::new(),
             status: TxStatus::Idle,
             statements: HashMap::new(),
@@ -225,7 +232,7 @@ impl Session {
             copy_in: false,
             lost_transaction: None,
             server_fatal: None,
-            cancel: init.cancel,
+            client: init.client,
             drain: shared.drain_tx.subscribe(),
         }
     }
@@ -262,7 +269,7 @@ impl Session {
             // working is closed at a boundary once half of shutdown_timeout
             // has passed.
             if let Some(age) = self.shared.drain_age() {
-                if age >= self.shared.config.runtime.shutdown_timeout / 2 && self.between_transactions() {
+                if age >= self.shared.config().runtime.shutdown_timeout / 2 && self.between_transactions() {
                     return Err(shutting_down());
                 }
             }
@@ -297,6 +304,13 @@ impl Session {
                 // Woken to re-evaluate: an idle client now gets a short grace
                 // (idle_timeout) in case its next request is already on the way.
                 Event::Drain => {}
+                Event::Killed => {
+                    tracing::info!(client = self.id, "closing client: killed from the admin console");
+                    return Err(ClientError::refused(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "terminating connection due to administrator command (pgferry console)",
+                    ));
+                }
                 Event::Timeout(code, what) => {
                     tracing::info!(client = self.id, "closing client: {what}");
                     return Err(ClientError::refused(code, what));
@@ -319,6 +333,7 @@ impl Session {
             client_unflushed,
             server_unflushed,
             drain,
+            client,
             ..
         } = self;
         let (srd, swr, sbuf) = match server.as_deref_mut() {
@@ -340,6 +355,7 @@ impl Session {
             // Polled only while no server is bound (waiting for the client),
             // not while a transaction's messages flow.
             Ok(()) = drain.changed(), if wake_on_drain && to_client.is_empty() => Event::Drain,
+            () = client.entry.kill.notified() => Event::Killed,
             (code, what) = async {
                 match timeout {
                     Some((d, code, what)) => { tokio::time::sleep(d).await; (code, what) }
@@ -368,7 +384,7 @@ impl Session {
         if !self.slots.is_empty() || !self.to_client.is_empty() {
             return None;
         }
-        let l = &self.shared.config.limits;
+        let l = &self.shared.config().limits;
         if self.status != TxStatus::Idle && !l.idle_transaction_timeout.is_zero() {
             return Some((
                 l.idle_transaction_timeout,
@@ -523,7 +539,6 @@ impl Session {
                 }
             }
         }
-        self.pool.stats.total_query_count.fetch_add(1, Relaxed);
         self.with_server(&frame, Expect::Query)
     }
 
@@ -662,6 +677,9 @@ impl Session {
 
     /// Queues a client request that pgferry rewrote, with its reply forwarded.
     fn expect_forwarded(&mut self, expect: Expect) {
+        if self.query_start.is_none() {
+            self.query_start = Some(Instant::now());
+        }
         self.slots.push_back(Slot {
             expect,
             action: Action::Forward,
@@ -791,6 +809,7 @@ impl Session {
         if self.server.is_some() {
             return Ok(());
         }
+        let asked = Instant::now();
         // The slow paths are boxed so that they do not enlarge every
         // client's future (memory per idle client).
         if self.shared.any_paused.load(Relaxed) {
@@ -816,14 +835,22 @@ impl Session {
         if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
             Box::pin(self.sync_server(&mut conn)).await?;
         }
-        self.cancel.entry.set_target(Some(CancelTarget {
+        self.client.entry.set_target(Some(CancelTarget {
             addr: conn.addr.clone(),
             pid: conn.backend_pid,
             key: conn.backend_key,
+            server: conn.id,
+            server_created: conn.created,
         }));
         self.server = Some(conn);
         self.server_unflushed = false;
         self.bound_at = Instant::now();
+        let waited = self.bound_at.saturating_duration_since(asked);
+        self.pool
+            .stats
+            .total_wait_time
+            .fetch_add(waited.as_micros() as u64, Relaxed);
+        self.pool.latency.record(LatencyKind::Wait, waited);
         Ok(())
     }
 
@@ -833,6 +860,13 @@ impl Session {
     /// client between transactions sees a pause, not an error, while etcd
     /// catches up with a dead leader.
     async fn checkout_or_hold(&mut self) -> Result<PooledConn, PoolError> {
+        self.client.entry.waiting.store(true, Relaxed);
+        let r = self.checkout_or_hold_inner().await;
+        self.client.entry.waiting.store(false, Relaxed);
+        r
+    }
+
+    async fn checkout_or_hold_inner(&mut self) -> Result<PooledConn, PoolError> {
         let hold = self.shared.failover_hold();
         let deadline = Instant::now() + hold;
         let mut topology = self.shared.router.subscribe();
@@ -840,6 +874,12 @@ impl Session {
         loop {
             let err = match self.pool.checkout().await {
                 Ok(c) => return Ok(c),
+                // The pool was replaced (RELOAD, RECONNECT, a failover)
+                // while this client waited: wait in the new one.
+                Err(PoolError::ShuttingDown) if self.pool.is_closed() => {
+                    self.reroute().await?;
+                    continue;
+                }
                 Err(e @ (PoolError::Connect { .. } | PoolError::ConnectTimeout(_))) => e,
                 // "the database system is starting up / shutting down": the
                 // node is going away or coming back; the topology will say.
@@ -1005,6 +1045,7 @@ impl Session {
                     Some(s) if s.is_sync_point() => {
                         if !matches!(s.action, Action::Swallow) {
                             self.to_client.extend_from_slice(&frame.bytes);
+                            self.query_done();
                         }
                     }
                     _ => return Err(PoolError::Protocol(ProtocolError::UnexpectedTag('Z'))),
@@ -1037,6 +1078,24 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// A client request got its ReadyForQuery: one query, as PgBouncer
+    /// counts them. Pipelined requests are timed from the previous reply.
+    fn query_done(&mut self) {
+        let now = Instant::now();
+        if let Some(start) = self.query_start.take() {
+            let d = now.saturating_duration_since(start);
+            self.pool.stats.total_query_count.fetch_add(1, Relaxed);
+            self.pool
+                .stats
+                .total_query_time
+                .fetch_add(d.as_micros() as u64, Relaxed);
+            self.pool.latency.record(LatencyKind::Query, d);
+        }
+        if !self.slots.is_empty() {
+            self.query_start = Some(now);
+        }
     }
 
     /// The server entered copy-in mode for the request at the head of the
@@ -1084,7 +1143,7 @@ impl Session {
         };
         tracing::warn!(client = self.id, server = conn.id, error = %e, "server connection lost");
         conn.discard("connection lost");
-        self.cancel.entry.set_target(None);
+        self.client.entry.set_target(None);
         let (code, msg) = match self.server_fatal.take() {
             Some((code, m)) => (
                 code,
@@ -1129,6 +1188,7 @@ impl Session {
             self.skip_until_sync = open_group;
         }
         self.to_server.clear();
+        self.query_start = None;
         self.copy_in = false;
         self.status = TxStatus::Idle;
         self.pin = None;
@@ -1152,7 +1212,7 @@ impl Session {
             || !self.capture.is_empty()
             || (self.pin.is_some() && self.recheck_pin);
         if work && Box::pin(self.end_of_transaction(&mut conn)).await.is_err() {
-            self.cancel.entry.set_target(None);
+            self.client.entry.set_target(None);
             conn.discard("internal query failed");
             return;
         }
@@ -1160,12 +1220,12 @@ impl Session {
             self.server = Some(conn);
             return;
         }
-        self.cancel.entry.set_target(None);
+        self.client.entry.set_target(None);
         let stats = &self.pool.stats;
+        let took = self.bound_at.elapsed();
         stats.total_xact_count.fetch_add(1, Relaxed);
-        stats
-            .total_xact_time
-            .fetch_add(self.bound_at.elapsed().as_micros() as u64, Relaxed);
+        stats.total_xact_time.fetch_add(took.as_micros() as u64, Relaxed);
+        self.pool.latency.record(LatencyKind::Xact, took);
         tracing::trace!(client = self.id, "server released");
         conn.checkin();
         shrink_if_large(&mut self.rbuf);
@@ -1259,7 +1319,7 @@ impl Session {
     /// The client is gone: leave the server clean for the next client, or
     /// close it.
     async fn release_on_exit(&mut self) {
-        self.cancel.entry.set_target(None);
+        self.client.entry.set_target(None);
         let Some(mut conn) = self.server.take() else {
             return;
         };
@@ -1270,10 +1330,12 @@ impl Session {
                 addr: conn.addr.clone(),
                 pid: conn.backend_pid,
                 key: conn.backend_key,
+                server: conn.id,
+                server_created: conn.created,
             };
             let tls = self.shared.server_tls.clone();
             tokio::spawn(async move {
-                let _ = crate::cancel::send_cancel(&t, &tls).await;
+                let _ = crate::clients::send_cancel(&t, &tls).await;
             });
             tracing::info!(
                 client = self.id,

@@ -2,8 +2,9 @@
 //! router, cancel keys and the prepared-statement registry. Passed by
 //! reference (no globals), so tests can run several proxies in one process.
 
-use crate::cancel::CancelRegistry;
+use crate::clients::ClientRegistry;
 use crate::userlist::Userlist;
+use arc_swap::ArcSwap;
 use pgferry_config::Config;
 use pgferry_pool::statements::StatementRegistry;
 use pgferry_pool::{NodeAddr, Pool, PoolKey, ServerCredentials};
@@ -16,8 +17,11 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 
 pub struct Shared {
-    pub config: Arc<Config>,
-    pub userlist: Userlist,
+    /// Swapped whole by RELOAD / SIGHUP / SET (see `reload.rs`); readers
+    /// take a snapshot with `config()`.
+    config: ArcSwap<Config>,
+    config_path: Option<std::path::PathBuf>,
+    userlist: ArcSwap<Userlist>,
     pub router: Router,
     /// TLS termination for both listeners (reloadable).
     pub tls: pgferry_tls::Acceptor,
@@ -33,6 +37,8 @@ pub struct Shared {
     pub counters: Counters,
     /// Wakes sessions idle between transactions when draining starts.
     pub drain_tx: tokio::sync::watch::Sender<bool>,
+    /// Console SHUTDOWN: asks `run` to stop as SIGTERM does.
+    pub stop_tx: tokio::sync::watch::Sender<bool>,
     /// Set on SIGTERM: sessions close at their next transaction boundary.
     drain_started: std::sync::OnceLock<std::time::Instant>,
     /// PAUSE: databases whose new transactions wait ("*" = all).
@@ -41,9 +47,10 @@ pub struct Shared {
     pub any_paused: std::sync::atomic::AtomicBool,
     pub started: std::time::SystemTime,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    retired: Mutex<Vec<Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     user_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
-    pub cancels: Arc<CancelRegistry>,
+    pub clients: Arc<ClientRegistry>,
     pub statements: StatementRegistry,
     /// Seeds mock SCRAM salts for unknown users.
     pub mock_seed: [u8; 32],
@@ -55,6 +62,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         config: Arc<Config>,
+        config_path: Option<std::path::PathBuf>,
         userlist: Userlist,
         router: Router,
         tls: pgferry_tls::Acceptor,
@@ -73,6 +81,7 @@ impl Shared {
             user_clients: Mutex::default(),
             counters: Counters::default(),
             drain_tx: tokio::sync::watch::channel(false).0,
+            stop_tx: tokio::sync::watch::channel(false).0,
             drain_started: std::sync::OnceLock::new(),
             pause: tokio::sync::watch::channel(Default::default()).0,
             any_paused: std::sync::atomic::AtomicBool::new(false),
@@ -80,13 +89,15 @@ impl Shared {
             auth_query,
             tls,
             server_tls,
-            config,
-            userlist,
+            config: ArcSwap::new(config),
+            config_path,
+            userlist: ArcSwap::from_pointee(userlist),
             router,
             pools: Mutex::default(),
+            retired: Mutex::default(),
             db_limits: Mutex::default(),
             user_limits: Mutex::default(),
-            cancels: Arc::default(),
+            clients: Arc::default(),
             statements: StatementRegistry::default(),
             mock_seed,
             plain_secrets: Mutex::default(),
@@ -108,8 +119,9 @@ impl Shared {
                 return p.clone();
             }
         }
-        let settings = self.config.pool_settings(database, user);
-        let password = server_password(&self.config, &self.userlist, user);
+        let config = self.config();
+        let settings = config.pool_settings(database, user);
+        let password = server_password(&config, &self.userlist(), user);
         let creds = ServerCredentials::new(settings.server_user.clone(), password);
         let mut limits = Vec::new();
         if settings.max_db_connections > 0 {
@@ -128,11 +140,102 @@ impl Shared {
             settings,
             creds,
             limits,
-            self.config.limits.max_message_size,
+            config.limits.max_message_size,
             self.server_tls.clone(),
         );
         pools.insert(key, pool.clone());
         pool
+    }
+
+    /// The configuration now in force.
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    pub fn userlist(&self) -> arc_swap::Guard<Arc<Userlist>> {
+        self.userlist.load()
+    }
+
+    /// RELOAD / SIGHUP: re-reads the configuration file, the users file and
+    /// the TLS files, and applies them all, or nothing if any fails.
+    /// Returns the names of changed settings that need a restart.
+    pub fn reload(&self) -> Result<Vec<&'static str>, String> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or("pgferry was started without a configuration file")?;
+        let mut new = Config::load(path).map_err(|e| e.to_string())?;
+        let users = crate::load_userlist(&new).map_err(|e| e.to_string())?;
+        let restart = crate::reload::carry_over(&self.config(), &mut new);
+        self.tls.reload(&new.tls).map_err(|e| format!("TLS: {e}"))?;
+        self.userlist.store(Arc::new(users));
+        self.plain_secrets.lock().unwrap().clear();
+        self.install(new);
+        Ok(restart)
+    }
+
+    /// SET key = value from the console.
+    pub fn set(&self, key: &str, value: &str) -> Result<(), String> {
+        let new = crate::reload::set(&self.config(), key, value)?;
+        self.install(new);
+        Ok(())
+    }
+
+    /// Puts a new configuration in force. Pools whose settings or server
+    /// password changed are shut down gracefully: idle connections close
+    /// now, busy ones when their transaction ends, and sessions move to a
+    /// new pool at their next transaction. Clients stay connected.
+    fn install(&self, new: Config) {
+        self.config.store(Arc::new(new));
+        let config = self.config();
+        let users = self.userlist();
+        let mut pools = self.pools.lock().unwrap();
+        pools.retain(|_, p| {
+            let settings = config.pool_settings(&p.key.database, &p.key.user);
+            let password = server_password(&config, &users, &p.key.user);
+            if p.settings == settings && p.credentials().has_password(password.as_deref()) {
+                return true;
+            }
+            tracing::info!(db = %p.key.database, user = %p.key.user, node = %p.key.node, "pool settings changed: replacing the pool (clients move at their next transaction)");
+            p.shut_down("configuration changed");
+            // New pools get max_db_connections / max_user_connections
+            // limits of the new size (the old pool keeps its own until its
+            // last transaction ends).
+            self.db_limits.lock().unwrap().remove(&p.key.database);
+            self.user_limits.lock().unwrap().remove(&p.key.user);
+            self.retired.lock().unwrap().push(p.clone());
+            false
+        });
+    }
+
+    /// RECONNECT / KILL: shuts down the pools of `db` (None: all), whose
+    /// sessions move to new pools at their next transaction. With `cut`,
+    /// connections in use are cut too (KILL); without, they close when
+    /// their transaction ends (RECONNECT). Returns the number of pools.
+    pub fn replace_pools(&self, db: Option<&str>, why: &str, cut: bool) -> usize {
+        let mut n = 0;
+        self.pools.lock().unwrap().retain(|_, p| {
+            if db.is_some_and(|d| d != p.key.database) {
+                return true;
+            }
+            if cut {
+                p.retire(why);
+            } else {
+                p.shut_down(why);
+            }
+            self.retired.lock().unwrap().push(p.clone());
+            n += 1;
+            false
+        });
+        n
+    }
+
+    /// Pools shut down (by a reload, a RECONNECT or a failover) that still
+    /// have connections in use; pruned as they empty.
+    pub fn retired_pools(&self) -> Vec<Arc<Pool>> {
+        let mut r = self.retired.lock().unwrap();
+        r.retain(|p| p.stats.sv_active.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        r.clone()
     }
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {
@@ -194,7 +297,7 @@ impl Shared {
 
     /// How long a new read-write transaction waits for a confirmed leader.
     pub fn failover_hold(&self) -> std::time::Duration {
-        match &self.config.topology {
+        match &self.config().topology {
             pgferry_config::Topology::Etcd(e) => e.failover_hold_timeout,
             pgferry_config::Topology::Static { .. } => std::time::Duration::ZERO,
         }
@@ -257,7 +360,7 @@ impl Shared {
         &self,
         user: &str,
     ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, crate::ClientError> {
-        let Some(cap) = self.config.user(user).and_then(|u| u.max_client_connections) else {
+        let Some(cap) = self.config().user(user).and_then(|u| u.max_client_connections) else {
             return Ok(None);
         };
         match shared_limit(&self.user_clients, user, cap).try_acquire_owned() {

@@ -210,3 +210,15 @@ pub fn session_info(s: &tokio_rustls::server::TlsStream<TcpStream>) -> (Option<V
         conn.peer_certificates().is_some_and(|c| !c.is_empty()),
     )
 }
+
+/// "TLSv1_3/TLS13_AES_256_GCM_SHA384": version and cipher suite, for the
+/// admin console.
+pub fn describe(s: &tokio_rustls::server::TlsStream<TcpStream>) -> String {
+    let (_, conn) = s.get_ref();
+    let version = conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+    let suite = conn
+        .negotiated_cipher_suite()
+        .map(|c| format!("{:?}", c.suite()))
+        .unwrap_or_default();
+    format!("{version}/{suite}")
+}

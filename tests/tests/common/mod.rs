@@ -185,3 +185,36 @@ pub fn primary_sql(sql: &str) -> String {
         .psql_primary("app", sql)
         .expect("psql on primary")
 }
+
+pub use pgferry_tests::PG_BIN;
+
+/// psql against pgferry's admin console (or any database), with headers,
+/// unaligned: Ok(stdout) or Err(stderr).
+pub fn console(port: u16, user: &str, password: &str, db: &str, sql: &str) -> Result<String, String> {
+    let out = std::process::Command::new(std::path::Path::new(PG_BIN).join("psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={port} user={user} password={password} dbname={db} sslmode=disable"
+        ))
+        .args(["-X", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// An admin-console command as the test admin; panics on error.
+pub fn admin(port: u16, sql: &str) -> String {
+    console(port, "admin", "admin-pass", "pgbouncer", sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// The rows of a console result whose first columns equal `prefix`.
+pub fn rows_starting<'a>(out: &'a str, prefix: &str) -> Vec<Vec<&'a str>> {
+    out.lines()
+        .skip(1)
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| l.split('|').collect())
+        .collect()
+}

@@ -1,0 +1,196 @@
+//! The logged-in clients: each one's cancel key, where its query runs, and
+//! what the console shows and acts on (SHOW CLIENTS, KILL_CLIENT, KILL).
+//!
+//! Each client gets a random pgferry BackendKeyData; a CancelRequest
+//! carrying it is forwarded, with the server's own key, to the server
+//! connection running that client's query at that moment.
+
+use pgferry_pool::NodeAddr;
+use pgferry_routing::Role;
+use rand::Rng;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+use tokio::io::AsyncWriteExt;
+
+/// What a client is, fixed at login.
+#[derive(Debug)]
+pub struct ClientInfo {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub peer: SocketAddr,
+    pub port: Role,
+    pub connected: SystemTime,
+    /// "TLSv1.3/TLS13_AES_256_GCM_SHA384"-style, or empty.
+    pub tls: String,
+    pub application_name: String,
+}
+
+/// Where a client's query currently runs.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub addr: Arc<NodeAddr>,
+    pub pid: u32,
+    pub key: u32,
+    /// pgferry's id of that server connection (SHOW CLIENTS' link) and
+    /// when it was opened (SHOW SERVERS).
+    pub server: u64,
+    pub server_created: Instant,
+}
+
+/// A client's entry: its key, its current target and what SHOW CLIENTS
+/// prints.
+#[derive(Debug)]
+pub struct ClientEntry {
+    pub pid: u32,
+    pub key: u32,
+    pub info: ClientInfo,
+    link: Mutex<Link>,
+    /// Waiting for a server connection (set on the slow path only).
+    pub waiting: AtomicBool,
+    /// KILL_CLIENT / KILL db: the session ends at its next event.
+    pub kill: tokio::sync::Notify,
+}
+
+#[derive(Debug)]
+struct Link {
+    target: Option<CancelTarget>,
+    /// When the client last got a server connection (request_time).
+    since: Instant,
+}
+
+/// A snapshot of one client for the console.
+pub struct ClientRow {
+    pub server: Option<CancelTarget>,
+    pub request_age: std::time::Duration,
+}
+
+impl ClientEntry {
+    pub fn set_target(&self, t: Option<CancelTarget>) {
+        let mut l = self.link.lock().unwrap();
+        if t.is_some() {
+            l.since = Instant::now();
+        }
+        l.target = t;
+    }
+
+    pub fn row(&self) -> ClientRow {
+        let l = self.link.lock().unwrap();
+        ClientRow {
+            server: l.target.clone(),
+            request_age: l.since.elapsed(),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct ClientRegistry {
+    map: Mutex<HashMap<u32, Arc<ClientEntry>>>,
+}
+
+/// A client's registration; removes the entry when the client goes away.
+pub struct ClientGuard {
+    reg: Arc<ClientRegistry>,
+    pub entry: Arc<ClientEntry>,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.reg.map.lock().unwrap().remove(&self.entry.pid);
+    }
+}
+
+impl ClientRegistry {
+    /// Registers a new client under a fresh random (pid, key).
+    pub fn register(self: &Arc<Self>, info: ClientInfo) -> ClientGuard {
+        let mut rng = rand::thread_rng();
+        let mut map = self.map.lock().unwrap();
+        loop {
+            // Positive pids, like PostgreSQL's, for clients that print them.
+            let pid = rng.gen_range(1..=i32::MAX as u32);
+            if map.contains_key(&pid) {
+                continue;
+            }
+            let entry = Arc::new(ClientEntry {
+                pid,
+                key: rng.gen(),
+                info,
+                link: Mutex::new(Link {
+                    target: None,
+                    since: Instant::now(),
+                }),
+                waiting: AtomicBool::new(false),
+                kill: tokio::sync::Notify::new(),
+            });
+            map.insert(pid, entry.clone());
+            return ClientGuard {
+                reg: self.clone(),
+                entry,
+            };
+        }
+    }
+
+    /// Forwards a cancel request. Unknown keys are ignored silently, as
+    /// PostgreSQL does, so that keys cannot be probed.
+    pub async fn cancel(&self, pid: u32, key: u32, tls: &pgferry_tls::Connector) -> bool {
+        let target = {
+            let map = self.map.lock().unwrap();
+            match map.get(&pid) {
+                // The pid is public, the key is the secret: both must match.
+                Some(e) if e.key == key => e.link.lock().unwrap().target.clone(),
+                _ => None,
+            }
+        };
+        let Some(t) = target else { return false };
+        send_cancel(&t, tls).await.is_ok()
+    }
+
+    /// Every logged-in client, in login order.
+    pub fn all(&self) -> Vec<Arc<ClientEntry>> {
+        let mut v: Vec<_> = self.map.lock().unwrap().values().cloned().collect();
+        v.sort_by_key(|e| e.info.id);
+        v
+    }
+
+    /// Ends the sessions of the clients `which` selects (they get 57P01);
+    /// returns how many.
+    pub fn kill(&self, which: impl Fn(&ClientInfo) -> bool) -> usize {
+        let map = self.map.lock().unwrap();
+        let mut n = 0;
+        for e in map.values().filter(|e| which(&e.info)) {
+            // notify_one keeps the wakeup if the session is not waiting now.
+            e.kill.notify_one();
+            n += 1;
+        }
+        n
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Sends a CancelRequest to a server, over TLS when server connections use
+/// it (the key is a secret).
+pub async fn send_cancel(t: &CancelTarget, tls: &pgferry_tls::Connector) -> std::io::Result<()> {
+    let work = async {
+        let s = tokio::net::TcpStream::connect((t.addr.host.as_str(), t.addr.port)).await?;
+        let mut s = pgferry_pool::server::negotiate_tls(s, &t.addr.host, tls)
+            .await
+            .map_err(std::io::Error::other)?;
+        let mut b = bytes::BytesMut::with_capacity(16);
+        pgferry_protocol::encode::cancel_request(&mut b, t.pid, t.key);
+        s.write_all(&b).await?;
+        s.shutdown().await
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), work)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request timed out"))?
+}
