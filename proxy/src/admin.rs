@@ -79,8 +79,19 @@ const WAIT_LIMIT: Duration = Duration::from_secs(600);
 /// Runs a console session after login until the client leaves.
 pub async fn run(mut io: ClientIo, user: String, admin: bool, shared: Arc<Shared>) -> Result<(), ClientError> {
     tracing::info!(user = %user, admin, "admin console session");
+    let mut drain = shared.drain_tx.subscribe();
     loop {
-        let f = match io.read_frame(1 << 20).await {
+        // A console session between commands ends when pgferry shuts down,
+        // like any idle client.
+        let read = tokio::select! {
+            r = io.read_frame(1 << 20) => r,
+            _ = async { let _ = drain.wait_for(|d| *d).await; } => {
+                encode::error_response(&mut io.wbuf, Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "pgferry is shutting down");
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.flush()).await;
+                return Ok(());
+            }
+        };
+        let f = match read {
             Ok(f) => f,
             Err(ClientError::Disconnected) => return Ok(()),
             Err(e) => return Err(e),
@@ -284,6 +295,7 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
             ))
         }
     }
+    shared.event(format!("console ({user}): {text}"));
     encode::command_complete(out, &verb);
     Ok(())
 }
@@ -311,11 +323,30 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             &[vec![format!("pgferry {}", env!("CARGO_PKG_VERSION"))]],
         ),
         "POOLS" => {
+            // maxwait: the longest a client of (database, user) has been
+            // waiting for a server right now.
+            let mut maxwait: BTreeMap<(String, String), Duration> = BTreeMap::new();
+            for e in shared.clients.all() {
+                if let Some(waited) = e.row().waiting {
+                    let w = maxwait
+                        .entry((e.info.database.clone(), e.info.user.clone()))
+                        .or_default();
+                    *w = (*w).max(waited);
+                }
+            }
             let rows: Vec<Vec<String>> = pools
                 .iter()
                 .map(|p| {
                     let s = &p.stats;
                     let n = |v: usize| v.to_string();
+                    let wait = if s.cl_waiting.load(Relaxed) > 0 {
+                        maxwait
+                            .get(&(p.key.database.clone(), p.key.user.clone()))
+                            .copied()
+                            .unwrap_or_default()
+                    } else {
+                        Duration::ZERO
+                    };
                     vec![
                         p.key.database.clone(),
                         p.key.user.clone(),
@@ -330,8 +361,8 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
                         "0".into(),
                         "0".into(),
                         n(s.sv_login.load(Relaxed)),
-                        "0".into(),
-                        "0".into(),
+                        wait.as_secs().to_string(),
+                        wait.subsec_micros().to_string(),
                         p.settings.pool_mode.as_str().into(),
                     ]
                 })
@@ -502,12 +533,12 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
                 .map(|e| {
                     let c = &e.info;
                     let row = e.row();
-                    let waiting = e.waiting.load(Relaxed);
+                    let waiting = row.waiting.is_some();
                     let local = match c.port {
                         pgferry_routing::Role::ReadWrite => Some(config.listen.rw),
                         pgferry_routing::Role::ReadOnly => config.listen.ro,
                     };
-                    let wait = if waiting { row.request_age } else { Duration::ZERO };
+                    let wait = row.waiting.unwrap_or_default();
                     vec![
                         "C".into(),
                         c.user.clone(),

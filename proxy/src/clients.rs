@@ -10,7 +10,6 @@ use pgferry_routing::Role;
 use rand::Rng;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 use tokio::io::AsyncWriteExt;
@@ -49,8 +48,6 @@ pub struct ClientEntry {
     pub key: u32,
     pub info: ClientInfo,
     link: Mutex<Link>,
-    /// Waiting for a server connection (set on the slow path only).
-    pub waiting: AtomicBool,
     /// KILL_CLIENT / KILL db: the session ends at its next event.
     pub kill: tokio::sync::Notify,
 }
@@ -60,12 +57,16 @@ struct Link {
     target: Option<CancelTarget>,
     /// When the client last got a server connection (request_time).
     since: Instant,
+    /// Since when it has been waiting for one (set on the slow path only).
+    waiting: Option<Instant>,
 }
 
 /// A snapshot of one client for the console.
 pub struct ClientRow {
     pub server: Option<CancelTarget>,
     pub request_age: std::time::Duration,
+    /// How long it has been waiting for a server, if it is.
+    pub waiting: Option<std::time::Duration>,
 }
 
 impl ClientEntry {
@@ -77,11 +78,16 @@ impl ClientEntry {
         l.target = t;
     }
 
+    pub fn set_waiting(&self, waiting: bool) {
+        self.link.lock().unwrap().waiting = waiting.then(Instant::now);
+    }
+
     pub fn row(&self) -> ClientRow {
         let l = self.link.lock().unwrap();
         ClientRow {
             server: l.target.clone(),
             request_age: l.since.elapsed(),
+            waiting: l.waiting.map(|t| t.elapsed()),
         }
     }
 }
@@ -121,8 +127,8 @@ impl ClientRegistry {
                 link: Mutex::new(Link {
                     target: None,
                     since: Instant::now(),
+                    waiting: None,
                 }),
-                waiting: AtomicBool::new(false),
                 kill: tokio::sync::Notify::new(),
             });
             map.insert(pid, entry.clone());

@@ -151,9 +151,35 @@ pub async fn run(
 /// Applies every topology change to the pools (see `Shared::apply_topology`).
 async fn follow_topology(shared: Arc<Shared>) {
     let mut rx = shared.router.subscribe();
+    let mut last = topology_summary(&shared);
+    shared.event(format!("started: {last}"));
     while rx.changed().await.is_ok() {
         shared.apply_topology();
+        let now = topology_summary(&shared);
+        if now != last {
+            shared.event(format!("topology: {now}"));
+            last = now;
+        }
     }
+}
+
+/// "leader 10.0.0.1:5432; replicas serving reads: 10.0.0.2:5432".
+fn topology_summary(shared: &Shared) -> String {
+    let t = shared.router.topology();
+    let leader = t
+        .primary
+        .as_ref()
+        .map(|p| p.addr.to_string())
+        .unwrap_or_else(|| "none (writes wait)".into());
+    let standbys: Vec<String> = t.standbys.iter().map(|s| s.addr.to_string()).collect();
+    format!(
+        "leader {leader}; replicas serving reads: {}",
+        if standbys.is_empty() {
+            "none".to_owned()
+        } else {
+            standbys.join(", ")
+        }
+    )
 }
 
 /// SIGHUP does what the console's RELOAD does.
@@ -175,14 +201,20 @@ pub(crate) fn reload(shared: &Shared, why: &str) -> Result<(), String> {
     match shared.reload() {
         Ok(restart) if restart.is_empty() => {
             tracing::info!("{why}: configuration, users and TLS files reloaded");
+            shared.event(format!("{why}: configuration reloaded"));
             Ok(())
         }
         Ok(restart) => {
             tracing::warn!(needs_restart = ?restart, "{why}: configuration reloaded; these changed settings keep their running values until a restart");
+            shared.event(format!(
+                "{why}: configuration reloaded; needs a restart: {}",
+                restart.join(", ")
+            ));
             Ok(())
         }
         Err(e) => {
             tracing::error!(error = %e, "{why}: reload refused; the running configuration stays");
+            shared.event(format!("{why}: reload refused: {e}"));
             Err(e)
         }
     }

@@ -860,9 +860,9 @@ impl Session {
     /// client between transactions sees a pause, not an error, while etcd
     /// catches up with a dead leader.
     async fn checkout_or_hold(&mut self) -> Result<PooledConn, PoolError> {
-        self.client.entry.waiting.store(true, Relaxed);
+        self.client.entry.set_waiting(true);
         let r = self.checkout_or_hold_inner().await;
-        self.client.entry.waiting.store(false, Relaxed);
+        self.client.entry.set_waiting(false);
         r
     }
 

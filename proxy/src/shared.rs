@@ -57,7 +57,12 @@ pub struct Shared {
     /// SCRAM secrets derived from plaintext users-file passwords.
     plain_secrets: Mutex<HashMap<String, Secret>>,
     pub next_client_id: AtomicU64,
+    /// Recent operational events for the status page, newest last.
+    events: Mutex<std::collections::VecDeque<(std::time::SystemTime, String)>>,
 }
+
+/// How many events the status page keeps.
+const EVENTS_KEPT: usize = 100;
 
 impl Shared {
     pub fn new(
@@ -102,6 +107,7 @@ impl Shared {
             mock_seed,
             plain_secrets: Mutex::default(),
             next_client_id: AtomicU64::new(1),
+            events: Mutex::default(),
         }
     }
 
@@ -145,6 +151,20 @@ impl Shared {
         );
         pools.insert(key, pool.clone());
         pool
+    }
+
+    /// Records an operational event (a reload, a console command, a
+    /// topology change) for the status page. Callers log it themselves.
+    pub fn event(&self, what: impl Into<String>) {
+        let mut e = self.events.lock().unwrap();
+        if e.len() == EVENTS_KEPT {
+            e.pop_front();
+        }
+        e.push_back((std::time::SystemTime::now(), what.into()));
+    }
+
+    pub fn events(&self) -> Vec<(std::time::SystemTime, String)> {
+        self.events.lock().unwrap().iter().cloned().collect()
     }
 
     /// The configuration now in force.
@@ -245,7 +265,9 @@ impl Shared {
     /// Starts a graceful shutdown: idle clients are closed with 57P01 now,
     /// the others at the end of their transaction.
     pub fn start_draining(&self) {
-        let _ = self.drain_started.set(std::time::Instant::now());
+        if self.drain_started.set(std::time::Instant::now()).is_ok() {
+            self.event("shutting down: closing clients at transaction boundaries");
+        }
         self.drain_tx.send_replace(true);
     }
 
@@ -321,9 +343,17 @@ impl Shared {
             }
             if p.key.read_only {
                 p.shut_down("node no longer serves the read-only port");
+                self.event(format!(
+                    "read-only pool {}/{} on {} closed: node no longer eligible",
+                    p.key.database, p.key.user, p.key.node
+                ));
                 tracing::info!(node = %p.key.node, db = %p.key.database, user = %p.key.user, "read-only pool closed: node no longer eligible");
             } else {
                 let cut = p.retire("node is no longer the leader");
+                self.event(format!(
+                    "read-write pool {}/{} on {} retired: node is no longer the leader ({cut} connections cut)",
+                    p.key.database, p.key.user, p.key.node
+                ));
                 tracing::warn!(node = %p.key.node, db = %p.key.database, user = %p.key.user, connections_cut = cut, "read-write pool retired: node is no longer the leader");
             }
         }

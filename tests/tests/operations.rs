@@ -346,3 +346,27 @@ async fn shutdown_from_the_console_is_graceful() {
     let status = f.wait_exit(Duration::from_secs(15)).unwrap();
     assert!(status.is_some_and(|s| s.success()), "{status:?}\n{}", f.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_clients_show_in_pools_and_clients() {
+    let f = ferry("[pool]\npool_size = 1\n");
+    let port = f.rw_port;
+    let holder = app(&f).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder.simple_query("SELECT 1").await.unwrap();
+    let waiter = app(&f).await;
+    let q = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let clients = admin(port, "SHOW CLIENTS");
+    let waiting = rows_starting(&clients, "C|app|app|waiting|");
+    assert_eq!(waiting.len(), 1, "{clients}");
+    assert_eq!(waiting[0][10], "1", "wait (s): {clients}");
+    let pools = admin(port, "SHOW POOLS");
+    let row = &rows_starting(&pools, "app|app|")[0];
+    assert_eq!((row[2], row[3], row[6]), ("2", "1", "1"), "{pools}");
+    assert_eq!(row[13], "1", "maxwait (s): {pools}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    q.await.unwrap().unwrap();
+    let clients = admin(port, "SHOW CLIENTS");
+    assert!(rows_starting(&clients, "C|app|app|waiting|").is_empty(), "{clients}");
+}
