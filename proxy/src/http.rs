@@ -321,7 +321,8 @@ fn status_page(shared: &Shared) -> String {
          <title>pgferry status</title><style>\
          body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse;margin-bottom:1.5em}}\
          th,td{{border:1px solid #999;padding:2px 8px;text-align:right}}th{{background:#ddd}}\
-         td.l,th.l{{text-align:left}}.bad{{background:#f99}}.ok{{background:#9f9}}</style></head><body>\
+         td.l,th.l{{text-align:left}}#pools th{{background:#1f4e79;color:#fff}}.bad{{background:#f99}}\
+         .ok{{background:#9f9}}</style></head><body>\
          <h1>pgferry {}</h1><p>topology source: {} &middot; leader: {} &middot; etcd revision {} &middot; \
          page refreshes every 5 s</p>",
         env!("CARGO_PKG_VERSION"),
