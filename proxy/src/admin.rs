@@ -779,7 +779,7 @@ const CLIENT_COLUMNS: &[&str] = &[
 ];
 
 /// "2026-11-22 10:56:18 UTC", as PgBouncer prints times.
-fn timestamp(t: SystemTime) -> String {
+pub(crate) fn timestamp(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -187,6 +187,7 @@ async fn login(
         shared.counters.tls_handshakes.fetch_add(1, Relaxed);
     }
     if tls.is_none() && shared.tls.mode() == ClientTls::Require {
+        shared.counters.auth_failures_tls.fetch_add(1, Relaxed);
         return Err(ClientError::refused(
             sqlstate::INVALID_AUTHORIZATION,
             "pgferry requires TLS: connect with sslmode=require (or verify-ca / verify-full)",
@@ -356,7 +357,7 @@ fn hba_method(
                 peer.ip()
             );
             tracing::warn!(user, reason = %msg, "login refused");
-            shared.counters.auth_failures.fetch_add(1, Relaxed);
+            shared.counters.auth_failures_hba.fetch_add(1, Relaxed);
             shared.throttle.record_failure(peer.ip());
             Err(ClientError::refused(sqlstate::INVALID_AUTHORIZATION, msg))
         }

@@ -9,6 +9,7 @@
 //! admin console reads.
 
 use crate::shared::Shared;
+use pgferry_pool::latency::{Kind, BUCKETS_US};
 use pgferry_pool::Pool;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
@@ -155,7 +156,7 @@ fn metrics(shared: &Shared) -> String {
         (
             "pgferry_pool_queries_total",
             "counter",
-            "Simple-protocol queries run.",
+            "Requests answered by ReadyForQuery (a simple query string or a Sync).",
             |p| p.stats.total_query_count.load(Relaxed) as f64,
         ),
         (
@@ -169,18 +170,6 @@ fn metrics(shared: &Shared) -> String {
             "counter",
             "Bytes sent to clients.",
             |p| p.stats.total_sent.load(Relaxed) as f64,
-        ),
-        (
-            "pgferry_pool_transaction_seconds_total",
-            "counter",
-            "Time spent in transactions.",
-            |p| p.stats.total_xact_time.load(Relaxed) as f64 / 1e6,
-        ),
-        (
-            "pgferry_pool_wait_seconds_total",
-            "counter",
-            "Time clients waited for a server connection.",
-            |p| p.stats.total_wait_time.load(Relaxed) as f64 / 1e6,
         ),
         (
             "pgferry_pool_servers_opened_total",
@@ -205,6 +194,38 @@ fn metrics(shared: &Shared) -> String {
         let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for p in &pools {
             let _ = writeln!(m, "{name}{{{}}} {}", pool_labels(p), get(p));
+        }
+    }
+    // Latency histograms, cumulative over the process's life.
+    for (kind, name, help) in [
+        (
+            Kind::Wait,
+            "pgferry_pool_wait_seconds",
+            "Time a transaction waited for a server connection.",
+        ),
+        (
+            Kind::Query,
+            "pgferry_pool_query_seconds",
+            "Time from a request to its ReadyForQuery.",
+        ),
+        (
+            Kind::Xact,
+            "pgferry_pool_transaction_seconds",
+            "Time a transaction held a server connection.",
+        ),
+    ] {
+        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for p in &pools {
+            let labels = pool_labels(p);
+            let (buckets, sum_us) = p.latency.buckets(kind);
+            for (i, count) in buckets.iter().enumerate() {
+                let le = BUCKETS_US
+                    .get(i)
+                    .map_or_else(|| "+Inf".to_owned(), |us| (*us as f64 / 1e6).to_string());
+                let _ = writeln!(m, "{name}_bucket{{{labels},le=\"{le}\"}} {count}");
+            }
+            let _ = writeln!(m, "{name}_sum{{{labels}}} {}", sum_us as f64 / 1e6);
+            let _ = writeln!(m, "{name}_count{{{labels}}} {}", buckets[BUCKETS_US.len()]);
         }
     }
     let c = &shared.counters;
@@ -232,10 +253,16 @@ fn metrics(shared: &Shared) -> String {
         m,
         "# HELP pgferry_tls_handshakes_total Client TLS handshakes completed.\n\
          # TYPE pgferry_tls_handshakes_total counter\npgferry_tls_handshakes_total {}\n\
-         # HELP pgferry_auth_failures_total Failed client logins (wrong password, unknown user, hba refusal).\n\
-         # TYPE pgferry_auth_failures_total counter\npgferry_auth_failures_total {}",
+         # HELP pgferry_auth_failures_total Failed client logins, by reason (password: wrong password, unknown or \
+         expired user; hba: no rule or a reject rule; tls_required: plaintext where TLS is required).\n\
+         # TYPE pgferry_auth_failures_total counter\n\
+         pgferry_auth_failures_total{{reason=\"password\"}} {}\n\
+         pgferry_auth_failures_total{{reason=\"hba\"}} {}\n\
+         pgferry_auth_failures_total{{reason=\"tls_required\"}} {}",
         c.tls_handshakes.load(Relaxed),
-        c.auth_failures.load(Relaxed)
+        c.auth_failures.load(Relaxed),
+        c.auth_failures_hba.load(Relaxed),
+        c.auth_failures_tls.load(Relaxed)
     );
     let topo = shared.router.topology();
     let v = &topo.view;
@@ -246,11 +273,24 @@ fn metrics(shared: &Shared) -> String {
          # HELP pgferry_topology_etcd_connected 1 while the etcd watch is up (etcd source only).\n\
          # TYPE pgferry_topology_etcd_connected gauge\npgferry_topology_etcd_connected {}\n\
          # HELP pgferry_topology_etcd_revision Last etcd revision seen.\n\
-         # TYPE pgferry_topology_etcd_revision gauge\npgferry_topology_etcd_revision {}",
+         # TYPE pgferry_topology_etcd_revision gauge\npgferry_topology_etcd_revision {}\n\
+         # HELP pgferry_topology_leader_changes_total Times the read-write port's server changed (failovers, switchovers).\n\
+         # TYPE pgferry_topology_leader_changes_total counter\npgferry_topology_leader_changes_total {}\n\
+         # HELP pgferry_topology_leader Current leader of the read-write port (value 1; absent while there is none).\n\
+         # TYPE pgferry_topology_leader gauge",
         u8::from(topo.primary.is_some()),
         u8::from(v.etcd_connected),
-        v.etcd_revision
+        v.etcd_revision,
+        c.leader_changes.load(Relaxed)
     );
+    if let Some(p) = &topo.primary {
+        let _ = writeln!(
+            m,
+            "pgferry_topology_leader{{member=\"{}\",addr=\"{}\"}} 1",
+            label(v.leader.as_deref().unwrap_or_default()),
+            label(&p.addr.to_string())
+        );
+    }
     let _ = writeln!(
         m,
         "# HELP pgferry_member_info Cluster members as pgferry sees them (value 1).\n# TYPE pgferry_member_info gauge"
@@ -374,6 +414,86 @@ fn status_page(shared: &Shared) -> String {
             if m.serving_reads { "yes" } else { "no" }
         );
     }
+    h.push_str(
+        "</table><h2>Latency (last one or two stats periods, ms)</h2><table id=\"latency\"><tr>\
+         <th class=l>database</th><th class=l>user</th><th class=l>port</th><th class=l>kind</th><th>count</th>\
+         <th>p50</th><th>p95</th><th>p99</th><th>p99.9</th><th>max</th></tr>",
+    );
+    let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
+    for p in pools(shared) {
+        for kind in Kind::ALL {
+            let l = p.latency.percentiles(kind);
+            let _ = write!(
+                h,
+                "<tr><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td><td>{}</td>\
+                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                html(&p.key.database),
+                html(&p.key.user),
+                if p.key.read_only { "ro" } else { "rw" },
+                kind.as_str(),
+                l.count,
+                ms(l.p50),
+                ms(l.p95),
+                ms(l.p99),
+                ms(l.p999),
+                ms(l.max)
+            );
+        }
+    }
+    h.push_str(
+        "</table><h2>Servers</h2><table id=\"servers\"><tr><th class=l>id</th><th class=l>database</th>\
+         <th class=l>user</th><th class=l>node</th><th class=l>state</th><th>backend pid</th><th class=l>client</th>\
+         <th>age s</th></tr>",
+    );
+    let mut servers: Vec<(u64, String)> = Vec::new();
+    for e in shared.clients.all() {
+        if let Some(t) = e.row().server {
+            servers.push((
+                t.server,
+                format!(
+                    "<tr><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td>\
+                     <td class=\"l ok\">active</td><td>{}</td><td class=l>{}</td><td>{}</td></tr>",
+                    t.server,
+                    html(&e.info.database),
+                    html(&e.info.user),
+                    html(&t.addr.to_string()),
+                    t.pid,
+                    e.info.id,
+                    t.server_created.elapsed().as_secs()
+                ),
+            ));
+        }
+    }
+    for p in pools(shared) {
+        for (id, pid, age, _idle, _uses) in p.idle_snapshot() {
+            servers.push((
+                id,
+                format!(
+                    "<tr><td class=l>{id}</td><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td>\
+                     <td class=l>idle</td><td>{pid}</td><td class=l></td><td>{}</td></tr>",
+                    html(&p.key.database),
+                    html(&p.key.user),
+                    html(&p.key.node.to_string()),
+                    age.as_secs()
+                ),
+            ));
+        }
+    }
+    servers.sort_by_key(|s| s.0);
+    for (_, row) in servers {
+        h.push_str(&row);
+    }
+    h.push_str(
+        "</table><h2>Recent events</h2><table id=\"events\"><tr><th class=l>time (UTC)</th><th class=l>event</th></tr>",
+    );
+    for (t, what) in shared.events().iter().rev() {
+        let _ = write!(
+            h,
+            "<tr><td class=l>{}</td><td class=l>{}</td></tr>",
+            crate::admin::timestamp(*t),
+            html(what)
+        );
+    }
     let c = &shared.counters;
     let _ = write!(
         h,
@@ -383,7 +503,7 @@ fn status_page(shared: &Shared) -> String {
         c.accepted_rw.load(Relaxed),
         c.accepted_ro.load(Relaxed),
         c.tls_handshakes.load(Relaxed),
-        c.auth_failures.load(Relaxed),
+        c.auth_failures.load(Relaxed) + c.auth_failures_hba.load(Relaxed) + c.auth_failures_tls.load(Relaxed),
         c.refused_throttled.load(Relaxed)
     );
     h

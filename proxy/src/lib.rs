@@ -28,6 +28,7 @@ pub use shared::Shared;
 
 use pgferry_config::Config;
 use pgferry_routing::{Role, Router, Topology};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio::sync::{watch, Semaphore};
 
@@ -153,8 +154,17 @@ async fn follow_topology(shared: Arc<Shared>) {
     let mut rx = shared.router.subscribe();
     let mut last = topology_summary(&shared);
     shared.event(format!("started: {last}"));
+    let leader = |s: &Shared| s.router.topology().primary.as_ref().map(|p| p.addr.clone());
+    let mut last_leader = leader(&shared);
     while rx.changed().await.is_ok() {
         shared.apply_topology();
+        let now_leader = leader(&shared);
+        if now_leader.is_some() && now_leader != last_leader {
+            shared.counters.leader_changes.fetch_add(1, Relaxed);
+        }
+        if now_leader.is_some() {
+            last_leader = now_leader;
+        }
         let now = topology_summary(&shared);
         if now != last {
             shared.event(format!("topology: {now}"));

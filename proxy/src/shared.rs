@@ -410,7 +410,13 @@ pub struct Counters {
     pub accepted_rw: AtomicU64,
     pub accepted_ro: AtomicU64,
     pub tls_handshakes: AtomicU64,
+    /// Failed logins: wrong password / unknown user, hba refusal,
+    /// plaintext where TLS is required.
     pub auth_failures: AtomicU64,
+    pub auth_failures_hba: AtomicU64,
+    pub auth_failures_tls: AtomicU64,
+    /// Times the read-write port's server changed.
+    pub leader_changes: AtomicU64,
     /// Connections refused at accept, by reason.
     pub refused_throttled: AtomicU64,
     pub refused_max_client_conn: AtomicU64,

@@ -172,7 +172,7 @@ async fn promtool_accepts_metrics() {
         );
     }
     assert!(
-        body.contains("\npgferry_auth_failures_total 1\n"),
+        body.contains("\npgferry_auth_failures_total{reason=\"password\"} 1\n"),
         "the failed login:\n{body}"
     );
 

@@ -78,6 +78,25 @@ async fn metrics_health_ready_and_status_page() {
     };
     assert_eq!(sample("pgferry_pool_clients_active"), 1.0);
     assert!(sample("pgferry_pool_transactions_total") >= 3.0);
+    // Latency histograms: every transaction observed, +Inf bucket = count.
+    let xacts = sample("pgferry_pool_transaction_seconds_count");
+    assert!(xacts >= 3.0, "{parsed}");
+    assert!(sample("pgferry_pool_query_seconds_sum") > 0.0);
+    let inf = parsed
+        .lines()
+        .find(|l| {
+            l.starts_with("pgferry_pool_transaction_seconds_bucket ")
+                && l.contains("'le': '+Inf'")
+                && l.contains("'port': 'rw'")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(inf, Some(xacts), "{parsed}");
+    assert!(
+        parsed
+            .lines()
+            .any(|l| l.starts_with("pgferry_topology_leader {") && l.ends_with(" 1")),
+        "{parsed}"
+    );
     let value = |prefix: &str| {
         parsed
             .lines()
@@ -85,7 +104,8 @@ async fn metrics_health_ready_and_status_page() {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or_else(|| panic!("{prefix} missing:\n{parsed}"))
     };
-    assert_eq!(value("pgferry_auth_failures_total {} "), 1.0);
+    assert_eq!(value("pgferry_auth_failures_total {'reason': 'password'} "), 1.0);
+    assert_eq!(value("pgferry_auth_failures_total {'reason': 'hba'} "), 0.0);
     assert_eq!(value("pgferry_topology_leader_confirmed {} "), 1.0);
     assert!(value("pgferry_process_open_fds {} ") > 0.0);
     assert!(value("pgferry_process_resident_memory_bytes {} ") > 1e6);
@@ -100,6 +120,11 @@ async fn metrics_health_ready_and_status_page() {
         "{page}"
     );
     assert!(page.contains("http-equiv=\"refresh\""), "the page refreshes itself");
+    for table in ["latency", "servers", "events", "topology"] {
+        assert!(page.contains(&format!("<table id=\"{table}\">")), "{table}: {page}");
+    }
+    assert!(page.contains("started: leader "), "the start is a recent event: {page}");
+    assert!(page.contains("<td class=l>xact</td>"), "{page}");
     assert!(
         !page.contains("http://") && !page.contains("https://"),
         "no external assets"
