@@ -183,8 +183,10 @@ log "# TARGETS='$TARGETS' CONNECT_CLIENTS='$CONNECT_CLIENTS' CONNECT_TARGETS='$C
 log "# $("$PG_BIN/postgres" --version); $("$PGBOUNCER" --version | head -1); temp dir $TMP"
 
 # ---- the load generator -------------------------------------------------
-if [ ! -x "$LOADTEST_BIN" ]; then
-    run cargo build --release -p pgferry-loadtest --manifest-path "$REPO/Cargo.toml" || die "cannot build pgferry-loadtest"
+# Always (re)build the default binaries: a stale release build would measure
+# old code under the current commit's name. A no-op when up to date.
+if [ "$LOADTEST_BIN" = "$BUILD_DIR/release/pgferry-loadtest" ] || [ "$PGFERRY_BIN" = "$BUILD_DIR/release/pgferry" ]; then
+    run cargo build --release -p pgferry-loadtest -p pgferry-proxy --manifest-path "$REPO/Cargo.toml" || die "cannot build"
 fi
 
 # ---- PostgreSQL ------------------------------------------------------------

@@ -5,12 +5,15 @@
 //! carrying it is forwarded, with the server's own key, to the server
 //! connection running that client's query at that moment.
 
+use atomic_waker::AtomicWaker;
 use pgferry_pool::NodeAddr;
 use pgferry_routing::Role;
 use rand::Rng;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Instant, SystemTime};
 use tokio::io::AsyncWriteExt;
 
@@ -48,8 +51,21 @@ pub struct ClientEntry {
     pub key: u32,
     pub info: ClientInfo,
     link: Mutex<Link>,
-    /// KILL_CLIENT / KILL db: the session ends at its next event.
-    pub kill: tokio::sync::Notify,
+    /// Since when the client has been waiting for a server connection, in
+    /// microseconds since `epoch()` plus one; 0 while it is not. Atomic:
+    /// set and cleared on every slow checkout.
+    waiting_since: AtomicU64,
+    /// KILL_CLIENT / KILL db: the session ends as soon as it sees this.
+    killed: AtomicBool,
+    /// The session task, woken by a kill. Registering is a couple of atomic
+    /// operations per wait (a `Notify` would take a lock each time).
+    kill_waker: AtomicWaker,
+}
+
+/// The process's reference instant for `waiting_since`.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 #[derive(Debug)]
@@ -57,8 +73,15 @@ struct Link {
     target: Option<CancelTarget>,
     /// When the client last got a server connection (request_time).
     since: Instant,
-    /// Since when it has been waiting for one (set on the slow path only).
-    waiting: Option<Instant>,
+}
+
+/// Why a session was woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// KILL_CLIENT / KILL db.
+    Killed,
+    /// pgferry started shutting down.
+    Drain,
 }
 
 /// A snapshot of one client for the console.
@@ -79,16 +102,66 @@ impl ClientEntry {
     }
 
     pub fn set_waiting(&self, waiting: bool) {
-        self.link.lock().unwrap().waiting = waiting.then(Instant::now);
+        let v = if waiting {
+            epoch().elapsed().as_micros() as u64 + 1
+        } else {
+            0
+        };
+        self.waiting_since.store(v, Relaxed);
     }
 
     pub fn row(&self) -> ClientRow {
+        let since = self.waiting_since.load(Relaxed);
+        let waiting = (since > 0).then(|| {
+            let now = epoch().elapsed().as_micros() as u64 + 1;
+            std::time::Duration::from_micros(now.saturating_sub(since))
+        });
         let l = self.link.lock().unwrap();
         ClientRow {
             server: l.target.clone(),
             request_age: l.since.elapsed(),
-            waiting: l.waiting.map(|t| t.elapsed()),
+            waiting,
         }
+    }
+
+    /// Ends the client's session (the session sends 57P01 and closes).
+    pub fn kill(&self) {
+        self.killed.store(true, Release);
+        self.kill_waker.wake();
+    }
+
+    /// Wakes the session to look at pgferry's state (a drain started).
+    pub fn nudge(&self) {
+        self.kill_waker.wake();
+    }
+
+    /// Resolves when the client is killed, or, if `watch_drain`, when
+    /// `draining` is set (checked on every wakeup: `nudge` after setting it).
+    pub fn signal<'a>(
+        &'a self,
+        watch_drain: bool,
+        draining: &'a AtomicBool,
+    ) -> impl std::future::Future<Output = Signal> + 'a {
+        let check = move || {
+            if self.killed.load(Acquire) {
+                Some(Signal::Killed)
+            } else if watch_drain && draining.load(Acquire) {
+                Some(Signal::Drain)
+            } else {
+                None
+            }
+        };
+        std::future::poll_fn(move |cx| {
+            if let Some(s) = check() {
+                return Poll::Ready(s);
+            }
+            self.kill_waker.register(cx.waker());
+            // A signal between the check and the registration woke nobody.
+            match check() {
+                Some(s) => Poll::Ready(s),
+                None => Poll::Pending,
+            }
+        })
     }
 }
 
@@ -127,9 +200,10 @@ impl ClientRegistry {
                 link: Mutex::new(Link {
                     target: None,
                     since: Instant::now(),
-                    waiting: None,
                 }),
-                kill: tokio::sync::Notify::new(),
+                waiting_since: AtomicU64::new(0),
+                killed: AtomicBool::new(false),
+                kill_waker: AtomicWaker::new(),
             });
             map.insert(pid, entry.clone());
             return ClientGuard {
@@ -167,8 +241,7 @@ impl ClientRegistry {
         let map = self.map.lock().unwrap();
         let mut n = 0;
         for e in map.values().filter(|e| which(&e.info)) {
-            // notify_one keeps the wakeup if the session is not waiting now.
-            e.kill.notify_one();
+            e.kill();
             n += 1;
         }
         n

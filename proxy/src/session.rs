@@ -12,7 +12,7 @@
 //! queue is empty, the server is idle ('I') and no session state pins the
 //! client; in session mode it stays until the client leaves.
 
-use crate::clients::CancelTarget;
+use crate::clients::{CancelTarget, Signal};
 use crate::params::{self, ClientParams};
 use crate::shared::Shared;
 use crate::ClientError;
@@ -189,7 +189,8 @@ pub struct Session {
     /// A FATAL the server sent before closing: reported as the reason.
     server_fatal: Option<(String, String)>,
     client: crate::clients::ClientGuard,
-    drain: tokio::sync::watch::Receiver<bool>,
+    /// The drain already woke this session once.
+    drain_seen: bool,
 }
 
 impl Session {
@@ -233,7 +234,7 @@ impl Session {
             lost_transaction: None,
             server_fatal: None,
             client: init.client,
-            drain: shared.drain_tx.subscribe(),
+            drain_seen: false,
         }
     }
 
@@ -332,8 +333,9 @@ impl Session {
             server,
             client_unflushed,
             server_unflushed,
-            drain,
             client,
+            shared,
+            drain_seen,
             ..
         } = self;
         let (srd, swr, sbuf) = match server.as_deref_mut() {
@@ -354,8 +356,12 @@ impl Session {
             r = read_client(rd, rbuf), if want_client => Event::ClientRead(r),
             // Polled only while no server is bound (waiting for the client),
             // not while a transaction's messages flow.
-            Ok(()) = drain.changed(), if wake_on_drain && to_client.is_empty() => Event::Drain,
-            () = client.entry.kill.notified() => Event::Killed,
+            // A kill always; the start of a drain only while no server is
+            // bound (waiting for the client), once.
+            signal = client.entry.signal(wake_on_drain && to_client.is_empty() && !*drain_seen, shared.draining()) => match signal {
+                Signal::Killed => Event::Killed,
+                Signal::Drain => { *drain_seen = true; Event::Drain }
+            },
             (code, what) = async {
                 match timeout {
                     Some((d, code, what)) => { tokio::time::sleep(d).await; (code, what) }

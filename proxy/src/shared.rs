@@ -41,6 +41,7 @@ pub struct Shared {
     pub stop_tx: tokio::sync::watch::Sender<bool>,
     /// Set on SIGTERM: sessions close at their next transaction boundary.
     drain_started: std::sync::OnceLock<std::time::Instant>,
+    draining: std::sync::atomic::AtomicBool,
     /// PAUSE: databases whose new transactions wait ("*" = all).
     pause: tokio::sync::watch::Sender<std::collections::BTreeSet<String>>,
     /// Whether anything is paused: the one check on the hot path.
@@ -88,6 +89,7 @@ impl Shared {
             drain_tx: tokio::sync::watch::channel(false).0,
             stop_tx: tokio::sync::watch::channel(false).0,
             drain_started: std::sync::OnceLock::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
             pause: tokio::sync::watch::channel(Default::default()).0,
             any_paused: std::sync::atomic::AtomicBool::new(false),
             started: std::time::SystemTime::now(),
@@ -268,7 +270,16 @@ impl Shared {
         if self.drain_started.set(std::time::Instant::now()).is_ok() {
             self.event("shutting down: closing clients at transaction boundaries");
         }
+        self.draining.store(true, std::sync::atomic::Ordering::Release);
         self.drain_tx.send_replace(true);
+        for c in self.clients.all() {
+            c.nudge();
+        }
+    }
+
+    /// Set once a drain has started (sessions check it when nudged).
+    pub fn draining(&self) -> &std::sync::atomic::AtomicBool {
+        &self.draining
     }
 
     /// How long pgferry has been draining; None while it is not.
