@@ -23,6 +23,9 @@
 #   PGFERRY_BIN             default: ${CARGO_TARGET_DIR:-target}/release/pgferry
 #                           (built with cargo build --release -p pgferry-proxy if missing)
 #   LOADTEST_BIN            default: ${CARGO_TARGET_DIR:-target}/release/pgferry-loadtest
+#   PGFERRY_BASE_BIN        a second pgferry binary (e.g. an older commit's build),
+#                           measured as target "pgferry-base" beside "pgferry" in the
+#                           same run: A/B of two versions with the same config
 #   PG_BIN=/usr/lib/postgresql/15/bin  PGBOUNCER=/usr/sbin/pgbouncer  RUN_AS=postgres
 #   PGFERRY_WORKERS=0       pgferry's [runtime] worker_threads (0 = one per core)
 #   KEEP_TMP=1              keep the temporary directory (data, configs, logs)
@@ -288,9 +291,10 @@ start_pgferry() {
     local name=$1 port=$2 extra=${3:-} sslmode=${PGSSLMODE:-prefer} st
     STARTED_PID=
     STARTED_OK=1
-    if [ ! -x "$TMP/pgferry" ]; then
+    local bin=${START_BIN:-$TMP/pgferry}
+    if [ ! -x "$bin" ]; then
         STARTED_OK=0
-        echo "no binary at $PGFERRY_BIN" >"$TMP/$name.log"
+        echo "no binary at $bin" >"$TMP/$name.log"
     else
         cat >"$TMP/$name.toml" <<EOF
 [listen]
@@ -323,8 +327,8 @@ $extra
 EOF
         chown "$RUN_AS" "$TMP/$name.toml"
         log "# $name.toml:"; tee -a "$RESULTS" <"$TMP/$name.toml"
-        log "+ $TMP/pgferry --config $TMP/$name.toml (as $RUN_AS; binary copied from $PGFERRY_BIN)"
-        PGFERRY_LOG=${PGFERRY_LOG:-warn} "${AS_USER[@]}" "$TMP/pgferry" --config "$TMP/$name.toml" >"$TMP/$name.log" 2>&1 &
+        log "+ $bin --config $TMP/$name.toml (as $RUN_AS; binary copied from ${START_FROM:-$PGFERRY_BIN})"
+        PGFERRY_LOG=${PGFERRY_LOG:-warn} "${AS_USER[@]}" "$bin" --config "$TMP/$name.toml" >"$TMP/$name.log" 2>&1 &
         STARTED_PID=$!
         case $extra in *"[tls]"*) sslmode=require ;; esac
         if ! wait_port "$port" "$STARTED_PID"; then
@@ -349,6 +353,17 @@ start_pgferry pgferry "$PGFERRY_PORT"
 PGFERRY_PID=$STARTED_PID
 PGFERRY_OK=$STARTED_OK
 
+PGFERRY_BASE_PORT=
+PGFERRY_BASE_PID=
+PGFERRY_BASE_OK=0
+if [ -n "${PGFERRY_BASE_BIN:-}" ]; then
+    cp "$PGFERRY_BASE_BIN" "$TMP/pgferry-base"
+    PGFERRY_BASE_PORT=$(free_port)
+    START_BIN="$TMP/pgferry-base" START_FROM="$PGFERRY_BASE_BIN" start_pgferry pgferry-base "$PGFERRY_BASE_PORT"
+    PGFERRY_BASE_PID=$STARTED_PID
+    PGFERRY_BASE_OK=$STARTED_OK
+fi
+
 PGFERRY_TLS_PORT=
 PGFERRY_TLS_OK=0
 if [ "$TLS" = 1 ]; then
@@ -364,12 +379,13 @@ fi
 
 # ---- targets --------------------------------------------------------------
 declare -A PORT=([direct]=$PG_PORT [pgbouncer]=$PGBOUNCER_PORT [pgferry]=$PGFERRY_PORT
-    [pgbouncer-tls]=$PGBOUNCER_TLS_PORT [pgferry-tls]=$PGFERRY_TLS_PORT)
+    [pgbouncer-tls]=$PGBOUNCER_TLS_PORT [pgferry-tls]=$PGFERRY_TLS_PORT [pgferry-base]=$PGFERRY_BASE_PORT)
 declare -A PID=([pgbouncer]=$PGBOUNCER_PID [pgferry]=$PGFERRY_PID
-    [pgbouncer-tls]=$PGBOUNCER_TLS_PID [pgferry-tls]=$PGFERRY_TLS_PID)
+    [pgbouncer-tls]=$PGBOUNCER_TLS_PID [pgferry-tls]=$PGFERRY_TLS_PID [pgferry-base]=$PGFERRY_BASE_PID)
 # What direct PostgreSQL can take while the poolers hold their pools.
 NPOOLERS=2
 if [ "$TLS" = 1 ]; then NPOOLERS=4; fi
+if [ "$PGFERRY_BASE_OK" = 1 ]; then NPOOLERS=$((NPOOLERS + 1)); fi
 DIRECT_MAX=$((MAX_CONNECTIONS - 3 - NPOOLERS * POOL - 5))
 
 # Targets usable at $1 clients, out of $2 (default $TARGETS).
@@ -380,6 +396,7 @@ targets_for() {
         direct) [ "$1" -le "$DIRECT_MAX" ] || continue ;;
         pgferry) [ "$PGFERRY_OK" = 1 ] || continue ;;
         pgferry-tls) [ "$PGFERRY_TLS_OK" = 1 ] || continue ;;
+        pgferry-base) [ "$PGFERRY_BASE_OK" = 1 ] || continue ;;
         *-tls) [ -n "${PORT[$t]:-}" ] || continue ;;
         esac
         out+=("$t")
@@ -482,6 +499,6 @@ done
 
 log ""
 log "## summary"
-grep -E '^(summary|target |direct |pgbouncer(-tls)? |pgferry(-tls)? |tls target=|pgbench target=|idle target=.*(process|connected)=)' "$RESULTS" | tee -a "$RESULTS.summary" >/dev/null || true
+grep -E '^(summary|target |direct |pgbouncer(-tls)? |pgferry(-tls|-base)? |tls target=|pgbench target=|idle target=.*(process|connected)=)' "$RESULTS" | tee -a "$RESULTS.summary" >/dev/null || true
 cat "$RESULTS.summary" | tee -a "$RESULTS"
 rm -f "$RESULTS.summary"
