@@ -33,6 +33,11 @@
 #                           authenticate, SELECT 1, Terminate per transaction);
 #                           "" = skip
 #   CONNECT_TARGETS=$TARGETS  targets of the connect workload
+#   HAPROXY=/usr/sbin/haproxy  target "haproxy" (add it to TARGETS): HAProxy in
+#                           TCP mode in front of PostgreSQL, one server
+#                           connection per client and no protocol parsing: what
+#                           the leanest relay costs on this machine, a floor
+#                           for any proxy's overhead
 #
 # TLS mode (TLS=1, issue 3): a self-signed certificate is made with openssl and
 # a second PgBouncer and a second pgferry are started with it, client TLS
@@ -78,6 +83,7 @@ CONNECT_TARGETS=${CONNECT_TARGETS:-$TARGETS}
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
 RUN_AS=${RUN_AS:-postgres}
+HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
 BUILD_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 PGFERRY_BIN=${PGFERRY_BIN:-$BUILD_DIR/release/pgferry}
 LOADTEST_BIN=${LOADTEST_BIN:-$BUILD_DIR/release/pgferry-loadtest}
@@ -116,6 +122,8 @@ PGBOUNCER_PID=
 PGFERRY_PID=
 PGBOUNCER_TLS_PID=
 PGFERRY_TLS_PID=
+PGFERRY_BASE_PID=
+HAPROXY_PID=
 
 # Stops process $1 (if set and alive): TERM, then KILL after 5 s.
 stop_pid() {
@@ -132,6 +140,8 @@ cleanup() {
     stop_pid "$PGFERRY_TLS_PID"
     stop_pid "$PGBOUNCER_PID"
     stop_pid "$PGBOUNCER_TLS_PID"
+    stop_pid "$PGFERRY_BASE_PID"
+    stop_pid "$HAPROXY_PID"
     if [ -f "$PG_DATA/postmaster.pid" ]; then
         as_user "$PG_BIN/pg_ctl" -D "$PG_DATA" -m immediate -w stop >/dev/null 2>&1
     fi
@@ -354,7 +364,6 @@ PGFERRY_PID=$STARTED_PID
 PGFERRY_OK=$STARTED_OK
 
 PGFERRY_BASE_PORT=
-PGFERRY_BASE_PID=
 PGFERRY_BASE_OK=0
 if [ -n "${PGFERRY_BASE_BIN:-}" ]; then
     cp "$PGFERRY_BASE_BIN" "$TMP/pgferry-base"
@@ -377,11 +386,37 @@ key_file = \"$TMP/server.key\""
     PGFERRY_TLS_OK=$STARTED_OK
 fi
 
+# ---- HAProxy (TCP relay) ------------------------------------------------------
+HAPROXY_PORT=
+case " $TARGETS " in *" haproxy "*)
+    HAPROXY_PORT=$(free_port)
+    cat >"$TMP/haproxy.cfg" <<EOF
+global
+    maxconn 20000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+listen pg
+    bind 127.0.0.1:$HAPROXY_PORT
+    server pg 127.0.0.1:$PG_PORT
+EOF
+    chown "$RUN_AS" "$TMP/haproxy.cfg"
+    log "# haproxy.cfg ($("$HAPROXY" -v | head -1)):"; tee -a "$RESULTS" <"$TMP/haproxy.cfg"
+    "${AS_USER[@]}" "$HAPROXY" -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
+    HAPROXY_PID=$!
+    wait_port "$HAPROXY_PORT" "$HAPROXY_PID" || die "haproxy did not start: $(tail -5 "$TMP/haproxy.log")"
+    ;;
+esac
+
 # ---- targets --------------------------------------------------------------
 declare -A PORT=([direct]=$PG_PORT [pgbouncer]=$PGBOUNCER_PORT [pgferry]=$PGFERRY_PORT
-    [pgbouncer-tls]=$PGBOUNCER_TLS_PORT [pgferry-tls]=$PGFERRY_TLS_PORT [pgferry-base]=$PGFERRY_BASE_PORT)
+    [pgbouncer-tls]=$PGBOUNCER_TLS_PORT [pgferry-tls]=$PGFERRY_TLS_PORT [pgferry-base]=$PGFERRY_BASE_PORT
+    [haproxy]=$HAPROXY_PORT)
 declare -A PID=([pgbouncer]=$PGBOUNCER_PID [pgferry]=$PGFERRY_PID
-    [pgbouncer-tls]=$PGBOUNCER_TLS_PID [pgferry-tls]=$PGFERRY_TLS_PID [pgferry-base]=$PGFERRY_BASE_PID)
+    [pgbouncer-tls]=$PGBOUNCER_TLS_PID [pgferry-tls]=$PGFERRY_TLS_PID [pgferry-base]=$PGFERRY_BASE_PID
+    [haproxy]=$HAPROXY_PID)
 # What direct PostgreSQL can take while the poolers hold their pools.
 NPOOLERS=2
 if [ "$TLS" = 1 ]; then NPOOLERS=4; fi
@@ -393,7 +428,8 @@ targets_for() {
     local t out=()
     for t in ${2:-$TARGETS}; do
         case $t in
-        direct) [ "$1" -le "$DIRECT_MAX" ] || continue ;;
+        # HAProxy opens one server connection per client, like direct.
+        direct | haproxy) [ "$1" -le "$DIRECT_MAX" ] || continue ;;
         pgferry) [ "$PGFERRY_OK" = 1 ] || continue ;;
         pgferry-tls) [ "$PGFERRY_TLS_OK" = 1 ] || continue ;;
         pgferry-base) [ "$PGFERRY_BASE_OK" = 1 ] || continue ;;
@@ -499,6 +535,6 @@ done
 
 log ""
 log "## summary"
-grep -E '^(summary|target |direct |pgbouncer(-tls)? |pgferry(-tls|-base)? |tls target=|pgbench target=|idle target=.*(process|connected)=)' "$RESULTS" | tee -a "$RESULTS.summary" >/dev/null || true
+grep -E '^(summary|target |direct |haproxy |pgbouncer(-tls)? |pgferry(-tls|-base)? |tls target=|pgbench target=|idle target=.*(process|connected)=)' "$RESULTS" | tee -a "$RESULTS.summary" >/dev/null || true
 cat "$RESULTS.summary" | tee -a "$RESULTS"
 rm -f "$RESULTS.summary"

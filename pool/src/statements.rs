@@ -94,16 +94,6 @@ impl StatementRegistry {
         s
     }
 
-    /// Whether the statement with this Parse tail exists and some server
-    /// accepted it.
-    pub fn is_verified(&self, parse_tail: &[u8]) -> bool {
-        let g = self.inner.lock().unwrap();
-        g.by_text
-            .get(parse_tail)
-            .and_then(Weak::upgrade)
-            .is_some_and(|s| s.is_verified())
-    }
-
     /// Every live statement, by id (SHOW PREPARED_STATEMENTS).
     pub fn snapshot(&self) -> Vec<Arc<Statement>> {
         let mut v: Vec<_> = self

@@ -79,12 +79,12 @@ async fn rolling_restart_under_load() {
                             Ok(_) => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
-                            Err(e) => errors.push(format!("query: {e}")),
+                            Err(e) => errors.push(format!("query: {e:?}")),
                         }
                         drop(c);
                         let _ = h.await;
                     }
-                    Err(e) => errors.push(format!("connect: {e}")),
+                    Err(e) => errors.push(format!("connect: {e:?}")),
                 }
             }
             errors

@@ -86,6 +86,64 @@ async fn prepared_statements_survive_moving_between_server_connections() {
     }
 }
 
+/// Clients that connect, prepare the same statement and leave: the shared
+/// entry for that statement dies and is re-created all the time, and a Parse
+/// must never be caught between "known good, no server needed" and "gone".
+/// (A CI run of the rolling-restart test once hit that window: one Parse in
+/// about 3,000 got an error.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_of_short_lived_clients_never_fail() {
+    let f = ferry("[pool]\npool_size = 4\n");
+    let cs = f.rw_conn_str("app", APP_PASS, "app");
+    // Before the fix, 4 s of this caught the race in about 2 runs out of 5.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    // Few clients, so that the statement's last holder leaves often.
+    let n: usize = std::env::var("PGFERRY_TEST_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let cs = cs.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut errors) = (0u32, Vec::new());
+                while Instant::now() < deadline {
+                    let (c, conn) = tokio_postgres::connect(&cs, tokio_postgres::NoTls).await.unwrap();
+                    let h = tokio::spawn(conn);
+                    // tokio-postgres prepares this as a named statement.
+                    match c.query_one("SELECT 1::int4 + $1::int4", &[&1i32]).await {
+                        Ok(r) if r.get::<_, i32>(0) == 2 => ok += 1,
+                        Ok(_) => errors.push("wrong result".to_string()),
+                        Err(e) => errors.push(format!("{e:?}")),
+                    }
+                    drop(c);
+                    let _ = h.await;
+                }
+                (ok, errors)
+            })
+        })
+        .collect();
+    let (mut ok, mut errors) = (0, Vec::new());
+    for t in tasks {
+        let (n, e) = t.await.unwrap();
+        ok += n;
+        errors.extend(e);
+    }
+    assert!(
+        errors.is_empty(),
+        "{} errors in {ok} transactions: {:?}\n{}",
+        errors.len(),
+        &errors[..errors.len().min(3)],
+        f.log()
+    );
+    assert!(ok > 200, "only {ok} transactions");
+    assert!(
+        !f.log().contains("handler ran without a server connection"),
+        "{}",
+        f.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_parameters_are_kept_per_client() {
     let f = ferry("[pool]\npool_size = 1\n");
