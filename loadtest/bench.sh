@@ -468,9 +468,10 @@ fi
 # ---- idle clients (first, while the proxies are fresh) ---------------------------
 if [ "$IDLE_CLIENTS" -gt 0 ]; then
     args=()
-    for t in pgbouncer pgferry; do
+    for t in pgbouncer pgferry pgferry-base; do
         case " $TARGETS " in *" $t "*) ;; *) continue ;; esac
         [ "$t" = pgferry ] && [ "$PGFERRY_OK" = 0 ] && continue
+        [ "$t" = pgferry-base ] && [ "$PGFERRY_BASE_OK" = 0 ] && continue
         args+=(--target "$t=127.0.0.1:${PORT[$t]}" --pid "$t=${PID[$t]}")
     done
     if [ "${#args[@]}" -gt 0 ]; then
