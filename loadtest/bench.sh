@@ -392,7 +392,7 @@ case " $TARGETS " in *" haproxy "*)
     HAPROXY_PORT=$(free_port)
     cat >"$TMP/haproxy.cfg" <<EOF
 global
-    maxconn 20000
+    maxconn 1000
 defaults
     mode tcp
     timeout connect 5s
