@@ -40,7 +40,11 @@ pub async fn serve(
     let id = shared.next_client_id.fetch_add(1, Relaxed);
     let span = tracing::info_span!("client", id, %peer, port = role.as_str());
     async move {
-        let r = match Box::pin(start(stream, id, peer, role, shared.clone(), pending)).await {
+        // A statement of its own: a temporary in a `match` scrutinee lives to
+        // the end of the match, and this one is the whole login future
+        // (about 2.8 KB), which would stay allocated for the session's life.
+        let started = Box::pin(start(stream, id, peer, role, shared.clone(), pending)).await;
+        let r = match started {
             Ok(Some(session)) => session.await,
             Ok(None) => Ok(()),
             Err(e) => Err(e),
@@ -134,14 +138,12 @@ async fn start(
         params: login.params,
         client,
         read_only: login.read_only,
+        user_permit: login.user_permit,
     };
-    let session = Session::new(shared, init);
-    let user_permit = login.user_permit;
-    Ok(Some(Box::pin(async move {
-        let r = session.run().await;
-        drop(user_permit);
-        r
-    })))
+    // Not wrapped in an `async move` block: a block that moves the session
+    // into `run()` keeps its own copy of the captured session beside the
+    // one inside `run()`'s future (about 650 bytes more per client).
+    Ok(Some(Box::pin(Session::new(shared, init).run())))
 }
 
 struct Login {

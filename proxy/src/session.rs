@@ -133,6 +133,8 @@ pub struct SessionInit {
     pub route: Route,
     pub params: ClientParams,
     pub client: crate::clients::ClientGuard,
+    /// The user's max_client_connections slot, held for the session's life.
+    pub user_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 pub struct Session {
@@ -195,6 +197,7 @@ pub struct Session {
     /// A FATAL the server sent before closing: reported as the reason.
     server_fatal: Option<(String, String)>,
     client: crate::clients::ClientGuard,
+    _user_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The drain already woke this session once.
     drain_seen: bool,
 }
@@ -241,6 +244,7 @@ impl Session {
             lost_transaction: None,
             server_fatal: None,
             client: init.client,
+            _user_permit: init.user_permit,
             drain_seen: false,
         }
     }
