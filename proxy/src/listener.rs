@@ -106,11 +106,7 @@ fn admit(stream: TcpStream, peer: SocketAddr, role: Role, shared: &Arc<Shared>, 
             "too many connections are still logging in (max_pending_logins)",
         );
     };
-    let shared = shared.clone();
-    let fut = async move {
-        crate::client::serve(stream, peer, role, shared, pending).await;
-        drop(permit);
-    };
+    let fut = crate::client::serve(stream, peer, role, shared.clone(), pending, permit);
     tracing::trace!(bytes = std::mem::size_of_val(&fut), "client task size");
     tokio::spawn(fut);
 }
