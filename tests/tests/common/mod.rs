@@ -218,3 +218,24 @@ pub fn rows_starting<'a>(out: &'a str, prefix: &str) -> Vec<Vec<&'a str>> {
         .map(|l| l.split('|').collect())
         .collect()
 }
+
+/// The HTTP port from the running ferry's config.
+pub fn http_port(f: &pgferry_tests::Ferry) -> u16 {
+    let cfg: toml::Table = std::fs::read_to_string(&f.config_path).unwrap().parse().unwrap();
+    let listen = cfg["http"]["listen"].as_str().unwrap();
+    listen.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// GET `path`: (status code, body).
+pub async fn get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, body.to_owned())
+}
