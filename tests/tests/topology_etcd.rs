@@ -304,3 +304,82 @@ async fn in_hot_standby_follows_the_node() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A server that accepts and then drops logins (a postmaster on its way down
+/// does this; seen when Patroni stops a replica): like a refused connection,
+/// the transaction is held (failover_hold_timeout) and runs once the server
+/// takes logins again; the client sees no error.
+/// A gate in front of the real PostgreSQL resets (or closes) every new
+/// connection while shut, and relays to PostgreSQL while open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_reset_by_the_server_are_held_not_failed() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    let pg_port = pgferry_tests::shared_cluster().primary_port;
+    let gate = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gate_port = gate.local_addr().unwrap().port();
+    let open = Arc::new(AtomicBool::new(true));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let relays = Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+    {
+        let (open, refused, relays) = (open.clone(), refused.clone(), relays.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = gate.accept().await.unwrap();
+                if open.load(SeqCst) {
+                    relays.lock().unwrap().spawn(async move {
+                        let mut pg = tokio::net::TcpStream::connect(("127.0.0.1", pg_port)).await.unwrap();
+                        let _ = tokio::io::copy_bidirectional(&mut s, &mut pg).await;
+                    });
+                    continue;
+                }
+                // Every other login is reset (closed with its startup packet
+                // unread: RST), the others closed cleanly (EOF).
+                let n = refused.fetch_add(1, SeqCst);
+                tokio::spawn(async move {
+                    if n % 2 == 0 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    drop(s);
+                });
+            }
+        });
+    }
+    let etcd = Etcd::start().unwrap();
+    let pre = "/service/gate/";
+    etcd.put(&format!("{pre}members/pg1"), &member(gate_port, "master", 1))
+        .unwrap();
+    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    let f = etcd_ferry(&etcd, "gate", false, "", "");
+    let c = app(&f).await;
+    assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+
+    // Shut the gate and cut the pool's connections.
+    open.store(false, SeqCst);
+    relays.lock().unwrap().abort_all();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let opener = {
+        let open = open.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            open.store(true, SeqCst);
+        })
+    };
+    let t = Instant::now();
+    let got = c.query_one("SELECT 2", &[]).await;
+    opener.await.unwrap();
+    assert_eq!(got.expect("held, then served").get::<_, i32>(0), 2);
+    assert!(
+        refused.load(SeqCst) >= 2,
+        "the gate refused {} logins",
+        refused.load(SeqCst)
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(1000),
+        "served after {:?}",
+        t.elapsed()
+    );
+    let log = f.log();
+    assert!(log.contains("holding the transaction"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
