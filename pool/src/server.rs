@@ -10,7 +10,7 @@ use pgferry_tls::stream::{MaybeTls, ServerReadHalf, ServerWriteHalf};
 use pgferry_tls::Connector;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Bytes kept free in a read buffer before each read.
@@ -28,11 +28,20 @@ pub struct Wire {
 
 /// Reads more bytes into `buf`, keeping some room free first. Returns 0 at
 /// end of stream. Cancel safe: bytes are either appended or not read.
-pub async fn fill<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+pub async fn fill<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| poll_fill(rd, cx, buf)).await
+}
+
+/// [`fill`] as a poll function, for a session's event loop.
+pub fn poll_fill<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut BytesMut,
+) -> std::task::Poll<std::io::Result<usize>> {
     if buf.capacity() - buf.len() < READ_CHUNK / 2 {
         buf.reserve(READ_CHUNK);
     }
-    rd.read_buf(buf).await
+    tokio_util::io::poll_read_buf(std::pin::Pin::new(rd), cx, buf)
 }
 
 impl Wire {

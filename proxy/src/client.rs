@@ -156,7 +156,7 @@ async fn start(
     // Not wrapped in an `async move` block: a block that moves the session
     // into `run()` keeps its own copy of the captured session beside the
     // one inside `run()`'s future (about 650 bytes more per client).
-    Ok(Some(Box::pin(Session::new(shared, init).run())))
+    Ok(Some(Box::pin(Box::new(Session::new(shared, init)).run())))
 }
 
 struct Login {

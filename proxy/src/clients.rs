@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 use tokio::io::AsyncWriteExt;
 
@@ -135,14 +135,11 @@ impl ClientEntry {
         self.kill_waker.wake();
     }
 
-    /// Resolves when the client is killed, or, if `watch_drain`, when
+    /// Ready when the client is killed, or, if `watch_drain`, when
     /// `draining` is set (checked on every wakeup: `nudge` after setting it).
-    pub fn signal<'a>(
-        &'a self,
-        watch_drain: bool,
-        draining: &'a AtomicBool,
-    ) -> impl std::future::Future<Output = Signal> + 'a {
-        let check = move || {
+    /// Otherwise registers the waker, so a kill or a nudge wakes the task.
+    pub fn poll_signal(&self, cx: &mut Context<'_>, watch_drain: bool, draining: &AtomicBool) -> Poll<Signal> {
+        let check = || {
             if self.killed.load(Acquire) {
                 Some(Signal::Killed)
             } else if watch_drain && draining.load(Acquire) {
@@ -151,17 +148,15 @@ impl ClientEntry {
                 None
             }
         };
-        std::future::poll_fn(move |cx| {
-            if let Some(s) = check() {
-                return Poll::Ready(s);
-            }
-            self.kill_waker.register(cx.waker());
-            // A signal between the check and the registration woke nobody.
-            match check() {
-                Some(s) => Poll::Ready(s),
-                None => Poll::Pending,
-            }
-        })
+        if let Some(s) = check() {
+            return Poll::Ready(s);
+        }
+        self.kill_waker.register(cx.waker());
+        // A signal between the check and the registration woke nobody.
+        match check() {
+            Some(s) => Poll::Ready(s),
+            None => Poll::Pending,
+        }
     }
 }
 

@@ -26,13 +26,16 @@ use pgferry_protocol::encode::{self, Severity};
 use pgferry_protocol::sql::{self, Pin};
 use pgferry_protocol::{decode_frame, frontend, sqlstate, Frame, ProtocolError};
 use pgferry_routing::{Role, Route};
-use pgferry_tls::stream::{ClientReadHalf, ClientWriteHalf, ReadHalf};
+use pgferry_tls::stream::{ClientReadHalf, ClientWriteHalf};
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin as StdPin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Stop reading from one side while this much is waiting to be written to
 /// the other: backpressure instead of unbounded buffering.
@@ -200,6 +203,15 @@ pub struct Session {
     _user_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The drain already woke this session once.
     drain_seen: bool,
+    /// The idle timeout that applies, if any (see `arm_timer`).
+    timer: Option<Timer>,
+}
+
+/// A pending idle timeout and what the client is told when it fires.
+struct Timer {
+    sleep: StdPin<Box<tokio::time::Sleep>>,
+    code: &'static str,
+    what: &'static str,
 }
 
 impl Session {
@@ -246,29 +258,40 @@ impl Session {
             client: init.client,
             _user_permit: init.user_permit,
             drain_seen: false,
+            timer: None,
         }
     }
 
     /// Runs the session to its end, then returns or discards the server.
-    pub async fn run(mut self) -> Result<(), ClientError> {
+    /// Boxed: an `async fn` keeps its by-value arguments twice (the
+    /// argument and the body's binding), 700 bytes per client for a session.
+    pub async fn run(mut self: Box<Self>) -> Result<(), ClientError> {
         self.pool.stats.cl_active.fetch_add(1, Relaxed);
         let result = self.main_loop().await;
         if let Err(e) = &result {
-            if let Some((code, msg)) = e.to_client() {
-                self.to_client.clear();
-                encode::error_response(&mut self.to_client, Severity::Fatal, &code, &msg);
-                let wr = &mut self.wr;
-                let out = &self.to_client;
-                let _ = tokio::time::timeout(Duration::from_secs(1), async move {
-                    wr.write_all(out).await?;
-                    wr.flush().await
-                })
-                .await;
-            }
+            // Boxed: this rare path's timer and write would otherwise
+            // enlarge every session's future.
+            Box::pin(self.report_fatal(e)).await;
         }
         Box::pin(self.release_on_exit()).await;
         self.pool.stats.cl_active.fetch_sub(1, Relaxed);
         result
+    }
+
+    /// Tells the client why its session ends, if it should know.
+    async fn report_fatal(&mut self, e: &ClientError) {
+        let Some((code, msg)) = e.to_client() else {
+            return;
+        };
+        self.to_client.clear();
+        encode::error_response(&mut self.to_client, Severity::Fatal, &code, &msg);
+        let wr = &mut self.wr;
+        let out = &self.to_client;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async move {
+            wr.write_all(out).await?;
+            wr.flush().await
+        })
+        .await;
     }
 
     async fn main_loop(&mut self) -> Result<(), ClientError> {
@@ -354,54 +377,86 @@ impl Session {
         }
     }
 
-    /// Waits for the next thing to do. Cancel safe in every branch.
-    async fn next_event(&mut self) -> Event {
-        let timeout = self.idle_timeout();
-        let wake_on_drain = self.server.is_none() || self.mode == PoolMode::Session;
-        let Session {
-            rd,
-            wr,
-            rbuf,
-            to_client,
-            to_server,
-            server,
-            client_unflushed,
-            server_unflushed,
-            client,
-            shared,
-            drain_seen,
-            ..
-        } = self;
-        let (srd, swr, sbuf) = match server.as_deref_mut() {
-            Some(s) => {
-                let w = &mut s.wire;
-                (Some(&mut w.rd), Some(&mut w.wr), Some(&mut w.rbuf))
+    /// Waits for the next thing to do. The future holds only `&mut self`:
+    /// an idle client's task keeps no per-branch future state, which is
+    /// most of what a `select!` over socket futures cost per client.
+    fn next_event(&mut self) -> impl std::future::Future<Output = Event> + '_ {
+        self.arm_timer();
+        std::future::poll_fn(move |cx| self.poll_event(cx))
+    }
+
+    /// One pass over everything the session waits on, in priority order:
+    /// writes before reads (drain before taking in more), the server before
+    /// the client. Every branch that is not ready registers `cx`'s waker,
+    /// so the task wakes when any of them can make progress. Nothing is
+    /// consumed unless its event is returned.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if !self.to_client.is_empty() || self.client_unflushed {
+            if let Poll::Ready(r) = poll_write_or_flush(&mut self.wr, cx, &self.to_client) {
+                return Poll::Ready(Event::ClientWrote(r));
             }
-            None => (None, None, None),
-        };
-        let bound = srd.is_some();
-        let want_client = to_server.len() < HIGH_WATER;
-        let read_server = bound && to_client.len() < HIGH_WATER;
-        tokio::select! {
-            biased;
-            r = write_or_flush(wr, to_client), if !to_client.is_empty() || *client_unflushed => Event::ClientWrote(r),
-            r = async { write_or_flush(swr.expect("bound"), to_server).await }, if bound && (!to_server.is_empty() || *server_unflushed) => Event::ServerWrote(r),
-            r = async { pgferry_pool::server::fill(srd.expect("bound"), sbuf.expect("bound")).await }, if read_server => Event::ServerRead(r),
-            r = read_client(rd, rbuf), if want_client => Event::ClientRead(r),
-            // Polled only while no server is bound (waiting for the client),
-            // not while a transaction's messages flow.
-            // A kill always; the start of a drain only while no server is
-            // bound (waiting for the client), once.
-            signal = client.entry.signal(wake_on_drain && to_client.is_empty() && !*drain_seen, shared.draining()) => match signal {
-                Signal::Killed => Event::Killed,
-                Signal::Drain => { *drain_seen = true; Event::Drain }
-            },
-            (code, what) = async {
-                match timeout {
-                    Some((d, code, what)) => { tokio::time::sleep(d).await; (code, what) }
-                    None => std::future::pending().await,
+        }
+        if let Some(s) = self.server.as_deref_mut() {
+            let w = &mut s.wire;
+            if !self.to_server.is_empty() || self.server_unflushed {
+                if let Poll::Ready(r) = poll_write_or_flush(&mut w.wr, cx, &self.to_server) {
+                    return Poll::Ready(Event::ServerWrote(r));
                 }
-            } => Event::Timeout(code, what),
+            }
+            if self.to_client.len() < HIGH_WATER {
+                if let Poll::Ready(r) = pgferry_pool::server::poll_fill(&mut w.rd, cx, &mut w.rbuf) {
+                    return Poll::Ready(Event::ServerRead(r));
+                }
+            }
+        }
+        if self.to_server.len() < HIGH_WATER {
+            if let Poll::Ready(r) = poll_read_client(&mut self.rd, cx, &mut self.rbuf) {
+                return Poll::Ready(Event::ClientRead(r));
+            }
+        }
+        // A kill always; the start of a drain only while no server is bound
+        // (waiting for the client), once.
+        let wake_on_drain =
+            (self.server.is_none() || self.mode == PoolMode::Session) && self.to_client.is_empty() && !self.drain_seen;
+        if let Poll::Ready(signal) = self.client.entry.poll_signal(cx, wake_on_drain, self.shared.draining()) {
+            return Poll::Ready(match signal {
+                Signal::Killed => Event::Killed,
+                Signal::Drain => {
+                    self.drain_seen = true;
+                    Event::Drain
+                }
+            });
+        }
+        if let Some(t) = &mut self.timer {
+            if t.sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timeout(t.code, t.what));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Sets the timer to the idle timeout that applies now, counted from
+    /// now; drops it when none applies (the default), so that clients
+    /// without timeouts hold no timer.
+    fn arm_timer(&mut self) {
+        let Some((d, code, what)) = self.idle_timeout() else {
+            self.timer = None;
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + d;
+        match &mut self.timer {
+            Some(t) => {
+                t.sleep.as_mut().reset(deadline);
+                t.code = code;
+                t.what = what;
+            }
+            None => {
+                self.timer = Some(Timer {
+                    sleep: Box::pin(tokio::time::sleep_until(deadline)),
+                    code,
+                    what,
+                })
+            }
         }
     }
 
@@ -854,37 +909,31 @@ impl Session {
     }
 
     /// Binds a server connection if none is, bringing its session
-    /// parameters in line with the client's first.
+    /// parameters in line with the client's first. The common case (no
+    /// PAUSE, no topology change, an idle connection in line with the
+    /// client) needs no await; the rest runs boxed, so that its futures do
+    /// not enlarge every client's (memory per idle client).
     async fn bind_server(&mut self) -> Result<(), PoolError> {
         if self.server.is_some() {
             return Ok(());
         }
         let asked = Instant::now();
-        // The slow paths are boxed so that they do not enlarge every
-        // client's future (memory per idle client).
-        if self.shared.any_paused.load(Relaxed) {
-            // PAUSE: new transactions wait (bounded like any wait for a
-            // server) until RESUME.
-            let shared = self.shared.clone();
-            let db = self.pool.key.database.clone();
-            let wait = self.pool.settings.query_wait_timeout;
-            let paused = Box::pin(async move { shared.wait_unpaused(&db).await });
-            if wait.is_zero() {
-                paused.await;
-            } else if tokio::time::timeout(wait, paused).await.is_err() {
-                return Err(PoolError::WaitTimeout);
-            }
-        }
-        if self.route_gen != self.shared.router.generation() || self.pool.is_closed() {
-            Box::pin(self.reroute()).await?;
-        }
-        let mut conn = match self.pool.try_checkout() {
-            Some(c) => c,
-            None => Box::pin(self.checkout_or_hold()).await?,
+        let mut now = if self.shared.any_paused.load(Relaxed)
+            || self.route_gen != self.shared.router.generation()
+            || self.pool.is_closed()
+        {
+            None
+        } else {
+            self.pool.try_checkout()
         };
-        if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
-            Box::pin(self.sync_server(&mut conn)).await?;
-        }
+        let in_line = match &mut now {
+            Some(c) => self.params.fingerprint() == params::server_fingerprint(c),
+            None => false,
+        };
+        let conn = match now {
+            Some(c) if in_line => c,
+            now => Box::pin(self.bind_slow(now)).await?,
+        };
         self.client.entry.set_target(Some(CancelTarget {
             addr: conn.addr.clone(),
             pid: conn.backend_pid,
@@ -901,6 +950,45 @@ impl Session {
             .total_wait_time
             .fetch_add(waited.as_micros() as u64, Relaxed);
         self.pool.latency.record(LatencyKind::Wait, waited);
+        Ok(())
+    }
+
+    /// [`bind_server`]'s slow path: waits out a PAUSE, follows the topology,
+    /// waits for a connection (or holds while the server is unreachable),
+    /// and syncs the connection's settings. `conn` is one already checked
+    /// out that only needs the sync.
+    async fn bind_slow(&mut self, conn: Option<PooledConn>) -> Result<PooledConn, PoolError> {
+        let mut conn = match conn {
+            Some(c) => c,
+            None => {
+                if self.shared.any_paused.load(Relaxed) {
+                    self.wait_unpaused().await?;
+                }
+                if self.route_gen != self.shared.router.generation() || self.pool.is_closed() {
+                    self.reroute().await?;
+                }
+                match self.pool.try_checkout() {
+                    Some(c) => c,
+                    None => self.checkout_or_hold().await?,
+                }
+            }
+        };
+        if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
+            self.sync_server(&mut conn).await?;
+        }
+        Ok(conn)
+    }
+
+    /// PAUSE: new transactions wait (bounded like any wait for a server)
+    /// until RESUME.
+    async fn wait_unpaused(&self) -> Result<(), PoolError> {
+        let paused = self.shared.wait_unpaused(&self.pool.key.database);
+        let wait = self.pool.settings.query_wait_timeout;
+        if wait.is_zero() {
+            paused.await;
+        } else if tokio::time::timeout(wait, paused).await.is_err() {
+            return Err(PoolError::WaitTimeout);
+        }
         Ok(())
     }
 
@@ -1434,47 +1522,37 @@ impl Session {
 
 /// Writes some of `buf`, or flushes when it is empty: over TLS a write can
 /// leave bytes in the TLS layer until a flush. Cancel safe.
-async fn write_or_flush<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> std::io::Result<Option<usize>> {
+fn poll_write_or_flush<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<std::io::Result<Option<usize>>> {
     if buf.is_empty() {
-        w.flush().await.map(|()| None)
+        StdPin::new(w).poll_flush(cx).map_ok(|()| None)
     } else {
-        w.write(buf).await.map(Some)
+        StdPin::new(w).poll_write(cx, buf).map_ok(Some)
     }
 }
 
-/// Reads from the client. Bytes land in a stack buffer first and are copied
-/// to `buf`, which therefore grows only to what is actually pending: an idle
-/// client holds a few hundred bytes, not a read-sized buffer. Cancel safe.
-async fn read_client(rd: &mut ClientReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
-    let rd = match rd {
-        ReadHalf::Plain(rd) => rd,
-        // The TLS layer holds its own buffers; read through it.
-        ReadHalf::Tls(t) => return pgferry_pool::server::fill(t, buf).await,
-    };
-    loop {
-        rd.readable().await?;
-        match read_now(rd, buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            r => return r,
-        }
-    }
-}
-
-/// The synchronous half of [`read_client`], so that the stack buffer is
-/// never part of a future. Small reads (the common case) go through a 2 KiB
-/// stack chunk; once a read fills it, more is likely coming (COPY, a large
-/// message), so the buffer grows and later reads land in it directly.
-fn read_now(rd: &tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+/// Reads from the client. Small reads (the common case) land in a 2 KiB
+/// stack chunk and are copied to `buf`, which therefore grows only to what
+/// is actually pending: an idle client holds no read buffer. Once a read
+/// fills the chunk, more is likely coming (COPY, a large message), so the
+/// buffer grows and later reads land in it directly. Over TLS the bytes come
+/// out of rustls's own buffer the same way.
+fn poll_read_client(rd: &mut ClientReadHalf, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
     if buf.capacity() - buf.len() >= 4096 {
-        return rd.try_read_buf(buf);
+        return tokio_util::io::poll_read_buf(StdPin::new(rd), cx, buf);
     }
-    let mut chunk = [0u8; 2048];
-    let n = rd.try_read(&mut chunk)?;
-    buf.extend_from_slice(&chunk[..n]);
+    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    let mut rb = ReadBuf::uninit(&mut chunk);
+    std::task::ready!(StdPin::new(rd).poll_read(cx, &mut rb))?;
+    let n = rb.filled().len();
+    buf.extend_from_slice(rb.filled());
     if n == chunk.len() {
         buf.reserve(64 * 1024);
     }
-    Ok(n)
+    Poll::Ready(Ok(n))
 }
 
 const SHUTTING_DOWN: &str = "terminating connection due to administrator command: pgferry is shutting down";
