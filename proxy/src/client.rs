@@ -30,10 +30,13 @@ use tracing::Instrument;
 
 type SessionFuture = Pin<Box<dyn Future<Output = Result<(), ClientError>> + Send>>;
 
-/// The client's task: its whole life inside its tracing span. A plain
-/// function around one `async fn`, so that the task's future holds each
-/// argument once (an `async move` block awaiting an `async fn` keeps its
-/// captures beside the callee's copies: bytes per idle client).
+/// The client's task: its whole life inside its tracing span. `slot` is
+/// the client's max_client_conn place, freed when the task ends.
+///
+/// The body is an `async move` block, not an `async fn`: an async fn keeps
+/// each by-value argument twice (the argument and the body's binding),
+/// while a block uses its captures in place, and this future lives as long
+/// as the client (bytes per idle client).
 pub fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -44,37 +47,27 @@ pub fn serve(
 ) -> impl Future<Output = ()> + Send {
     let id = shared.next_client_id.fetch_add(1, Relaxed);
     let span = tracing::info_span!("client", id, %peer, port = role.as_str());
-    serve_in_span(stream, id, peer, role, shared, pending, slot).instrument(span)
-}
-
-/// `slot` is the client's max_client_conn place, freed when the task ends.
-async fn serve_in_span(
-    stream: TcpStream,
-    id: u64,
-    peer: SocketAddr,
-    role: Role,
-    shared: Arc<Shared>,
-    pending: OwnedSemaphorePermit,
-    slot: OwnedSemaphorePermit,
-) {
-    // Login runs in its own box, freed once it completes.
-    let started = Box::pin(start(stream, id, peer, role, shared.clone(), pending)).await;
-    let r = match started {
-        Ok(Some(session)) => session.await,
-        Ok(None) => Ok(()),
-        Err(e) => Err(e),
-    };
-    match &r {
-        Ok(()) => tracing::debug!("client closed"),
-        Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
-        Err(e @ ClientError::Auth { .. }) => {
-            shared.counters.auth_failures.fetch_add(1, Relaxed);
-            shared.throttle.record_failure(peer.ip());
-            tracing::warn!(error = %e, "login failed")
+    async move {
+        // Login runs in its own box, freed once it completes.
+        let started = Box::pin(start(stream, id, peer, role, shared.clone(), pending)).await;
+        let r = match started {
+            Ok(Some(session)) => session.await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match &r {
+            Ok(()) => tracing::debug!("client closed"),
+            Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
+            Err(e @ ClientError::Auth { .. }) => {
+                shared.counters.auth_failures.fetch_add(1, Relaxed);
+                shared.throttle.record_failure(peer.ip());
+                tracing::warn!(error = %e, "login failed")
+            }
+            Err(e) => tracing::info!(error = %e, "client closed with error"),
         }
-        Err(e) => tracing::info!(error = %e, "client closed with error"),
+        drop(slot);
     }
-    drop(slot);
+    .instrument(span)
 }
 
 /// Runs the startup phase; returns the session to run, or None when the

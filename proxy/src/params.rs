@@ -121,6 +121,10 @@ impl ClientParams {
             }
             p.startup.push((name, v.clone()));
         }
+        // Held for the client's life: no spare capacity (bytes per client).
+        p.overrides.shrink_to_fit();
+        p.settings.shrink_to_fit();
+        p.startup.shrink_to_fit();
         p
     }
 

@@ -372,7 +372,7 @@ impl Session {
                 *buf = BytesMut::new();
             }
         }
-        if self.slots.capacity() > 16 {
+        if self.slots.capacity() > 0 {
             self.slots = VecDeque::new();
         }
     }
@@ -524,7 +524,15 @@ impl Session {
                 }
             }
             if self.server.is_none() && self.needs_server(&frame)? {
-                if let Err(e) = self.bind_server().await {
+                let bound = match self.bind_now() {
+                    Ok(conn) => {
+                        self.attach(conn, Instant::now());
+                        Ok(())
+                    }
+                    // Boxed: see `bind_now`.
+                    Err(checked_out) => Box::pin(self.bind_server_slow(checked_out)).await,
+                };
+                if let Err(e) = bound {
                     self.interned = None;
                     self.fail_pool(&e, frame.tag == frontend::QUERY);
                     continue;
@@ -908,32 +916,28 @@ impl Session {
         self.fail_request(e.sqlstate(), &crate::error::pool_message(e), simple);
     }
 
-    /// Binds a server connection if none is, bringing its session
-    /// parameters in line with the client's first. The common case (no
-    /// PAUSE, no topology change, an idle connection in line with the
-    /// client) needs no await; the rest runs boxed, so that its futures do
-    /// not enlarge every client's (memory per idle client).
-    async fn bind_server(&mut self) -> Result<(), PoolError> {
-        if self.server.is_some() {
-            return Ok(());
-        }
-        let asked = Instant::now();
-        let mut now = if self.shared.any_paused.load(Relaxed)
+    /// Binds a server connection before a request is forwarded, the common
+    /// case: no PAUSE, no topology change, an idle connection whose session
+    /// parameters match the client's. No await, so the slow path
+    /// ([`bind_server_slow`], boxed by the caller) does not enlarge every
+    /// client's future (memory per idle client). Err carries a connection
+    /// that was checked out but needs its settings synced, if any.
+    fn bind_now(&mut self) -> Result<PooledConn, Option<PooledConn>> {
+        if self.shared.any_paused.load(Relaxed)
             || self.route_gen != self.shared.router.generation()
             || self.pool.is_closed()
         {
-            None
-        } else {
-            self.pool.try_checkout()
-        };
-        let in_line = match &mut now {
-            Some(c) => self.params.fingerprint() == params::server_fingerprint(c),
-            None => false,
-        };
-        let conn = match now {
-            Some(c) if in_line => c,
-            now => Box::pin(self.bind_slow(now)).await?,
-        };
+            return Err(None);
+        }
+        let mut conn = self.pool.try_checkout().ok_or(None)?;
+        if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
+            return Err(Some(conn));
+        }
+        Ok(conn)
+    }
+
+    /// Makes `conn` the session's server connection.
+    fn attach(&mut self, conn: PooledConn, asked: Instant) {
         self.client.entry.set_target(Some(CancelTarget {
             addr: conn.addr.clone(),
             pid: conn.backend_pid,
@@ -950,14 +954,14 @@ impl Session {
             .total_wait_time
             .fetch_add(waited.as_micros() as u64, Relaxed);
         self.pool.latency.record(LatencyKind::Wait, waited);
-        Ok(())
     }
 
-    /// [`bind_server`]'s slow path: waits out a PAUSE, follows the topology,
-    /// waits for a connection (or holds while the server is unreachable),
-    /// and syncs the connection's settings. `conn` is one already checked
-    /// out that only needs the sync.
-    async fn bind_slow(&mut self, conn: Option<PooledConn>) -> Result<PooledConn, PoolError> {
+    /// Binds a server connection the slow way: waits out a PAUSE, follows
+    /// the topology, waits for a connection (or holds while the server is
+    /// unreachable), and brings the connection's settings in line with the
+    /// client's. `conn` is one already checked out that only needs the sync.
+    async fn bind_server_slow(&mut self, conn: Option<PooledConn>) -> Result<(), PoolError> {
+        let asked = Instant::now();
         let mut conn = match conn {
             Some(c) => c,
             None => {
@@ -976,7 +980,8 @@ impl Session {
         if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
             self.sync_server(&mut conn).await?;
         }
-        Ok(conn)
+        self.attach(conn, asked);
+        Ok(())
     }
 
     /// PAUSE: new transactions wait (bounded like any wait for a server)
