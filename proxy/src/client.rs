@@ -135,7 +135,6 @@ async fn start(
     let rbuf = if io.rbuf.is_empty() { BytesMut::new() } else { io.rbuf };
     let init = SessionInit {
         id,
-        peer,
         rd,
         wr,
         rbuf,

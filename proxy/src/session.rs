@@ -29,7 +29,6 @@ use pgferry_routing::{Role, Route};
 use pgferry_tls::stream::{ClientReadHalf, ClientWriteHalf};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin as StdPin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -126,7 +125,6 @@ static CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 /// Everything a session starts with.
 pub struct SessionInit {
     pub id: u64,
-    pub peer: SocketAddr,
     pub rd: ClientReadHalf,
     pub wr: ClientWriteHalf,
     pub rbuf: BytesMut,
@@ -143,7 +141,6 @@ pub struct SessionInit {
 pub struct Session {
     shared: Arc<Shared>,
     id: u64,
-    peer: SocketAddr,
     rd: ClientReadHalf,
     wr: ClientWriteHalf,
     rbuf: BytesMut,
@@ -196,9 +193,9 @@ pub struct Session {
     /// client's CopyDone or CopyFail (PostgreSQL's CopyGetData).
     copy_in: bool,
     /// The server died while the client was between requests in a transaction.
-    lost_transaction: Option<(String, String)>,
+    lost_transaction: Option<Box<(String, String)>>,
     /// A FATAL the server sent before closing: reported as the reason.
-    server_fatal: Option<(String, String)>,
+    server_fatal: Option<Box<(String, String)>>,
     client: crate::clients::ClientGuard,
     _user_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The drain already woke this session once.
@@ -220,7 +217,6 @@ impl Session {
         let mode = settings.pool_mode;
         Session {
             id: init.id,
-            peer: init.peer,
             rd: init.rd,
             wr: init.wr,
             rbuf: init.rbuf,
@@ -518,8 +514,8 @@ impl Session {
                 frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
             );
             if frame.tag != frontend::SYNC && !is_copy {
-                if let Some((code, msg)) = self.lost_transaction.take() {
-                    self.fail_request(&code, &msg, frame.tag == frontend::QUERY);
+                if let Some(lost) = self.lost_transaction.take() {
+                    self.fail_request(&lost.0, &lost.1, frame.tag == frontend::QUERY);
                     continue;
                 }
             }
@@ -1164,7 +1160,7 @@ impl Session {
                 if matches!(e.severity, "FATAL" | "PANIC") {
                     // The server connection is ending, not the client's: keep
                     // the reason for server_lost, which reports it as an ERROR.
-                    self.server_fatal = Some((e.code.to_owned(), e.message.to_owned()));
+                    self.server_fatal = Some(Box::new((e.code.to_owned(), e.message.to_owned())));
                     return Ok(());
                 }
                 // Errors always reach the client, even for a request pgferry
@@ -1291,7 +1287,7 @@ impl Session {
         tracing::warn!(client = self.id, server = conn.id, error = %e, "server connection lost");
         conn.discard("connection lost");
         self.client.entry.set_target(None);
-        let (code, msg) = match self.server_fatal.take() {
+        let (code, msg) = match self.server_fatal.take().map(|b| *b) {
             Some((code, m)) => (
                 code,
                 format!("server connection lost ({m}); the transaction was rolled back"),
@@ -1304,7 +1300,7 @@ impl Session {
         if self.slots.is_empty() {
             // Between requests: report it on the client's next request.
             if self.status != TxStatus::Idle || self.pin.is_some() {
-                self.lost_transaction = Some((code, msg));
+                self.lost_transaction = Some(Box::new((code, msg)));
             }
         } else {
             // Every request group still waiting (each up to its Sync) gets
@@ -1602,7 +1598,7 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("id", &self.id)
-            .field("peer", &self.peer)
+            .field("peer", &self.client.entry.info.peer)
             .finish()
     }
 }
