@@ -11,8 +11,8 @@
 # Settings (environment):
 #   POOL=20                 server connections per pool (pgbouncer and pgferry)
 #   SCALE=10                pgbench -i scale
-#   CLIENTS="16 100 1000"   client counts
-#   WORKLOADS="select-simple select-extended select-prepared write"
+#   CLIENTS="16 100 1000"   client counts ("" = no throughput runs, e.g. idle only)
+#   WORKLOADS="select-simple select-extended select-prepared write"  ("" = none)
 #   PGBENCH_MODES="simple extended prepared"   pgbench -S -M modes ("" = skip pgbench)
 #   DURATION=10 WARMUP=2 ROUNDS=3              seconds / rounds per measurement
 #   IDLE_CLIENTS=10000 HOLD=10                 idle-memory test ("0" = skip)
@@ -59,8 +59,8 @@ TLS_KEY=${TLS_KEY:-ec}
 TLS_GROUPS=${TLS_GROUPS:-}
 if [ "$TLS" = 1 ]; then
     TARGETS=${TARGETS:-"pgbouncer pgbouncer-tls pgferry pgferry-tls"}
-    CLIENTS=${CLIENTS:-"16 100"}
-    WORKLOADS=${WORKLOADS:-"select-simple select-extended"}
+    CLIENTS=${CLIENTS-"16 100"}
+    WORKLOADS=${WORKLOADS-"select-simple select-extended"}
     PGBENCH_MODES=${PGBENCH_MODES-""}
     IDLE_CLIENTS=${IDLE_CLIENTS:-0}
     CONNECT_CLIENTS=${CONNECT_CLIENTS-"16 64"}
@@ -69,8 +69,8 @@ CONNECT_CLIENTS=${CONNECT_CLIENTS-""}
 POOL=${POOL:-20}
 PGFERRY_WORKERS=${PGFERRY_WORKERS:-0}
 SCALE=${SCALE:-10}
-CLIENTS=${CLIENTS:-"16 100 1000"}
-WORKLOADS=${WORKLOADS:-"select-simple select-extended select-prepared write"}
+CLIENTS=${CLIENTS-"16 100 1000"}
+WORKLOADS=${WORKLOADS-"select-simple select-extended select-prepared write"}
 PGBENCH_MODES=${PGBENCH_MODES-"simple extended prepared"}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
