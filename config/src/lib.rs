@@ -12,6 +12,41 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The longest duration a setting takes. Longer is a typo, and a deadline
+/// computed from it (now + duration) must not overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Refuses a duration longer than [`MAX_DURATION`].
+pub fn check_duration(d: Duration) -> Result<Duration, String> {
+    if d > MAX_DURATION {
+        return Err(format!("duration {d:?} is longer than the maximum (10 years)"));
+    }
+    Ok(d)
+}
+
+/// Durations in humantime form ("30s", "5min"), at most [`MAX_DURATION`].
+mod duration {
+    use serde::de::Error;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v: Duration = humantime_serde::deserialize(d)?;
+        super::check_duration(v).map_err(D::Error::custom)
+    }
+
+    pub mod option {
+        use serde::de::Error;
+        use std::time::Duration;
+
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let v: Option<Duration> = humantime_serde::option::deserialize(d)?;
+            v.map(super::super::check_duration)
+                .transpose()
+                .map_err(D::Error::custom)
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -91,13 +126,13 @@ pub struct Limits {
     #[serde(default = "d_max_client_conn")]
     pub max_client_conn: usize,
     /// Time a client has to send its startup packet and finish authentication.
-    #[serde(default = "d_login_timeout", with = "humantime_serde")]
+    #[serde(default = "d_login_timeout", with = "duration")]
     pub client_login_timeout: Duration,
     /// Close clients idle (between transactions) this long; 0 disables.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "duration")]
     pub client_idle_timeout: Duration,
     /// Close clients idle inside a transaction this long; 0 disables.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "duration")]
     pub idle_transaction_timeout: Duration,
     /// Largest message accepted from a client or server, in bytes.
     #[serde(default = "d_max_message_size")]
@@ -109,7 +144,7 @@ pub struct Limits {
     /// which that address is refused until the window passes; 0 disables.
     #[serde(default = "d_auth_failure_limit")]
     pub auth_failure_limit: u32,
-    #[serde(default = "d_auth_failure_window", with = "humantime_serde")]
+    #[serde(default = "d_auth_failure_window", with = "duration")]
     pub auth_failure_window: Duration,
 }
 
@@ -157,11 +192,11 @@ pub struct Runtime {
     pub worker_threads: usize,
     /// On SIGTERM: how long clients in a transaction may take to finish
     /// before pgferry exits anyway (idle clients are closed at once).
-    #[serde(default = "d_shutdown_timeout", with = "humantime_serde")]
+    #[serde(default = "d_shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
     /// The period of the averages (SHOW STATS, STATS_AVERAGES) and of the
     /// latency window (SHOW LATENCY shows the last one or two periods).
-    #[serde(default = "d_stats_period", with = "humantime_serde")]
+    #[serde(default = "d_stats_period", with = "duration")]
     pub stats_period: Duration,
 }
 
@@ -211,7 +246,7 @@ pub struct Auth {
     /// Database auth_query runs in (default: the one the client asked for).
     pub auth_dbname: Option<String>,
     /// How long an auth_query answer (found or not) is reused.
-    #[serde(default = "d_auth_cache_ttl", with = "humantime_serde")]
+    #[serde(default = "d_auth_cache_ttl", with = "duration")]
     pub auth_cache_ttl: Duration,
 }
 
@@ -282,7 +317,7 @@ pub struct PoolDefaults {
     /// Extra connections allowed once a client has waited reserve_pool_timeout.
     #[serde(default)]
     pub reserve_pool_size: usize,
-    #[serde(default = "d_reserve_timeout", with = "humantime_serde")]
+    #[serde(default = "d_reserve_timeout", with = "duration")]
     pub reserve_pool_timeout: Duration,
     /// Cap on server connections per database across users; 0 = none.
     #[serde(default)]
@@ -291,15 +326,15 @@ pub struct PoolDefaults {
     #[serde(default)]
     pub max_user_connections: usize,
     /// A client waiting this long for a server connection gets an error; 0 = forever.
-    #[serde(default = "d_query_wait_timeout", with = "humantime_serde")]
+    #[serde(default = "d_query_wait_timeout", with = "duration")]
     pub query_wait_timeout: Duration,
-    #[serde(default = "d_server_connect_timeout", with = "humantime_serde")]
+    #[serde(default = "d_server_connect_timeout", with = "duration")]
     pub server_connect_timeout: Duration,
     /// Close server connections older than this once idle; 0 = never.
-    #[serde(default = "d_server_lifetime", with = "humantime_serde")]
+    #[serde(default = "d_server_lifetime", with = "duration")]
     pub server_lifetime: Duration,
     /// Close server connections idle this long (above min_pool_size); 0 = never.
-    #[serde(default = "d_server_idle_timeout", with = "humantime_serde")]
+    #[serde(default = "d_server_idle_timeout", with = "duration")]
     pub server_idle_timeout: Duration,
     /// Run when a session-mode client leaves, before the connection is reused.
     #[serde(default = "d_reset_query")]
@@ -399,12 +434,12 @@ pub struct EtcdTopology {
     pub check_dbname: String,
     /// New transactions on the read-write port wait this long for a
     /// confirmed leader during a failover, then fail with 57P03.
-    #[serde(default = "d_failover_hold_timeout", with = "humantime_serde")]
+    #[serde(default = "d_failover_hold_timeout", with = "duration")]
     pub failover_hold_timeout: Duration,
     /// With etcd unreachable, the last confirmed leader is kept this long,
     /// then writes stop (a minority partition must not keep writing).
     /// Default: Patroni's `ttl` from its `config` key (30 s if absent).
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, with = "duration::option")]
     pub etcd_grace: Option<Duration>,
     /// Replicas further behind the leader than this many bytes of WAL get
     /// no new read-only sessions.
@@ -880,6 +915,16 @@ mod tests {
         assert_eq!(c.pool.pool_mode, PoolMode::Transaction);
         assert_eq!(c.listen.rw.port(), 5432);
         assert_eq!(c.pool.query_wait_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn durations_beyond_ten_years_are_refused() {
+        let err = Config::from_toml(&format!("{MIN}[limits]\nclient_idle_timeout = \"400000days\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("client_idle_timeout") && err.contains("maximum"), "{err}");
+        let c = Config::from_toml(&format!("{MIN}[limits]\nclient_idle_timeout = \"3650days\"\n")).unwrap();
+        assert_eq!(c.limits.client_idle_timeout, Duration::from_secs(3650 * 86400));
     }
 
     #[test]

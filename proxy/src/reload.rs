@@ -136,10 +136,11 @@ pub fn set(c: &Config, key: &str, value: &str) -> Result<Config, String> {
             .map_err(|_| format!("invalid value for {key}: {value}"))
     };
     let dur = || -> Result<Duration, String> {
-        match v.parse::<f64>() {
-            Ok(s) if s >= 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
-            _ => humantime::parse_duration(v).map_err(|_| format!("invalid duration for {key}: {value}")),
-        }
+        let d = match v.parse::<f64>() {
+            Ok(s) => Duration::try_from_secs_f64(s).map_err(|_| format!("invalid duration for {key}: {value}"))?,
+            _ => humantime::parse_duration(v).map_err(|_| format!("invalid duration for {key}: {value}"))?,
+        };
+        pgferry_config::check_duration(d).map_err(|e| format!("{key}: {e}"))
     };
     let list = || -> Vec<String> {
         v.split(',')
@@ -213,6 +214,11 @@ mod tests {
         assert_eq!(n.pool.pool_size, 7);
         let n = set(&n, "query_wait_timeout", "2.5").unwrap();
         assert_eq!(n.pool.query_wait_timeout, Duration::from_millis(2500));
+        // Out of range: refused, never a panic or a deadline that overflows.
+        for bad in ["1e20", "1e19", "-1", "NaN", "inf", "400000days"] {
+            let e = set(&n, "client_idle_timeout", bad).unwrap_err();
+            assert!(e.contains("client_idle_timeout"), "{bad}: {e}");
+        }
         let n = set(&n, "server_idle_timeout", "'90s'").unwrap();
         assert_eq!(n.pool.server_idle_timeout, Duration::from_secs(90));
         assert!(set(&c, "default_pool_size", "x").unwrap_err().contains("invalid"));
