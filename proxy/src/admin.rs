@@ -148,9 +148,28 @@ fn busy(db: Option<&str>, pools: Vec<Arc<Pool>>) -> usize {
         .sum()
 }
 
+/// The commands of a query string: split at `;` outside single quotes
+/// (`SET server_reset_query = 'RESET ALL; DISCARD PLANS'` is one command).
+fn split_commands(sql: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in sql.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            ';' if !quoted => {
+                out.push(&sql[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&sql[start..]);
+    out.into_iter().map(str::trim).filter(|c| !c.is_empty()).collect()
+}
+
 /// Answers one query string (possibly several `;`-separated commands).
 async fn answer(out: &mut BytesMut, sql: &str, user: &str, admin: bool, shared: &Shared) {
-    let commands: Vec<&str> = sql.split(';').map(str::trim).filter(|c| !c.is_empty()).collect();
+    let commands = split_commands(sql);
     if commands.is_empty() {
         encode::empty_query_response(out);
         return;
@@ -868,6 +887,19 @@ fn averages_per_database(pools: &[Arc<Pool>]) -> BTreeMap<String, [u64; 7]> {
 
 #[cfg(test)]
 mod tests {
+    use super::split_commands;
+
+    #[test]
+    fn commands_split_at_semicolons_outside_quotes() {
+        assert_eq!(split_commands("SHOW POOLS; SHOW STATS;"), ["SHOW POOLS", "SHOW STATS"]);
+        assert_eq!(
+            split_commands("SET server_reset_query = 'RESET ALL; DISCARD PLANS'; RELOAD"),
+            ["SET server_reset_query = 'RESET ALL; DISCARD PLANS'", "RELOAD"]
+        );
+        assert_eq!(split_commands("SET x = 'it''s; fine'"), ["SET x = 'it''s; fine'"]);
+        assert!(split_commands(" ; ;").is_empty());
+    }
+
     #[test]
     fn timestamps_print_like_pgbouncer() {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_344_978);

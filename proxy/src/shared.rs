@@ -32,7 +32,7 @@ pub struct Shared {
     /// Connections still in startup or authentication.
     pub pending_logins: Arc<Semaphore>,
     /// Per-user client caps (max_client_connections).
-    user_clients: Mutex<HashMap<String, Arc<Semaphore>>>,
+    user_clients: Mutex<HashMap<String, Limit>>,
     /// Listener counters for /metrics.
     pub counters: Counters,
     /// Wakes sessions idle between transactions when draining starts.
@@ -49,8 +49,8 @@ pub struct Shared {
     pub started: std::time::SystemTime,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     retired: Mutex<Vec<Arc<Pool>>>,
-    db_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
-    user_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    db_limits: Mutex<HashMap<String, Limit>>,
+    user_limits: Mutex<HashMap<String, Limit>>,
     pub clients: Arc<ClientRegistry>,
     pub statements: StatementRegistry,
     /// Seeds mock SCRAM salts for unknown users.
@@ -122,11 +122,14 @@ impl Shared {
             node: node.clone(),
             read_only: role == Role::ReadOnly,
         };
-        if let Some(p) = self.pools.lock().unwrap().get(&key) {
-            if !p.is_closed() {
-                return p.clone();
-            }
+        let mut pools = self.pools.lock().unwrap();
+        if let Some(p) = pools.get(&key).filter(|p| !p.is_closed()) {
+            return p.clone();
         }
+        // The settings are read under the pools lock: `install` stores a new
+        // configuration and then replaces stale pools under the same lock, so
+        // a pool made from the configuration it replaced is either replaced
+        // by it or never made.
         let config = self.config();
         let settings = config.pool_settings(database, user);
         let password = server_password(&config, &self.userlist(), user);
@@ -137,11 +140,6 @@ impl Shared {
         }
         if settings.max_user_connections > 0 {
             limits.push(shared_limit(&self.user_limits, user, settings.max_user_connections));
-        }
-        let mut pools = self.pools.lock().unwrap();
-        // Another client may have created it meanwhile.
-        if let Some(p) = pools.get(&key).filter(|p| !p.is_closed()) {
-            return p.clone();
         }
         let pool = Pool::new(
             key.clone(),
@@ -220,11 +218,6 @@ impl Shared {
             }
             tracing::info!(db = %p.key.database, user = %p.key.user, node = %p.key.node, "pool settings changed: replacing the pool (clients move at their next transaction)");
             p.shut_down("configuration changed");
-            // New pools get max_db_connections / max_user_connections
-            // limits of the new size (the old pool keeps its own until its
-            // last transaction ends).
-            self.db_limits.lock().unwrap().remove(&p.key.database);
-            self.user_limits.lock().unwrap().remove(&p.key.user);
             self.retired.lock().unwrap().push(p.clone());
             false
         });
@@ -446,10 +439,22 @@ fn server_password(config: &Config, userlist: &Userlist, user: &str) -> Option<S
         })
 }
 
-fn shared_limit(map: &Mutex<HashMap<String, Arc<Semaphore>>>, name: &str, n: usize) -> Arc<Semaphore> {
-    map.lock()
-        .unwrap()
-        .entry(name.to_owned())
-        .or_insert_with(|| Arc::new(Semaphore::new(n)))
-        .clone()
+/// A max_db_connections / max_user_connections semaphore and its size.
+type Limit = (usize, Arc<Semaphore>);
+
+/// The semaphore every pool of `name` shares. A new size (a reload changed
+/// the limit, so every pool under it is being replaced) starts a new one;
+/// the old pools keep theirs until their last transaction ends. The same
+/// size keeps the semaphore, so that a pool replaced for another reason
+/// still shares it with the pools that were not.
+fn shared_limit(map: &Mutex<HashMap<String, Limit>>, name: &str, n: usize) -> Arc<Semaphore> {
+    let mut map = map.lock().unwrap();
+    match map.get(name) {
+        Some((size, sem)) if *size == n => sem.clone(),
+        _ => {
+            let sem = Arc::new(Semaphore::new(n));
+            map.insert(name.to_owned(), (n, sem.clone()));
+            sem
+        }
+    }
 }

@@ -647,7 +647,7 @@ fn hba_rules_pick_the_method_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_users_and_client_caps() {
-    let f = ferry(
+    let mut f = ferry(
         "[[user]]\nname = \"other\"\naccess = \"read-only\"\nmax_client_connections = 2\n\
          [[user]]\nname = \"admin\"\naccess = \"read-only-port\"\n",
     );
@@ -684,6 +684,24 @@ async fn read_only_users_and_client_caps() {
     drop(c);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _c3 = connect(&f, "other", "other-pass").await;
+    // A reload that raises the cap applies to the next login.
+    let code = connect_error(&f.rw_conn_str("other", "other-pass", "app")).await;
+    assert_eq!(code, "53300");
+    let original = std::fs::read_to_string(&f.config_path).unwrap();
+    assert!(original.contains("max_client_connections = 2"), "{original}");
+    std::fs::write(
+        &f.config_path,
+        original.replace("max_client_connections = 2", "max_client_connections = 3"),
+    )
+    .unwrap();
+    let reloads = f.log().matches(" reloaded").count();
+    f.signal(libc::SIGHUP).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while f.log().matches(" reloaded").count() == reloads {
+        assert!(Instant::now() < end, "no reload:\n{}", f.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _c4 = connect(&f, "other", "other-pass").await;
 
     // read-only-port: 5432 refuses the login, 5433 takes it.
     let code = connect_error(&f.rw_conn_str("admin", "admin-pass", "app")).await;
