@@ -227,9 +227,22 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
             at_most(2)?;
             shared.pause(arg);
             tracing::info!(db = arg.unwrap_or("*"), "PAUSE: holding new transactions");
-            // Returns once the transactions in flight there have finished,
-            // as PgBouncer's does.
-            wait_until(|| busy(arg, shared.pools()) == 0).await;
+            // As PgBouncer's: returns once the transactions in flight there
+            // (in pools a reload is replacing too) have finished, and closes
+            // the server connections, so that PostgreSQL can be restarted.
+            let all = || {
+                let mut p = shared.pools();
+                p.extend(shared.retired_pools());
+                p
+            };
+            if !wait_until(|| busy(arg, all()) == 0).await {
+                return Err((
+                    sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "PAUSE: transactions still running after 10 minutes; new ones stay held until RESUME".into(),
+                ));
+            }
+            let n = shared.replace_pools(arg, "PAUSE", false);
+            tracing::info!(db = arg.unwrap_or("*"), pools = n, "PAUSE: server connections closed");
         }
         "RESUME" => {
             at_most(2)?;

@@ -135,6 +135,16 @@ async fn pause_holds_transactions_until_resume() {
     busy.simple_query("SELECT 2").await.unwrap();
     busy.batch_execute("COMMIT").await.unwrap();
     assert_eq!(pause.await.unwrap().unwrap().trim(), "PAUSE");
+    // As PgBouncer's, PAUSE has closed the server connections.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let servers = console(port, "admin", "admin-pass", "pgbouncer", "SHOW SERVERS").unwrap();
+        if rows_starting(&servers, "S|app|app|").is_empty() {
+            break;
+        }
+        assert!(Instant::now() < end, "server connections left after PAUSE:\n{servers}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A new transaction now waits.
     let t = Instant::now();
     let q = tokio::spawn(async move {
