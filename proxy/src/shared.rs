@@ -186,7 +186,13 @@ impl Shared {
             .ok_or("pgferry was started without a configuration file")?;
         let mut new = Config::load(path).map_err(|e| e.to_string())?;
         let users = crate::load_userlist(&new).map_err(|e| e.to_string())?;
-        let restart = crate::reload::carry_over(&self.config(), &mut new);
+        let mut restart = crate::reload::carry_over(&self.config(), &mut new);
+        // auth_query's connections log in with the password they started with.
+        if let Some(au) = &new.auth.auth_user {
+            if server_password(&self.config(), &self.userlist(), au) != server_password(&new, &users, au) {
+                restart.push("the auth_user's password");
+            }
+        }
         self.tls.reload(&new.tls).map_err(|e| format!("TLS: {e}"))?;
         self.userlist.store(Arc::new(users));
         self.plain_secrets.lock().unwrap().clear();
