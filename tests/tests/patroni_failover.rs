@@ -382,7 +382,7 @@ async fn lagging_replica_leaves_the_read_port() {
     let (cluster, f) = setup("max_replica_lag = 1048576");
     let leader = cluster.leader().unwrap().unwrap();
     let replicas: Vec<String> = cluster.member_names().into_iter().filter(|n| *n != leader).collect();
-    let (lagging, other) = (&replicas[0], &replicas[1]);
+    let lagging = &replicas[0];
     let reads = Load::start(
         f.ro_port.unwrap(),
         4,
@@ -413,27 +413,37 @@ async fn lagging_replica_leaves_the_read_port() {
         .unwrap();
     let t = Instant::now();
     let end = t + Duration::from_secs(20);
-    // Until the routing has the other replica and not the lagging one. The
-    // burst moves the leader's published position first, so for a moment
-    // both replicas can look behind (reads then go to the leader, as
-    // ro_fallback_to_primary allows) until the healthy one publishes its
-    // own position again.
-    loop {
+    // Replicas' published positions flap around max_replica_lag while the
+    // cluster settles (each member publishes on its own schedule), so only
+    // routing decided after the burst counts, and "out" must hold: no later
+    // routing change brings the lagging replica back for 1.5 s. Whether the
+    // healthy replica or the leader (ro_fallback_to_primary) serves the
+    // reads meanwhile is not this test's concern.
+    let lagging_addr = format!("127.0.0.1:{}\"", cluster.pg_port(lagging));
+    let routing = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("topology: routing changed"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let before = routing(&f.log()).len();
+    let out_at = loop {
         let log = f.log();
-        let (port, other_port) = (cluster.pg_port(lagging), cluster.pg_port(other));
-        let last = log
-            .lines()
-            .rev()
-            .find(|l| l.contains("topology: routing changed"))
-            .unwrap_or("");
-        if !last.contains(&format!("127.0.0.1:{port}\"")) && last.contains(&format!("127.0.0.1:{other_port}\"")) {
-            break;
+        let lines = routing(&log);
+        if lines.len() > before && !lines[lines.len() - 1].contains(&lagging_addr) {
+            let seen = Instant::now();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let later = routing(&f.log());
+            if later[lines.len()..].iter().all(|l| !l.contains(&lagging_addr)) {
+                break seen;
+            }
+            continue;
         }
         assert!(Instant::now() < end, "the lagging replica was never taken out:\n{log}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let out_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lagging_port = cluster.pg_port(lagging) as i32;
     let late: Vec<i32> = reads
         .results
         .lock()
@@ -443,8 +453,8 @@ async fn lagging_replica_leaves_the_read_port() {
         .map(|(_, r)| *r.as_ref().unwrap())
         .collect();
     assert!(
-        !late.is_empty() && late.iter().all(|p| *p == cluster.pg_port(other) as i32),
-        "reads still reach the lagging replica: {late:?}"
+        !late.is_empty() && late.iter().all(|p| *p != lagging_port),
+        "reads still reach the lagging replica ({lagging_port}): {late:?}"
     );
     println!(
         "lagging replica taken out of the read port {:?} after the WAL burst",
