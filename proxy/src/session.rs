@@ -522,7 +522,7 @@ impl Session {
             if self.server.is_none() && self.needs_server(&frame)? {
                 let bound = match self.bind_now() {
                     Ok(conn) => {
-                        self.attach(conn, Instant::now());
+                        self.attach(conn, None);
                         Ok(())
                     }
                     // Boxed: see `bind_now`.
@@ -919,10 +919,7 @@ impl Session {
     /// client's future (memory per idle client). Err carries a connection
     /// that was checked out but needs its settings synced, if any.
     fn bind_now(&mut self) -> Result<PooledConn, Option<PooledConn>> {
-        if self.shared.any_paused.load(Relaxed)
-            || self.route_gen != self.shared.router.generation()
-            || self.pool.is_closed()
-        {
+        if self.shared.any_paused.load(Relaxed) || self.route_stale() {
             return Err(None);
         }
         let mut conn = self.pool.try_checkout().ok_or(None)?;
@@ -932,8 +929,16 @@ impl Session {
         Ok(conn)
     }
 
-    /// Makes `conn` the session's server connection.
-    fn attach(&mut self, conn: PooledConn, asked: Instant) {
+    /// The topology changed since this session last routed, or its pool was
+    /// replaced: route again before the next transaction.
+    fn route_stale(&self) -> bool {
+        self.route_gen != self.shared.router.generation() || self.pool.is_closed()
+    }
+
+    /// Makes `conn` the session's server connection. `asked` is when the
+    /// client started waiting for it; None when it did not wait (the fast
+    /// path: one clock read, a zero wait recorded).
+    fn attach(&mut self, conn: PooledConn, asked: Option<Instant>) {
         self.client.entry.set_target(Some(CancelTarget {
             addr: conn.addr.clone(),
             pid: conn.backend_pid,
@@ -944,7 +949,7 @@ impl Session {
         self.server = Some(conn);
         self.server_unflushed = false;
         self.bound_at = Instant::now();
-        let waited = self.bound_at.saturating_duration_since(asked);
+        let waited = asked.map_or(Duration::ZERO, |a| self.bound_at.saturating_duration_since(a));
         self.pool
             .stats
             .total_wait_time
@@ -964,19 +969,18 @@ impl Session {
                 if self.shared.any_paused.load(Relaxed) {
                     self.wait_unpaused().await?;
                 }
-                if self.route_gen != self.shared.router.generation() || self.pool.is_closed() {
+                if self.route_stale() {
                     self.reroute().await?;
                 }
-                match self.pool.try_checkout() {
-                    Some(c) => c,
-                    None => self.checkout_or_hold().await?,
-                }
+                // The fast path found no idle connection (or the pool has
+                // just changed): checkout takes an idle one first anyway.
+                self.checkout_or_hold().await?
             }
         };
         if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
             self.sync_server(&mut conn).await?;
         }
-        self.attach(conn, asked);
+        self.attach(conn, Some(asked));
         Ok(())
     }
 
@@ -1038,7 +1042,7 @@ impl Session {
                 logged = true;
             }
             let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), topology.changed()).await;
-            if self.route_gen != self.shared.router.generation() || self.pool.is_closed() {
+            if self.route_stale() {
                 self.reroute().await?;
             }
         }
