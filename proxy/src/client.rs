@@ -146,8 +146,8 @@ async fn start(
         user_permit: login.user_permit,
     };
     // The session lives in its own box, held once by `run`'s future (see
-    // `Session::run`), and that future in another: about 850 bytes per
-    // idle client together.
+    // `Session::run`), and that future in another: about 1 KB per idle
+    // client together (loadtest/idle-heaptrack.sh).
     Ok(Some(Box::pin(Box::new(Session::new(shared, init)).run())))
 }
 
