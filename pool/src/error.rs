@@ -34,6 +34,23 @@ pub enum PoolError {
 }
 
 impl PoolError {
+    /// For an error from [`crate::Pool::checkout`]: the server could not be
+    /// reached or went away while a new connection logged in, which a node
+    /// that is restarting, going away or coming back does. Worth waiting
+    /// for (the topology may move the client, or the node come back);
+    /// refused credentials and the like are not.
+    pub fn server_unavailable(&self) -> bool {
+        match self {
+            PoolError::Connect { .. } | PoolError::ConnectTimeout(_) => true,
+            // A postmaster on its way down accepts, then drops the socket
+            // (seen when Patroni stops a replica).
+            PoolError::Io(_) | PoolError::Closed => true,
+            // "the database system is starting up / shutting down".
+            PoolError::Server { .. } => self.sqlstate() == pgferry_protocol::sqlstate::CANNOT_CONNECT_NOW,
+            _ => false,
+        }
+    }
+
     /// SQLSTATE to report to a client.
     pub fn sqlstate(&self) -> &str {
         use pgferry_protocol::sqlstate::*;
@@ -48,5 +65,27 @@ impl PoolError {
             }
             _ => CONNECTION_FAILURE,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PoolError;
+
+    #[test]
+    fn only_an_unreachable_or_restarting_server_is_worth_waiting_for() {
+        let server = |code: &str| PoolError::Server {
+            severity: "FATAL".into(),
+            code: code.into(),
+            message: String::new(),
+        };
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(PoolError::Io(reset).server_unavailable());
+        assert!(PoolError::Closed.server_unavailable());
+        assert!(PoolError::ConnectTimeout("n".into()).server_unavailable());
+        assert!(server("57P03").server_unavailable());
+        assert!(!server("28P01").server_unavailable());
+        assert!(!PoolError::Auth("no".into()).server_unavailable());
+        assert!(!PoolError::WaitTimeout.server_unavailable());
     }
 }

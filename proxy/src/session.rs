@@ -1023,14 +1023,8 @@ impl Session {
                     self.reroute().await?;
                     continue;
                 }
-                Err(e @ (PoolError::Connect { .. } | PoolError::ConnectTimeout(_))) => e,
-                // Reset or closed during login: a postmaster on its way down
-                // accepts, then drops the socket (seen when Patroni stops a
-                // replica). Nothing of the client's was sent: wait and retry.
-                Err(e @ (PoolError::Io(_) | PoolError::Closed)) => e,
-                // "the database system is starting up / shutting down": the
-                // node is going away or coming back; the topology will say.
-                Err(e @ PoolError::Server { .. }) if e.sqlstate() == sqlstate::CANNOT_CONNECT_NOW => e,
+                // Nothing of the client's was sent: wait and retry.
+                Err(e) if e.server_unavailable() => e,
                 Err(e) => return Err(e),
             };
             let left = deadline.saturating_duration_since(Instant::now());
