@@ -21,6 +21,8 @@ pub enum ProtocolError {
     Utf8(&'static str),
     #[error("unexpected message type {0:?}")]
     UnexpectedTag(char),
+    #[error(transparent)]
+    Unmatched(#[from] crate::replies::MatchError),
     #[error("connection closed in the middle of a message")]
     Truncated,
 }

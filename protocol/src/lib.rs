@@ -30,6 +30,7 @@ pub use startup::{decode_startup, StartupPacket};
 pub mod sqlstate {
     pub const PROTOCOL_VIOLATION: &str = "08P01";
     pub const CONNECTION_FAILURE: &str = "08006";
+    pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
     pub const CONNECTION_EXCEPTION: &str = "08000";
     pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
     pub const INVALID_PASSWORD: &str = "28P01";

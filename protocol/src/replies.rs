@@ -251,7 +251,23 @@ impl<P> Replies<P> {
 
     /// The head request is one pgferry sent on its own behalf.
     pub fn head_swallowed(&self) -> bool {
-        matches!(self.slots.front(), Some(Slot { reply: Reply::Swallow, .. }))
+        matches!(
+            self.slots.front(),
+            Some(Slot {
+                reply: Reply::Swallow,
+                ..
+            })
+        )
+    }
+
+    /// Frees the queue's memory when nothing is queued (idle clients).
+    pub fn release_memory(&mut self) {
+        if self.slots.is_empty() && self.slots.capacity() > 0 {
+            self.slots = VecDeque::new();
+        }
+        if self.fates.is_empty() && self.fates.capacity() > 0 {
+            self.fates = Vec::new();
+        }
     }
 
     /// Fates decided since the last call, oldest first.
@@ -384,7 +400,9 @@ impl<P> Replies<P> {
             | (R::Bind, backend::BIND_COMPLETE)
             | (R::Close, backend::CLOSE_COMPLETE)
             | (R::Describe, backend::ROW_DESCRIPTION | backend::NO_DATA)
-            | (R::Execute, backend::COMMAND_COMPLETE | backend::EMPTY_QUERY_RESPONSE | backend::PORTAL_SUSPENDED) => true,
+            | (R::Execute, backend::COMMAND_COMPLETE | backend::EMPTY_QUERY_RESPONSE | backend::PORTAL_SUSPENDED) => {
+                true
+            }
             (R::Describe, backend::PARAMETER_DESCRIPTION)
             | (R::FunctionCall, backend::FUNCTION_CALL_RESPONSE)
             | (R::Execute, backend::DATA_ROW | backend::COPY_OUT_RESPONSE | backend::COPY_DATA | backend::COPY_DONE)
@@ -540,7 +558,10 @@ impl<P> Replies<P> {
         self.copy_in = false;
         self.unsynced = false;
         self.status = TxStatus::Idle;
-        Lost { open, told: open && failed }
+        Lost {
+            open,
+            told: open && failed,
+        }
     }
 }
 

@@ -12,10 +12,7 @@ type R = Replies<u32>;
 fn frame(tag: u8, body: &[u8]) -> Frame {
     let mut b = BytesMut::new();
     encode::message(&mut b, tag, |b| b.put_slice(body));
-    Frame {
-        tag,
-        bytes: b.freeze(),
-    }
+    Frame { tag, bytes: b.freeze() }
 }
 
 fn err(code: &str) -> Frame {
@@ -67,7 +64,10 @@ fn simple_query_is_released_at_idle_ready_for_query() {
     assert!(r.releasable());
     send(&mut r, &[Query]);
     assert!(!r.releasable());
-    assert_eq!(feed(&mut r, &[frame(b'T', b""), frame(b'D', b""), frame(b'C', b"")]), "TDC");
+    assert_eq!(
+        feed(&mut r, &[frame(b'T', b""), frame(b'D', b""), frame(b'C', b"")]),
+        "TDC"
+    );
     assert!(!r.releasable());
     assert_eq!(feed(&mut r, &[z(b'I')]), "Z");
     assert!(r.releasable());
@@ -114,7 +114,10 @@ fn flush_before_sync_keeps_the_connection() {
     assert_eq!(feed(&mut r, &[z(b'T')]), "Z");
     assert!(!r.releasable(), "in a transaction block");
     send(&mut r, &[Parse, Bind, Execute, Sync]);
-    feed(&mut r, &[frame(b'1', b""), frame(b'2', b""), frame(b'C', b"COMMIT\0"), z(b'I')]);
+    feed(
+        &mut r,
+        &[frame(b'1', b""), frame(b'2', b""), frame(b'C', b"COMMIT\0"), z(b'I')],
+    );
     assert!(r.releasable());
 }
 
@@ -139,7 +142,12 @@ fn error_before_sync_is_sent_skips_what_follows() {
     assert!(!r.pending());
     assert_eq!(
         fates(&mut r),
-        [(4, Fate::Skipped), (5, Fate::Skipped), (6, Fate::Skipped), (7, Fate::Skipped)]
+        [
+            (4, Fate::Skipped),
+            (5, Fate::Skipped),
+            (6, Fate::Skipped),
+            (7, Fate::Skipped)
+        ]
     );
     assert!(!r.releasable());
     r.sent(Sync, Reply::Forward, Some(8));
@@ -152,7 +160,10 @@ fn error_before_sync_is_sent_skips_what_follows() {
 #[test]
 fn error_with_sync_queued_skips_up_to_it() {
     let mut r = R::new();
-    for (i, q) in [Parse, Bind, Execute, Parse, Bind, Execute, Sync, Query].into_iter().enumerate() {
+    for (i, q) in [Parse, Bind, Execute, Parse, Bind, Execute, Sync, Query]
+        .into_iter()
+        .enumerate()
+    {
         r.sent(q, Reply::Forward, Some(i as u32));
     }
     let out = feed(&mut r, &[frame(b'1', b""), frame(b'2', b""), err("23505")]);
@@ -210,7 +221,16 @@ fn error_in_a_query_or_function_call_is_followed_by_its_ready_for_query() {
 fn a_failed_commit_at_sync_is_followed_by_ready_for_query() {
     let mut r = R::new();
     send(&mut r, &[Parse, Bind, Execute, Sync]);
-    let out = feed(&mut r, &[frame(b'1', b""), frame(b'2', b""), frame(b'C', b""), err("23503"), z(b'I')]);
+    let out = feed(
+        &mut r,
+        &[
+            frame(b'1', b""),
+            frame(b'2', b""),
+            frame(b'C', b""),
+            err("23503"),
+            z(b'I'),
+        ],
+    );
     assert_eq!(out, "12CEZ");
     assert!(r.releasable());
 }
@@ -289,7 +309,12 @@ fn replace_error_puts_pgferrys_error_where_the_server_failed() {
     let mut r = R::new();
     let mine = {
         let mut b = BytesMut::new();
-        encode::error_response(&mut b, encode::Severity::Error, "26000", "prepared statement \"s1\" does not exist");
+        encode::error_response(
+            &mut b,
+            encode::Severity::Error,
+            "26000",
+            "prepared statement \"s1\" does not exist",
+        );
         b.freeze()
     };
     send(&mut r, &[Query]);
@@ -323,7 +348,13 @@ fn parameter_status_is_left_to_the_caller() {
 #[test]
 fn replies_nobody_asked_for_are_errors() {
     let mut out = BytesMut::new();
-    for f in [z(b'I'), frame(b'1', b""), frame(b'C', b""), err("XX000"), frame(b'R', b"")] {
+    for f in [
+        z(b'I'),
+        frame(b'1', b""),
+        frame(b'C', b""),
+        err("XX000"),
+        frame(b'R', b""),
+    ] {
         let mut r = R::new();
         assert!(r.received(&f, &mut out).is_err(), "{:?}", f.tag as char);
     }
@@ -344,7 +375,10 @@ fn replies_nobody_asked_for_are_errors() {
 #[test]
 fn describe_execute_and_empty_queries() {
     let mut r = R::new();
-    send(&mut r, &[Parse, Describe, Bind, Describe, Execute, Execute, Sync, Query]);
+    send(
+        &mut r,
+        &[Parse, Describe, Bind, Describe, Execute, Execute, Sync, Query],
+    );
     let out = feed(
         &mut r,
         &[
@@ -382,7 +416,10 @@ fn copy_from_stdin_extended_with_the_sync_sent_early() {
     // libpq: Bind/Execute/Sync, then the data, CopyDone and another Sync.
     let mut r = R::new();
     send(&mut r, &[Parse, Bind, Execute, Sync]);
-    assert_eq!(feed(&mut r, &[frame(b'1', b""), frame(b'2', b""), frame(b'G', b"")]), "12G");
+    assert_eq!(
+        feed(&mut r, &[frame(b'1', b""), frame(b'2', b""), frame(b'G', b"")]),
+        "12G"
+    );
     assert!(r.copy_in(), "the first Sync is consumed by the COPY");
     send(&mut r, &[CopyData, Sync, CopyDone, Sync]);
     assert_eq!(feed(&mut r, &[frame(b'C', b""), z(b'I')]), "CZ");
@@ -395,7 +432,10 @@ fn copy_ended_before_the_server_said_it_began() {
     send(&mut r, &[Query, CopyData, CopyDone, Query]);
     assert_eq!(feed(&mut r, &[frame(b'G', b"")]), "G");
     assert!(!r.copy_in(), "the CopyDone is already on its way");
-    assert_eq!(feed(&mut r, &[frame(b'C', b""), z(b'I'), frame(b'C', b""), z(b'I')]), "CZCZ");
+    assert_eq!(
+        feed(&mut r, &[frame(b'C', b""), z(b'I'), frame(b'C', b""), z(b'I')]),
+        "CZCZ"
+    );
     assert!(r.releasable());
 }
 
@@ -501,13 +541,25 @@ fn lost_between_requests() {
     feed(&mut r, &[frame(b'1', b""), frame(b'2', b""), frame(b'C', b"")]);
     assert!(!r.executing());
     let mut out = BytesMut::new();
-    assert_eq!(r.lost(&mut out, &err("08006").bytes), Lost { open: true, told: false });
+    assert_eq!(
+        r.lost(&mut out, &err("08006").bytes),
+        Lost {
+            open: true,
+            told: false
+        }
+    );
     assert!(out.is_empty());
     // In a transaction block with nothing in flight.
     let mut r = R::new();
     send(&mut r, &[Query]);
     feed(&mut r, &[frame(b'C', b""), z(b'T')]);
-    assert_eq!(r.lost(&mut out, &err("08006").bytes), Lost { open: false, told: false });
+    assert_eq!(
+        r.lost(&mut out, &err("08006").bytes),
+        Lost {
+            open: false,
+            told: false
+        }
+    );
     assert!(out.is_empty());
     // While skipping: the client had its error.
     let mut r = R::new();
@@ -537,18 +589,31 @@ fn lost_keeps_local_answers_before_the_failure() {
 #[derive(Debug, Clone, Copy)]
 enum Op {
     /// Forwarded; `fail`: the server rejects it.
-    Parse { fail: bool },
-    Bind { fail: bool },
-    Describe { fail: bool },
-    Execute { rows: u8, fail: bool },
+    Parse {
+        fail: bool,
+    },
+    Bind {
+        fail: bool,
+    },
+    Describe {
+        fail: bool,
+    },
+    Execute {
+        rows: u8,
+        fail: bool,
+    },
     Close,
-    Sync { commit_fails: bool },
+    Sync {
+        commit_fails: bool,
+    },
     Flush,
     Query(Q),
     /// pgferry answers a Parse itself (the statement is known good).
     LocalParse,
     /// pgferry adds a Parse of its own before the client's Bind.
-    AddedParse { fail: bool },
+    AddedParse {
+        fail: bool,
+    },
     /// pgferry refuses the client's request: poison + ReplaceError.
     Refused,
 }
@@ -802,7 +867,8 @@ fn check(ops: &[Op], steps: &[(bool, usize)]) -> Result<(), TestCaseError> {
             let n = chunk.clamp(1, wire.len());
             rbuf.extend_from_slice(&wire.split_to(n));
             while let Some(f) = decode_frame(&mut rbuf, 1 << 20).unwrap() {
-                r.received(&f, &mut out).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                r.received(&f, &mut out)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
             }
         } else if next >= ops.len() {
             break;
@@ -876,7 +942,12 @@ fn driver_shapes() {
         Query(Q::Commit),
     ];
     for ops in [&psycopg_pipeline[..], &jdbc_batch[..]] {
-        for steps in [&[(true, 1)][..], &[(false, 1)], &[(true, 3), (false, 7)], &[(false, 1000)]] {
+        for steps in [
+            &[(true, 1)][..],
+            &[(false, 1)],
+            &[(true, 3), (false, 7)],
+            &[(false, 1000)],
+        ] {
             check(ops, steps).unwrap();
         }
     }

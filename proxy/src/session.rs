@@ -2,14 +2,15 @@
 //!
 //! One loop (`main_loop`) waits on four things at once: bytes from the
 //! client, bytes from the bound server, and room to write to either. Client
-//! messages are inspected and forwarded (sometimes rewritten); every message
-//! that expects replies pushes a [`Slot`] on a queue, so that server replies
-//! can be matched to requests in order, swallowed when pgferry sent the
-//! request itself, or interleaved with replies pgferry makes up (a
-//! ParseComplete for a statement the server already has).
+//! messages are inspected and forwarded (sometimes rewritten); what was sent
+//! and what comes back goes through the reply matcher
+//! ([`pgferry_protocol::replies::Replies`]), which places server replies and
+//! pgferry's own answers in order and knows, by PostgreSQL's rules, when the
+//! server is at a ReadyForQuery boundary.
 //!
-//! In transaction mode the server connection goes back to the pool when the
-//! queue is empty, the server is idle ('I') and no session state pins the
+//! In transaction mode the server connection goes back to the pool only when
+//! the matcher says so (every request answered, the last one a sync point,
+//! the server idle and not skipping to a Sync) and no session state pins the
 //! client; in session mode it stays until the client leaves.
 
 use crate::clients::{CancelTarget, Signal};
@@ -23,11 +24,12 @@ use pgferry_pool::statements::Statement;
 use pgferry_pool::{Pool, PoolError, PooledConn, ServerConn};
 use pgferry_protocol::backend::{self, TxStatus};
 use pgferry_protocol::encode::{self, Severity};
+use pgferry_protocol::replies::{Fate, Received, Replies, Reply, Request};
 use pgferry_protocol::sql::{self, Pin};
 use pgferry_protocol::{decode_frame, frontend, sqlstate, Frame, ProtocolError};
 use pgferry_routing::{Role, Route};
 use pgferry_tls::stream::{ClientReadHalf, ClientWriteHalf};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin as StdPin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -42,62 +44,21 @@ const HIGH_WATER: usize = 256 * 1024;
 /// Bound on pgferry's own short queries (sync, capture, reset).
 const INTERNAL_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The reply a request expects; what ends it is in [`Slot::ends_with`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Expect {
-    Parse,
-    Bind,
-    Describe,
-    Execute,
-    Close,
-    Sync,
-    Query,
-    FunctionCall,
-    /// Marks where the client ended a COPY (CopyDone/CopyFail) before the
-    /// server's CopyInResponse arrived; gets no reply.
-    CopyEnd,
-}
-
+/// What a request meant for pgferry's statement bookkeeping, kept or undone
+/// by its [`Fate`]: PostgreSQL skips everything after an error up to the
+/// next Sync, so a request pgferry already accounted for may never happen.
 #[derive(Debug)]
-enum Action {
-    /// The client sent it: pass the replies on.
-    Forward,
-    /// pgferry sent it on the client's behalf: drop the replies.
-    Swallow,
-    /// pgferry answers it itself, with these bytes, when its turn comes.
-    Inject(Bytes),
-}
-
-#[derive(Debug)]
-struct Slot {
-    expect: Expect,
-    action: Action,
-    /// The statement a Parse prepares on the server: forgotten there if the
-    /// Parse fails, marked verified when it succeeds.
-    prepares: Option<Arc<Statement>>,
-}
-
-impl Slot {
-    fn ends_with(&self, tag: u8) -> bool {
-        use backend::*;
-        matches!(
-            (self.expect, tag),
-            (Expect::Parse, PARSE_COMPLETE)
-                | (Expect::Bind, BIND_COMPLETE)
-                | (Expect::Close, CLOSE_COMPLETE)
-                | (Expect::Describe, ROW_DESCRIPTION | NO_DATA)
-                | (
-                    Expect::Execute,
-                    COMMAND_COMPLETE | EMPTY_QUERY_RESPONSE | PORTAL_SUSPENDED
-                )
-                | (Expect::Sync | Expect::Query | Expect::FunctionCall, READY_FOR_QUERY)
-        )
-    }
-
-    /// Requests that end with ReadyForQuery, which an error does not skip.
-    fn is_sync_point(&self) -> bool {
-        matches!(self.expect, Expect::Sync | Expect::Query | Expect::FunctionCall)
-    }
+enum Effect {
+    /// pgferry sent a Parse of `stmt` to the bound server; `client` names
+    /// the client's statement when it was the client's own Parse.
+    Prepared {
+        stmt: Arc<Statement>,
+        client: Option<Box<[u8]>>,
+    },
+    /// The client's Parse of `name`, answered by pgferry.
+    Named { name: Box<[u8]>, stmt: Arc<Statement> },
+    /// The client's Close (or DEALLOCATE) of `name`, answered by pgferry.
+    Closed { name: Box<[u8]>, stmt: Arc<Statement> },
 }
 
 #[derive(PartialEq, Eq)]
@@ -120,6 +81,11 @@ enum Event {
 }
 
 static PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+/// A portal no client has: executing it makes the server fail where pgferry
+/// refused a client's request (see `fail_request`).
+const REFUSED_PORTAL: &[u8] = b"pgferry: request refused by the proxy";
+/// The simple-query counterpart.
+const REFUSED_QUERY: &[u8] = b"DO $pgferry$BEGIN RAISE EXCEPTION 'pgferry refused a client request'; END$pgferry$";
 static CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 
 /// Everything a session starts with.
@@ -167,9 +133,8 @@ pub struct Session {
     /// When the oldest request still waiting for a ReadyForQuery was sent
     /// (query time: request to ReadyForQuery).
     query_start: Option<Instant>,
-    slots: VecDeque<Slot>,
-    /// Transaction status as of the last ReadyForQuery.
-    status: TxStatus,
+    /// What the bound server still owes, and where it is in the protocol.
+    replies: Replies<Effect>,
     /// The client's named statements.
     statements: HashMap<Box<[u8]>, Arc<Statement>>,
     /// The registry entry of the Parse being handled, held from
@@ -187,11 +152,9 @@ pub struct Session {
     reset_all: bool,
     /// DEALLOCATE ALL / DISCARD ALL ran: the server lost its statements.
     forget_server_statements: bool,
-    /// After an error pgferry reported itself, drop messages up to Sync.
+    /// With no server bound: after an error pgferry reported itself, drop
+    /// messages up to Sync. (With one bound, the server skips.)
     skip_until_sync: bool,
-    /// The server is in copy-in mode: it ignores Sync and Flush until the
-    /// client's CopyDone or CopyFail (PostgreSQL's CopyGetData).
-    copy_in: bool,
     /// The server died while the client was between requests in a transaction.
     lost_transaction: Option<Box<(String, String)>>,
     /// A FATAL the server sent before closing: reported as the reason.
@@ -237,8 +200,7 @@ impl Session {
             server: None,
             bound_at: Instant::now(),
             query_start: None,
-            slots: VecDeque::new(),
-            status: TxStatus::Idle,
+            replies: Replies::new(),
             statements: HashMap::new(),
             interned: None,
             params: init.params,
@@ -248,7 +210,6 @@ impl Session {
             reset_all: false,
             forget_server_statements: false,
             skip_until_sync: false,
-            copy_in: false,
             lost_transaction: None,
             server_fatal: None,
             client: init.client,
@@ -357,7 +318,7 @@ impl Session {
     /// what it needs again: a few small allocations per transaction, which
     /// BENCHMARKS.md measured as no cost in CPU per transaction.
     fn release_idle_buffers(&mut self) {
-        if self.server.is_some() || !self.slots.is_empty() || self.client_unflushed {
+        if self.server.is_some() || self.replies.pending() || self.client_unflushed {
             return;
         }
         // `capacity()` does not show what an advanced or split buffer still
@@ -368,9 +329,7 @@ impl Session {
                 *buf = BytesMut::new();
             }
         }
-        if self.slots.capacity() > 0 {
-            self.slots = VecDeque::new();
-        }
+        self.replies.release_memory();
     }
 
     /// Waits for the next thing to do. The future holds only `&mut self`:
@@ -459,8 +418,7 @@ impl Session {
     /// Nothing in flight either way and no transaction open: the client can
     /// be closed without losing anything.
     fn between_transactions(&self) -> bool {
-        self.status == TxStatus::Idle
-            && self.slots.is_empty()
+        self.replies.releasable()
             && self.to_server.is_empty()
             && self.to_client.is_empty()
             && !self.client_unflushed
@@ -472,18 +430,21 @@ impl Session {
         if self.shared.drain_age().is_some() && self.between_transactions() {
             return Some((DRAIN_GRACE, sqlstate::ADMIN_SHUTDOWN, SHUTTING_DOWN));
         }
-        if !self.slots.is_empty() || !self.to_client.is_empty() {
+        if self.replies.pending() || !self.to_client.is_empty() {
             return None;
         }
         let l = &self.shared.config().limits;
-        if self.status != TxStatus::Idle && !l.idle_transaction_timeout.is_zero() {
+        // An open extended-protocol group holds its server like a
+        // transaction block does.
+        let in_transaction = !self.replies.releasable();
+        if in_transaction && !l.idle_transaction_timeout.is_zero() {
             return Some((
                 l.idle_transaction_timeout,
                 sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
                 "idle_transaction_timeout expired",
             ));
         }
-        if self.status == TxStatus::Idle && !l.client_idle_timeout.is_zero() {
+        if !in_transaction && !l.client_idle_timeout.is_zero() {
             return Some((
                 l.client_idle_timeout,
                 sqlstate::IDLE_SESSION_TIMEOUT,
@@ -570,7 +531,7 @@ impl Session {
     }
 
     fn on_client_frame(&mut self, frame: Frame) -> Result<(), ClientError> {
-        tracing::trace!(client = self.id, tag = %(frame.tag as char), len = frame.len(), bound = self.server.is_some(), slots = self.slots.len(), "from client");
+        tracing::trace!(client = self.id, tag = %(frame.tag as char), len = frame.len(), bound = self.server.is_some(), "from client");
         match frame.tag {
             frontend::QUERY => self.on_query(frame),
             frontend::PARSE => self.on_parse(frame),
@@ -579,41 +540,25 @@ impl Session {
             frontend::CLOSE => self.on_close(frame),
             frontend::SYNC => {
                 self.skip_until_sync = false;
-                if self.copy_in {
-                    // Ignored by the server during copy-in: expect no reply.
-                    self.to_server.extend_from_slice(&frame.bytes);
-                } else if self.server.is_some() {
-                    self.forward(&frame, Expect::Sync);
+                if self.server.is_some() {
+                    self.forward(&frame, Request::Sync);
                 } else {
                     let mut b = BytesMut::with_capacity(6);
-                    encode::ready_for_query(&mut b, self.status);
-                    self.respond_local(b.freeze());
+                    encode::ready_for_query(&mut b, self.replies.status());
+                    self.respond_local(b.freeze(), true, None);
                 }
                 Ok(())
             }
-            frontend::EXECUTE => self.with_server(&frame, Expect::Execute),
-            frontend::FUNCTION_CALL => self.with_server(&frame, Expect::FunctionCall),
-            frontend::FLUSH => {
+            frontend::EXECUTE => self.with_server(&frame, Request::Execute),
+            frontend::FUNCTION_CALL => self.with_server(&frame, Request::FunctionCall),
+            // Without a server there is nothing to flush but what pgferry
+            // answered itself, which goes out anyway; outside COPY,
+            // PostgreSQL ignores copy messages too (postgres.c).
+            frontend::FLUSH | frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
                 if self.server.is_some() {
+                    let req = Request::from_tag(frame.tag).expect("a request tag");
                     self.to_server.extend_from_slice(&frame.bytes);
-                }
-                Ok(())
-            }
-            // Outside COPY PostgreSQL ignores these too (postgres.c).
-            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
-                if self.server.is_some() {
-                    self.to_server.extend_from_slice(&frame.bytes);
-                    if frame.tag != frontend::COPY_DATA {
-                        if self.copy_in {
-                            self.copy_in = false;
-                        } else {
-                            self.slots.push_back(Slot {
-                                expect: Expect::CopyEnd,
-                                action: Action::Inject(Bytes::new()),
-                                prepares: None,
-                            });
-                        }
-                    }
+                    self.replies.sent(req, Reply::Forward, None);
                 }
                 Ok(())
             }
@@ -622,7 +567,11 @@ impl Session {
     }
 
     fn on_query(&mut self, frame: Frame) -> Result<(), ClientError> {
-        let text = frontend::query(frame.body())?;
+        let Ok(text) = frontend::query(frame.body()) else {
+            // As PostgreSQL: an error for this query, not a closed connection.
+            self.fail_request(sqlstate::PROTOCOL_VIOLATION, "invalid string in message", true);
+            return Ok(());
+        };
         if self.read_only && sql::may_leave_read_only(text) {
             self.refuse_read_write(true);
             return Ok(());
@@ -635,16 +584,20 @@ impl Session {
             // DEALLOCATE of a protocol-level statement: pgferry holds those,
             // so it answers itself.
             if let (Some(Some(name)), 1) = (&fx.deallocate, fx.statements) {
-                if self.rewrite && self.statements.remove(name.as_bytes()).is_some() {
+                if !self.rewrite {
+                    return self.with_server(&frame, Request::Query);
+                }
+                if let Some(stmt) = self.statements.remove(name.as_bytes()) {
                     let mut b = BytesMut::new();
                     encode::command_complete(&mut b, "DEALLOCATE");
-                    encode::ready_for_query(&mut b, self.status);
-                    self.respond_local(b.freeze());
+                    encode::ready_for_query(&mut b, self.replies.status());
+                    let name = name.as_bytes().into();
+                    self.respond_local(b.freeze(), true, Some(Effect::Closed { name, stmt }));
                     return Ok(());
                 }
             }
         }
-        self.with_server(&frame, Expect::Query)
+        self.with_server(&frame, Request::Query)
     }
 
     /// Applies what a statement does to session state. Returns false if the
@@ -708,7 +661,7 @@ impl Session {
             if self.mode == PoolMode::Transaction && !self.note_effects(&sql::scan(p.query), false) {
                 return Ok(());
             }
-            return self.with_server(&frame, Expect::Parse);
+            return self.with_server(&frame, Request::Parse);
         }
         if self.statements.contains_key(p.name) {
             let msg = format!(
@@ -727,48 +680,56 @@ impl Session {
             // Known good: no server needed now. Waiting for one here could
             // deadlock a client library that prepares synchronously on one
             // thread while another of its connections holds a server.
-            self.statements.insert(p.name.into(), stmt);
-            self.respond_local(Bytes::from_static(PARSE_COMPLETE));
+            self.statements.insert(p.name.into(), stmt.clone());
+            let effect = Effect::Named {
+                name: p.name.into(),
+                stmt,
+            };
+            self.respond_local(Bytes::from_static(PARSE_COMPLETE), false, Some(effect));
             return Ok(());
         }
         if !self.require_server(false) {
             return Ok(());
         }
         self.statements.insert(p.name.into(), stmt.clone());
-        self.prepare_on_server(&stmt, true);
+        self.prepare_on_server(&stmt, Some(p.name));
         Ok(())
     }
 
     /// Makes sure the bound server has `stmt`. For the client's own Parse
-    /// (`explicit`) the client gets a ParseComplete either way; for one
+    /// of `client_name` the client gets a ParseComplete either way; for one
     /// pgferry adds before a Bind or Describe, the reply is swallowed.
-    fn prepare_on_server(&mut self, stmt: &Arc<Statement>, explicit: bool) {
+    fn prepare_on_server(&mut self, stmt: &Arc<Statement>, client_name: Option<&[u8]>) {
         let srv = self.server.as_deref_mut().expect("bound");
         if srv.statements.touch(stmt.id) {
-            if explicit {
-                self.respond_local(Bytes::from_static(PARSE_COMPLETE));
+            if let Some(name) = client_name {
+                let effect = Effect::Named {
+                    name: name.into(),
+                    stmt: stmt.clone(),
+                };
+                self.respond_local(Bytes::from_static(PARSE_COMPLETE), false, Some(effect));
             }
             return;
         }
         if let Some(victim) = srv.statements.insert(stmt.id, self.max_prepared) {
             encode::close(&mut self.to_server, b'S', format!("pgferry_{victim}").as_bytes());
-            self.slots.push_back(Slot {
-                expect: Expect::Close,
-                action: Action::Swallow,
-                prepares: None,
-            });
+            self.replies.sent(Request::Close, Reply::Swallow, None);
         }
         encode::message(&mut self.to_server, frontend::PARSE, |b| {
             b.put_slice(&stmt.name);
             b.put_u8(0);
             b.put_slice(&stmt.parse_tail);
         });
-        let action = if explicit { Action::Forward } else { Action::Swallow };
-        self.slots.push_back(Slot {
-            expect: Expect::Parse,
-            action,
-            prepares: Some(stmt.clone()),
-        });
+        let reply = if client_name.is_some() {
+            Reply::Forward
+        } else {
+            Reply::Swallow
+        };
+        let effect = Effect::Prepared {
+            stmt: stmt.clone(),
+            client: client_name.map(Into::into),
+        };
+        self.replies.sent(Request::Parse, reply, Some(effect));
     }
 
     /// The client's statement `name`, or None with 26000 queued for the request.
@@ -784,22 +745,18 @@ impl Session {
         stmt
     }
 
-    /// Queues a client request that pgferry rewrote, with its reply forwarded.
-    fn expect_forwarded(&mut self, expect: Expect) {
+    /// Notes a client request written to the server, its reply forwarded.
+    fn expect_forwarded(&mut self, req: Request) {
         if self.query_start.is_none() {
             self.query_start = Some(Instant::now());
         }
-        self.slots.push_back(Slot {
-            expect,
-            action: Action::Forward,
-            prepares: None,
-        });
+        self.replies.sent(req, Reply::Forward, None);
     }
 
     fn on_bind(&mut self, frame: Frame) -> Result<(), ClientError> {
         let b = frontend::bind(frame.body())?;
         if !self.rewrite || b.statement.is_empty() {
-            return self.with_server(&frame, Expect::Bind);
+            return self.with_server(&frame, Request::Bind);
         }
         let Some(stmt) = self.client_statement(b.statement) else {
             return Ok(());
@@ -808,29 +765,29 @@ impl Session {
         if !self.note_effects(&stmt.effects, false) || !self.require_server(false) {
             return Ok(());
         }
-        self.prepare_on_server(&stmt, false);
+        self.prepare_on_server(&stmt, None);
         encode::bind(
             &mut self.to_server,
             b.portal,
             &stmt.name,
             &frame.body()[b.rest_offset..],
         );
-        self.expect_forwarded(Expect::Bind);
+        self.expect_forwarded(Request::Bind);
         Ok(())
     }
 
     fn on_describe(&mut self, frame: Frame) -> Result<(), ClientError> {
         let (kind, name) = frontend::target(frame.body(), "Describe")?;
         if !self.rewrite || kind != b'S' || name.is_empty() {
-            return self.with_server(&frame, Expect::Describe);
+            return self.with_server(&frame, Request::Describe);
         }
         let Some(stmt) = self.client_statement(name) else {
             return Ok(());
         };
         if self.require_server(false) {
-            self.prepare_on_server(&stmt, false);
+            self.prepare_on_server(&stmt, None);
             encode::describe(&mut self.to_server, b'S', &stmt.name);
-            self.expect_forwarded(Expect::Describe);
+            self.expect_forwarded(Request::Describe);
         }
         Ok(())
     }
@@ -839,22 +796,25 @@ impl Session {
         let (kind, name) = frontend::target(frame.body(), "Close")?;
         if self.rewrite && kind == b'S' && !name.is_empty() {
             // The server copy stays cached for other clients.
-            self.statements.remove(name);
-            self.respond_local(Bytes::from_static(CLOSE_COMPLETE));
+            let effect = self.statements.remove(name).map(|stmt| Effect::Closed {
+                name: name.into(),
+                stmt,
+            });
+            self.respond_local(Bytes::from_static(CLOSE_COMPLETE), false, effect);
             return Ok(());
         }
         if self.server.is_none() && self.mode == PoolMode::Transaction && kind == b'P' {
             // No server, so no portal: closing a missing portal succeeds.
-            self.respond_local(Bytes::from_static(CLOSE_COMPLETE));
+            self.respond_local(Bytes::from_static(CLOSE_COMPLETE), false, None);
             return Ok(());
         }
-        self.with_server(&frame, Expect::Close)
+        self.with_server(&frame, Request::Close)
     }
 
     /// Forwards `frame` to the bound server.
-    fn with_server(&mut self, frame: &Frame, expect: Expect) -> Result<(), ClientError> {
-        if self.require_server(expect == Expect::Query) {
-            self.forward(frame, expect);
+    fn with_server(&mut self, frame: &Frame, req: Request) -> Result<(), ClientError> {
+        if self.require_server(req == Request::Query) {
+            self.forward(frame, req);
         }
         Ok(())
     }
@@ -874,37 +834,77 @@ impl Session {
         false
     }
 
-    fn forward(&mut self, frame: &Frame, expect: Expect) {
+    fn forward(&mut self, frame: &Frame, req: Request) {
         self.to_server.extend_from_slice(&frame.bytes);
-        self.expect_forwarded(expect);
+        self.expect_forwarded(req);
     }
 
-    /// Queues a reply pgferry makes itself, in order with pending replies.
-    fn respond_local(&mut self, bytes: Bytes) {
-        if self.slots.is_empty() {
-            self.to_client.extend_from_slice(&bytes);
-        } else {
-            // Its expectation is irrelevant: injected slots never meet a server reply.
-            self.slots.push_back(Slot {
-                expect: Expect::Sync,
-                action: Action::Inject(bytes),
-                prepares: None,
-            });
-        }
+    /// Answers a client request itself, in order with the replies the
+    /// server still owes. `sync_point`: the answer ends with ReadyForQuery.
+    fn respond_local(&mut self, bytes: Bytes, sync_point: bool, effect: Option<Effect>) {
+        self.replies.local(&mut self.to_client, bytes, sync_point, effect);
+        self.apply_fates();
     }
 
-    /// Reports an error for the current request. A simple query gets its
-    /// ReadyForQuery; an extended-protocol one skips to the next Sync, as
-    /// PostgreSQL does.
+    /// Reports an error for the current request, with PostgreSQL's
+    /// consequences: a simple query gets its ReadyForQuery; an
+    /// extended-protocol one skips to the next Sync; an open transaction
+    /// (explicit, or the implicit one of a pipeline) is aborted. With a
+    /// server bound, only the server can abort it: pgferry sends it a
+    /// request that fails (a portal nobody has, or a query that raises) and
+    /// puts its own error in place of the server's.
     fn fail_request(&mut self, code: &str, message: &str, simple: bool) {
         let mut b = BytesMut::new();
         encode::error_response(&mut b, Severity::Error, code, message);
+        if self.server.is_some() {
+            let b = b.freeze();
+            if simple {
+                encode::query(&mut self.to_server, REFUSED_QUERY);
+                self.replies.sent(Request::Query, Reply::ReplaceError(b), None);
+            } else {
+                encode::message(&mut self.to_server, frontend::EXECUTE, |m| {
+                    m.put_slice(REFUSED_PORTAL);
+                    m.put_u8(0);
+                    m.put_i32(1);
+                });
+                self.replies.sent(Request::Execute, Reply::ReplaceError(b), None);
+            }
+            if self.query_start.is_none() {
+                self.query_start = Some(Instant::now());
+            }
+            return;
+        }
         if simple {
-            encode::ready_for_query(&mut b, self.status);
+            encode::ready_for_query(&mut b, self.replies.status());
         } else {
             self.skip_until_sync = true;
         }
-        self.respond_local(b.freeze());
+        self.respond_local(b.freeze(), simple, None);
+    }
+
+    /// Keeps or undoes what requests meant, now that their fate is known.
+    fn apply_fates(&mut self) {
+        for (effect, fate) in self.replies.take_fates() {
+            match (effect, fate) {
+                (Effect::Prepared { stmt, .. }, Fate::Done) => stmt.set_verified(),
+                (Effect::Prepared { stmt, client }, _) => {
+                    // The server does not have it; nor does the client, if
+                    // it was the client's Parse (PostgreSQL creates no
+                    // statement on a failed or skipped Parse).
+                    if let Some(srv) = self.server.as_deref_mut() {
+                        srv.statements.remove(stmt.id);
+                    }
+                    if let Some(name) = client {
+                        forget_if_same(&mut self.statements, &name, &stmt);
+                    }
+                }
+                (_, Fate::Done) => {}
+                (Effect::Named { name, stmt }, _) => forget_if_same(&mut self.statements, &name, &stmt),
+                (Effect::Closed { name, stmt }, _) => {
+                    self.statements.entry(name).or_insert(stmt);
+                }
+            }
+        }
     }
 
     fn fail_pool(&mut self, e: &PoolError, simple: bool) {
@@ -1131,94 +1131,74 @@ impl Session {
     }
 
     fn on_server_frame(&mut self, frame: Frame) -> Result<(), PoolError> {
-        tracing::trace!(client = self.id, tag = %(frame.tag as char), len = frame.len(), head = ?self.slots.front(), "from server");
-        self.flush_injected();
-        let swallow = matches!(
-            self.slots.front(),
-            Some(Slot {
-                action: Action::Swallow,
-                ..
-            })
-        );
-        match frame.tag {
-            backend::PARAMETER_STATUS => {
+        tracing::trace!(client = self.id, tag = %(frame.tag as char), len = frame.len(), "from server");
+        let mut frame = frame;
+        if frame.tag == backend::ERROR_RESPONSE {
+            let e = backend::error_fields(frame.body())?;
+            if matches!(e.severity, "FATAL" | "PANIC") {
+                // The server connection is ending, not the client's: keep
+                // the reason for server_lost, which reports it as an ERROR.
+                self.server_fatal = Some(Box::new((e.code.to_owned(), e.message.to_owned())));
+                return Ok(());
+            }
+            if self.rewrite {
+                if let Some(f) = self.client_names_in_error(&frame) {
+                    frame = f;
+                }
+            }
+        }
+        match self.replies.received(&frame, &mut self.to_client) {
+            Ok(Received::ParameterStatus) => {
                 let (name, value) = backend::parameter_status(frame.body())?;
                 self.server.as_deref_mut().expect("bound").set_param(name, value);
                 if self.params.set(name, value) {
                     self.to_client.extend_from_slice(&frame.bytes);
                 }
             }
-            backend::NOTICE_RESPONSE | backend::NOTIFICATION_RESPONSE => {
-                if !swallow {
-                    self.to_client.extend_from_slice(&frame.bytes);
-                }
-            }
-            backend::ERROR_RESPONSE => {
-                let e = backend::error_fields(frame.body())?;
-                if matches!(e.severity, "FATAL" | "PANIC") {
-                    // The server connection is ending, not the client's: keep
-                    // the reason for server_lost, which reports it as an ERROR.
-                    self.server_fatal = Some(Box::new((e.code.to_owned(), e.message.to_owned())));
-                    return Ok(());
-                }
-                // Errors always reach the client, even for a request pgferry
-                // added: that Parse failing is the client's Bind failing.
-                self.to_client.extend_from_slice(&frame.bytes);
-                self.copy_in = false;
-                if let Some(head) = self.slots.front() {
-                    if !head.is_sync_point() {
-                        // The server now skips to the next Sync: so do we.
-                        while let Some(s) = self.slots.front() {
-                            if s.is_sync_point() && !matches!(s.action, Action::Inject(_)) {
-                                break;
-                            }
-                            let s = self.slots.pop_front().expect("front exists");
-                            if let Some(stmt) = s.prepares {
-                                self.server.as_deref_mut().expect("bound").statements.remove(stmt.id);
-                            }
-                        }
-                    }
-                }
-            }
-            backend::READY_FOR_QUERY => {
-                self.status = backend::ready_for_query(frame.body())?;
-                match self.slots.pop_front() {
-                    Some(s) if s.is_sync_point() => {
-                        if !matches!(s.action, Action::Swallow) {
-                            self.to_client.extend_from_slice(&frame.bytes);
-                            self.query_done();
-                        }
-                    }
-                    _ => return Err(PoolError::Protocol(ProtocolError::UnexpectedTag('Z'))),
-                }
-                self.flush_injected();
-            }
-            backend::AUTHENTICATION | backend::BACKEND_KEY_DATA | backend::NEGOTIATE_PROTOCOL_VERSION => {
-                return Err(PoolError::Protocol(ProtocolError::UnexpectedTag(frame.tag as char)));
-            }
-            backend::COPY_IN_RESPONSE | backend::COPY_BOTH_RESPONSE => {
-                self.to_client.extend_from_slice(&frame.bytes);
-                self.enter_copy_in();
-            }
-            tag => {
-                if !swallow {
-                    self.to_client.extend_from_slice(&frame.bytes);
-                }
-                if tag == backend::COMMAND_COMPLETE {
-                    self.copy_in = false;
-                }
-                if self.slots.front().is_some_and(|s| s.ends_with(tag)) {
-                    if let Some(Slot {
-                        prepares: Some(stmt), ..
-                    }) = self.slots.pop_front()
-                    {
-                        stmt.set_verified();
-                    }
-                    self.flush_injected();
-                }
-            }
+            Ok(Received::Ready(_)) => self.query_done(),
+            Ok(Received::Reply) => {}
+            Err(e) => return Err(PoolError::Protocol(e.into())),
         }
+        self.apply_fates();
         Ok(())
+    }
+
+    /// An error that names pgferry's statement (`pgferry_7`) where the
+    /// client knows its own name (`s1`), rewritten with the client's name.
+    /// Rare: only errors that quote a statement name pay for the scan.
+    fn client_names_in_error(&self, frame: &Frame) -> Option<Frame> {
+        const PREFIX: &[u8] = b"\"pgferry_";
+        let body = frame.body();
+        body.windows(PREFIX.len()).position(|w| w == PREFIX)?;
+        let mut out = BytesMut::with_capacity(frame.len() + 64);
+        let mut changed = false;
+        encode::message(&mut out, backend::ERROR_RESPONSE, |b| {
+            let mut fields = body;
+            while let [code, rest @ ..] = fields {
+                if *code == 0 {
+                    break;
+                }
+                let end = rest.iter().position(|&c| c == 0).unwrap_or(rest.len());
+                let mut value = rest[..end].to_vec();
+                for (client, stmt) in &self.statements {
+                    let server = format!("\"{}\"", String::from_utf8_lossy(&stmt.name));
+                    let mine = format!("\"{}\"", String::from_utf8_lossy(client));
+                    if let Some(v) = replace_all(&value, server.as_bytes(), mine.as_bytes()) {
+                        value = v;
+                        changed = true;
+                    }
+                }
+                b.put_u8(*code);
+                b.put_slice(&value);
+                b.put_u8(0);
+                fields = rest.get(end + 1..).unwrap_or(&[]);
+            }
+            b.put_u8(0);
+        });
+        changed.then(|| Frame {
+            tag: backend::ERROR_RESPONSE,
+            bytes: out.freeze(),
+        })
     }
 
     /// A client request got its ReadyForQuery: one query, as PgBouncer
@@ -1234,45 +1214,8 @@ impl Session {
                 .fetch_add(d.as_micros() as u64, Relaxed);
             self.pool.latency.record(LatencyKind::Query, d);
         }
-        if !self.slots.is_empty() {
+        if self.replies.pending() {
             self.query_start = Some(now);
-        }
-    }
-
-    /// The server entered copy-in mode for the request at the head of the
-    /// queue. Syncs the client sent after that request and before ending
-    /// the COPY will be ignored by the server, so they expect no reply.
-    fn enter_copy_in(&mut self) {
-        let mut i = 1;
-        while i < self.slots.len() {
-            match self.slots[i].expect {
-                Expect::CopyEnd => {
-                    self.slots.remove(i);
-                    return;
-                }
-                Expect::Sync if !matches!(self.slots[i].action, Action::Inject(_)) => {
-                    self.slots.remove(i);
-                }
-                _ => i += 1,
-            }
-        }
-        self.copy_in = true;
-    }
-
-    /// Emits replies pgferry made up once everything before them is out.
-    fn flush_injected(&mut self) {
-        while let Some(Slot {
-            action: Action::Inject(_),
-            ..
-        }) = self.slots.front()
-        {
-            if let Some(Slot {
-                action: Action::Inject(b),
-                ..
-            }) = self.slots.pop_front()
-            {
-                self.to_client.extend_from_slice(&b);
-            }
         }
     }
 
@@ -1285,53 +1228,41 @@ impl Session {
         tracing::warn!(client = self.id, server = conn.id, error = %e, "server connection lost");
         conn.discard("connection lost");
         self.client.entry.set_target(None);
-        let (code, msg) = match self.server_fatal.take().map(|b| *b) {
-            Some((code, m)) => (
-                code,
-                format!("server connection lost ({m}); the transaction was rolled back"),
-            ),
-            None => (
-                sqlstate::CONNECTION_FAILURE.to_owned(),
-                "server connection lost; the transaction was rolled back".to_owned(),
-            ),
-        };
-        if self.slots.is_empty() {
-            // Between requests: report it on the client's next request.
-            if self.status != TxStatus::Idle || self.pin.is_some() {
-                self.lost_transaction = Some(Box::new((code, msg)));
-            }
+        // Say "rolled back" only when it is certain: nothing that could
+        // have committed was in flight.
+        let fatal = self.server_fatal.take().map(|b| *b);
+        let (code, msg) = if self.replies.executing() {
+            let why = fatal.map_or(String::new(), |(_, m)| format!(" ({m})"));
+            (
+                sqlstate::TRANSACTION_RESOLUTION_UNKNOWN.to_owned(),
+                format!("server connection lost while a request was running{why}: whether it took effect is unknown"),
+            )
         } else {
-            // Every request group still waiting (each up to its Sync) gets
-            // its own error and ReadyForQuery, as the server would have
-            // answered each; an unfinished group gets the error now and the
-            // rest of it is skipped up to its Sync.
-            // pgferry's own queued answers still go out, in order.
-            let mut open_group = false;
-            for s in self.slots.drain(..) {
-                match s.action {
-                    Action::Inject(b) => {
-                        self.to_client.extend_from_slice(&b);
-                        if ends_with_ready(&b) {
-                            open_group = false;
-                        }
-                    }
-                    _ if s.is_sync_point() => {
-                        encode::error_response(&mut self.to_client, Severity::Error, &code, &msg);
-                        encode::ready_for_query(&mut self.to_client, TxStatus::Idle);
-                        open_group = false;
-                    }
-                    _ => open_group = true,
-                }
+            match fatal {
+                Some((code, m)) => (
+                    code,
+                    format!("server connection lost ({m}); the transaction was rolled back"),
+                ),
+                None => (
+                    sqlstate::CONNECTION_FAILURE.to_owned(),
+                    "server connection lost; the transaction was rolled back".to_owned(),
+                ),
             }
-            if open_group {
-                encode::error_response(&mut self.to_client, Severity::Error, &code, &msg);
-            }
-            self.skip_until_sync = open_group;
+        };
+        let in_block = self.replies.status() != TxStatus::Idle;
+        let mut err = BytesMut::new();
+        encode::error_response(&mut err, Severity::Error, &code, &msg);
+        let lost = self.replies.lost(&mut self.to_client, &err);
+        self.apply_fates();
+        if lost.told {
+            // The client's open group already failed: skip the rest of it.
+            self.skip_until_sync = true;
+        } else if lost.open || in_block || self.pin.is_some() {
+            // Between requests: report it on the client's next request.
+            self.lost_transaction = Some(Box::new((code, msg)));
         }
         self.to_server.clear();
         self.query_start = None;
-        self.copy_in = false;
-        self.status = TxStatus::Idle;
         self.pin = None;
         self.capture.clear();
     }
@@ -1344,7 +1275,7 @@ impl Session {
         if self.mode == PoolMode::Session || self.server.is_none() {
             return;
         }
-        if !self.slots.is_empty() || self.status != TxStatus::Idle || !self.to_server.is_empty() {
+        if !self.replies.releasable() || !self.to_server.is_empty() {
             return;
         }
         let mut conn = self.server.take().expect("bound");
@@ -1464,7 +1395,7 @@ impl Session {
         let Some(mut conn) = self.server.take() else {
             return;
         };
-        if !self.slots.is_empty() || !self.to_server.is_empty() {
+        if self.replies.pending() || !self.to_server.is_empty() {
             // A query is running: cancel it so that its locks go now, and
             // close the connection, which rolls the transaction back.
             let t = CancelTarget {
@@ -1486,8 +1417,14 @@ impl Session {
             conn.discard("client disconnected during a query");
             return;
         }
+        if !self.replies.at_boundary() {
+            // Mid-pipeline (no Sync yet, or skipping to one): a Sync would
+            // commit the group's implicit transaction. Closing rolls it back.
+            conn.discard("client left in the middle of a pipeline");
+            return;
+        }
         let mut steps: Vec<&[u8]> = Vec::new();
-        if self.status != TxStatus::Idle {
+        if self.replies.status() != TxStatus::Idle {
             steps.push(b"ROLLBACK");
         }
         let reset = self.pool.settings.server_reset_query.clone();
@@ -1564,9 +1501,27 @@ fn shutting_down() -> ClientError {
     ClientError::refused(sqlstate::ADMIN_SHUTDOWN, SHUTTING_DOWN)
 }
 
-/// Whether `b` ends with a ReadyForQuery message.
-fn ends_with_ready(b: &[u8]) -> bool {
-    b.len() >= 6 && b[b.len() - 6] == b'Z' && b[b.len() - 5..b.len() - 1] == [0, 0, 0, 5]
+/// Removes the client's statement `name` if it is still `stmt` (a later
+/// request may have reused the name).
+fn forget_if_same(statements: &mut HashMap<Box<[u8]>, Arc<Statement>>, name: &[u8], stmt: &Arc<Statement>) {
+    if statements.get(name).is_some_and(|s| Arc::ptr_eq(s, stmt)) {
+        statements.remove(name);
+    }
+}
+
+/// `value` with every `from` replaced by `to`, or None if it has none.
+fn replace_all(value: &[u8], from: &[u8], to: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = value;
+    let mut found = false;
+    while let Some(i) = rest.windows(from.len()).position(|w| w == from) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(to);
+        rest = &rest[i + from.len()..];
+        found = true;
+    }
+    out.extend_from_slice(rest);
+    found.then_some(out)
 }
 
 /// Gives back a buffer's memory after a large message has passed through.
