@@ -223,6 +223,11 @@ impl<P> Replies<P> {
         self.slots.is_empty() && !self.unsynced && !self.skipping && !self.copy_in
     }
 
+    /// How many requests (and local answers) wait in the queue.
+    pub fn queued(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Replies (or pgferry's own answers) are still owed to the client.
     pub fn pending(&self) -> bool {
         !self.slots.is_empty()

@@ -41,6 +41,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 /// Stop reading from one side while this much is waiting to be written to
 /// the other: backpressure instead of unbounded buffering.
 const HIGH_WATER: usize = 256 * 1024;
+/// Stop reading a client with this many requests waiting for replies.
+const MAX_QUEUED_REQUESTS: usize = 32 * 1024;
 /// Bound on pgferry's own short queries (sync, capture, reset).
 const INTERNAL_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -364,7 +366,12 @@ impl Session {
                 }
             }
         }
-        if self.to_server.len() < HIGH_WATER {
+        // Replies the client does not read (pgferry's own answers included:
+        // Sync without a server, Close, a known Parse) stop the reading of
+        // its requests, as PostgreSQL stops reading a client it cannot
+        // write to: memory stays bounded.
+        let backlog = self.to_server.len().max(self.to_client.len());
+        if backlog < HIGH_WATER && self.replies.queued() < MAX_QUEUED_REQUESTS {
             if let Poll::Ready(r) = poll_read_client(&mut self.rd, cx, &mut self.rbuf) {
                 return Poll::Ready(Event::ClientRead(r));
             }

@@ -502,3 +502,40 @@ public class Batch {
     }
 }
 "#;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A client that writes and never reads: pgferry answers Syncs itself (no
+/// server is bound), and stops reading once its unread answers pass a
+/// bound, instead of queueing them without limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_cannot_grow_memory() {
+    use tokio::io::AsyncWriteExt;
+    let f = ferry("");
+    let mut a = Raw::login(f.rw_port, "app", APP_PASS).await;
+    let before = rss_kib(f.pid());
+    let mut chunk = BytesMut::new();
+    for _ in 0..10_000 {
+        encode::sync(&mut chunk);
+    }
+    // 60 MB of replies if pgferry kept answering: the writes must stall.
+    let mut written = 0usize;
+    let stalled = tokio::time::timeout(Duration::from_secs(5), async {
+        for _ in 0..1_000 {
+            a.stream.write_all(&chunk).await.unwrap();
+            written += chunk.len();
+        }
+    })
+    .await
+    .is_err();
+    assert!(stalled, "pgferry read all {written} bytes");
+    let grown = rss_kib(f.pid()).saturating_sub(before);
+    assert!(grown < 16 * 1024, "pgferry grew {grown} KiB after {written} bytes");
+    // Other clients are unaffected.
+    let c = app(&f).await;
+    assert_eq!(c.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
+}
