@@ -125,7 +125,7 @@ pub struct Limits {
     /// Most client connections at once; further ones get 53300.
     #[serde(default = "d_max_client_conn")]
     pub max_client_conn: usize,
-    /// Time a client has to send its startup packet and finish authentication.
+    /// Time a client has to send its startup packet and finish authentication; 0 = no limit.
     #[serde(default = "d_login_timeout", with = "duration")]
     pub client_login_timeout: Duration,
     /// Close clients idle (between transactions) this long; 0 disables.

@@ -82,9 +82,15 @@ async fn start(
 ) -> Result<Option<SessionFuture>, ClientError> {
     let mut io = ClientIo::new(stream);
     let timeout = shared.config().limits.client_login_timeout;
-    let login = tokio::time::timeout(timeout, login(&mut io, peer, role, &shared))
-        .await
-        .unwrap_or(Err(ClientError::LoginTimeout));
+    // 0 means no timeout, as in PgBouncer (a zero deadline would refuse
+    // every login, the console's included).
+    let login = if timeout.is_zero() {
+        login(&mut io, peer, role, &shared).await
+    } else {
+        tokio::time::timeout(timeout, login(&mut io, peer, role, &shared))
+            .await
+            .unwrap_or(Err(ClientError::LoginTimeout))
+    };
     drop(pending);
     let login = match login {
         Ok(Some(Started::Session(l))) => l,
