@@ -150,6 +150,15 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
 
+    pub fn u16(&mut self) -> Result<u16, ProtocolError> {
+        if self.buf.len() < 2 {
+            return Err(self.malformed());
+        }
+        let v = (&self.buf[..2]).get_u16();
+        self.buf = &self.buf[2..];
+        Ok(v)
+    }
+
     pub fn i32(&mut self) -> Result<i32, ProtocolError> {
         if self.buf.len() < 4 {
             return Err(self.malformed());
