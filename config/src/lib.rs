@@ -348,6 +348,14 @@ pub struct PoolDefaults {
     /// Allow databases not listed in [[database]], with these defaults.
     #[serde(default = "d_true")]
     pub auto_database: bool,
+    /// A pool of an unlisted database (auto_database) with no client and no
+    /// connection in use for this long is freed (PgBouncer's name); 0 = never.
+    #[serde(default = "d_autodb_idle_timeout", with = "duration")]
+    pub autodb_idle_timeout: Duration,
+    /// Pools of unlisted databases at once, at most: at the cap, unused
+    /// ones are freed first, else the login gets 53300.
+    #[serde(default = "d_max_auto_pools")]
+    pub max_auto_pools: usize,
     /// On the read-only port, use the primary when no standby is available.
     #[serde(default = "d_true")]
     pub ro_fallback_to_primary: bool,
@@ -382,6 +390,12 @@ fn d_max_prepared() -> usize {
 }
 fn d_session_state() -> SessionStatePolicy {
     SessionStatePolicy::Pin
+}
+fn d_autodb_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_max_auto_pools() -> usize {
+    1000
 }
 fn d_true() -> bool {
     true

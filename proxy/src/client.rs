@@ -284,12 +284,19 @@ async fn login(
     };
     let auth = authenticate(io, &attempt, method, shared).await?;
     let user_permit = shared.user_client_permit(&user)?;
-    let pool = shared.pool(&database, &user, &route.member.addr, role);
+    let pool = shared.login_pool(&database, &user, &route.member.addr, role)?;
     if let Some((secret, client_key)) = &auth.scram {
         pool.credentials()
             .learn_scram_keys(&secret.salt, secret.iterations, *client_key, secret.server_key);
     }
-    let base = pool.startup_params().await?;
+    let base = match pool.startup_params().await {
+        Ok(b) => b,
+        Err(e) => {
+            // E.g. a database that does not exist: its pool goes now.
+            shared.forget_if_unused(pool);
+            return Err(e.into());
+        }
+    };
     let client_params = ClientParams::new(base, &startup);
     for (k, v) in client_params.reported() {
         encode::parameter_status(&mut io.wbuf, k, v);

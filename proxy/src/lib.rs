@@ -110,6 +110,7 @@ pub async fn run(
         }
     }
     tokio::spawn(reload_on_sighup(shared.clone()));
+    tokio::spawn(sweep_auto_pools(shared.clone()));
     let slots = Arc::new(Semaphore::new(config.limits.max_client_conn));
     let mut listeners = vec![(config.listen.rw, Role::ReadWrite)];
     if let Some(ro) = config.listen.ro {
@@ -190,6 +191,16 @@ fn topology_summary(shared: &Shared) -> String {
             standbys.join(", ")
         }
     )
+}
+
+/// Frees unused pools of unlisted databases (see `Shared::sweep_auto_pools`).
+async fn sweep_auto_pools(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.sweep_auto_pools();
+    }
 }
 
 /// SIGHUP does what the console's RELOAD does.

@@ -48,6 +48,9 @@ pub struct Shared {
     pub any_paused: std::sync::atomic::AtomicBool,
     pub started: std::time::SystemTime,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// When the sweep first saw each pool of an unlisted database unused
+    /// (see `sweep_auto_pools`). Locked after `pools`.
+    unused_since: Mutex<HashMap<PoolKey, std::time::Instant>>,
     retired: Mutex<Vec<Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Limit>>,
     user_limits: Mutex<HashMap<String, Limit>>,
@@ -101,6 +104,7 @@ impl Shared {
             userlist: ArcSwap::from_pointee(userlist),
             router,
             pools: Mutex::default(),
+            unused_since: Mutex::default(),
             retired: Mutex::default(),
             db_limits: Mutex::default(),
             user_limits: Mutex::default(),
@@ -151,6 +155,104 @@ impl Shared {
         );
         pools.insert(key, pool.clone());
         pool
+    }
+
+    /// The pool a new login uses: [`Shared::pool`], except that a new pool
+    /// of an unlisted database (auto_database) counts against
+    /// `max_auto_pools`. At the cap, unused such pools are freed first; if
+    /// none is, the login gets 53300 rather than one more pool and task.
+    pub fn login_pool(
+        &self,
+        database: &str,
+        user: &str,
+        node: &Arc<NodeAddr>,
+        role: Role,
+    ) -> Result<Arc<Pool>, crate::ClientError> {
+        let config = self.config();
+        if config.database(database).is_none() {
+            let key = PoolKey {
+                database: database.to_owned(),
+                user: user.to_owned(),
+                node: node.clone(),
+                read_only: role == Role::ReadOnly,
+            };
+            let mut pools = self.pools.lock().unwrap();
+            let exists = pools.get(&key).is_some_and(|p| !p.is_closed());
+            let cap = config.pool.max_auto_pools;
+            if !exists && auto_pools(&pools, &config) >= cap {
+                self.evict(
+                    &mut pools,
+                    |p| is_auto(p, &config) && is_unused(p),
+                    "max_auto_pools reached",
+                );
+                if auto_pools(&pools, &config) >= cap {
+                    return Err(crate::ClientError::refused(
+                        pgferry_protocol::sqlstate::TOO_MANY_CONNECTIONS,
+                        format!("too many pools of unlisted databases (max_auto_pools = {cap})"),
+                    ));
+                }
+            }
+        }
+        Ok(self.pool(database, user, node, role))
+    }
+
+    /// After a failed login: frees `pool` if it is an unlisted database's
+    /// and nothing uses it or has ever connected (a database name that
+    /// does not exist leaves nothing behind).
+    pub fn forget_if_unused(&self, pool: Arc<Pool>) {
+        let key = pool.key.clone();
+        drop(pool);
+        let config = self.config();
+        let mut pools = self.pools.lock().unwrap();
+        let Some(p) = pools.get(&key) else { return };
+        if is_auto(p, &config) && is_unused(p) && p.idle_count() == 0 {
+            self.evict(&mut pools, |p| p.key == key, "login failed");
+        }
+    }
+
+    /// Frees the pools of unlisted databases that have had no client and
+    /// no connection in use for `autodb_idle_timeout` (their idle
+    /// connections close, their maintenance task ends). Run every second.
+    pub fn sweep_auto_pools(&self) {
+        let config = self.config();
+        let timeout = config.pool.autodb_idle_timeout;
+        if timeout.is_zero() {
+            return;
+        }
+        let mut pools = self.pools.lock().unwrap();
+        let now = std::time::Instant::now();
+        let mut expired = Vec::new();
+        {
+            let mut since = self.unused_since.lock().unwrap();
+            since.retain(|k, _| pools.contains_key(k));
+            for (k, p) in pools.iter() {
+                if is_auto(p, &config) && is_unused(p) {
+                    let t = *since.entry(k.clone()).or_insert(now);
+                    if now.duration_since(t) >= timeout {
+                        expired.push(k.clone());
+                    }
+                } else {
+                    since.remove(k);
+                }
+            }
+        }
+        if !expired.is_empty() {
+            self.evict(&mut pools, |p| expired.contains(&p.key), "autodb_idle_timeout reached");
+        }
+    }
+
+    /// Shuts down and forgets the pools `which` picks.
+    fn evict(&self, pools: &mut HashMap<PoolKey, Arc<Pool>>, which: impl Fn(&Arc<Pool>) -> bool, why: &str) {
+        let mut since = self.unused_since.lock().unwrap();
+        pools.retain(|k, p| {
+            if !which(p) {
+                return true;
+            }
+            tracing::debug!(db = %k.database, user = %k.user, node = %k.node, reason = why, "pool freed");
+            p.shut_down(why);
+            since.remove(k);
+            false
+        });
     }
 
     /// Records an operational event (a reload, a console command, a
@@ -463,4 +565,20 @@ fn shared_limit(map: &Mutex<HashMap<String, Limit>>, name: &str, n: usize) -> Ar
             sem
         }
     }
+}
+
+/// Whether `p` serves a database not listed in [[database]].
+fn is_auto(p: &Pool, config: &Config) -> bool {
+    config.database(&p.key.database).is_none()
+}
+
+/// No session holds the pool and no connection is checked out or being
+/// made: the map's reference is the only one (every holder clones the Arc,
+/// and clones are only handed out under the map's lock).
+fn is_unused(p: &Arc<Pool>) -> bool {
+    Arc::strong_count(p) == 1
+}
+
+fn auto_pools(pools: &HashMap<PoolKey, Arc<Pool>>, config: &Config) -> usize {
+    pools.values().filter(|p| !p.is_closed() && is_auto(p, config)).count()
 }

@@ -77,3 +77,56 @@ async fn parse_with_40000_parameters() {
     );
     assert_eq!(primary_sql("SELECT count(*) FROM hard_many"), N.to_string());
 }
+
+async fn connect_db(f: &pgferry_tests::Ferry, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (c, conn) = tokio_postgres::connect(&f.rw_conn_str("app", APP_PASS, db), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+/// The pools of databases not listed in [[database]] (auto_database) are
+/// bounded: a made-up name leaves no pool behind, at most max_auto_pools
+/// exist (unused ones are freed to make room, else 53300), and a pool
+/// nobody uses is freed after autodb_idle_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_database_pools_are_bounded_and_freed() {
+    let f = ferry("[pool]\nautodb_idle_timeout = \"1s\"\nmax_auto_pools = 2\n");
+    for i in 0..20 {
+        let Err(e) = connect_db(&f, &format!("hard_nope_{i}")).await else {
+            panic!("no such database");
+        };
+        assert_eq!(e.code().map(|c| c.code()), Some("3D000"), "{e}");
+    }
+    let pools = admin(f.rw_port, "SHOW POOLS");
+    assert!(!pools.contains("hard_nope"), "made-up names left pools:\n{pools}");
+
+    let app_client = connect_db(&f, "app").await.unwrap();
+    let postgres_client = connect_db(&f, "postgres").await.unwrap();
+    postgres_client.simple_query("SELECT 1").await.unwrap();
+    let Err(e) = connect_db(&f, "template1").await else {
+        panic!("a third auto pool");
+    };
+    assert_eq!(e.code().map(|c| c.code()), Some("53300"), "{e}");
+    let msg = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+    assert!(msg.contains("max_auto_pools"), "{msg}");
+    // Once the postgres pool has no client, it makes room.
+    drop(postgres_client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t1 = connect_db(&f, "template1").await.expect("room was made");
+    t1.simple_query("SELECT 1").await.unwrap();
+    let pools = admin(f.rw_port, "SHOW POOLS");
+    assert!(!pools.contains("\npostgres|"), "{pools}");
+    // A pool nobody uses goes after autodb_idle_timeout; one in use stays.
+    drop(t1);
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pools = admin(f.rw_port, "SHOW POOLS");
+        if !pools.contains("\ntemplate1|") {
+            assert!(pools.contains("\napp|app|"), "{pools}");
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "unused pool kept:\n{pools}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app_client.simple_query("SELECT 1").await.unwrap();
+}
