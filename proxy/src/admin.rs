@@ -256,7 +256,7 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
         }
         "RELOAD" => {
             at_most(1)?;
-            crate::reload(shared, "RELOAD").map_err(|e| {
+            crate::reload(shared, "RELOAD").await.map_err(|e| {
                 (
                     sqlstate::CONFIG_FILE_ERROR,
                     format!("reload refused, the running configuration stays: {e}"),

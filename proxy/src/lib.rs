@@ -211,15 +211,15 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
         return;
     };
     while hup.recv().await.is_some() {
-        let _ = reload(&shared, "SIGHUP");
+        let _ = reload(&shared, "SIGHUP").await;
     }
 }
 
 /// Re-reads the configuration, users and TLS files (see `Shared::reload`),
 /// and logs the outcome. Connections already established keep their TLS
 /// session; clients stay connected.
-pub(crate) fn reload(shared: &Shared, why: &str) -> Result<(), String> {
-    match shared.reload() {
+pub(crate) async fn reload(shared: &Shared, why: &str) -> Result<(), String> {
+    match shared.reload().await {
         Ok(restart) if restart.is_empty() => {
             tracing::info!("{why}: configuration, users and TLS files reloaded");
             shared.event(format!("{why}: configuration reloaded"));

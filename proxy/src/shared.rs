@@ -281,25 +281,25 @@ impl Shared {
     /// RELOAD / SIGHUP: re-reads the configuration file, the users file and
     /// the TLS files, and applies them all, or nothing if any fails.
     /// Returns the names of changed settings that need a restart.
-    pub fn reload(&self) -> Result<Vec<&'static str>, String> {
+    ///
+    /// The files are read and parsed on a blocking thread: a slow disk (or
+    /// a file that is a pipe) must not stall the runtime's workers, which
+    /// serve every client.
+    pub async fn reload(&self) -> Result<Vec<&'static str>, String> {
         let path = self
             .config_path
-            .as_ref()
+            .clone()
             .ok_or("pgferry was started without a configuration file")?;
-        let mut new = Config::load(path).map_err(|e| e.to_string())?;
-        let users = crate::load_userlist(&new).map_err(|e| e.to_string())?;
-        let mut restart = crate::reload::carry_over(&self.config(), &mut new);
-        // auth_query's connections log in with the password they started with.
-        if let Some(au) = &new.auth.auth_user {
-            if server_password(&self.config(), &self.userlist(), au) != server_password(&new, &users, au) {
-                restart.push("the auth_user's password");
-            }
-        }
-        self.tls.reload(&new.tls).map_err(|e| format!("TLS: {e}"))?;
-        self.userlist.store(Arc::new(users));
+        let (old, old_users) = (self.config.load_full(), self.userlist.load_full());
+        let tls_on = self.tls.mode() != pgferry_config::ClientTls::Disable;
+        let loaded = tokio::task::spawn_blocking(move || load_for_reload(&path, &old, &old_users, tls_on))
+            .await
+            .map_err(|e| format!("reload task failed: {e}"))??;
+        self.tls.replace(loaded.tls);
+        self.userlist.store(Arc::new(loaded.users));
         self.plain_secrets.lock().unwrap().clear();
-        self.install(new);
-        Ok(restart)
+        self.install(loaded.config);
+        Ok(loaded.restart)
     }
 
     /// SET key = value from the console.
@@ -545,6 +545,44 @@ fn server_password(config: &Config, userlist: &Userlist, user: &str) -> Option<S
             Some(crate::userlist::Credential::Plain(p)) => Some(p.clone()),
             _ => None,
         })
+}
+
+/// What a reload read from the files, ready to put in force.
+struct Reloaded {
+    config: Config,
+    users: Userlist,
+    tls: Option<pgferry_tls::Termination>,
+    restart: Vec<&'static str>,
+}
+
+/// The blocking half of a reload: reads and checks every file, and
+/// carries restart-only settings over from `old`.
+fn load_for_reload(
+    path: &std::path::Path,
+    old: &Config,
+    old_users: &Userlist,
+    tls_on: bool,
+) -> Result<Reloaded, String> {
+    let mut config = Config::load(path).map_err(|e| e.to_string())?;
+    let users = crate::load_userlist(&config).map_err(|e| e.to_string())?;
+    let mut restart = crate::reload::carry_over(old, &mut config);
+    // auth_query's connections log in with the password they started with.
+    if let Some(au) = &config.auth.auth_user {
+        if server_password(old, old_users, au) != server_password(&config, &users, au) {
+            restart.push("the auth_user's password");
+        }
+    }
+    // The listeners' TLS mode is fixed at start: with TLS off the files are not read.
+    let tls = match tls_on {
+        true => pgferry_tls::Termination::load(&config.tls).map_err(|e| format!("TLS: {e}"))?,
+        false => None,
+    };
+    Ok(Reloaded {
+        config,
+        users,
+        tls,
+        restart,
+    })
 }
 
 /// A max_db_connections / max_user_connections semaphore and its size.

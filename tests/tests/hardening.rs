@@ -130,3 +130,48 @@ async fn auto_database_pools_are_bounded_and_freed() {
     }
     app_client.simple_query("SELECT 1").await.unwrap();
 }
+
+/// RELOAD / SIGHUP read their files off the runtime: with one worker
+/// thread and a users file that is a pipe nobody writes to yet (a read
+/// that blocks), clients are still served; the reload finishes once the
+/// file can be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reads_files_off_the_runtime() {
+    let mut f = ferry("[runtime]\nworker_threads = 1\n");
+    let c = app(&f).await;
+    c.simple_query("SELECT 1").await.unwrap();
+    let config = std::fs::read_to_string(&f.config_path).unwrap();
+    let users_line = config.lines().find(|l| l.starts_with("users_file")).unwrap().to_owned();
+    let users_path = users_line.split('"').nth(1).unwrap().to_owned();
+    let users = std::fs::read(&users_path).unwrap();
+    let fifo = f.dir.join("users.fifo");
+    let st = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(st.success());
+    std::fs::write(
+        &f.config_path,
+        config.replace(&users_line, &format!("users_file = \"{}\"", fifo.display())),
+    )
+    .unwrap();
+    f.signal(libc::SIGHUP).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The reload is stuck reading the pipe; clients are not.
+    let served = tokio::time::timeout(Duration::from_secs(5), async {
+        c.simple_query("SELECT 2").await.unwrap();
+        app(&f).await.simple_query("SELECT 3").await.unwrap();
+    })
+    .await;
+    // Unblock the reload in any case, so pgferry can finish it.
+    let writer = std::thread::spawn(move || std::fs::write(&fifo, users));
+    assert!(
+        served.is_ok(),
+        "clients stalled while a reload read a file:\n{}",
+        f.log()
+    );
+    writer.join().unwrap().unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !f.log().contains("SIGHUP: configuration") {
+        assert!(std::time::Instant::now() < end, "no reload:\n{}", f.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.simple_query("SELECT 4").await.unwrap();
+}
