@@ -531,8 +531,11 @@ pub struct Http {
     pub listen: SocketAddr,
 }
 
+/// Loopback: the status page and /metrics show users, client addresses,
+/// backend pids and console commands, without authentication. Exposing
+/// them is a choice the configuration makes explicitly.
 fn d_http_listen() -> SocketAddr {
-    "0.0.0.0:8404".parse().unwrap()
+    "127.0.0.1:8404".parse().unwrap()
 }
 
 impl Default for Http {
@@ -929,6 +932,13 @@ mod tests {
         assert_eq!(c.pool.pool_mode, PoolMode::Transaction);
         assert_eq!(c.listen.rw.port(), 5432);
         assert_eq!(c.pool.query_wait_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn http_listens_on_loopback_by_default() {
+        let c = Config::from_toml(MIN).unwrap();
+        assert!(c.http.listen.ip().is_loopback(), "{}", c.http.listen);
+        assert_eq!(c.http.listen.port(), 8404);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The HTTP listener (default 0.0.0.0:8404): `/metrics` in the Prometheus
+//! The HTTP listener (default 127.0.0.1:8404): `/metrics` in the Prometheus
 //! text format, `/health` (the process is up), `/ready` (a leader is
 //! confirmed for the read-write port), and `/`, a plain HTML status page
 //! that refreshes itself.
