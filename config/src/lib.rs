@@ -91,19 +91,22 @@ pub struct Listen {
     /// Read-write listener: always the primary (Patroni leader).
     #[serde(default = "d_rw")]
     pub rw: SocketAddr,
-    /// Read-only listener: the standbys.
-    #[serde(default = "d_ro")]
+    /// Read-only listener: the standbys. Without the key there is none.
+    #[serde(default)]
     pub ro: Option<SocketAddr>,
     /// Listen backlog.
     #[serde(default = "d_backlog")]
     pub backlog: u32,
+    /// Bind the listeners with SO_REUSEPORT, so that another pgferry can
+    /// bind the same ports while this one runs (a rolling restart). Off, a
+    /// port already in use is an error at start: two processes with
+    /// different configurations must not silently split a port's clients.
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 fn d_rw() -> SocketAddr {
     "0.0.0.0:5432".parse().unwrap()
-}
-fn d_ro() -> Option<SocketAddr> {
-    Some("0.0.0.0:5433".parse().unwrap())
 }
 fn d_backlog() -> u32 {
     4096
@@ -113,8 +116,9 @@ impl Default for Listen {
     fn default() -> Self {
         Listen {
             rw: d_rw(),
-            ro: d_ro(),
+            ro: None,
             backlog: d_backlog(),
+            reuse_port: false,
         }
     }
 }
@@ -931,6 +935,8 @@ mod tests {
         assert_eq!(c.pool.pool_size, 20);
         assert_eq!(c.pool.pool_mode, PoolMode::Transaction);
         assert_eq!(c.listen.rw.port(), 5432);
+        assert_eq!(c.listen.ro, None, "no read-only listener unless listen.ro is set");
+        assert!(!c.listen.reuse_port, "port sharing is opt-in");
         assert_eq!(c.pool.query_wait_timeout, Duration::from_secs(120));
     }
 

@@ -40,11 +40,21 @@ pub enum StartError {
     Routing(#[from] pgferry_routing::RoutingError),
     #[error("TLS: {0}")]
     Tls(#[from] pgferry_tls::TlsError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", in_use_hint(source))]
     Listen {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// Says why a port may be in use, and what shares one on purpose.
+fn in_use_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process listens there; to share the port on purpose, as in a rolling restart, set [listen] reuse_port = true in both)"
+        }
+        _ => "",
+    }
 }
 
 /// Loads what the configuration points at (the users file).
@@ -101,7 +111,7 @@ pub async fn run(
     if config.http.enabled {
         // The status endpoints matter less than the proxy: a port that
         // cannot be bound is logged, not fatal.
-        match listener::bind(config.http.listen, 128) {
+        match listener::bind(config.http.listen, 128, config.listen.reuse_port) {
             Ok(l) => {
                 tracing::info!(addr = %config.http.listen, "HTTP: /metrics /health /ready /");
                 tokio::spawn(http::serve(l, shared.clone(), shutdown.clone()));
@@ -118,7 +128,8 @@ pub async fn run(
     }
     let mut tasks = Vec::new();
     for (addr, role) in listeners {
-        let l = listener::bind(addr, config.listen.backlog).map_err(|source| StartError::Listen { addr, source })?;
+        let l = listener::bind(addr, config.listen.backlog, config.listen.reuse_port)
+            .map_err(|source| StartError::Listen { addr, source })?;
         tracing::info!(%addr, port = role.as_str(), "listening");
         tasks.push(tokio::spawn(listener::accept_loop(
             l,

@@ -12,10 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-/// Binds a listening socket with SO_REUSEADDR, SO_REUSEPORT (so that a new
-/// pgferry can bind the same ports and take over while this one drains: a
-/// rolling restart) and the configured backlog.
-pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+/// Binds a listening socket with SO_REUSEADDR, the configured backlog and,
+/// with `reuse_port` (`[listen] reuse_port`), SO_REUSEPORT: a new pgferry
+/// can then bind the same ports and take over while this one drains (a
+/// rolling restart). Without it a port in use is an error (EADDRINUSE).
+pub fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result<TcpListener> {
     let domain = if addr.is_ipv6() {
         socket2::Domain::IPV6
     } else {
@@ -23,7 +24,7 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     };
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
+    s.set_reuse_port(reuse_port)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(backlog.min(i32::MAX as u32) as i32)?;
