@@ -144,12 +144,16 @@ pub struct Limits {
     /// Connections that have not finished authenticating, at most; more get 53300.
     #[serde(default = "d_max_pending_logins")]
     pub max_pending_logins: usize,
-    /// Failed logins from one address within `auth_failure_window` after
-    /// which that address is refused until the window passes; 0 disables.
+    /// Failed logins of one user from one address within
+    /// `auth_failure_window` after which each further failure of that pair
+    /// is answered only after `auth_failure_delay`; 0 disables. Nothing is
+    /// refused: a correct password logs in whatever others failed.
     #[serde(default = "d_auth_failure_limit")]
     pub auth_failure_limit: u32,
     #[serde(default = "d_auth_failure_window", with = "duration")]
     pub auth_failure_window: Duration,
+    #[serde(default = "d_auth_failure_delay", with = "duration")]
+    pub auth_failure_delay: Duration,
 }
 
 fn d_max_pending_logins() -> usize {
@@ -160,6 +164,9 @@ fn d_auth_failure_limit() -> u32 {
 }
 fn d_auth_failure_window() -> Duration {
     Duration::from_secs(60)
+}
+fn d_auth_failure_delay() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn d_max_client_conn() -> usize {
@@ -183,6 +190,7 @@ impl Default for Limits {
             max_pending_logins: d_max_pending_logins(),
             auth_failure_limit: d_auth_failure_limit(),
             auth_failure_window: d_auth_failure_window(),
+            auth_failure_delay: d_auth_failure_delay(),
         }
     }
 }

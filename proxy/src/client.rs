@@ -60,7 +60,6 @@ pub fn serve(
             Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
             Err(e @ ClientError::Auth { .. }) => {
                 shared.counters.auth_failures.fetch_add(1, Relaxed);
-                shared.throttle.record_failure(peer.ip());
                 tracing::warn!(error = %e, "login failed")
             }
             Err(e) => tracing::info!(error = %e, "client closed with error"),
@@ -263,7 +262,10 @@ async fn login(
         startup.push(("default_transaction_read_only".into(), "on".into()));
     }
 
-    let method = hba_method(shared, peer, tls.is_some(), &database, &user)?;
+    let method = match hba_method(shared, peer, tls.is_some(), &database, &user) {
+        Ok(m) => m,
+        Err(e) => return Err(failed_login(shared, peer, &user, e).await),
+    };
     // During a failover there is briefly no leader: wait for one (bounded)
     // rather than fail the login.
     let route = shared
@@ -282,7 +284,11 @@ async fn login(
         node: Some(&route.member.addr),
         tls: tls.as_ref(),
     };
-    let auth = authenticate(io, &attempt, method, shared).await?;
+    let auth = match authenticate(io, &attempt, method, shared).await {
+        Ok(a) => a,
+        Err(e @ ClientError::Auth { .. }) => return Err(failed_login(shared, peer, &user, e).await),
+        Err(e) => return Err(e),
+    };
     let user_permit = shared.user_client_permit(&user)?;
     let pool = shared.login_pool(&database, &user, &route.member.addr, role)?;
     if let Some((secret, client_key)) = &auth.scram {
@@ -331,7 +337,10 @@ async fn console_login(
             format!("user \"{user}\" may not use the admin console (not in admin_users or stats_users)"),
         ));
     }
-    let method = hba_method(shared, peer, tls.is_some(), database, user)?;
+    let method = match hba_method(shared, peer, tls.is_some(), database, user) {
+        Ok(m) => m,
+        Err(e) => return Err(failed_login(shared, peer, user, e).await),
+    };
     // Console users come from the users file; auth_query is not asked.
     let attempt = Attempt {
         user,
@@ -339,7 +348,11 @@ async fn console_login(
         node: None,
         tls,
     };
-    authenticate(io, &attempt, method, shared).await?;
+    match authenticate(io, &attempt, method, shared).await {
+        Ok(_) => {}
+        Err(e @ ClientError::Auth { .. }) => return Err(failed_login(shared, peer, user, e).await),
+        Err(e) => return Err(e),
+    }
     Ok(Some(Started::Console {
         user: user.to_owned(),
         admin,
@@ -378,9 +391,22 @@ fn hba_method(
             );
             tracing::warn!(user, reason = %msg, "login refused");
             shared.counters.auth_failures_hba.fetch_add(1, Relaxed);
-            shared.throttle.record_failure(peer.ip());
             Err(ClientError::refused(sqlstate::INVALID_AUTHORIZATION, msg))
         }
         Some(m) => Ok(m),
     }
+}
+
+/// Counts a failed login of `user` from `peer` and, once that pair has
+/// failed too often (see `throttle.rs`), holds the answer back for
+/// `auth_failure_delay`: guessing slows down while nobody is refused.
+/// Returns `e`, to be sent to the client after the wait.
+async fn failed_login(shared: &Shared, peer: SocketAddr, user: &str, e: ClientError) -> ClientError {
+    let delay = shared.throttle.record_failure(peer.ip(), user);
+    if !delay.is_zero() {
+        shared.counters.auth_failures_delayed.fetch_add(1, Relaxed);
+        tracing::debug!(user, ?delay, "failed login answered late");
+        tokio::time::sleep(delay).await;
+    }
+    e
 }

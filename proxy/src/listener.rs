@@ -80,15 +80,6 @@ fn admit(stream: TcpStream, peer: SocketAddr, role: Role, shared: &Arc<Shared>, 
         Role::ReadOnly => &c.accepted_ro,
     }
     .fetch_add(1, Relaxed);
-    if shared.throttle.is_blocked(peer.ip()) {
-        c.refused_throttled.fetch_add(1, Relaxed);
-        tracing::debug!(%peer, "refusing address with too many failed logins");
-        return refuse(
-            stream,
-            sqlstate::INVALID_AUTHORIZATION,
-            "too many failed login attempts from this address; try again later",
-        );
-    }
     let Ok(permit) = slots.clone().try_acquire_owned() else {
         c.refused_max_client_conn.fetch_add(1, Relaxed);
         tracing::warn!(%peer, "max_client_conn reached; refusing client");

@@ -85,7 +85,11 @@ impl Shared {
         });
         let l = &config.limits;
         Shared {
-            throttle: crate::throttle::AuthThrottle::new(l.auth_failure_limit, l.auth_failure_window),
+            throttle: crate::throttle::AuthThrottle::new(
+                l.auth_failure_limit,
+                l.auth_failure_window,
+                l.auth_failure_delay,
+            ),
             pending_logins: Arc::new(Semaphore::new(l.max_pending_logins.max(1))),
             user_clients: Mutex::default(),
             counters: Counters::default(),
@@ -529,8 +533,9 @@ pub struct Counters {
     pub auth_failures_tls: AtomicU64,
     /// Times the read-write port's server changed.
     pub leader_changes: AtomicU64,
+    /// Failed logins answered late (see `throttle.rs`).
+    pub auth_failures_delayed: AtomicU64,
     /// Connections refused at accept, by reason.
-    pub refused_throttled: AtomicU64,
     pub refused_max_client_conn: AtomicU64,
     pub refused_pending_logins: AtomicU64,
 }
