@@ -144,6 +144,12 @@ pub struct Limits {
     /// Connections that have not finished authenticating, at most; more get 53300.
     #[serde(default = "d_max_pending_logins")]
     pub max_pending_logins: usize,
+    /// Of those, from one source address at most (more from it get 53300),
+    /// so that silent sockets from one address cannot block every other
+    /// login for client_login_timeout; 0 = no per-address cap. Raise it for
+    /// many clients behind one address (NAT) that connect all at once.
+    #[serde(default = "d_max_pending_logins_per_address")]
+    pub max_pending_logins_per_address: usize,
     /// Failed logins of one user from one address within
     /// `auth_failure_window` after which each further failure of that pair
     /// is answered only after `auth_failure_delay`; 0 disables. Nothing is
@@ -158,6 +164,9 @@ pub struct Limits {
 
 fn d_max_pending_logins() -> usize {
     1000
+}
+fn d_max_pending_logins_per_address() -> usize {
+    100
 }
 fn d_auth_failure_limit() -> u32 {
     20
@@ -188,6 +197,7 @@ impl Default for Limits {
             idle_transaction_timeout: Duration::ZERO,
             max_message_size: d_max_message_size(),
             max_pending_logins: d_max_pending_logins(),
+            max_pending_logins_per_address: d_max_pending_logins_per_address(),
             auth_failure_limit: d_auth_failure_limit(),
             auth_failure_window: d_auth_failure_window(),
             auth_failure_delay: d_auth_failure_delay(),

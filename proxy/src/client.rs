@@ -11,6 +11,7 @@ use crate::clients::ClientInfo;
 use crate::error::ClientError;
 use crate::handshake::{handshake, Handshake};
 use crate::params::ClientParams;
+use crate::pending::PendingLogin;
 use crate::session::{Session, SessionInit};
 use crate::shared::Shared;
 use bytes::BytesMut;
@@ -42,7 +43,7 @@ pub fn serve(
     peer: SocketAddr,
     role: Role,
     shared: Arc<Shared>,
-    pending: OwnedSemaphorePermit,
+    pending: PendingLogin,
     slot: OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send {
     let id = shared.next_client_id.fetch_add(1, Relaxed);
@@ -77,7 +78,7 @@ async fn start(
     peer: SocketAddr,
     role: Role,
     shared: Arc<Shared>,
-    pending: OwnedSemaphorePermit,
+    pending: PendingLogin,
 ) -> Result<Option<SessionFuture>, ClientError> {
     let mut io = ClientIo::new(stream);
     let timeout = shared.config().limits.client_login_timeout;

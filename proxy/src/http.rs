@@ -243,9 +243,11 @@ fn metrics(shared: &Shared) -> String {
         "# HELP pgferry_connections_refused_total Client connections refused at accept, by reason.\n\
          # TYPE pgferry_connections_refused_total counter\n\
          pgferry_connections_refused_total{{reason=\"max_client_conn\"}} {}\n\
-         pgferry_connections_refused_total{{reason=\"max_pending_logins\"}} {}",
+         pgferry_connections_refused_total{{reason=\"max_pending_logins\"}} {}\n\
+         pgferry_connections_refused_total{{reason=\"max_pending_logins_per_address\"}} {}",
         c.refused_max_client_conn.load(Relaxed),
-        c.refused_pending_logins.load(Relaxed)
+        c.refused_pending_logins.load(Relaxed),
+        c.refused_pending_per_address.load(Relaxed)
     );
     let _ = writeln!(
         m,

@@ -17,6 +17,7 @@ mod handshake;
 mod http;
 mod listener;
 pub mod params;
+mod pending;
 mod reload;
 mod session;
 pub mod shared;

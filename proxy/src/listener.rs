@@ -1,5 +1,6 @@
 //! Listeners: accept, cap the number of clients, hand each to a task.
 
+use crate::pending::Full;
 use crate::shared::Shared;
 use pgferry_protocol::encode::{self, Severity};
 use pgferry_protocol::sqlstate;
@@ -89,14 +90,26 @@ fn admit(stream: TcpStream, peer: SocketAddr, role: Role, shared: &Arc<Shared>, 
             "too many clients: max_client_conn reached",
         );
     };
-    let Ok(pending) = shared.pending_logins.clone().try_acquire_owned() else {
-        c.refused_pending_logins.fetch_add(1, Relaxed);
-        tracing::warn!(%peer, "max_pending_logins reached; refusing client");
-        return refuse(
-            stream,
-            sqlstate::TOO_MANY_CONNECTIONS,
-            "too many connections are still logging in (max_pending_logins)",
-        );
+    let pending = match shared.pending_logins.try_admit(peer.ip()) {
+        Ok(p) => p,
+        Err(Full::Total) => {
+            c.refused_pending_logins.fetch_add(1, Relaxed);
+            tracing::warn!(%peer, "max_pending_logins reached; refusing client");
+            return refuse(
+                stream,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "too many connections are still logging in (max_pending_logins)",
+            );
+        }
+        Err(Full::Address) => {
+            c.refused_pending_per_address.fetch_add(1, Relaxed);
+            tracing::debug!(%peer, "max_pending_logins_per_address reached; refusing client");
+            return refuse(
+                stream,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "too many connections from this address are still logging in (max_pending_logins_per_address)",
+            );
+        }
     };
     let fut = crate::client::serve(stream, peer, role, shared.clone(), pending, permit);
     tracing::trace!(bytes = std::mem::size_of_val(&fut), "client task size");

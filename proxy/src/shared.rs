@@ -30,7 +30,7 @@ pub struct Shared {
     pub auth_query: Option<crate::authquery::AuthQuery>,
     pub throttle: crate::throttle::AuthThrottle,
     /// Connections still in startup or authentication.
-    pub pending_logins: Arc<Semaphore>,
+    pub pending_logins: crate::pending::PendingLogins,
     /// Per-user client caps (max_client_connections).
     user_clients: Mutex<HashMap<String, Limit>>,
     /// Listener counters for /metrics.
@@ -90,7 +90,7 @@ impl Shared {
                 l.auth_failure_window,
                 l.auth_failure_delay,
             ),
-            pending_logins: Arc::new(Semaphore::new(l.max_pending_logins.max(1))),
+            pending_logins: crate::pending::PendingLogins::new(l.max_pending_logins, l.max_pending_logins_per_address),
             user_clients: Mutex::default(),
             counters: Counters::default(),
             drain_tx: tokio::sync::watch::channel(false).0,
@@ -538,6 +538,7 @@ pub struct Counters {
     /// Connections refused at accept, by reason.
     pub refused_max_client_conn: AtomicU64,
     pub refused_pending_logins: AtomicU64,
+    pub refused_pending_per_address: AtomicU64,
 }
 
 /// The password for server logins of `user`: its [[user]] server_password,

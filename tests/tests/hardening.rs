@@ -175,3 +175,36 @@ async fn reload_reads_files_off_the_runtime() {
     }
     c.simple_query("SELECT 4").await.unwrap();
 }
+
+/// A socket from `source` (any 127.0.0.0/8 address) to `port` on 127.0.0.1.
+async fn tcp_from(source: [u8; 4], port: u16) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind((std::net::Ipv4Addr::from(source), 0).into()).unwrap();
+    sock.connect(([127, 0, 0, 1], port).into()).await.unwrap()
+}
+
+/// Silent sockets from one address (127.0.0.2), more than max_pending_logins,
+/// hold at most that address's share of the login places: a login from
+/// 127.0.0.1 goes through at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_from_one_address_do_not_block_other_logins() {
+    let f = ferry(
+        "[limits]\nmax_pending_logins = 50\nmax_pending_logins_per_address = 10\nclient_login_timeout = \"30s\"\n",
+    );
+    let mut silent = Vec::new();
+    for _ in 0..60 {
+        silent.push(tcp_from([127, 0, 0, 2], f.rw_port).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Beyond its share, the address is refused at once.
+    let mut last = Raw {
+        stream: silent.pop().unwrap(),
+        buf: bytes::BytesMut::new(),
+    };
+    assert_eq!(error_code(&last.until_closed().await).as_deref(), Some("53300"));
+    let t = std::time::Instant::now();
+    let c = app(&f).await;
+    assert!(t.elapsed() < Duration::from_secs(2), "login took {:?}", t.elapsed());
+    assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    drop(silent);
+}
