@@ -208,3 +208,111 @@ async fn silent_sockets_from_one_address_do_not_block_other_logins() {
     assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     drop(silent);
 }
+
+/// A raw connection that sent a startup packet for `user` and got
+/// AuthenticationSASL back.
+async fn sasl_start(port: u16, user: &str) -> Raw {
+    use pgferry_protocol::backend::{self, AuthRequest};
+    let mut r = Raw::tcp(port).await;
+    let mut b = bytes::BytesMut::new();
+    pgferry_protocol::encode::startup_message(&mut b, &[("user", user), ("database", "app")]);
+    r.send(&b).await;
+    let f = r.frame().await.expect("authentication request");
+    assert_eq!(f.tag, b'R');
+    assert!(matches!(
+        backend::authentication(f.body()).unwrap(),
+        AuthRequest::Sasl { .. }
+    ));
+    r
+}
+
+/// SQLSTATEs as PostgreSQL gives them: an unsupported protocol version is
+/// 0A000; a SASL message that is missing, malformed or names a mechanism
+/// that was not offered is 08P01, for known and unknown users alike; a
+/// wrong password stays 28P01.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_and_sasl_errors_have_postgresql_sqlstates() {
+    use bytes::{BufMut, BytesMut};
+    use pgferry_protocol::backend::{self, AuthRequest};
+    use pgferry_protocol::encode;
+    use pgferry_protocol::scram::{ClientCredentials, ClientExchange, MECHANISM};
+    let f = ferry("");
+    let mut r = Raw::tcp(f.rw_port).await;
+    let mut b = BytesMut::new();
+    b.put_u32(8);
+    b.put_u32((9 << 16) | 9);
+    r.send(&b).await;
+    assert_eq!(
+        error_code(&r.until_closed().await).as_deref(),
+        Some("0A000"),
+        "protocol 9.9"
+    );
+
+    for user in ["app", "no_such_user"] {
+        type Case = (&'static str, fn(&mut BytesMut));
+        let cases: [Case; 3] = [
+            ("unknown mechanism", |b| {
+                encode::sasl_initial_response(b, "FOO-BAR", b"n,,n=,r=abc")
+            }),
+            ("malformed client-first", |b| {
+                encode::sasl_initial_response(b, MECHANISM, b"garbage")
+            }),
+            ("a Query instead of SASLInitialResponse", |b| {
+                encode::query(b, b"SELECT 1")
+            }),
+        ];
+        for (what, make) in cases {
+            let mut r = sasl_start(f.rw_port, user).await;
+            let mut b = BytesMut::new();
+            make(&mut b);
+            r.send(&b).await;
+            assert_eq!(
+                error_code(&r.until_closed().await).as_deref(),
+                Some("08P01"),
+                "{user}: {what}"
+            );
+        }
+        for (what, last) in [
+            ("malformed client-final", &b"garbage"[..]),
+            ("nonce mismatch", &b"c=biws,r=not-the-nonce,p=AAAA"[..]),
+        ] {
+            let mut r = sasl_start(f.rw_port, user).await;
+            let (_, first) = ClientExchange::start();
+            let mut b = BytesMut::new();
+            encode::sasl_initial_response(&mut b, MECHANISM, &first);
+            r.send(&b).await;
+            let c = r.frame().await.expect("SASLContinue");
+            assert!(matches!(
+                backend::authentication(c.body()).unwrap(),
+                AuthRequest::SaslContinue { .. }
+            ));
+            let mut b = BytesMut::new();
+            encode::password(&mut b, last);
+            r.send(&b).await;
+            assert_eq!(
+                error_code(&r.until_closed().await).as_deref(),
+                Some("08P01"),
+                "{user}: {what}"
+            );
+        }
+        // A well-formed exchange with the wrong password.
+        let mut r = sasl_start(f.rw_port, user).await;
+        let (mut ex, first) = ClientExchange::start();
+        let mut b = BytesMut::new();
+        encode::sasl_initial_response(&mut b, MECHANISM, &first);
+        r.send(&b).await;
+        let c = r.frame().await.expect("SASLContinue");
+        let AuthRequest::SaslContinue { data } = backend::authentication(c.body()).unwrap() else {
+            panic!("expected SASLContinue");
+        };
+        let fin = ex.respond(data, &ClientCredentials::Password("wrong".into())).unwrap();
+        let mut b = BytesMut::new();
+        encode::password(&mut b, &fin);
+        r.send(&b).await;
+        assert_eq!(
+            error_code(&r.until_closed().await).as_deref(),
+            Some("28P01"),
+            "{user}: wrong password"
+        );
+    }
+}
