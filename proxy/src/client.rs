@@ -191,7 +191,13 @@ async fn login(
             // Accepted with or without TLS: libpq sends cancels on a new,
             // plain connection whatever the main one uses.
             let done = shared.clients.cancel(pid, key, &shared.server_tls).await;
-            tracing::info!(forwarded = done, "cancel request");
+            // One line per cancel at INFO would let a cancel flood fill the
+            // log: counted here, summed up once per stats_period (lib.rs).
+            shared.counters.cancel_requests.fetch_add(1, Relaxed);
+            if done {
+                shared.counters.cancels_forwarded.fetch_add(1, Relaxed);
+            }
+            tracing::debug!(forwarded = done, "cancel request");
             return Ok(None);
         }
         Handshake::Startup { params, tls } => (params, tls),

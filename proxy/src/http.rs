@@ -261,12 +261,18 @@ fn metrics(shared: &Shared) -> String {
          pgferry_auth_failures_total{{reason=\"tls_required\"}} {}\n\
          # HELP pgferry_auth_failures_delayed_total Failed logins answered after auth_failure_delay (too many failures of \
          that user from that address).\n\
-         # TYPE pgferry_auth_failures_delayed_total counter\npgferry_auth_failures_delayed_total {}",
+         # TYPE pgferry_auth_failures_delayed_total counter\npgferry_auth_failures_delayed_total {}\n\
+         # HELP pgferry_cancel_requests_total Cancel requests received, by whether they reached a running query.\n\
+         # TYPE pgferry_cancel_requests_total counter\n\
+         pgferry_cancel_requests_total{{forwarded=\"true\"}} {}\n\
+         pgferry_cancel_requests_total{{forwarded=\"false\"}} {}",
         c.tls_handshakes.load(Relaxed),
         c.auth_failures.load(Relaxed),
         c.auth_failures_hba.load(Relaxed),
         c.auth_failures_tls.load(Relaxed),
-        c.auth_failures_delayed.load(Relaxed)
+        c.auth_failures_delayed.load(Relaxed),
+        c.cancels_forwarded.load(Relaxed),
+        c.cancel_requests.load(Relaxed).saturating_sub(c.cancels_forwarded.load(Relaxed))
     );
     let topo = shared.router.topology();
     let v = &topo.view;

@@ -122,6 +122,7 @@ pub async fn run(
     }
     tokio::spawn(reload_on_sighup(shared.clone()));
     tokio::spawn(sweep_auto_pools(shared.clone()));
+    tokio::spawn(report_cancels(shared.clone()));
     let slots = Arc::new(Semaphore::new(config.limits.max_client_conn));
     let mut listeners = vec![(config.listen.rw, Role::ReadWrite)];
     if let Some(ro) = config.listen.ro {
@@ -212,6 +213,27 @@ async fn sweep_auto_pools(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         shared.sweep_auto_pools();
+    }
+}
+
+/// One INFO line per stats_period with the cancel requests of that period
+/// (each one is logged at DEBUG only): a flood of cancels costs a line.
+async fn report_cancels(shared: Arc<Shared>) {
+    let c = &shared.counters;
+    let (mut requests, mut forwarded) = (0, 0);
+    loop {
+        tokio::time::sleep(shared.config().runtime.stats_period).await;
+        let (r, f) = (c.cancel_requests.load(Relaxed), c.cancels_forwarded.load(Relaxed));
+        if r != requests {
+            let period = shared.config().runtime.stats_period;
+            tracing::info!(
+                requests = r - requests,
+                forwarded = f - forwarded,
+                ?period,
+                "cancel requests in the last period"
+            );
+        }
+        (requests, forwarded) = (r, f);
     }
 }
 

@@ -531,6 +531,10 @@ pub struct Counters {
     pub auth_failures: AtomicU64,
     pub auth_failures_hba: AtomicU64,
     pub auth_failures_tls: AtomicU64,
+    /// Cancel requests received, and those that matched a client with a
+    /// query on a server (and were passed on).
+    pub cancel_requests: AtomicU64,
+    pub cancels_forwarded: AtomicU64,
     /// Times the read-write port's server changed.
     pub leader_changes: AtomicU64,
     /// Failed logins answered late (see `throttle.rs`).

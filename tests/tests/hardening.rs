@@ -316,3 +316,43 @@ async fn protocol_and_sasl_errors_have_postgresql_sqlstates() {
         );
     }
 }
+
+/// A burst of 1,000 cancel requests writes a bounded number of log lines:
+/// each is logged at DEBUG, and one INFO line per stats_period counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_floods_are_logged_in_aggregate() {
+    const CANCELS: u64 = 1000;
+    let f = ferry("[runtime]\nstats_period = \"1s\"\n");
+    let port = f.rw_port;
+    let mut tasks = Vec::new();
+    for t in 0..20u32 {
+        tasks.push(tokio::spawn(async move {
+            for i in 0..(CANCELS as u32 / 20) {
+                let mut r = Raw::tcp(port).await;
+                let mut b = bytes::BytesMut::new();
+                pgferry_protocol::encode::cancel_request(&mut b, 1_000_000 + t * 1000 + i, 42);
+                r.send(&b).await;
+                assert!(r.until_closed().await.is_empty(), "a cancel request gets no answer");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The last period's line.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = f.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("cancel request")).collect();
+    assert!(
+        lines.len() <= 10,
+        "{} lines for {CANCELS} cancels:\n{}",
+        lines.len(),
+        lines[..10.min(lines.len())].join("\n")
+    );
+    let counted: u64 = lines
+        .iter()
+        .filter_map(|l| l.split("requests=").nth(1))
+        .map(|v| v.split(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(counted, CANCELS, "{}", lines.join("\n"));
+}
