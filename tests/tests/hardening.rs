@@ -356,3 +356,32 @@ async fn cancel_floods_are_logged_in_aggregate() {
         .sum();
     assert_eq!(counted, CANCELS, "{}", lines.join("\n"));
 }
+
+/// SHOW LISTS counts the connections still logging in (login_clients).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_lists_counts_pending_logins() {
+    let f = ferry("[limits]\nclient_login_timeout = \"30s\"\n");
+    let login_clients = |f: &pgferry_tests::Ferry| -> usize {
+        let out = admin(f.rw_port, "SHOW LISTS");
+        let row = rows_starting(&out, "login_clients|");
+        row[0][1].parse().unwrap()
+    };
+    // The harness's readiness probe may still be logging in for a moment.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while login_clients(&f) != 0 {
+        assert!(std::time::Instant::now() < end, "logins pending at rest");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(("127.0.0.1", f.rw_port)).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(login_clients(&f), 3);
+    drop(silent);
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while login_clients(&f) != 0 {
+        assert!(std::time::Instant::now() < end, "closed logins still counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
