@@ -91,19 +91,22 @@ pub struct Listen {
     /// Read-write listener: always the primary (Patroni leader).
     #[serde(default = "d_rw")]
     pub rw: SocketAddr,
-    /// Read-only listener: the standbys.
-    #[serde(default = "d_ro")]
+    /// Read-only listener: the standbys. Without the key there is none.
+    #[serde(default)]
     pub ro: Option<SocketAddr>,
     /// Listen backlog.
     #[serde(default = "d_backlog")]
     pub backlog: u32,
+    /// Bind the listeners with SO_REUSEPORT, so that another pgferry can
+    /// bind the same ports while this one runs (a rolling restart). Off, a
+    /// port already in use is an error at start: two processes with
+    /// different configurations must not silently split a port's clients.
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 fn d_rw() -> SocketAddr {
     "0.0.0.0:5432".parse().unwrap()
-}
-fn d_ro() -> Option<SocketAddr> {
-    Some("0.0.0.0:5433".parse().unwrap())
 }
 fn d_backlog() -> u32 {
     4096
@@ -113,8 +116,9 @@ impl Default for Listen {
     fn default() -> Self {
         Listen {
             rw: d_rw(),
-            ro: d_ro(),
+            ro: None,
             backlog: d_backlog(),
+            reuse_port: false,
         }
     }
 }
@@ -125,7 +129,7 @@ pub struct Limits {
     /// Most client connections at once; further ones get 53300.
     #[serde(default = "d_max_client_conn")]
     pub max_client_conn: usize,
-    /// Time a client has to send its startup packet and finish authentication.
+    /// Time a client has to send its startup packet and finish authentication; 0 = no limit.
     #[serde(default = "d_login_timeout", with = "duration")]
     pub client_login_timeout: Duration,
     /// Close clients idle (between transactions) this long; 0 disables.
@@ -140,22 +144,38 @@ pub struct Limits {
     /// Connections that have not finished authenticating, at most; more get 53300.
     #[serde(default = "d_max_pending_logins")]
     pub max_pending_logins: usize,
-    /// Failed logins from one address within `auth_failure_window` after
-    /// which that address is refused until the window passes; 0 disables.
+    /// Of those, from one source address at most (more from it get 53300),
+    /// so that silent sockets from one address cannot block every other
+    /// login for client_login_timeout; 0 = no per-address cap. Raise it for
+    /// many clients behind one address (NAT) that connect all at once.
+    #[serde(default = "d_max_pending_logins_per_address")]
+    pub max_pending_logins_per_address: usize,
+    /// Failed logins of one user from one address within
+    /// `auth_failure_window` after which each further failure of that pair
+    /// is answered only after `auth_failure_delay`; 0 disables. Nothing is
+    /// refused: a correct password logs in whatever others failed.
     #[serde(default = "d_auth_failure_limit")]
     pub auth_failure_limit: u32,
     #[serde(default = "d_auth_failure_window", with = "duration")]
     pub auth_failure_window: Duration,
+    #[serde(default = "d_auth_failure_delay", with = "duration")]
+    pub auth_failure_delay: Duration,
 }
 
 fn d_max_pending_logins() -> usize {
     1000
+}
+fn d_max_pending_logins_per_address() -> usize {
+    100
 }
 fn d_auth_failure_limit() -> u32 {
     20
 }
 fn d_auth_failure_window() -> Duration {
     Duration::from_secs(60)
+}
+fn d_auth_failure_delay() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn d_max_client_conn() -> usize {
@@ -177,8 +197,10 @@ impl Default for Limits {
             idle_transaction_timeout: Duration::ZERO,
             max_message_size: d_max_message_size(),
             max_pending_logins: d_max_pending_logins(),
+            max_pending_logins_per_address: d_max_pending_logins_per_address(),
             auth_failure_limit: d_auth_failure_limit(),
             auth_failure_window: d_auth_failure_window(),
+            auth_failure_delay: d_auth_failure_delay(),
         }
     }
 }
@@ -348,6 +370,14 @@ pub struct PoolDefaults {
     /// Allow databases not listed in [[database]], with these defaults.
     #[serde(default = "d_true")]
     pub auto_database: bool,
+    /// A pool of an unlisted database (auto_database) with no client and no
+    /// connection in use for this long is freed (PgBouncer's name); 0 = never.
+    #[serde(default = "d_autodb_idle_timeout", with = "duration")]
+    pub autodb_idle_timeout: Duration,
+    /// Pools of unlisted databases at once, at most: at the cap, unused
+    /// ones are freed first, else the login gets 53300.
+    #[serde(default = "d_max_auto_pools")]
+    pub max_auto_pools: usize,
     /// On the read-only port, use the primary when no standby is available.
     #[serde(default = "d_true")]
     pub ro_fallback_to_primary: bool,
@@ -382,6 +412,12 @@ fn d_max_prepared() -> usize {
 }
 fn d_session_state() -> SessionStatePolicy {
     SessionStatePolicy::Pin
+}
+fn d_autodb_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_max_auto_pools() -> usize {
+    1000
 }
 fn d_true() -> bool {
     true
@@ -517,8 +553,11 @@ pub struct Http {
     pub listen: SocketAddr,
 }
 
+/// Loopback: the status page and /metrics show users, client addresses,
+/// backend pids and console commands, without authentication. Exposing
+/// them is a choice the configuration makes explicitly.
 fn d_http_listen() -> SocketAddr {
-    "0.0.0.0:8404".parse().unwrap()
+    "127.0.0.1:8404".parse().unwrap()
 }
 
 impl Default for Http {
@@ -914,7 +953,16 @@ mod tests {
         assert_eq!(c.pool.pool_size, 20);
         assert_eq!(c.pool.pool_mode, PoolMode::Transaction);
         assert_eq!(c.listen.rw.port(), 5432);
+        assert_eq!(c.listen.ro, None, "no read-only listener unless listen.ro is set");
+        assert!(!c.listen.reuse_port, "port sharing is opt-in");
         assert_eq!(c.pool.query_wait_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn http_listens_on_loopback_by_default() {
+        let c = Config::from_toml(MIN).unwrap();
+        assert!(c.http.listen.ip().is_loopback(), "{}", c.http.listen);
+        assert_eq!(c.http.listen.port(), 8404);
     }
 
     #[test]

@@ -53,6 +53,10 @@ impl Frame {
 /// Header size: tag + length.
 pub const HEADER_LEN: usize = 5;
 
+/// Most capacity [`decode_frame`] reserves ahead of bytes that have not
+/// arrived yet.
+pub const GROW_STEP: usize = 64 * 1024;
+
 /// Peeks at the next message header without consuming anything.
 /// Returns `(tag, total length including the tag)` once the header is there.
 pub fn peek_header(buf: &[u8], max_len: usize) -> Result<Option<(u8, usize)>, ProtocolError> {
@@ -77,15 +81,17 @@ pub fn peek_header(buf: &[u8], max_len: usize) -> Result<Option<(u8, usize)>, Pr
 /// Decodes one message from the front of `buf` if it is complete.
 ///
 /// `max_len` bounds the declared length *before* anything is buffered for
-/// it, so a hostile length cannot make the caller reserve memory. When the
-/// header is complete but the body is not, capacity for the rest is reserved
-/// so the next read can fill it in one go.
+/// it. Within that bound the declared length is still only a claim: when
+/// the header is complete but the body is not, at most [`GROW_STEP`] more
+/// capacity is reserved, so the buffer grows with the bytes that actually
+/// arrive (a 5-byte header cannot make the caller hold `max_len` bytes),
+/// and large messages still read in big steps (the buffer's growth doubles).
 pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, ProtocolError> {
     let Some((tag, total)) = peek_header(buf, max_len)? else {
         return Ok(None);
     };
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        buf.reserve((total - buf.len()).min(GROW_STEP));
         return Ok(None);
     }
     let bytes = buf.split_to(total).freeze();
@@ -146,6 +152,15 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
 
+    pub fn u16(&mut self) -> Result<u16, ProtocolError> {
+        if self.buf.len() < 2 {
+            return Err(self.malformed());
+        }
+        let v = (&self.buf[..2]).get_u16();
+        self.buf = &self.buf[2..];
+        Ok(v)
+    }
+
     pub fn i32(&mut self) -> Result<i32, ProtocolError> {
         if self.buf.len() < 4 {
             return Err(self.malformed());
@@ -191,6 +206,37 @@ mod tests {
             Err(ProtocolError::TooLarge { .. })
         ));
         assert!(b.capacity() < 1 << 20, "no reservation for a rejected length");
+    }
+
+    #[test]
+    fn declared_length_is_not_reserved_up_front() {
+        // A header declaring 200 MiB (within the limit) and 10 bytes of body.
+        let max = 256 << 20;
+        let mut b = BytesMut::new();
+        b.extend_from_slice(b"Q");
+        b.extend_from_slice(&(200u32 << 20).to_be_bytes());
+        b.extend_from_slice(&[b'x'; 10]);
+        assert_eq!(decode_frame(&mut b, max), Ok(None));
+        assert!(b.capacity() <= 1 << 20, "reserved {} bytes", b.capacity());
+        // The buffer grows as bytes arrive and the message still decodes.
+        let body = vec![b'y'; (3 << 20) - 4];
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&msg(b'Q', &body)[..5]);
+        let mut f = None;
+        for chunk in body.chunks(8192) {
+            assert!(f.is_none());
+            b.extend_from_slice(chunk);
+            let before = b.len();
+            f = decode_frame(&mut b, max).unwrap();
+            if f.is_none() {
+                assert!(
+                    b.capacity() <= 2 * (before + GROW_STEP),
+                    "capacity {} for {before}",
+                    b.capacity()
+                );
+            }
+        }
+        assert_eq!(f.unwrap().body(), &body[..]);
     }
 
     proptest! {

@@ -56,8 +56,9 @@ pub fn parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
     let query = r.cstr()?;
     let param_types = r.remaining();
     let mut check = Reader::new(param_types, "Parse");
-    let n = check.i16()?;
-    if n < 0 || check.remaining().len() != n as usize * 4 {
+    // Unsigned, as PostgreSQL reads it: up to 65,535 parameter types.
+    let n = check.u16()?;
+    if check.remaining().len() != n as usize * 4 {
         return Err(ProtocolError::Malformed("Parse"));
     }
     Ok(Parse {
@@ -113,6 +114,19 @@ mod tests {
         assert_eq!(p.name, b"s1");
         assert_eq!(p.query, b"select $1");
         assert!(parse(b"s1\0select $1\0\x00\x02\x00\x00\x00\x17").is_err());
+    }
+
+    #[test]
+    fn parse_takes_up_to_65535_parameter_types() {
+        for n in [32_767u16, 32_768, 40_000, 65_535] {
+            let mut body = b"s\0insert\0".to_vec();
+            body.extend_from_slice(&n.to_be_bytes());
+            body.extend(std::iter::repeat_n([0, 0, 0, 23], n as usize).flatten());
+            let p = parse(&body).unwrap_or_else(|e| panic!("{n} types: {e}"));
+            assert_eq!(p.param_types.len(), 2 + 4 * n as usize);
+            // One type missing is still malformed.
+            assert!(parse(&body[..body.len() - 4]).is_err(), "{n}");
+        }
     }
 
     #[test]

@@ -256,7 +256,7 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
         }
         "RELOAD" => {
             at_most(1)?;
-            crate::reload(shared, "RELOAD").map_err(|e| {
+            crate::reload(shared, "RELOAD").await.map_err(|e| {
                 (
                     sqlstate::CONFIG_FILE_ERROR,
                     format!("reload refused, the running configuration stays: {e}"),
@@ -711,7 +711,8 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
                 vec!["pools".into(), n(pools.len())],
                 vec!["free_clients".into(), "0".into()],
                 vec!["used_clients".into(), n(clients)],
-                vec!["login_clients".into(), "0".into()],
+                // Connections still in startup or authentication.
+                vec!["login_clients".into(), n(shared.pending_logins.count())],
                 vec!["free_servers".into(), n(free)],
                 vec!["used_servers".into(), n(servers)],
                 vec!["dns_names".into(), "0".into()],

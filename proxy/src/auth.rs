@@ -33,6 +33,23 @@ fn fail(user: &str, reason: impl Into<String>) -> ClientError {
     }
 }
 
+/// A SASL message that is missing, malformed or not what was offered: a
+/// protocol violation (08P01), as PostgreSQL answers, not a failed
+/// password. It says nothing about the user: the checks depend on the
+/// message alone, never on the secret.
+fn sasl_violation(message: impl Into<String>) -> ClientError {
+    ClientError::refused(sqlstate::PROTOCOL_VIOLATION, message)
+}
+
+/// Whether a SCRAM error is about the message's form (a protocol
+/// violation) rather than the password.
+fn is_malformed(e: &scram::ScramError) -> bool {
+    matches!(
+        e,
+        scram::ScramError::Malformed(_) | scram::ScramError::ChannelBinding | scram::ScramError::Nonce
+    )
+}
+
 /// Who is logging in, and over what.
 pub struct Attempt<'a> {
     pub user: &'a str,
@@ -157,7 +174,10 @@ async fn scram_exchange(
 
     let f = io.read_frame(MAX_AUTH_MESSAGE).await?;
     if f.tag != frontend::PASSWORD {
-        return Err(fail(user, "expected SASLInitialResponse"));
+        return Err(sasl_violation(format!(
+            "expected SASL response, got message type {}",
+            f.tag
+        )));
     }
     let mut r = Reader::new(f.body(), "SASLInitialResponse");
     let mechanism = r.cstr_utf8()?;
@@ -165,26 +185,40 @@ async fn scram_exchange(
     let data = r.remaining();
     let offered = mechanism == scram::MECHANISM || (tls.is_some() && mechanism == scram::MECHANISM_PLUS);
     if !offered {
-        return Err(fail(user, format!("unsupported SASL mechanism {mechanism:?}")));
+        return Err(sasl_violation(
+            "client selected an invalid SASL authentication mechanism",
+        ));
     }
     if len < 0 || len as usize != data.len() {
         return Err(pgferry_protocol::ProtocolError::Malformed("SASLInitialResponse").into());
     }
-    let (exchange, server_first) = ServerExchange::start(secret.clone(), data, mechanism, tls.is_some())
-        .map_err(|e| fail(user, format!("SCRAM: {e}")))?;
+    let (exchange, server_first) =
+        ServerExchange::start(secret.clone(), data, mechanism, tls.is_some()).map_err(|e| match is_malformed(&e) {
+            true => sasl_violation(format!("malformed SCRAM message: {e}")),
+            false => fail(user, format!("SCRAM: {e}")),
+        })?;
     let binding = exchange.binding;
     encode::auth_sasl_continue(&mut io.wbuf, &server_first);
     io.flush().await?;
 
     let f = io.read_frame(MAX_AUTH_MESSAGE).await?;
     if f.tag != frontend::PASSWORD {
-        return Err(fail(user, "expected SASLResponse"));
+        return Err(sasl_violation(format!(
+            "expected SASL response, got message type {}",
+            f.tag
+        )));
     }
     let cb = match (binding, tls) {
         (ChannelBinding::TlsServerEndPoint, Some(t)) => Some(&*t.end_point),
         _ => None,
     };
     let verified = exchange.finish(f.body(), cb);
+    // The form first, for known and unknown users alike.
+    if let Err(e) = &verified {
+        if is_malformed(e) {
+            return Err(sasl_violation(format!("malformed SCRAM message: {e}")));
+        }
+    }
     if let Some(why) = unusable {
         return Err(fail(user, why));
     }

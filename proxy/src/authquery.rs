@@ -64,7 +64,9 @@ pub struct AuthQuery {
     ttl: Duration,
     tls: Option<Arc<rustls::ClientConfig>>,
     ssl_mode: tokio_postgres::config::SslMode,
-    pools: Mutex<HashMap<(NodeAddr, String), deadpool_postgres::Pool>>,
+    /// Control pools per (node, database), bounded: the database comes from
+    /// clients that have not authenticated yet.
+    pools: Mutex<Recent<(NodeAddr, String), deadpool_postgres::Pool>>,
     cache: Mutex<HashMap<String, (Instant, Lookup)>>,
 }
 
@@ -89,7 +91,7 @@ impl AuthQuery {
             ttl: a.auth_cache_ttl,
             tls: tls.client_config(),
             ssl_mode,
-            pools: Mutex::default(),
+            pools: Mutex::new(Recent::new(MAX_CONTROL_POOLS)),
             cache: Mutex::default(),
         })
     }
@@ -101,8 +103,17 @@ impl AuthQuery {
                 return Ok(l.clone());
             }
         }
-        let pool = self.pool(node, self.dbname.as_deref().unwrap_or(database))?;
-        let client = pool.get().await.map_err(|e| AuthQueryError::Pool(e.to_string()))?;
+        let dbname = self.dbname.as_deref().unwrap_or(database);
+        let pool = self.pool(node, dbname)?;
+        let client = match pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                // A database that does not exist (or a node that is down)
+                // keeps no pool: names a client makes up leave nothing.
+                self.pools.lock().unwrap().remove(&(node.clone(), dbname.to_owned()));
+                return Err(AuthQueryError::Pool(e.to_string()));
+            }
+        };
         let stmt = client.prepare_cached(&self.query).await?;
         let rows = client.query(&stmt, &[&user]).await?;
         let lookup = match rows.first() {
@@ -135,7 +146,7 @@ impl AuthQuery {
     fn pool(&self, node: &NodeAddr, dbname: &str) -> Result<deadpool_postgres::Pool, AuthQueryError> {
         let key = (node.clone(), dbname.to_owned());
         if let Some(p) = self.pools.lock().unwrap().get(&key) {
-            return Ok(p.clone());
+            return Ok(p);
         }
         let mut pg = tokio_postgres::Config::new();
         pg.host(&node.host)
@@ -178,6 +189,60 @@ impl AuthQuery {
     }
 }
 
+/// Control pools kept at most; the least recently used is dropped (with
+/// its connections) to make room.
+const MAX_CONTROL_POOLS: usize = 16;
+
+/// A map of at most `cap` entries that drops the least recently used.
+struct Recent<K, V> {
+    cap: usize,
+    tick: u64,
+    map: HashMap<K, (V, u64)>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Recent<K, V> {
+    fn new(cap: usize) -> Self {
+        Recent {
+            cap: cap.max(1),
+            tick: 0,
+            map: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, k: &K) -> Option<V> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.map.get_mut(k).map(|(v, used)| {
+            *used = tick;
+            v.clone()
+        })
+    }
+
+    fn insert(&mut self, k: K, v: V) {
+        self.tick += 1;
+        if !self.map.contains_key(&k) && self.map.len() >= self.cap {
+            let oldest = self
+                .map
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                self.map.remove(&oldest);
+            }
+        }
+        self.map.insert(k, (v, self.tick));
+    }
+
+    fn remove(&mut self, k: &K) {
+        self.map.remove(k);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
 /// A timestamp or timestamptz as PostgreSQL sends it in binary: i64
 /// microseconds since 2000-01-01, where i64::MAX is 'infinity' and i64::MIN
 /// '-infinity' (which the ordering above treats correctly).
@@ -196,5 +261,30 @@ impl<'a> tokio_postgres::types::FromSql<'a> for PgTimestamp {
             *ty,
             tokio_postgres::types::Type::TIMESTAMPTZ | tokio_postgres::types::Type::TIMESTAMP
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Recent;
+
+    #[test]
+    fn control_pools_are_bounded_least_recently_used_first() {
+        let mut r = Recent::new(3);
+        for db in ["a", "b", "c"] {
+            r.insert(db.to_owned(), db.len());
+        }
+        assert_eq!(r.get(&"a".to_owned()), Some(1), "a is now the most recent");
+        for i in 0..100 {
+            r.insert(format!("made_up_{i}"), i);
+            assert!(r.len() <= 3);
+        }
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.get(&"b".to_owned()), None);
+        r.insert("x".to_owned(), 7);
+        r.insert("x".to_owned(), 8);
+        assert_eq!(r.get(&"x".to_owned()), Some(8), "replacing a key keeps one entry");
+        r.remove(&"x".to_owned());
+        assert_eq!(r.get(&"x".to_owned()), None);
     }
 }

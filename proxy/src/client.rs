@@ -11,6 +11,7 @@ use crate::clients::ClientInfo;
 use crate::error::ClientError;
 use crate::handshake::{handshake, Handshake};
 use crate::params::ClientParams;
+use crate::pending::PendingLogin;
 use crate::session::{Session, SessionInit};
 use crate::shared::Shared;
 use bytes::BytesMut;
@@ -42,7 +43,7 @@ pub fn serve(
     peer: SocketAddr,
     role: Role,
     shared: Arc<Shared>,
-    pending: OwnedSemaphorePermit,
+    pending: PendingLogin,
     slot: OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send {
     let id = shared.next_client_id.fetch_add(1, Relaxed);
@@ -60,7 +61,6 @@ pub fn serve(
             Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
             Err(e @ ClientError::Auth { .. }) => {
                 shared.counters.auth_failures.fetch_add(1, Relaxed);
-                shared.throttle.record_failure(peer.ip());
                 tracing::warn!(error = %e, "login failed")
             }
             Err(e) => tracing::info!(error = %e, "client closed with error"),
@@ -78,13 +78,19 @@ async fn start(
     peer: SocketAddr,
     role: Role,
     shared: Arc<Shared>,
-    pending: OwnedSemaphorePermit,
+    pending: PendingLogin,
 ) -> Result<Option<SessionFuture>, ClientError> {
     let mut io = ClientIo::new(stream);
     let timeout = shared.config().limits.client_login_timeout;
-    let login = tokio::time::timeout(timeout, login(&mut io, peer, role, &shared))
-        .await
-        .unwrap_or(Err(ClientError::LoginTimeout));
+    // 0 means no timeout, as in PgBouncer (a zero deadline would refuse
+    // every login, the console's included).
+    let login = if timeout.is_zero() {
+        login(&mut io, peer, role, &shared).await
+    } else {
+        tokio::time::timeout(timeout, login(&mut io, peer, role, &shared))
+            .await
+            .unwrap_or(Err(ClientError::LoginTimeout))
+    };
     drop(pending);
     let login = match login {
         Ok(Some(Started::Session(l))) => l,
@@ -185,7 +191,13 @@ async fn login(
             // Accepted with or without TLS: libpq sends cancels on a new,
             // plain connection whatever the main one uses.
             let done = shared.clients.cancel(pid, key, &shared.server_tls).await;
-            tracing::info!(forwarded = done, "cancel request");
+            // One line per cancel at INFO would let a cancel flood fill the
+            // log: counted here, summed up once per stats_period (lib.rs).
+            shared.counters.cancel_requests.fetch_add(1, Relaxed);
+            if done {
+                shared.counters.cancels_forwarded.fetch_add(1, Relaxed);
+            }
+            tracing::debug!(forwarded = done, "cancel request");
             return Ok(None);
         }
         Handshake::Startup { params, tls } => (params, tls),
@@ -257,7 +269,10 @@ async fn login(
         startup.push(("default_transaction_read_only".into(), "on".into()));
     }
 
-    let method = hba_method(shared, peer, tls.is_some(), &database, &user)?;
+    let method = match hba_method(shared, peer, tls.is_some(), &database, &user) {
+        Ok(m) => m,
+        Err(e) => return Err(failed_login(shared, peer, &user, e).await),
+    };
     // During a failover there is briefly no leader: wait for one (bounded)
     // rather than fail the login.
     let route = shared
@@ -276,14 +291,25 @@ async fn login(
         node: Some(&route.member.addr),
         tls: tls.as_ref(),
     };
-    let auth = authenticate(io, &attempt, method, shared).await?;
+    let auth = match authenticate(io, &attempt, method, shared).await {
+        Ok(a) => a,
+        Err(e @ ClientError::Auth { .. }) => return Err(failed_login(shared, peer, &user, e).await),
+        Err(e) => return Err(e),
+    };
     let user_permit = shared.user_client_permit(&user)?;
-    let pool = shared.pool(&database, &user, &route.member.addr, role);
+    let pool = shared.login_pool(&database, &user, &route.member.addr, role)?;
     if let Some((secret, client_key)) = &auth.scram {
         pool.credentials()
             .learn_scram_keys(&secret.salt, secret.iterations, *client_key, secret.server_key);
     }
-    let base = pool.startup_params().await?;
+    let base = match pool.startup_params().await {
+        Ok(b) => b,
+        Err(e) => {
+            // E.g. a database that does not exist: its pool goes now.
+            shared.forget_if_unused(pool);
+            return Err(e.into());
+        }
+    };
     let client_params = ClientParams::new(base, &startup);
     for (k, v) in client_params.reported() {
         encode::parameter_status(&mut io.wbuf, k, v);
@@ -318,7 +344,10 @@ async fn console_login(
             format!("user \"{user}\" may not use the admin console (not in admin_users or stats_users)"),
         ));
     }
-    let method = hba_method(shared, peer, tls.is_some(), database, user)?;
+    let method = match hba_method(shared, peer, tls.is_some(), database, user) {
+        Ok(m) => m,
+        Err(e) => return Err(failed_login(shared, peer, user, e).await),
+    };
     // Console users come from the users file; auth_query is not asked.
     let attempt = Attempt {
         user,
@@ -326,7 +355,11 @@ async fn console_login(
         node: None,
         tls,
     };
-    authenticate(io, &attempt, method, shared).await?;
+    match authenticate(io, &attempt, method, shared).await {
+        Ok(_) => {}
+        Err(e @ ClientError::Auth { .. }) => return Err(failed_login(shared, peer, user, e).await),
+        Err(e) => return Err(e),
+    }
     Ok(Some(Started::Console {
         user: user.to_owned(),
         admin,
@@ -365,9 +398,22 @@ fn hba_method(
             );
             tracing::warn!(user, reason = %msg, "login refused");
             shared.counters.auth_failures_hba.fetch_add(1, Relaxed);
-            shared.throttle.record_failure(peer.ip());
             Err(ClientError::refused(sqlstate::INVALID_AUTHORIZATION, msg))
         }
         Some(m) => Ok(m),
     }
+}
+
+/// Counts a failed login of `user` from `peer` and, once that pair has
+/// failed too often (see `throttle.rs`), holds the answer back for
+/// `auth_failure_delay`: guessing slows down while nobody is refused.
+/// Returns `e`, to be sent to the client after the wait.
+async fn failed_login(shared: &Shared, peer: SocketAddr, user: &str, e: ClientError) -> ClientError {
+    let delay = shared.throttle.record_failure(peer.ip(), user);
+    if !delay.is_zero() {
+        shared.counters.auth_failures_delayed.fetch_add(1, Relaxed);
+        tracing::debug!(user, ?delay, "failed login answered late");
+        tokio::time::sleep(delay).await;
+    }
+    e
 }

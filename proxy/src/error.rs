@@ -50,6 +50,11 @@ impl ClientError {
     /// (SQLSTATE, message) for a FATAL sent before closing, if one is due.
     pub fn to_client(&self) -> Option<(String, String)> {
         match self {
+            // PostgreSQL's answer to a protocol version it does not speak.
+            ClientError::Protocol(ProtocolError::UnsupportedProtocol { major, minor }) => Some((
+                sqlstate::FEATURE_NOT_SUPPORTED.into(),
+                format!("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"),
+            )),
             ClientError::Protocol(e) => Some((sqlstate::PROTOCOL_VIOLATION.into(), format!("protocol violation: {e}"))),
             ClientError::LoginTimeout => Some((
                 sqlstate::PROTOCOL_VIOLATION.into(),

@@ -1,4 +1,4 @@
-//! The HTTP listener (default 0.0.0.0:8404): `/metrics` in the Prometheus
+//! The HTTP listener (default 127.0.0.1:8404): `/metrics` in the Prometheus
 //! text format, `/health` (the process is up), `/ready` (a leader is
 //! confirmed for the read-write port), and `/`, a plain HTML status page
 //! that refreshes itself.
@@ -242,12 +242,12 @@ fn metrics(shared: &Shared) -> String {
         m,
         "# HELP pgferry_connections_refused_total Client connections refused at accept, by reason.\n\
          # TYPE pgferry_connections_refused_total counter\n\
-         pgferry_connections_refused_total{{reason=\"throttled\"}} {}\n\
          pgferry_connections_refused_total{{reason=\"max_client_conn\"}} {}\n\
-         pgferry_connections_refused_total{{reason=\"max_pending_logins\"}} {}",
-        c.refused_throttled.load(Relaxed),
+         pgferry_connections_refused_total{{reason=\"max_pending_logins\"}} {}\n\
+         pgferry_connections_refused_total{{reason=\"max_pending_logins_per_address\"}} {}",
         c.refused_max_client_conn.load(Relaxed),
-        c.refused_pending_logins.load(Relaxed)
+        c.refused_pending_logins.load(Relaxed),
+        c.refused_pending_per_address.load(Relaxed)
     );
     let _ = writeln!(
         m,
@@ -258,11 +258,21 @@ fn metrics(shared: &Shared) -> String {
          # TYPE pgferry_auth_failures_total counter\n\
          pgferry_auth_failures_total{{reason=\"password\"}} {}\n\
          pgferry_auth_failures_total{{reason=\"hba\"}} {}\n\
-         pgferry_auth_failures_total{{reason=\"tls_required\"}} {}",
+         pgferry_auth_failures_total{{reason=\"tls_required\"}} {}\n\
+         # HELP pgferry_auth_failures_delayed_total Failed logins answered after auth_failure_delay (too many failures of \
+         that user from that address).\n\
+         # TYPE pgferry_auth_failures_delayed_total counter\npgferry_auth_failures_delayed_total {}\n\
+         # HELP pgferry_cancel_requests_total Cancel requests received, by whether they reached a running query.\n\
+         # TYPE pgferry_cancel_requests_total counter\n\
+         pgferry_cancel_requests_total{{forwarded=\"true\"}} {}\n\
+         pgferry_cancel_requests_total{{forwarded=\"false\"}} {}",
         c.tls_handshakes.load(Relaxed),
         c.auth_failures.load(Relaxed),
         c.auth_failures_hba.load(Relaxed),
-        c.auth_failures_tls.load(Relaxed)
+        c.auth_failures_tls.load(Relaxed),
+        c.auth_failures_delayed.load(Relaxed),
+        c.cancels_forwarded.load(Relaxed),
+        c.cancel_requests.load(Relaxed).saturating_sub(c.cancels_forwarded.load(Relaxed))
     );
     let topo = shared.router.topology();
     let v = &topo.view;
@@ -498,13 +508,13 @@ fn status_page(shared: &Shared) -> String {
     let _ = write!(
         h,
         "</table><h2>Listeners</h2><table><tr><th class=l>accepted rw</th><th class=l>accepted ro</th>\
-         <th>TLS handshakes</th><th>auth failures</th><th>refused (throttled)</th></tr>\
+         <th>TLS handshakes</th><th>auth failures</th><th>failures slowed down</th></tr>\
          <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table></body></html>",
         c.accepted_rw.load(Relaxed),
         c.accepted_ro.load(Relaxed),
         c.tls_handshakes.load(Relaxed),
         c.auth_failures.load(Relaxed) + c.auth_failures_hba.load(Relaxed) + c.auth_failures_tls.load(Relaxed),
-        c.refused_throttled.load(Relaxed)
+        c.auth_failures_delayed.load(Relaxed)
     );
     h
 }

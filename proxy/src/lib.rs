@@ -17,6 +17,7 @@ mod handshake;
 mod http;
 mod listener;
 pub mod params;
+mod pending;
 mod reload;
 mod session;
 pub mod shared;
@@ -40,11 +41,21 @@ pub enum StartError {
     Routing(#[from] pgferry_routing::RoutingError),
     #[error("TLS: {0}")]
     Tls(#[from] pgferry_tls::TlsError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", in_use_hint(source))]
     Listen {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// Says why a port may be in use, and what shares one on purpose.
+fn in_use_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process listens there; to share the port on purpose, as in a rolling restart, set [listen] reuse_port = true in both)"
+        }
+        _ => "",
+    }
 }
 
 /// Loads what the configuration points at (the users file).
@@ -101,7 +112,7 @@ pub async fn run(
     if config.http.enabled {
         // The status endpoints matter less than the proxy: a port that
         // cannot be bound is logged, not fatal.
-        match listener::bind(config.http.listen, 128) {
+        match listener::bind(config.http.listen, 128, config.listen.reuse_port) {
             Ok(l) => {
                 tracing::info!(addr = %config.http.listen, "HTTP: /metrics /health /ready /");
                 tokio::spawn(http::serve(l, shared.clone(), shutdown.clone()));
@@ -110,6 +121,8 @@ pub async fn run(
         }
     }
     tokio::spawn(reload_on_sighup(shared.clone()));
+    tokio::spawn(sweep_auto_pools(shared.clone()));
+    tokio::spawn(report_cancels(shared.clone()));
     let slots = Arc::new(Semaphore::new(config.limits.max_client_conn));
     let mut listeners = vec![(config.listen.rw, Role::ReadWrite)];
     if let Some(ro) = config.listen.ro {
@@ -117,7 +130,8 @@ pub async fn run(
     }
     let mut tasks = Vec::new();
     for (addr, role) in listeners {
-        let l = listener::bind(addr, config.listen.backlog).map_err(|source| StartError::Listen { addr, source })?;
+        let l = listener::bind(addr, config.listen.backlog, config.listen.reuse_port)
+            .map_err(|source| StartError::Listen { addr, source })?;
         tracing::info!(%addr, port = role.as_str(), "listening");
         tasks.push(tokio::spawn(listener::accept_loop(
             l,
@@ -192,6 +206,37 @@ fn topology_summary(shared: &Shared) -> String {
     )
 }
 
+/// Frees unused pools of unlisted databases (see `Shared::sweep_auto_pools`).
+async fn sweep_auto_pools(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.sweep_auto_pools();
+    }
+}
+
+/// One INFO line per stats_period with the cancel requests of that period
+/// (each one is logged at DEBUG only): a flood of cancels costs a line.
+async fn report_cancels(shared: Arc<Shared>) {
+    let c = &shared.counters;
+    let (mut requests, mut forwarded) = (0, 0);
+    loop {
+        tokio::time::sleep(shared.config().runtime.stats_period).await;
+        let (r, f) = (c.cancel_requests.load(Relaxed), c.cancels_forwarded.load(Relaxed));
+        if r != requests {
+            let period = shared.config().runtime.stats_period;
+            tracing::info!(
+                requests = r - requests,
+                forwarded = f - forwarded,
+                ?period,
+                "cancel requests in the last period"
+            );
+        }
+        (requests, forwarded) = (r, f);
+    }
+}
+
 /// SIGHUP does what the console's RELOAD does.
 async fn reload_on_sighup(shared: Arc<Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -200,15 +245,15 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
         return;
     };
     while hup.recv().await.is_some() {
-        let _ = reload(&shared, "SIGHUP");
+        let _ = reload(&shared, "SIGHUP").await;
     }
 }
 
 /// Re-reads the configuration, users and TLS files (see `Shared::reload`),
 /// and logs the outcome. Connections already established keep their TLS
 /// session; clients stay connected.
-pub(crate) fn reload(shared: &Shared, why: &str) -> Result<(), String> {
-    match shared.reload() {
+pub(crate) async fn reload(shared: &Shared, why: &str) -> Result<(), String> {
+    match shared.reload().await {
         Ok(restart) if restart.is_empty() => {
             tracing::info!("{why}: configuration, users and TLS files reloaded");
             shared.event(format!("{why}: configuration reloaded"));

@@ -1,5 +1,6 @@
 //! Listeners: accept, cap the number of clients, hand each to a task.
 
+use crate::pending::Full;
 use crate::shared::Shared;
 use pgferry_protocol::encode::{self, Severity};
 use pgferry_protocol::sqlstate;
@@ -12,10 +13,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-/// Binds a listening socket with SO_REUSEADDR, SO_REUSEPORT (so that a new
-/// pgferry can bind the same ports and take over while this one drains: a
-/// rolling restart) and the configured backlog.
-pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+/// Binds a listening socket with SO_REUSEADDR, the configured backlog and,
+/// with `reuse_port` (`[listen] reuse_port`), SO_REUSEPORT: a new pgferry
+/// can then bind the same ports and take over while this one drains (a
+/// rolling restart). Without it a port in use is an error (EADDRINUSE).
+pub fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result<TcpListener> {
     let domain = if addr.is_ipv6() {
         socket2::Domain::IPV6
     } else {
@@ -23,7 +25,7 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     };
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
+    s.set_reuse_port(reuse_port)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(backlog.min(i32::MAX as u32) as i32)?;
@@ -79,15 +81,6 @@ fn admit(stream: TcpStream, peer: SocketAddr, role: Role, shared: &Arc<Shared>, 
         Role::ReadOnly => &c.accepted_ro,
     }
     .fetch_add(1, Relaxed);
-    if shared.throttle.is_blocked(peer.ip()) {
-        c.refused_throttled.fetch_add(1, Relaxed);
-        tracing::debug!(%peer, "refusing address with too many failed logins");
-        return refuse(
-            stream,
-            sqlstate::INVALID_AUTHORIZATION,
-            "too many failed login attempts from this address; try again later",
-        );
-    }
     let Ok(permit) = slots.clone().try_acquire_owned() else {
         c.refused_max_client_conn.fetch_add(1, Relaxed);
         tracing::warn!(%peer, "max_client_conn reached; refusing client");
@@ -97,14 +90,26 @@ fn admit(stream: TcpStream, peer: SocketAddr, role: Role, shared: &Arc<Shared>, 
             "too many clients: max_client_conn reached",
         );
     };
-    let Ok(pending) = shared.pending_logins.clone().try_acquire_owned() else {
-        c.refused_pending_logins.fetch_add(1, Relaxed);
-        tracing::warn!(%peer, "max_pending_logins reached; refusing client");
-        return refuse(
-            stream,
-            sqlstate::TOO_MANY_CONNECTIONS,
-            "too many connections are still logging in (max_pending_logins)",
-        );
+    let pending = match shared.pending_logins.try_admit(peer.ip()) {
+        Ok(p) => p,
+        Err(Full::Total) => {
+            c.refused_pending_logins.fetch_add(1, Relaxed);
+            tracing::warn!(%peer, "max_pending_logins reached; refusing client");
+            return refuse(
+                stream,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "too many connections are still logging in (max_pending_logins)",
+            );
+        }
+        Err(Full::Address) => {
+            c.refused_pending_per_address.fetch_add(1, Relaxed);
+            tracing::debug!(%peer, "max_pending_logins_per_address reached; refusing client");
+            return refuse(
+                stream,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "too many connections from this address are still logging in (max_pending_logins_per_address)",
+            );
+        }
     };
     let fut = crate::client::serve(stream, peer, role, shared.clone(), pending, permit);
     tracing::trace!(bytes = std::mem::size_of_val(&fut), "client task size");

@@ -29,8 +29,13 @@ pub fn carry_over(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("runtime.worker_threads", runtime.worker_threads);
     keep!("limits.max_client_conn", limits.max_client_conn);
     keep!("limits.max_pending_logins", limits.max_pending_logins);
+    keep!(
+        "limits.max_pending_logins_per_address",
+        limits.max_pending_logins_per_address
+    );
     keep!("limits.auth_failure_limit", limits.auth_failure_limit);
     keep!("limits.auth_failure_window", limits.auth_failure_window);
+    keep!("limits.auth_failure_delay", limits.auth_failure_delay);
     keep!("auth.auth_user", auth.auth_user);
     keep!("auth.auth_query", auth.auth_query);
     keep!("auth.auth_dbname", auth.auth_dbname);

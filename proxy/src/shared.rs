@@ -30,7 +30,7 @@ pub struct Shared {
     pub auth_query: Option<crate::authquery::AuthQuery>,
     pub throttle: crate::throttle::AuthThrottle,
     /// Connections still in startup or authentication.
-    pub pending_logins: Arc<Semaphore>,
+    pub pending_logins: crate::pending::PendingLogins,
     /// Per-user client caps (max_client_connections).
     user_clients: Mutex<HashMap<String, Limit>>,
     /// Listener counters for /metrics.
@@ -48,6 +48,9 @@ pub struct Shared {
     pub any_paused: std::sync::atomic::AtomicBool,
     pub started: std::time::SystemTime,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// When the sweep first saw each pool of an unlisted database unused
+    /// (see `sweep_auto_pools`). Locked after `pools`.
+    unused_since: Mutex<HashMap<PoolKey, std::time::Instant>>,
     retired: Mutex<Vec<Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Limit>>,
     user_limits: Mutex<HashMap<String, Limit>>,
@@ -82,8 +85,12 @@ impl Shared {
         });
         let l = &config.limits;
         Shared {
-            throttle: crate::throttle::AuthThrottle::new(l.auth_failure_limit, l.auth_failure_window),
-            pending_logins: Arc::new(Semaphore::new(l.max_pending_logins.max(1))),
+            throttle: crate::throttle::AuthThrottle::new(
+                l.auth_failure_limit,
+                l.auth_failure_window,
+                l.auth_failure_delay,
+            ),
+            pending_logins: crate::pending::PendingLogins::new(l.max_pending_logins, l.max_pending_logins_per_address),
             user_clients: Mutex::default(),
             counters: Counters::default(),
             drain_tx: tokio::sync::watch::channel(false).0,
@@ -101,6 +108,7 @@ impl Shared {
             userlist: ArcSwap::from_pointee(userlist),
             router,
             pools: Mutex::default(),
+            unused_since: Mutex::default(),
             retired: Mutex::default(),
             db_limits: Mutex::default(),
             user_limits: Mutex::default(),
@@ -153,6 +161,104 @@ impl Shared {
         pool
     }
 
+    /// The pool a new login uses: [`Shared::pool`], except that a new pool
+    /// of an unlisted database (auto_database) counts against
+    /// `max_auto_pools`. At the cap, unused such pools are freed first; if
+    /// none is, the login gets 53300 rather than one more pool and task.
+    pub fn login_pool(
+        &self,
+        database: &str,
+        user: &str,
+        node: &Arc<NodeAddr>,
+        role: Role,
+    ) -> Result<Arc<Pool>, crate::ClientError> {
+        let config = self.config();
+        if config.database(database).is_none() {
+            let key = PoolKey {
+                database: database.to_owned(),
+                user: user.to_owned(),
+                node: node.clone(),
+                read_only: role == Role::ReadOnly,
+            };
+            let mut pools = self.pools.lock().unwrap();
+            let exists = pools.get(&key).is_some_and(|p| !p.is_closed());
+            let cap = config.pool.max_auto_pools;
+            if !exists && auto_pools(&pools, &config) >= cap {
+                self.evict(
+                    &mut pools,
+                    |p| is_auto(p, &config) && is_unused(p),
+                    "max_auto_pools reached",
+                );
+                if auto_pools(&pools, &config) >= cap {
+                    return Err(crate::ClientError::refused(
+                        pgferry_protocol::sqlstate::TOO_MANY_CONNECTIONS,
+                        format!("too many pools of unlisted databases (max_auto_pools = {cap})"),
+                    ));
+                }
+            }
+        }
+        Ok(self.pool(database, user, node, role))
+    }
+
+    /// After a failed login: frees `pool` if it is an unlisted database's
+    /// and nothing uses it or has ever connected (a database name that
+    /// does not exist leaves nothing behind).
+    pub fn forget_if_unused(&self, pool: Arc<Pool>) {
+        let key = pool.key.clone();
+        drop(pool);
+        let config = self.config();
+        let mut pools = self.pools.lock().unwrap();
+        let Some(p) = pools.get(&key) else { return };
+        if is_auto(p, &config) && is_unused(p) && p.idle_count() == 0 {
+            self.evict(&mut pools, |p| p.key == key, "login failed");
+        }
+    }
+
+    /// Frees the pools of unlisted databases that have had no client and
+    /// no connection in use for `autodb_idle_timeout` (their idle
+    /// connections close, their maintenance task ends). Run every second.
+    pub fn sweep_auto_pools(&self) {
+        let config = self.config();
+        let timeout = config.pool.autodb_idle_timeout;
+        if timeout.is_zero() {
+            return;
+        }
+        let mut pools = self.pools.lock().unwrap();
+        let now = std::time::Instant::now();
+        let mut expired = Vec::new();
+        {
+            let mut since = self.unused_since.lock().unwrap();
+            since.retain(|k, _| pools.contains_key(k));
+            for (k, p) in pools.iter() {
+                if is_auto(p, &config) && is_unused(p) {
+                    let t = *since.entry(k.clone()).or_insert(now);
+                    if now.duration_since(t) >= timeout {
+                        expired.push(k.clone());
+                    }
+                } else {
+                    since.remove(k);
+                }
+            }
+        }
+        if !expired.is_empty() {
+            self.evict(&mut pools, |p| expired.contains(&p.key), "autodb_idle_timeout reached");
+        }
+    }
+
+    /// Shuts down and forgets the pools `which` picks.
+    fn evict(&self, pools: &mut HashMap<PoolKey, Arc<Pool>>, which: impl Fn(&Arc<Pool>) -> bool, why: &str) {
+        let mut since = self.unused_since.lock().unwrap();
+        pools.retain(|k, p| {
+            if !which(p) {
+                return true;
+            }
+            tracing::debug!(db = %k.database, user = %k.user, node = %k.node, reason = why, "pool freed");
+            p.shut_down(why);
+            since.remove(k);
+            false
+        });
+    }
+
     /// Records an operational event (a reload, a console command, a
     /// topology change) for the status page. Callers log it themselves.
     pub fn event(&self, what: impl Into<String>) {
@@ -179,25 +285,25 @@ impl Shared {
     /// RELOAD / SIGHUP: re-reads the configuration file, the users file and
     /// the TLS files, and applies them all, or nothing if any fails.
     /// Returns the names of changed settings that need a restart.
-    pub fn reload(&self) -> Result<Vec<&'static str>, String> {
+    ///
+    /// The files are read and parsed on a blocking thread: a slow disk (or
+    /// a file that is a pipe) must not stall the runtime's workers, which
+    /// serve every client.
+    pub async fn reload(&self) -> Result<Vec<&'static str>, String> {
         let path = self
             .config_path
-            .as_ref()
+            .clone()
             .ok_or("pgferry was started without a configuration file")?;
-        let mut new = Config::load(path).map_err(|e| e.to_string())?;
-        let users = crate::load_userlist(&new).map_err(|e| e.to_string())?;
-        let mut restart = crate::reload::carry_over(&self.config(), &mut new);
-        // auth_query's connections log in with the password they started with.
-        if let Some(au) = &new.auth.auth_user {
-            if server_password(&self.config(), &self.userlist(), au) != server_password(&new, &users, au) {
-                restart.push("the auth_user's password");
-            }
-        }
-        self.tls.reload(&new.tls).map_err(|e| format!("TLS: {e}"))?;
-        self.userlist.store(Arc::new(users));
+        let (old, old_users) = (self.config.load_full(), self.userlist.load_full());
+        let tls_on = self.tls.mode() != pgferry_config::ClientTls::Disable;
+        let loaded = tokio::task::spawn_blocking(move || load_for_reload(&path, &old, &old_users, tls_on))
+            .await
+            .map_err(|e| format!("reload task failed: {e}"))??;
+        self.tls.replace(loaded.tls);
+        self.userlist.store(Arc::new(loaded.users));
         self.plain_secrets.lock().unwrap().clear();
-        self.install(new);
-        Ok(restart)
+        self.install(loaded.config);
+        Ok(loaded.restart)
     }
 
     /// SET key = value from the console.
@@ -425,12 +531,18 @@ pub struct Counters {
     pub auth_failures: AtomicU64,
     pub auth_failures_hba: AtomicU64,
     pub auth_failures_tls: AtomicU64,
+    /// Cancel requests received, and those that matched a client with a
+    /// query on a server (and were passed on).
+    pub cancel_requests: AtomicU64,
+    pub cancels_forwarded: AtomicU64,
     /// Times the read-write port's server changed.
     pub leader_changes: AtomicU64,
+    /// Failed logins answered late (see `throttle.rs`).
+    pub auth_failures_delayed: AtomicU64,
     /// Connections refused at accept, by reason.
-    pub refused_throttled: AtomicU64,
     pub refused_max_client_conn: AtomicU64,
     pub refused_pending_logins: AtomicU64,
+    pub refused_pending_per_address: AtomicU64,
 }
 
 /// The password for server logins of `user`: its [[user]] server_password,
@@ -443,6 +555,44 @@ fn server_password(config: &Config, userlist: &Userlist, user: &str) -> Option<S
             Some(crate::userlist::Credential::Plain(p)) => Some(p.clone()),
             _ => None,
         })
+}
+
+/// What a reload read from the files, ready to put in force.
+struct Reloaded {
+    config: Config,
+    users: Userlist,
+    tls: Option<pgferry_tls::Termination>,
+    restart: Vec<&'static str>,
+}
+
+/// The blocking half of a reload: reads and checks every file, and
+/// carries restart-only settings over from `old`.
+fn load_for_reload(
+    path: &std::path::Path,
+    old: &Config,
+    old_users: &Userlist,
+    tls_on: bool,
+) -> Result<Reloaded, String> {
+    let mut config = Config::load(path).map_err(|e| e.to_string())?;
+    let users = crate::load_userlist(&config).map_err(|e| e.to_string())?;
+    let mut restart = crate::reload::carry_over(old, &mut config);
+    // auth_query's connections log in with the password they started with.
+    if let Some(au) = &config.auth.auth_user {
+        if server_password(old, old_users, au) != server_password(&config, &users, au) {
+            restart.push("the auth_user's password");
+        }
+    }
+    // The listeners' TLS mode is fixed at start: with TLS off the files are not read.
+    let tls = match tls_on {
+        true => pgferry_tls::Termination::load(&config.tls).map_err(|e| format!("TLS: {e}"))?,
+        false => None,
+    };
+    Ok(Reloaded {
+        config,
+        users,
+        tls,
+        restart,
+    })
 }
 
 /// A max_db_connections / max_user_connections semaphore and its size.
@@ -463,4 +613,20 @@ fn shared_limit(map: &Mutex<HashMap<String, Limit>>, name: &str, n: usize) -> Ar
             sem
         }
     }
+}
+
+/// Whether `p` serves a database not listed in [[database]].
+fn is_auto(p: &Pool, config: &Config) -> bool {
+    config.database(&p.key.database).is_none()
+}
+
+/// No session holds the pool and no connection is checked out or being
+/// made: the map's reference is the only one (every holder clones the Arc,
+/// and clones are only handed out under the map's lock).
+fn is_unused(p: &Arc<Pool>) -> bool {
+    Arc::strong_count(p) == 1
+}
+
+fn auto_pools(pools: &HashMap<PoolKey, Arc<Pool>>, config: &Config) -> usize {
+    pools.values().filter(|p| !p.is_closed() && is_auto(p, config)).count()
 }

@@ -969,4 +969,19 @@ async fn failover_benchmark() {
     }
     println!("\n=== haproxy log ===\n{}", haproxy.log());
     println!("total time {:?}", began.elapsed());
+    // The point of confirming a leader before writing: no transaction
+    // through pgferry ever commits on a node that was not the leader then.
+    // (HAProxy's count is the comparison, not a requirement.) Asserted
+    // after the report, so that a failing run still prints it.
+    let off: Vec<String> = rows
+        .iter()
+        .filter(|r| r.ferry.off_leader > 0)
+        .map(|r| {
+            format!(
+                "{:?} run {} ({} -> {}): {}",
+                r.kind, r.run, r.from, r.to, r.ferry.off_leader
+            )
+        })
+        .collect();
+    assert!(off.is_empty(), "pgferry committed writes off the leader: {off:?}");
 }

@@ -1,7 +1,8 @@
 //! Shutdown and upgrades: SIGTERM closes idle clients with 57P01 and lets
-//! a transaction in flight finish; a second pgferry binds the same ports
-//! (SO_REUSEPORT) and takes over while the first drains, under load, with
-//! no refused connection and no failed transaction.
+//! a transaction in flight finish; with `reuse_port` a second pgferry binds
+//! the same ports (SO_REUSEPORT) and takes over while the first drains,
+//! under load, with no refused connection and no failed transaction;
+//! without it a second pgferry on a port in use refuses to start.
 
 mod common;
 
@@ -11,11 +12,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn config() -> String {
+fn config(extra: &str) -> String {
     let cluster = pgferry_tests::shared_cluster();
     let dir = std::env::temp_dir().join(format!("pgferry-lifecycle-{}-{}", std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
-    Ferry::cluster_config(cluster, &dir, "[runtime]\nshutdown_timeout = \"10s\"\n").unwrap()
+    let extra = format!("[runtime]\nshutdown_timeout = \"10s\"\n{extra}");
+    Ferry::cluster_config(cluster, &dir, &extra).unwrap()
 }
 
 fn rand_suffix() -> u64 {
@@ -27,7 +29,7 @@ fn rand_suffix() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_idle_clients_and_lets_transactions_finish() {
-    let mut f = Ferry::start(&config()).unwrap();
+    let mut f = Ferry::start(&config("")).unwrap();
     let idle = app(&f).await;
     let busy = app(&f).await;
     busy.batch_execute("BEGIN").await.unwrap();
@@ -59,7 +61,7 @@ async fn sigterm_closes_idle_clients_and_lets_transactions_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_under_load() {
-    let cfg = config();
+    let cfg = config("[listen]\nreuse_port = true\n");
     let mut old = Ferry::start(&cfg).unwrap();
     let port = old.rw_port;
     let stop = Arc::new(AtomicBool::new(false));
@@ -120,4 +122,43 @@ async fn rolling_restart_under_load() {
     );
     assert!(after > before + 50, "the new pgferry served the load");
     assert!(port > 0 && new.log().contains("client logged in"));
+}
+
+/// Without `reuse_port`, a second pgferry on ports in use exits at start
+/// (non-zero, with an error naming the address), and the first keeps its
+/// clients. (Run directly, not through `Ferry::start`, whose readiness
+/// probe would find the first one listening.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_stops_the_start_without_reuse_port() {
+    let first = Ferry::start(&config("")).unwrap();
+    let c = app(&first).await;
+    let mut second = std::process::Command::new(pgferry_tests::pgferry_bin().unwrap())
+        .arg("--config")
+        .arg(&first.config_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > end {
+            second.kill().unwrap();
+            panic!("a second pgferry kept running on ports in use");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let out = second.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "{err}");
+    let addr = format!("127.0.0.1:{}", first.rw_port);
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")) && err.contains("reuse_port"),
+        "{err}"
+    );
+    assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    let next = app(&first).await;
+    assert_eq!(next.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
 }

@@ -236,7 +236,8 @@ async fn reload_under_1000_clients() {
     const CLIENTS: usize = 1000;
     pgferry_tests::raise_nofile().expect("raise RLIMIT_NOFILE");
     let mut f = ferry(
-        "[pool]\npool_size = 20\nquery_wait_timeout = \"60s\"\n[limits]\nmax_client_conn = 2000\nclient_login_timeout = \"60s\"\n",
+        "[pool]\npool_size = 20\nquery_wait_timeout = \"60s\"\n[limits]\nmax_client_conn = 2000\nclient_login_timeout = \"60s\"\n\
+         max_pending_logins_per_address = 0\n",
     );
     let conn_str = f.rw_conn_str("app", APP_PASS, "app");
     let errors = Arc::new(AtomicUsize::new(0));

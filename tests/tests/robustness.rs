@@ -45,13 +45,13 @@ async fn malformed_startup() {
     let mut r = Raw::tcp(f.rw_port).await;
     r.send(&20000u32.to_be_bytes()).await;
     assert_eq!(fatal_code(&r.until_closed().await).as_deref(), Some("08P01"));
-    // Unsupported protocol version.
+    // Unsupported protocol version: 0A000, as PostgreSQL answers.
     let mut r = Raw::tcp(f.rw_port).await;
     let mut b = BytesMut::new();
     b.put_u32(8);
     b.put_u32(2 << 16);
     r.send(&b).await;
-    assert_eq!(fatal_code(&r.until_closed().await).as_deref(), Some("08P01"));
+    assert_eq!(fatal_code(&r.until_closed().await).as_deref(), Some("0A000"));
     // No startup packet at all: closed after client_login_timeout.
     let mut r = Raw::tcp(f.rw_port).await;
     let t = Instant::now();

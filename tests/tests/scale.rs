@@ -13,7 +13,7 @@ const CLIENTS: usize = 10_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_clients_on_twenty_server_connections() {
     pgferry_tests::raise_nofile().expect("raise RLIMIT_NOFILE");
-    let f = ferry("[pool]\npool_size = 20\nquery_wait_timeout = \"120s\"\n[limits]\nmax_client_conn = 12000\nclient_login_timeout = \"120s\"\n[listen]\nbacklog = 8192\n");
+    let f = ferry("[pool]\npool_size = 20\nquery_wait_timeout = \"120s\"\n[limits]\nmax_client_conn = 12000\nclient_login_timeout = \"120s\"\nmax_pending_logins_per_address = 0\n[listen]\nbacklog = 8192\n");
     let conn_str = f.rw_conn_str("app", APP_PASS, "app");
     let errors = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));

@@ -81,8 +81,15 @@ impl Acceptor {
         if self.mode == ClientTls::Disable {
             return Ok(());
         }
-        let new = Termination::load(t)?;
-        self.current.store(new.map(Arc::new));
+        self.replace(Termination::load(t)?);
         Ok(())
+    }
+
+    /// Puts a [`Termination`] loaded beforehand (off the async runtime:
+    /// loading reads files) in force. Ignored while TLS is disabled.
+    pub fn replace(&self, new: Option<Termination>) {
+        if self.mode != ClientTls::Disable {
+            self.current.store(new.map(Arc::new));
+        }
     }
 }
