@@ -165,8 +165,11 @@ pub struct Limits {
 fn d_max_pending_logins() -> usize {
     1000
 }
+/// Half the login places: one address cannot take them all, and a burst of
+/// connections from one application host (a driver's pool filling up)
+/// still fits.
 fn d_max_pending_logins_per_address() -> usize {
-    100
+    500
 }
 fn d_auth_failure_limit() -> u32 {
     20
