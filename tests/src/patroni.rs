@@ -35,6 +35,8 @@ use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 
 use crate::cluster::PG_BIN;
 use crate::osuser::{pg_os_user, OsUser};
@@ -382,36 +384,8 @@ fn json_number_after(s: &str, marker: &str) -> Option<i64> {
 }
 
 fn base64_text(s: &str) -> Result<String> {
-    let bytes = base64_decode(s).ok_or_else(|| anyhow!("bad base64 {s:?}"))?;
+    let bytes = BASE64.decode(s).map_err(|e| anyhow!("bad base64 {s:?}: {e}"))?;
     String::from_utf8(bytes).map_err(|e| anyhow!("etcd value is not UTF-8: {e}"))
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    fn val(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let s = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= val(c)? << (18 - 6 * i);
-        }
-        match chunk.len() {
-            4 => out.extend_from_slice(&[(acc >> 16) as u8, (acc >> 8) as u8, acc as u8]),
-            3 => out.extend_from_slice(&[(acc >> 16) as u8, (acc >> 8) as u8]),
-            2 => out.push((acc >> 16) as u8),
-            _ => return None,
-        }
-    }
-    Some(out)
 }
 
 /// A JSON string literal.
@@ -1101,6 +1075,41 @@ impl PatroniCluster {
         Ok(())
     }
 
+    /// Role `app` ([`crate::APP_PASS`]) owning database `app` with the
+    /// table the failover tests write to: `probe (id, port, at)`.
+    pub fn create_app_and_probe(&self) -> Result<()> {
+        self.create_user("app", crate::APP_PASS)?;
+        self.create_database("app", "app")?;
+        self.psql_leader(
+            "app",
+            "CREATE TABLE probe (id bigserial PRIMARY KEY, port int, at timestamptz DEFAULT clock_timestamp());
+             ALTER TABLE probe OWNER TO app;",
+        )?;
+        Ok(())
+    }
+
+    /// A pgferry config following this cluster through etcd, on fresh
+    /// ports, with `pool_size` and `app` logging in with its real SCRAM
+    /// secret (a users file in the cluster's directory). `extra_topology`
+    /// goes into `[topology]`.
+    pub fn ferry_config(&self, pool_size: usize, extra_topology: &str) -> Result<String> {
+        let secret = self.psql_leader("postgres", "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")?;
+        let users = self.dir.join("userlist.txt");
+        fs::write(&users, format!("\"app\" \"{secret}\"\n")).context("writing userlist.txt")?;
+        Ok(format!(
+            "[listen]\nrw = \"127.0.0.1:{rw}\"\nro = \"127.0.0.1:{ro}\"\n\
+             [auth]\nusers_file = {users:?}\n\
+             [pool]\npool_size = {pool_size}\n\
+             [topology]\nsource = \"etcd\"\nendpoints = [\"{etcd}\"]\nscope = \"{scope}\"\n\
+             check_user = \"postgres\"\ncheck_password = \"{su}\"\n{extra_topology}\n",
+            rw = free_port(),
+            ro = free_port(),
+            etcd = self.etcd.endpoint(),
+            scope = self.scope,
+            su = PATRONI_SUPERUSER_PASSWORD,
+        ))
+    }
+
     /// An HTTP request to the member's REST API (`body` is sent as JSON);
     /// returns `(status, body)`. Bounded by `timeout`.
     pub fn rest(
@@ -1347,11 +1356,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_and_etcdctl_json() {
-        assert_eq!(base64_decode("L2EvYg==").unwrap(), b"/a/b");
-        assert_eq!(base64_decode("LXggeyJxIjoxfQ==").unwrap(), br#"-x {"q":1}"#);
-        assert_eq!(base64_decode("").unwrap(), b"");
-        assert_eq!(base64_decode("YWJj").unwrap(), b"abc");
+    fn etcdctl_json() {
         let out = r#"{"header":{"cluster_id":1,"member_id":2,"revision":3,"raft_term":2},"kvs":[{"key":"L2EvYw==","create_revision":3,"mod_revision":3,"version":1},{"key":"L2EvYg==","create_revision":2,"mod_revision":2,"version":1,"value":"LXggeyJxIjoxfQ=="}],"count":2}"#;
         let (rev, kvs) = parse_etcdctl_json(out).unwrap();
         assert_eq!(rev, 3);

@@ -76,19 +76,6 @@ impl Pki {
     }
 }
 
-/// pgferry's log once it contains `needle` (it logs a refusal after
-/// closing the socket, so a test can see the close first).
-fn wait_log(f: &pgferry_tests::Ferry, needle: &str) -> String {
-    let end = Instant::now() + Duration::from_secs(5);
-    loop {
-        let log = f.log();
-        if log.contains(needle) || Instant::now() > end {
-            return log;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn tls_toml(cert: &Path, key: &Path, extra: &str) -> String {
     format!("[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n{extra}\n")
 }
@@ -395,7 +382,7 @@ async fn direct_tls_requires_alpn_postgresql() {
             .expect("closed in time");
         assert!(matches!(n, Ok(0) | Err(_)), "no reply expected without ALPN: {n:?}");
     }
-    let log = wait_log(&f, "without ALPN");
+    let log = f.wait_log("without ALPN", Duration::from_secs(5));
     assert!(log.contains("without ALPN"), "{log}");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
@@ -435,7 +422,7 @@ async fn tls_1_1_is_refused() {
         "expected a TLS alert, got {reply:?}"
     );
     let needle = "TLS handshake failed: peer is incompatible: Tls12NotOffered";
-    let log = wait_log(&f, needle);
+    let log = f.wait_log(needle, Duration::from_secs(5));
     assert!(log.contains(needle), "{log}");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }

@@ -8,8 +8,8 @@
 mod common;
 
 use common::*;
-use pgferry_tests::Etcd;
 use pgferry_tests::Ferry;
+use pgferry_tests::{in_recovery, Etcd};
 use std::time::{Duration, Instant};
 
 fn member(port: u16, role: &str, xlog: u64) -> String {
@@ -33,27 +33,12 @@ fn etcd_ferry(etcd: &Etcd, scope: &str, citus: bool, extra_topology: &str, extra
     Ferry::start(&toml::to_string(&t).unwrap()).expect("start pgferry")
 }
 
-async fn in_recovery(c: &tokio_postgres::Client) -> bool {
-    c.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0)
-}
-
 async fn ro(f: &Ferry) -> tokio_postgres::Client {
     let (c, conn) = tokio_postgres::connect(&f.ro_conn_str("app", APP_PASS, "app"), tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
     c
-}
-
-fn wait_log(f: &Ferry, needle: &str, timeout: Duration) -> String {
-    let end = Instant::now() + timeout;
-    loop {
-        let log = f.log();
-        if log.contains(needle) || Instant::now() > end {
-            return log;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Waits until `needle` appears `n` times in pgferry's log.
@@ -89,7 +74,7 @@ async fn leader_key_routes_writes_and_lag_routes_reads() {
     // The replica falls behind: new read-only transactions go elsewhere (the
     // leader, as ro_fallback_to_primary allows), with no error.
     etcd.put(&format!("{pre}status"), r#"{"optime":9000000}"#).unwrap();
-    wait_log(&f, "standbys=[]", Duration::from_secs(5));
+    f.wait_log("standbys=[]", Duration::from_secs(5));
     assert!(!in_recovery(&r).await, "a lagging replica gets no new transactions");
     // It catches up: reads go back to it.
     etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 9000000))
@@ -129,7 +114,7 @@ async fn no_leader_holds_transactions_and_cuts_the_old_leader() {
 
     // The leader key goes away (a failover begins).
     etcd.delete(&format!("{pre}leader")).unwrap();
-    wait_log(&f, "read-write pool retired", Duration::from_secs(5));
+    f.wait_log("read-write pool retired", Duration::from_secs(5));
     // The transaction in flight on the old leader cannot be saved: an error.
     let e = busy.simple_query("SELECT 2").await;
     assert!(e.is_err(), "a transaction on the old leader must fail");
@@ -170,7 +155,7 @@ async fn no_leader_holds_transactions_and_cuts_the_old_leader() {
     // The leader key names a node that is not writable (a standby): writes
     // never go there; after failover_hold_timeout the client is told so.
     etcd.put(&format!("{pre}leader"), "pg2").unwrap();
-    wait_log(&f, "leader not confirmed writable", Duration::from_secs(10));
+    f.wait_log("leader not confirmed writable", Duration::from_secs(10));
     let e = idle.simple_query("CREATE TEMP TABLE x (a int)").await.unwrap_err();
     assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e}");
     etcd.put(&format!("{pre}leader"), "pg1").unwrap();
@@ -198,7 +183,7 @@ async fn citus_layout_follows_group_zero() {
     let rw = app(&f).await;
     assert!(!in_recovery(&rw).await);
     assert!(in_recovery(&ro(&f).await).await);
-    let log = wait_log(&f, "workers", Duration::from_secs(3));
+    let log = f.wait_log("workers", Duration::from_secs(3));
     assert!(
         log.contains(&format!("1:w1a@127.0.0.1:{s}")),
         "worker groups are tracked: {log}"
@@ -226,8 +211,7 @@ async fn etcd_outage_stops_writes_after_the_grace_period() {
     etcd.stop();
     // Within the grace period the last leader keeps serving.
     c.simple_query("SELECT 2").await.expect("inside the grace period");
-    wait_log(
-        &f,
+    f.wait_log(
         "etcd unreachable for longer than the grace period",
         Duration::from_secs(10),
     );
@@ -281,7 +265,7 @@ async fn in_hot_standby_follows_the_node() {
     assert_eq!(rows(&r)[0][0].as_deref(), Some("t"));
     // The standby falls behind: the session moves to the primary and is told.
     etcd.put(&format!("{pre}status"), r#"{"optime":9000000}"#).unwrap();
-    wait_log(&f, "standbys=[]", Duration::from_secs(5));
+    f.wait_log("standbys=[]", Duration::from_secs(5));
     let r = raw.query("SELECT pg_is_in_recovery()").await;
     assert_eq!(rows(&r)[0][0].as_deref(), Some("f"));
     assert_eq!(

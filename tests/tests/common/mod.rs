@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub const APP_PASS: &str = "app-pass";
+pub use pgferry_tests::APP_PASS;
 
 /// A tokio-postgres client through pgferry's read-write port.
 pub async fn connect(ferry: &Ferry, user: &str, password: &str) -> tokio_postgres::Client {
