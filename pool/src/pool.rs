@@ -228,7 +228,7 @@ impl Pool {
             id,
             self.key.node.clone(),
             &self.creds,
-            &s.server_dbname,
+            &[("database", s.server_dbname.as_str())],
             s.server_connect_timeout,
             self.max_message,
             &self.tls,
