@@ -301,7 +301,11 @@ impl Etcd {
     /// The current store revision.
     pub fn revision(&self) -> Result<i64> {
         let out = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
-        json_number_after(&out, "\"revision\":").ok_or_else(|| anyhow!("no revision in {out:?}"))
+        // One entry per endpoint: [{"Endpoint": ..., "Status": {"header": {"revision": N, ...}, ...}}]
+        let v: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("etcdctl output {out:?}"))?;
+        v[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .ok_or_else(|| anyhow!("no revision in {out:?}"))
     }
 
     /// `etcdctl del -- key`; returns how many keys were deleted (0 or 1).
@@ -342,66 +346,23 @@ impl Drop for Etcd {
 /// Parses `etcdctl get -w json` output: `(header.revision, [(key, value)])`.
 /// Keys and values are base64 there; etcdctl omits `value` when it is empty.
 fn parse_etcdctl_json(out: &str) -> Result<(i64, Vec<(String, String)>)> {
-    let revision =
-        json_number_after(out, "\"revision\":").ok_or_else(|| anyhow!("no revision in etcdctl output {out:?}"))?;
+    let v: serde_json::Value = serde_json::from_str(out).with_context(|| format!("etcdctl output {out:?}"))?;
+    let revision = v["header"]["revision"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("no revision in etcdctl output {out:?}"))?;
     let mut kvs = Vec::new();
-    if let Some(start) = out.find("\"kvs\":[") {
-        let mut rest = &out[start + 7..];
-        // A KeyValue object holds no nested objects and no braces (its
-        // strings are base64), so it ends at the next '}'.
-        while let Some(open) = rest.find('{') {
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| anyhow!("unterminated object in etcdctl output {out:?}"))?
-                + open;
-            let obj = &rest[open..=close];
-            let key = json_string_after(obj, "\"key\":\"").ok_or_else(|| anyhow!("no key in {obj}"))?;
-            let value = json_string_after(obj, "\"value\":\"").unwrap_or_default();
-            kvs.push((base64_text(key)?, base64_text(value)?));
-            rest = &rest[close + 1..];
-            if rest.trim_start().starts_with(']') {
-                break;
-            }
-        }
+    for kv in v["kvs"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let key = kv["key"].as_str().ok_or_else(|| anyhow!("no key in {kv}"))?;
+        let value = kv["value"].as_str().unwrap_or_default();
+        kvs.push((base64_text(key)?, base64_text(value)?));
     }
     kvs.sort();
     Ok((revision, kvs))
 }
 
-fn json_string_after<'a>(s: &'a str, marker: &str) -> Option<&'a str> {
-    let start = s.find(marker)? + marker.len();
-    let len = s[start..].find('"')?;
-    Some(&s[start..start + len])
-}
-
-fn json_number_after(s: &str, marker: &str) -> Option<i64> {
-    let start = s.find(marker)? + marker.len();
-    let digits: String = s[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '-')
-        .collect();
-    digits.parse().ok()
-}
-
 fn base64_text(s: &str) -> Result<String> {
     let bytes = BASE64.decode(s).map_err(|e| anyhow!("bad base64 {s:?}: {e}"))?;
     String::from_utf8(bytes).map_err(|e| anyhow!("etcd value is not UTF-8: {e}"))
-}
-
-/// A JSON string literal.
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 fn unique_suffix() -> String {
@@ -1127,11 +1088,7 @@ impl PatroniCluster {
     /// {"leader":..,"candidate":..}` on the leader; Patroni answers once it
     /// is done. Then waits until the leader key names `candidate`.
     pub fn switchover(&self, leader: &str, candidate: &str) -> Result<()> {
-        let body = format!(
-            "{{\"leader\":{},\"candidate\":{}}}",
-            json_str(leader),
-            json_str(candidate)
-        );
+        let body = serde_json::json!({ "leader": leader, "candidate": candidate }).to_string();
         let (status, text) = self
             .rest(leader, "POST", "/switchover", Some(&body), Duration::from_secs(60))
             .with_context(|| format!("POST /switchover to {leader}"))?;
@@ -1289,12 +1246,15 @@ pub const CITUS_LAYOUT_XLOG: u64 = 50_355_856;
 /// dialed by the tests), `state`, `role`, `version` 3.0.2, `xlog_location`,
 /// `timeline` 1.
 pub fn patroni_member_json(role: &str, state: &str, pg_port: u16, xlog_location: u64) -> String {
+    // Patroni's key order, which tests compare as text (serde_json's
+    // objects sort their keys): a format with JSON-quoted values.
+    use serde_json::Value;
     format!(
         "{{\"conn_url\":{},\"api_url\":\"http://127.0.0.1:8008/patroni\",\"state\":{},\"role\":{},\
          \"version\":\"3.0.2\",\"xlog_location\":{xlog_location},\"timeline\":1}}",
-        json_str(&format!("postgres://127.0.0.1:{pg_port}/postgres")),
-        json_str(state),
-        json_str(role),
+        Value::from(format!("postgres://127.0.0.1:{pg_port}/postgres")),
+        Value::from(state),
+        Value::from(role),
     )
 }
 
@@ -1343,7 +1303,7 @@ pub fn write_citus_layout(etcd: &Etcd, scope: &str, groups: &[CitusGroup<'_>]) -
         if !leader.is_empty() {
             etcd.put(
                 &format!("{prefix}sync"),
-                &format!("{{\"leader\":{},\"sync_standby\":null}}", json_str(leader)),
+                &serde_json::json!({ "leader": leader, "sync_standby": null }).to_string(),
             )?;
             etcd.put(&format!("{prefix}leader"), leader)?;
         }
@@ -1374,6 +1334,5 @@ mod tests {
             patroni_member_json("master", "running", 5432, 7),
             r#"{"conn_url":"postgres://127.0.0.1:5432/postgres","api_url":"http://127.0.0.1:8008/patroni","state":"running","role":"master","version":"3.0.2","xlog_location":7,"timeline":1}"#
         );
-        assert_eq!(json_str("a\"b\\c\n"), r#""a\"b\\c\u000a""#);
     }
 }
