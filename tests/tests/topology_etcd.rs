@@ -9,14 +9,8 @@ mod common;
 
 use common::*;
 use pgferry_tests::Ferry;
-use pgferry_tests::{in_recovery, Etcd};
+use pgferry_tests::{in_recovery, patroni_member_json, Etcd};
 use std::time::{Duration, Instant};
-
-fn member(port: u16, role: &str, xlog: u64) -> String {
-    format!(
-        r#"{{"conn_url":"postgres://127.0.0.1:{port}/postgres","api_url":"http://127.0.0.1:1/patroni","state":"running","role":"{role}","version":"3.0.2","xlog_location":{xlog},"timeline":1}}"#
-    )
-}
 
 /// pgferry in front of the shared cluster, following `scope` in `etcd`.
 fn etcd_ferry(etcd: &Etcd, scope: &str, citus: bool, extra_topology: &str, extra: &str) -> Ferry {
@@ -56,10 +50,16 @@ async fn leader_key_routes_writes_and_lag_routes_reads() {
     let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
     let etcd = Etcd::start().unwrap();
     let pre = "/service/plain/";
-    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 5000))
-        .unwrap();
-    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 5000))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg1"),
+        &patroni_member_json("master", "running", p, 5000),
+    )
+    .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg2"),
+        &patroni_member_json("replica", "running", s, 5000),
+    )
+    .unwrap();
     etcd.put(&format!("{pre}status"), r#"{"optime":5000}"#).unwrap();
     etcd.put(&format!("{pre}leader"), "pg1").unwrap();
     let f = etcd_ferry(&etcd, "plain", false, "max_replica_lag = 1000", "");
@@ -77,16 +77,19 @@ async fn leader_key_routes_writes_and_lag_routes_reads() {
     f.wait_log("standbys=[]", Duration::from_secs(5));
     assert!(!in_recovery(&r).await, "a lagging replica gets no new transactions");
     // It catches up: reads go back to it.
-    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 9000000))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg2"),
+        &patroni_member_json("replica", "running", s, 9000000),
+    )
+    .unwrap();
     let end = Instant::now() + Duration::from_secs(5);
     while !in_recovery(&r).await {
         assert!(Instant::now() < end, "reads did not return to the replica");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // noloadbalance takes it out too.
-    let tagged =
-        member(s, "replica", 9000000).replace(r#""timeline":1"#, r#""timeline":1,"tags":{"noloadbalance":true}"#);
+    let tagged = patroni_member_json("replica", "running", s, 9000000)
+        .replace(r#""timeline":1"#, r#""timeline":1,"tags":{"noloadbalance":true}"#);
     etcd.put(&format!("{pre}members/pg2"), &tagged).unwrap();
     let end = Instant::now() + Duration::from_secs(5);
     while in_recovery(&r).await {
@@ -101,9 +104,16 @@ async fn no_leader_holds_transactions_and_cuts_the_old_leader() {
     let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
     let etcd = Etcd::start().unwrap();
     let pre = "/service/hold/";
-    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 1)).unwrap();
-    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 1))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg1"),
+        &patroni_member_json("master", "running", p, 1),
+    )
+    .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg2"),
+        &patroni_member_json("replica", "running", s, 1),
+    )
+    .unwrap();
     etcd.put(&format!("{pre}leader"), "pg1").unwrap();
     let f = etcd_ferry(&etcd, "hold", false, "failover_hold_timeout = \"4s\"", "");
 
@@ -171,13 +181,22 @@ async fn citus_layout_follows_group_zero() {
     let pre = "/service/citusdemo/";
     // Group 1 (a worker) is written first and points at the standby: 5432
     // must follow group 0 only.
-    etcd.put(&format!("{pre}1/members/w1a"), &member(s, "master", 1))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}1/members/w1a"),
+        &patroni_member_json("master", "running", s, 1),
+    )
+    .unwrap();
     etcd.put(&format!("{pre}1/leader"), "w1a").unwrap();
-    etcd.put(&format!("{pre}0/members/c1"), &member(p, "master", 1))
-        .unwrap();
-    etcd.put(&format!("{pre}0/members/c2"), &member(s, "replica", 1))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}0/members/c1"),
+        &patroni_member_json("master", "running", p, 1),
+    )
+    .unwrap();
+    etcd.put(
+        &format!("{pre}0/members/c2"),
+        &patroni_member_json("replica", "running", s, 1),
+    )
+    .unwrap();
     etcd.put(&format!("{pre}0/leader"), "c1").unwrap();
     let f = etcd_ferry(&etcd, "citusdemo", true, "", "");
     let rw = app(&f).await;
@@ -196,7 +215,11 @@ async fn etcd_outage_stops_writes_after_the_grace_period() {
     let p = cluster.primary_port;
     let etcd = Etcd::start().unwrap();
     let pre = "/service/outage/";
-    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 1)).unwrap();
+    etcd.put(
+        &format!("{pre}members/pg1"),
+        &patroni_member_json("master", "running", p, 1),
+    )
+    .unwrap();
     etcd.put(&format!("{pre}leader"), "pg1").unwrap();
     let f = etcd_ferry(
         &etcd,
@@ -246,10 +269,16 @@ async fn in_hot_standby_follows_the_node() {
     let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
     let etcd = Etcd::start().unwrap();
     let pre = "/service/hotstandby/";
-    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 5000))
-        .unwrap();
-    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 5000))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg1"),
+        &patroni_member_json("master", "running", p, 5000),
+    )
+    .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg2"),
+        &patroni_member_json("replica", "running", s, 5000),
+    )
+    .unwrap();
     etcd.put(&format!("{pre}leader"), "pg1").unwrap();
     let f = etcd_ferry(&etcd, "hotstandby", false, "max_replica_lag = 1000", "");
     let mut raw = Raw::login(f.ro_port.unwrap(), "app", APP_PASS).await;
@@ -275,8 +304,11 @@ async fn in_hot_standby_follows_the_node() {
         tags(&r)
     );
     // Caught up: back to the standby, and told again.
-    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 9000000))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg2"),
+        &patroni_member_json("replica", "running", s, 9000000),
+    )
+    .unwrap();
     let end = Instant::now() + Duration::from_secs(5);
     loop {
         let r = raw.query("SELECT pg_is_in_recovery()").await;
@@ -331,8 +363,11 @@ async fn logins_reset_by_the_server_are_held_not_failed() {
     }
     let etcd = Etcd::start().unwrap();
     let pre = "/service/gate/";
-    etcd.put(&format!("{pre}members/pg1"), &member(gate_port, "master", 1))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg1"),
+        &patroni_member_json("master", "running", gate_port, 1),
+    )
+    .unwrap();
     etcd.put(&format!("{pre}leader"), "pg1").unwrap();
     let f = etcd_ferry(&etcd, "gate", false, "", "");
     let c = app(&f).await;
