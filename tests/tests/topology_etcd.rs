@@ -35,6 +35,28 @@ async fn ro(f: &Ferry) -> tokio_postgres::Client {
     c
 }
 
+/// A fresh etcd with Patroni's keys for the shared cluster under
+/// `/service/{scope}/`: pg1 the primary and leader, pg2 the standby, both
+/// at WAL position `xlog`. Returns etcd, the key prefix and the standby's port.
+fn two_members(scope: &str, xlog: u64) -> (Etcd, String, u16) {
+    let cluster = pgferry_tests::shared_cluster();
+    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
+    let etcd = Etcd::start().unwrap();
+    let pre = format!("/service/{scope}/");
+    etcd.put(
+        &format!("{pre}members/pg1"),
+        &patroni_member_json("master", "running", p, xlog),
+    )
+    .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg2"),
+        &patroni_member_json("replica", "running", s, xlog),
+    )
+    .unwrap();
+    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    (etcd, pre, s)
+}
+
 /// Waits until `needle` appears `n` times in pgferry's log.
 fn wait_count(f: &Ferry, needle: &str, n: usize, timeout: Duration) {
     let end = Instant::now() + timeout;
@@ -46,22 +68,8 @@ fn wait_count(f: &Ferry, needle: &str, n: usize, timeout: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_key_routes_writes_and_lag_routes_reads() {
-    let cluster = pgferry_tests::shared_cluster();
-    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
-    let etcd = Etcd::start().unwrap();
-    let pre = "/service/plain/";
-    etcd.put(
-        &format!("{pre}members/pg1"),
-        &patroni_member_json("master", "running", p, 5000),
-    )
-    .unwrap();
-    etcd.put(
-        &format!("{pre}members/pg2"),
-        &patroni_member_json("replica", "running", s, 5000),
-    )
-    .unwrap();
+    let (etcd, pre, s) = two_members("plain", 5000);
     etcd.put(&format!("{pre}status"), r#"{"optime":5000}"#).unwrap();
-    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
     let f = etcd_ferry(&etcd, "plain", false, "max_replica_lag = 1000", "");
 
     let rw = app(&f).await;
@@ -100,21 +108,7 @@ async fn leader_key_routes_writes_and_lag_routes_reads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_leader_holds_transactions_and_cuts_the_old_leader() {
-    let cluster = pgferry_tests::shared_cluster();
-    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
-    let etcd = Etcd::start().unwrap();
-    let pre = "/service/hold/";
-    etcd.put(
-        &format!("{pre}members/pg1"),
-        &patroni_member_json("master", "running", p, 1),
-    )
-    .unwrap();
-    etcd.put(
-        &format!("{pre}members/pg2"),
-        &patroni_member_json("replica", "running", s, 1),
-    )
-    .unwrap();
-    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    let (etcd, pre, _) = two_members("hold", 1);
     let f = etcd_ferry(&etcd, "hold", false, "failover_hold_timeout = \"4s\"", "");
 
     let busy = app(&f).await;
@@ -265,21 +259,7 @@ async fn etcd_outage_stops_writes_after_the_grace_period() {
 /// shows going wrong behind proxies that do not).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_hot_standby_follows_the_node() {
-    let cluster = pgferry_tests::shared_cluster();
-    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
-    let etcd = Etcd::start().unwrap();
-    let pre = "/service/hotstandby/";
-    etcd.put(
-        &format!("{pre}members/pg1"),
-        &patroni_member_json("master", "running", p, 5000),
-    )
-    .unwrap();
-    etcd.put(
-        &format!("{pre}members/pg2"),
-        &patroni_member_json("replica", "running", s, 5000),
-    )
-    .unwrap();
-    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    let (etcd, pre, s) = two_members("hotstandby", 5000);
     let f = etcd_ferry(&etcd, "hotstandby", false, "max_replica_lag = 1000", "");
     let mut raw = Raw::login(f.ro_port.unwrap(), "app", APP_PASS).await;
     let hot = |frames: &[pgferry_protocol::Frame]| {
