@@ -540,9 +540,10 @@ pub enum Access {
     ReadWrite,
     /// Only the read-only port; the read-write port refuses the login.
     ReadOnlyPort,
-    /// Both ports, but sessions on the read-write port are read-only
-    /// (default_transaction_read_only = on, and statements that would turn
-    /// it off are refused). PostgreSQL grants remain the real boundary.
+    /// Both ports, and sessions on either are read-only: server
+    /// connections log in with default_transaction_read_only = on, and
+    /// statements that would turn it off are refused. PostgreSQL grants
+    /// remain the real boundary.
     ReadOnly,
 }
 
@@ -901,6 +902,7 @@ impl Config {
             server_dbname: d.and_then(|d| d.dbname.clone()).unwrap_or_else(|| database.to_owned()),
             server_user: u.and_then(|u| u.server_user.clone()).unwrap_or_else(|| user.to_owned()),
             stats_period: self.runtime.stats_period,
+            read_only: u.is_some_and(|u| u.access == Access::ReadOnly),
         }
     }
 }
@@ -924,6 +926,9 @@ pub struct PoolSettings {
     pub server_dbname: String,
     pub server_user: String,
     pub stats_period: Duration,
+    /// The user's access is read-only: server connections log in with
+    /// default_transaction_read_only = on, whichever port and node.
+    pub read_only: bool,
 }
 
 /// Splits `host:port`, `[v6]:port` or a bare host (port 5432).

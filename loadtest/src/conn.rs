@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Buf, BytesMut};
-use pgferry_protocol::backend::{self, AuthRequest, TxStatus};
+use pgferry_protocol::backend::{self, TxStatus};
+use pgferry_protocol::encode;
 use pgferry_protocol::frame::{self, decode_frame};
-use pgferry_protocol::{encode, scram};
+use pgferry_protocol::login::{ClientLogin, Step};
+use pgferry_protocol::scram::{self, ScramKeys};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -29,8 +31,6 @@ const MAX_MESSAGE: usize = 64 << 20;
 /// Spare room kept in the read buffer before each read.
 const READ_CHUNK: usize = 4096;
 
-/// ClientKey and ServerKey of a password for one (salt, iterations).
-type ScramKeys = ([u8; 32], [u8; 32]);
 /// One PBKDF2 result per (salt, iterations), computed by the first caller.
 type ScramKeyCache = Mutex<HashMap<(Vec<u8>, u32), Arc<OnceCell<ScramKeys>>>>;
 
@@ -198,65 +198,26 @@ impl Conn {
             last_error: String::new(),
         };
         conn.stream.send(&params.startup).await?;
-        conn.authenticate(params).await?;
-        // Drain ParameterStatus, BackendKeyData, notices up to ReadyForQuery.
-        loop {
-            let f = conn.read_frame().await?;
-            match f.tag {
-                backend::READY_FOR_QUERY => break,
-                backend::ERROR_RESPONSE => bail!("{}", format_error(f.body())),
-                _ => {}
-            }
-        }
+        conn.log_in(params).await?;
         conn.wbuf = BytesMut::new();
         Ok(conn)
     }
 
-    async fn authenticate(&mut self, params: &ConnParams) -> Result<()> {
-        let mut scram: Option<scram::ClientExchange> = None;
+    /// Startup's answer: authentication, then ParameterStatus,
+    /// BackendKeyData and notices up to the first ReadyForQuery.
+    async fn log_in(&mut self, params: &ConnParams) -> Result<()> {
+        let mut login = ClientLogin::new(&params.user, Some(&params.password));
         loop {
             let f = self.read_frame().await?;
-            match f.tag {
-                backend::AUTHENTICATION => {}
-                backend::ERROR_RESPONSE => bail!("{}", format_error(f.body())),
-                backend::NEGOTIATE_PROTOCOL_VERSION | backend::NOTICE_RESPONSE => continue,
-                t => bail!("unexpected message {:?} during authentication", t as char),
-            }
             self.wbuf.clear();
-            match backend::authentication(f.body())? {
-                AuthRequest::Ok => return Ok(()),
-                AuthRequest::CleartextPassword => {
-                    let mut pw = params.password.as_bytes().to_vec();
-                    pw.push(0);
-                    encode::password(&mut self.wbuf, &pw);
+            match login.feed(&f, &mut self.wbuf)? {
+                Step::Send => {}
+                Step::ScramKeys { salt, iterations } => {
+                    let keys = params.scram_keys(salt, iterations).await?;
+                    login.scram_keys(&keys, &mut self.wbuf)?;
                 }
-                AuthRequest::Md5Password { salt } => {
-                    let mut pw = scram::md5_response(&params.user, &params.password, salt);
-                    pw.push(0);
-                    encode::password(&mut self.wbuf, &pw);
-                }
-                AuthRequest::Sasl { mechanisms } => {
-                    if !mechanisms.contains(&scram::MECHANISM) {
-                        bail!("server offers SASL mechanisms {mechanisms:?}, not {}", scram::MECHANISM);
-                    }
-                    let (exchange, first) = scram::ClientExchange::start();
-                    encode::sasl_initial_response(&mut self.wbuf, scram::MECHANISM, &first);
-                    scram = Some(exchange);
-                }
-                AuthRequest::SaslContinue { data } => {
-                    let exchange = scram.as_mut().ok_or_else(|| anyhow!("SASLContinue before SASL"))?;
-                    let sf = scram::parse_server_first(data)?;
-                    let (client_key, server_key) = params.scram_keys(sf.salt, sf.iterations).await?;
-                    let creds = scram::ClientCredentials::Keys { client_key, server_key };
-                    let fin = exchange.respond(data, &creds)?;
-                    encode::password(&mut self.wbuf, &fin);
-                }
-                AuthRequest::SaslFinal { data } => {
-                    let exchange = scram.as_ref().ok_or_else(|| anyhow!("SASLFinal before SASL"))?;
-                    exchange.finish(data)?;
-                    continue;
-                }
-                AuthRequest::Other(n) => bail!("unsupported authentication request {n}"),
+                Step::Parameter { .. } | Step::BackendKey { .. } | Step::Read => continue,
+                Step::Ready => return Ok(()),
             }
             self.stream.send(&self.wbuf).await?;
         }

@@ -1,3 +1,4 @@
+use pgferry_protocol::login::LoginError;
 use pgferry_protocol::ProtocolError;
 
 /// Why a server connection could not be had or used.
@@ -31,6 +32,24 @@ pub enum PoolError {
     NoServer(String),
     #[error("pool is shutting down")]
     ShuttingDown,
+}
+
+impl From<LoginError> for PoolError {
+    fn from(e: LoginError) -> Self {
+        match e {
+            LoginError::Server {
+                severity,
+                code,
+                message,
+            } => PoolError::Server {
+                severity,
+                code,
+                message,
+            },
+            LoginError::Protocol(e) => PoolError::Protocol(e),
+            e => PoolError::Auth(e.to_string()),
+        }
+    }
 }
 
 impl PoolError {

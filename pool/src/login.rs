@@ -1,10 +1,13 @@
 //! Logging in to PostgreSQL as a client: StartupMessage, then whatever
 //! authentication the server asks for, then its ParameterStatus and
-//! BackendKeyData up to the first ReadyForQuery.
+//! BackendKeyData up to the first ReadyForQuery. The exchange itself is
+//! [`pgferry_protocol::login`]; this is the IO around it and the pool's
+//! credentials, with the SCRAM keys kept so that PBKDF2 runs once a pool.
 
 use crate::error::PoolError;
-use pgferry_protocol::backend::{self, AuthRequest};
-use pgferry_protocol::scram::{self, ClientCredentials, ClientExchange};
+use pgferry_protocol::encode;
+use pgferry_protocol::login::{ClientLogin, Step};
+use pgferry_protocol::scram::{self, ScramKeys};
 use std::sync::{Arc, Mutex};
 
 /// How a pool's connections authenticate to PostgreSQL.
@@ -20,8 +23,7 @@ pub struct ServerCredentials {
 struct Derived {
     salt: Vec<u8>,
     iterations: u32,
-    client_key: [u8; 32],
-    server_key: [u8; 32],
+    keys: ScramKeys,
 }
 
 impl std::fmt::Debug for ServerCredentials {
@@ -60,8 +62,7 @@ impl ServerCredentials {
             *d = Some(Derived {
                 salt: salt.to_vec(),
                 iterations,
-                client_key,
-                server_key,
+                keys: ScramKeys { client_key, server_key },
             });
         }
     }
@@ -83,37 +84,29 @@ impl ServerCredentials {
             *mine = Some(Derived {
                 salt: d.salt.clone(),
                 iterations: d.iterations,
-                client_key: d.client_key,
-                server_key: d.server_key,
+                keys: d.keys,
             });
         }
     }
 
-    /// Credentials for a SCRAM exchange with this server-first message.
-    async fn scram_credentials(&self, server_first: &[u8]) -> Result<ClientCredentials, PoolError> {
-        let sf = scram::parse_server_first(server_first).map_err(|e| PoolError::Auth(e.to_string()))?;
+    /// The SCRAM keys for a server's salt and iteration count: the ones
+    /// learned or derived before if they match, else derived from the
+    /// password (once per pool, not once per connection).
+    async fn scram_keys(&self, salt: Vec<u8>, iterations: u32) -> Result<ScramKeys, PoolError> {
         if let Some(d) = self.derived.lock().unwrap().as_ref() {
-            if d.salt == sf.salt && d.iterations == sf.iterations {
-                return Ok(ClientCredentials::Keys {
-                    client_key: d.client_key,
-                    server_key: d.server_key,
-                });
+            if d.salt == salt && d.iterations == iterations {
+                return Ok(d.keys);
             }
         }
         let password = self.password()?.to_owned();
-        let (salt, iterations) = (sf.salt.clone(), sf.iterations);
+        let for_derivation = salt.clone();
         // PBKDF2 costs milliseconds of CPU: keep it off the async workers.
-        let (client_key, server_key) =
-            tokio::task::spawn_blocking(move || scram::keys_from_password(&password, &salt, iterations))
+        let keys =
+            tokio::task::spawn_blocking(move || scram::keys_from_password(&password, &for_derivation, iterations))
                 .await
                 .map_err(|_| PoolError::Auth("SCRAM key derivation failed".into()))?;
-        *self.derived.lock().unwrap() = Some(Derived {
-            salt: sf.salt,
-            iterations,
-            client_key,
-            server_key,
-        });
-        Ok(ClientCredentials::Keys { client_key, server_key })
+        *self.derived.lock().unwrap() = Some(Derived { salt, iterations, keys });
+        Ok(keys)
     }
 }
 
@@ -124,17 +117,20 @@ pub(crate) struct LoginResult {
     pub backend_key: u32,
 }
 
-/// Drives the login on an established connection.
+/// Drives the login on an established connection. `startup`: the
+/// StartupMessage's parameters after `user` (`database` and options).
 pub(crate) async fn login(
     conn: &mut crate::server::Wire,
     creds: &ServerCredentials,
-    database: &str,
+    startup: &[(&str, &str)],
 ) -> Result<LoginResult, PoolError> {
-    use pgferry_protocol::encode;
     let mut out = bytes::BytesMut::with_capacity(256);
-    encode::startup_message(&mut out, &[("user", creds.user.as_str()), ("database", database)]);
+    let mut params = Vec::with_capacity(1 + startup.len());
+    params.push(("user", creds.user.as_str()));
+    params.extend_from_slice(startup);
+    encode::startup_message(&mut out, &params);
     conn.write_all(&out).await?;
-    let mut scram_state: Option<ClientExchange> = None;
+    let mut login = ClientLogin::new(&creds.user, creds.password.as_deref());
     let mut result = LoginResult {
         params: Vec::with_capacity(16),
         backend_pid: 0,
@@ -142,76 +138,18 @@ pub(crate) async fn login(
     };
     loop {
         let frame = conn.read_frame().await?;
-        match frame.tag {
-            backend::AUTHENTICATION => {
-                out.clear();
-                match backend::authentication(frame.body())? {
-                    AuthRequest::Ok => continue,
-                    AuthRequest::CleartextPassword => encode::password(&mut out, &nul_terminated(creds.password()?)),
-                    AuthRequest::Md5Password { salt } => {
-                        let mut r = scram::md5_response(&creds.user, creds.password()?, salt);
-                        r.push(0);
-                        encode::password(&mut out, &r);
-                    }
-                    AuthRequest::Sasl { mechanisms } => {
-                        if !mechanisms.contains(&scram::MECHANISM) {
-                            return Err(PoolError::Auth(format!(
-                                "server offers no supported SASL mechanism: {mechanisms:?}"
-                            )));
-                        }
-                        let (ex, first) = ClientExchange::start();
-                        scram_state = Some(ex);
-                        encode::sasl_initial_response(&mut out, scram::MECHANISM, &first);
-                    }
-                    AuthRequest::SaslContinue { data } => {
-                        let ex = scram_state
-                            .as_mut()
-                            .ok_or(PoolError::Auth("unexpected SASL continue".into()))?;
-                        let creds = creds.scram_credentials(data).await?;
-                        let fin = ex.respond(data, &creds).map_err(|e| PoolError::Auth(e.to_string()))?;
-                        encode::password(&mut out, &fin);
-                    }
-                    AuthRequest::SaslFinal { data } => {
-                        let ex = scram_state
-                            .as_ref()
-                            .ok_or(PoolError::Auth("unexpected SASL final".into()))?;
-                        ex.finish(data).map_err(|e| PoolError::Auth(e.to_string()))?;
-                        continue;
-                    }
-                    AuthRequest::Other(n) => {
-                        return Err(PoolError::Auth(format!("unsupported authentication request {n}")))
-                    }
-                }
+        out.clear();
+        match login.feed(&frame, &mut out)? {
+            Step::Send => conn.write_all(&out).await?,
+            Step::ScramKeys { salt, iterations } => {
+                let keys = creds.scram_keys(salt, iterations).await?;
+                login.scram_keys(&keys, &mut out)?;
                 conn.write_all(&out).await?;
             }
-            backend::PARAMETER_STATUS => {
-                let (k, v) = backend::parameter_status(frame.body())?;
-                result.params.push((k.to_owned(), v.to_owned()));
-            }
-            backend::BACKEND_KEY_DATA => {
-                (result.backend_pid, result.backend_key) = backend::backend_key_data(frame.body())?;
-            }
-            backend::NOTICE_RESPONSE | backend::NEGOTIATE_PROTOCOL_VERSION => {}
-            backend::ERROR_RESPONSE => {
-                let e = backend::error_fields(frame.body())?;
-                return Err(PoolError::Server {
-                    severity: e.severity.to_owned(),
-                    code: e.code.to_owned(),
-                    message: e.message.to_owned(),
-                });
-            }
-            backend::READY_FOR_QUERY => return Ok(result),
-            t => {
-                return Err(PoolError::Protocol(pgferry_protocol::ProtocolError::UnexpectedTag(
-                    t as char,
-                )))
-            }
+            Step::Parameter { name, value } => result.params.push((name.to_owned(), value.to_owned())),
+            Step::BackendKey { pid, key } => (result.backend_pid, result.backend_key) = (pid, key),
+            Step::Read => {}
+            Step::Ready => return Ok(result),
         }
     }
-}
-
-fn nul_terminated(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
 }

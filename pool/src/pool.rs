@@ -224,11 +224,19 @@ impl Pool {
         let _login = Login(&self.stats);
         let id = NEXT_SERVER_ID.fetch_add(1, Relaxed);
         let s = &self.settings;
+        // A read-only user's connections are read-only from the start, on
+        // either port and whichever node serves it (the read-only port may
+        // fall back to the primary): PostgreSQL itself refuses the writes.
+        let startup = [
+            ("database", s.server_dbname.as_str()),
+            ("default_transaction_read_only", "on"),
+        ];
+        let startup = if s.read_only { &startup[..] } else { &startup[..1] };
         let r = ServerConn::connect(
             id,
             self.key.node.clone(),
             &self.creds,
-            &s.server_dbname,
+            startup,
             s.server_connect_timeout,
             self.max_message,
             &self.tls,

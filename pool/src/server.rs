@@ -110,12 +110,13 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
-    /// Connects and logs in, within `timeout`.
+    /// Connects and logs in, within `timeout`. `startup`: the
+    /// StartupMessage's parameters after `user` (`database` and options).
     pub async fn connect(
         id: u64,
         addr: Arc<NodeAddr>,
         creds: &ServerCredentials,
-        database: &str,
+        startup: &[(&str, &str)],
         timeout: Duration,
         max_message: usize,
         tls: &Connector,
@@ -133,7 +134,7 @@ impl ServerConn {
             let sever = Arc::new(sock.try_clone()?);
             let stream = negotiate_tls(stream, &addr.host, tls).await?;
             let mut wire = Wire::new(stream, max_message);
-            let r = login(&mut wire, creds, database).await?;
+            let r = login(&mut wire, creds, startup).await?;
             let now = Instant::now();
             Ok::<_, PoolError>(ServerConn {
                 wire,

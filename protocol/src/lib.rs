@@ -18,6 +18,7 @@ pub mod backend;
 pub mod encode;
 pub mod frame;
 pub mod frontend;
+pub mod login;
 pub mod replies;
 pub mod scram;
 pub mod sql;

@@ -284,20 +284,18 @@ impl ServerExchange {
     }
 }
 
-/// What the client side authenticates with.
-#[derive(Clone)]
-pub enum ClientCredentials {
-    Password(String),
-    /// SCRAM pass-through: keys recovered from a client's proof.
-    Keys {
-        client_key: [u8; 32],
-        server_key: [u8; 32],
-    },
+/// ClientKey and ServerKey: what the client side of an exchange needs.
+/// Derived from a password by [`keys_from_password`] (PBKDF2, expensive) or
+/// recovered from a client's proof (SCRAM pass-through).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ScramKeys {
+    pub client_key: [u8; 32],
+    pub server_key: [u8; 32],
 }
 
-impl std::fmt::Debug for ClientCredentials {
+impl std::fmt::Debug for ScramKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClientCredentials(<redacted>)")
+        f.write_str("ScramKeys(<redacted>)")
     }
 }
 
@@ -326,9 +324,12 @@ pub fn parse_server_first(server_first: &[u8]) -> Result<ServerFirst<'_>, ScramE
 
 /// ClientKey and ServerKey for a password: runs PBKDF2, so call it off the
 /// async workers.
-pub fn keys_from_password(password: &str, salt: &[u8], iterations: u32) -> ([u8; 32], [u8; 32]) {
+pub fn keys_from_password(password: &str, salt: &[u8], iterations: u32) -> ScramKeys {
     let salted = salted_password(password, salt, iterations);
-    (hmac(&salted, b"Client Key"), hmac(&salted, b"Server Key"))
+    ScramKeys {
+        client_key: hmac(&salted, b"Client Key"),
+        server_key: hmac(&salted, b"Server Key"),
+    }
 }
 
 /// Client side of one exchange (proxy → PostgreSQL), without channel binding.
@@ -352,9 +353,9 @@ impl ClientExchange {
     }
 
     /// Handles server-first-message and returns client-final-message.
-    /// With a password this runs PBKDF2: prefer keys derived off the async
-    /// workers with [`keys_from_password`].
-    pub fn respond(&mut self, server_first: &[u8], creds: &ClientCredentials) -> Result<Vec<u8>, ScramError> {
+    /// `keys` must be those of the salt and iterations the message names
+    /// (see [`parse_server_first`]).
+    pub fn respond(&mut self, server_first: &[u8], keys: &ScramKeys) -> Result<Vec<u8>, ScramError> {
         let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("utf8"))?;
         let sf = parse_server_first(server_first)?;
         let r = sf.nonce;
@@ -362,10 +363,7 @@ impl ClientExchange {
         if !r.starts_with(cnonce) || r.len() == cnonce.len() {
             return Err(ScramError::Nonce);
         }
-        let (client_key, server_key) = match creds {
-            ClientCredentials::Password(p) => keys_from_password(p, &sf.salt, sf.iterations),
-            ClientCredentials::Keys { client_key, server_key } => (*client_key, *server_key),
-        };
+        let ScramKeys { client_key, server_key } = *keys;
         let without_proof = format!("c=biws,r={r}");
         let auth_message = format!("{},{},{}", self.client_first_bare, msg, without_proof);
         let stored_key = sha256(&client_key);
@@ -428,20 +426,21 @@ mod tests {
         assert!(parsed == secret);
         let (mut client, first) = ClientExchange::start();
         let (server, server_first) = ServerExchange::start(parsed, &first, MECHANISM, false).unwrap();
+        let sf = parse_server_first(&server_first).unwrap();
         let client_final = client
-            .respond(&server_first, &ClientCredentials::Password("pencil".into()))
+            .respond(&server_first, &keys_from_password("pencil", &sf.salt, sf.iterations))
             .unwrap();
         let verified = server.finish(&client_final, None).unwrap();
         client.finish(&verified.server_final).unwrap();
 
         // The recovered ClientKey logs in again without the password.
-        let creds = ClientCredentials::Keys {
+        let keys = ScramKeys {
             client_key: verified.client_key,
             server_key: secret.server_key,
         };
         let (mut c2, first2) = ClientExchange::start();
         let (s2, sf2) = ServerExchange::start(secret.clone(), &first2, MECHANISM, false).unwrap();
-        let cf2 = c2.respond(&sf2, &creds).unwrap();
+        let cf2 = c2.respond(&sf2, &keys).unwrap();
         assert!(s2.finish(&cf2, None).is_ok());
     }
 
@@ -450,9 +449,7 @@ mod tests {
         let secret = Secret::from_password("pencil", b"salt", 16);
         let (mut client, first) = ClientExchange::start();
         let (server, sf) = ServerExchange::start(secret, &first, MECHANISM, false).unwrap();
-        let cf = client
-            .respond(&sf, &ClientCredentials::Password("nope".into()))
-            .unwrap();
+        let cf = client.respond(&sf, &keys_from_password("nope", b"salt", 16)).unwrap();
         assert_eq!(server.finish(&cf, None).err(), Some(ScramError::InvalidProof));
     }
 

@@ -8,6 +8,10 @@
 //! no effects. Cost is one pass over the bytes with no allocation unless a
 //! session-level setting is found.
 
+mod read_only;
+
+pub use read_only::may_leave_read_only;
+
 /// Session state that ties a client to its server connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Pin {
@@ -426,74 +430,10 @@ fn statement_set(lx: &mut Lexer<'_>, fx: &mut Effects) {
     }
 }
 
-/// Whether a statement might take a forced read-only session out of
-/// read-only mode: it mentions `transaction_read_only` (SET, set_config),
-/// `READ WRITE` (BEGIN, SET TRANSACTION, SET SESSION CHARACTERISTICS), or
-/// resets every setting (RESET ALL, DISCARD ALL). Case and whitespace,
-/// including comments, do not matter; a false positive (the words inside
-/// a string literal) is refused too, which is the safe side.
-pub fn may_leave_read_only(sql: &[u8]) -> bool {
-    // Lower-cased words, comments and whitespace squeezed to one space.
-    let mut words = Vec::with_capacity(sql.len().min(4096));
-    let mut i = 0;
-    while i < sql.len() {
-        let c = sql[i];
-        if c == b'-' && sql.get(i + 1) == Some(&b'-') {
-            while i < sql.len() && sql[i] != b'\n' {
-                i += 1;
-            }
-            words.push(b' ');
-            continue;
-        }
-        if c == b'/' && sql.get(i + 1) == Some(&b'*') {
-            i += 2;
-            while i < sql.len() && !(sql[i] == b'*' && sql.get(i + 1) == Some(&b'/')) {
-                i += 1;
-            }
-            i += 2;
-            words.push(b' ');
-            continue;
-        }
-        if c.is_ascii_whitespace() {
-            if words.last() != Some(&b' ') {
-                words.push(b' ');
-            }
-        } else {
-            words.push(c.to_ascii_lowercase());
-        }
-        i += 1;
-    }
-    let has = |needle: &[u8]| words.windows(needle.len()).any(|w| w == needle);
-    has(b"transaction_read_only") || has(b"read write") || has(b"reset all") || has(b"discard all")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn read_only_escapes_are_seen() {
-        for q in [
-            "SET default_transaction_read_only = off",
-            "select set_config('default_transaction_read_only', 'off', false)",
-            "BEGIN READ   WRITE",
-            "start transaction isolation level serializable, read/* x */write",
-            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
-            "reset ALL",
-            "DISCARD\nALL",
-            "set transaction_read_only to off",
-        ] {
-            assert!(may_leave_read_only(q.as_bytes()), "{q}");
-        }
-        for q in [
-            "SELECT 1",
-            "BEGIN READ ONLY",
-            "INSERT INTO t VALUES ('read')",
-            "RESET search_path",
-        ] {
-            assert!(!may_leave_read_only(q.as_bytes()), "{q}");
-        }
-    }
     use proptest::prelude::*;
 
     #[test]

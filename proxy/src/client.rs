@@ -263,7 +263,11 @@ async fn login(
             format!("user \"{user}\" may only connect to pgferry's read-only port"),
         ));
     }
-    let read_only = access == Access::ReadOnly && role == Role::ReadWrite;
+    // Read-only on both ports: the read-only port may fall back to the
+    // primary. The pool's connections log in read-only; a client asking for
+    // read-write in its startup packet would have pgferry's parameter sync
+    // SET it on the server, so its value is overridden here.
+    let read_only = access == Access::ReadOnly;
     if read_only {
         startup.retain(|(k, _)| !k.eq_ignore_ascii_case("default_transaction_read_only"));
         startup.push(("default_transaction_read_only".into(), "on".into()));

@@ -11,18 +11,22 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::osuser::{pg_os_user, OsUser};
 use crate::ports::free_port;
-use crate::util::{log_section, make_temp_dir, quote_literal, run, sh_quote, wait_until};
+use crate::util::{log_section, make_temp_dir, quote_literal, run, sh_quote};
+use crate::wait::wait_until;
 use crate::watchdog::Watchdog;
 
 /// Where the PostgreSQL 15 programs are (Debian's layout). The wrappers in
 /// `/usr/local/bin` or `/usr/bin` are deliberately not used.
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
+/// The password of the standard user `app`.
+pub const APP_PASS: &str = "app-pass";
+
 /// Roles that [`shared_cluster`] and [`PgCluster::ensure_standard_users`]
 /// create: `(name, password)`. `app` owns database `app`; `other` may connect
 /// to it; `admin` is an ordinary login role (pgferry's admin user in
 /// [`crate::Ferry::for_cluster`]).
-pub const STANDARD_USERS: [(&str, &str); 3] = [("app", "app-pass"), ("admin", "admin-pass"), ("other", "other-pass")];
+pub const STANDARD_USERS: [(&str, &str); 3] = [("app", APP_PASS), ("admin", "admin-pass"), ("other", "other-pass")];
 
 const PG_HBA: &str = "\
 # pgferry test cluster

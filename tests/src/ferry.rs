@@ -364,6 +364,20 @@ impl Ferry {
             .unwrap_or_default()
     }
 
+    /// The log once it contains `needle`, or as it is after `timeout` (the
+    /// caller asserts on it). pgferry may log a refusal after closing the
+    /// socket, so a test that saw the close waits for the line.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(needle) || Instant::now() > end {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends `sig` (e.g. `libc::SIGTERM`, `libc::SIGHUP`) to the process.
     pub fn signal(&mut self, sig: i32) -> Result<()> {
         if let Some(status) = self.try_wait()? {

@@ -12,15 +12,18 @@
 //!
 //! See `tests/README.md`.
 
+mod client;
 mod cluster;
 mod ferry;
 mod osuser;
 mod patroni;
 mod ports;
 mod util;
+mod wait;
 mod watchdog;
 
-pub use cluster::{shared_cluster, Node, PgCluster, PgOptions, PG_BIN, STANDARD_USERS};
+pub use client::{backend_pid, connect, in_recovery};
+pub use cluster::{shared_cluster, Node, PgCluster, PgOptions, APP_PASS, PG_BIN, STANDARD_USERS};
 pub use ferry::{merge_toml, pgferry_bin, workspace_root, Ferry};
 pub use osuser::{pg_os_user, OsUser};
 pub use patroni::{
@@ -30,3 +33,4 @@ pub use patroni::{
 };
 pub use ports::free_port;
 pub use util::{conn_str, port_accepts, quote_ident, quote_literal, raise_nofile, tail_file};
+pub use wait::{wait_for, wait_for_async, wait_until};

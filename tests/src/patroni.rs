@@ -35,6 +35,8 @@ use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 
 use crate::cluster::PG_BIN;
 use crate::osuser::{pg_os_user, OsUser};
@@ -299,7 +301,11 @@ impl Etcd {
     /// The current store revision.
     pub fn revision(&self) -> Result<i64> {
         let out = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
-        json_number_after(&out, "\"revision\":").ok_or_else(|| anyhow!("no revision in {out:?}"))
+        // One entry per endpoint: [{"Endpoint": ..., "Status": {"header": {"revision": N, ...}, ...}}]
+        let v: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("etcdctl output {out:?}"))?;
+        v[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .ok_or_else(|| anyhow!("no revision in {out:?}"))
     }
 
     /// `etcdctl del -- key`; returns how many keys were deleted (0 or 1).
@@ -340,94 +346,23 @@ impl Drop for Etcd {
 /// Parses `etcdctl get -w json` output: `(header.revision, [(key, value)])`.
 /// Keys and values are base64 there; etcdctl omits `value` when it is empty.
 fn parse_etcdctl_json(out: &str) -> Result<(i64, Vec<(String, String)>)> {
-    let revision =
-        json_number_after(out, "\"revision\":").ok_or_else(|| anyhow!("no revision in etcdctl output {out:?}"))?;
+    let v: serde_json::Value = serde_json::from_str(out).with_context(|| format!("etcdctl output {out:?}"))?;
+    let revision = v["header"]["revision"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("no revision in etcdctl output {out:?}"))?;
     let mut kvs = Vec::new();
-    if let Some(start) = out.find("\"kvs\":[") {
-        let mut rest = &out[start + 7..];
-        // A KeyValue object holds no nested objects and no braces (its
-        // strings are base64), so it ends at the next '}'.
-        while let Some(open) = rest.find('{') {
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| anyhow!("unterminated object in etcdctl output {out:?}"))?
-                + open;
-            let obj = &rest[open..=close];
-            let key = json_string_after(obj, "\"key\":\"").ok_or_else(|| anyhow!("no key in {obj}"))?;
-            let value = json_string_after(obj, "\"value\":\"").unwrap_or_default();
-            kvs.push((base64_text(key)?, base64_text(value)?));
-            rest = &rest[close + 1..];
-            if rest.trim_start().starts_with(']') {
-                break;
-            }
-        }
+    for kv in v["kvs"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let key = kv["key"].as_str().ok_or_else(|| anyhow!("no key in {kv}"))?;
+        let value = kv["value"].as_str().unwrap_or_default();
+        kvs.push((base64_text(key)?, base64_text(value)?));
     }
     kvs.sort();
     Ok((revision, kvs))
 }
 
-fn json_string_after<'a>(s: &'a str, marker: &str) -> Option<&'a str> {
-    let start = s.find(marker)? + marker.len();
-    let len = s[start..].find('"')?;
-    Some(&s[start..start + len])
-}
-
-fn json_number_after(s: &str, marker: &str) -> Option<i64> {
-    let start = s.find(marker)? + marker.len();
-    let digits: String = s[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '-')
-        .collect();
-    digits.parse().ok()
-}
-
 fn base64_text(s: &str) -> Result<String> {
-    let bytes = base64_decode(s).ok_or_else(|| anyhow!("bad base64 {s:?}"))?;
+    let bytes = BASE64.decode(s).map_err(|e| anyhow!("bad base64 {s:?}: {e}"))?;
     String::from_utf8(bytes).map_err(|e| anyhow!("etcd value is not UTF-8: {e}"))
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    fn val(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let s = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= val(c)? << (18 - 6 * i);
-        }
-        match chunk.len() {
-            4 => out.extend_from_slice(&[(acc >> 16) as u8, (acc >> 8) as u8, acc as u8]),
-            3 => out.extend_from_slice(&[(acc >> 16) as u8, (acc >> 8) as u8]),
-            2 => out.push((acc >> 16) as u8),
-            _ => return None,
-        }
-    }
-    Some(out)
-}
-
-/// A JSON string literal.
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 fn unique_suffix() -> String {
@@ -1101,6 +1036,41 @@ impl PatroniCluster {
         Ok(())
     }
 
+    /// Role `app` ([`crate::APP_PASS`]) owning database `app` with the
+    /// table the failover tests write to: `probe (id, port, at)`.
+    pub fn create_app_and_probe(&self) -> Result<()> {
+        self.create_user("app", crate::APP_PASS)?;
+        self.create_database("app", "app")?;
+        self.psql_leader(
+            "app",
+            "CREATE TABLE probe (id bigserial PRIMARY KEY, port int, at timestamptz DEFAULT clock_timestamp());
+             ALTER TABLE probe OWNER TO app;",
+        )?;
+        Ok(())
+    }
+
+    /// A pgferry config following this cluster through etcd, on fresh
+    /// ports, with `pool_size` and `app` logging in with its real SCRAM
+    /// secret (a users file in the cluster's directory). `extra_topology`
+    /// goes into `[topology]`.
+    pub fn ferry_config(&self, pool_size: usize, extra_topology: &str) -> Result<String> {
+        let secret = self.psql_leader("postgres", "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")?;
+        let users = self.dir.join("userlist.txt");
+        fs::write(&users, format!("\"app\" \"{secret}\"\n")).context("writing userlist.txt")?;
+        Ok(format!(
+            "[listen]\nrw = \"127.0.0.1:{rw}\"\nro = \"127.0.0.1:{ro}\"\n\
+             [auth]\nusers_file = {users:?}\n\
+             [pool]\npool_size = {pool_size}\n\
+             [topology]\nsource = \"etcd\"\nendpoints = [\"{etcd}\"]\nscope = \"{scope}\"\n\
+             check_user = \"postgres\"\ncheck_password = \"{su}\"\n{extra_topology}\n",
+            rw = free_port(),
+            ro = free_port(),
+            etcd = self.etcd.endpoint(),
+            scope = self.scope,
+            su = PATRONI_SUPERUSER_PASSWORD,
+        ))
+    }
+
     /// An HTTP request to the member's REST API (`body` is sent as JSON);
     /// returns `(status, body)`. Bounded by `timeout`.
     pub fn rest(
@@ -1118,11 +1088,7 @@ impl PatroniCluster {
     /// {"leader":..,"candidate":..}` on the leader; Patroni answers once it
     /// is done. Then waits until the leader key names `candidate`.
     pub fn switchover(&self, leader: &str, candidate: &str) -> Result<()> {
-        let body = format!(
-            "{{\"leader\":{},\"candidate\":{}}}",
-            json_str(leader),
-            json_str(candidate)
-        );
+        let body = serde_json::json!({ "leader": leader, "candidate": candidate }).to_string();
         let (status, text) = self
             .rest(leader, "POST", "/switchover", Some(&body), Duration::from_secs(60))
             .with_context(|| format!("POST /switchover to {leader}"))?;
@@ -1280,12 +1246,15 @@ pub const CITUS_LAYOUT_XLOG: u64 = 50_355_856;
 /// dialed by the tests), `state`, `role`, `version` 3.0.2, `xlog_location`,
 /// `timeline` 1.
 pub fn patroni_member_json(role: &str, state: &str, pg_port: u16, xlog_location: u64) -> String {
+    // Patroni's key order, which tests compare as text (serde_json's
+    // objects sort their keys): a format with JSON-quoted values.
+    use serde_json::Value;
     format!(
         "{{\"conn_url\":{},\"api_url\":\"http://127.0.0.1:8008/patroni\",\"state\":{},\"role\":{},\
          \"version\":\"3.0.2\",\"xlog_location\":{xlog_location},\"timeline\":1}}",
-        json_str(&format!("postgres://127.0.0.1:{pg_port}/postgres")),
-        json_str(state),
-        json_str(role),
+        Value::from(format!("postgres://127.0.0.1:{pg_port}/postgres")),
+        Value::from(state),
+        Value::from(role),
     )
 }
 
@@ -1334,7 +1303,7 @@ pub fn write_citus_layout(etcd: &Etcd, scope: &str, groups: &[CitusGroup<'_>]) -
         if !leader.is_empty() {
             etcd.put(
                 &format!("{prefix}sync"),
-                &format!("{{\"leader\":{},\"sync_standby\":null}}", json_str(leader)),
+                &serde_json::json!({ "leader": leader, "sync_standby": null }).to_string(),
             )?;
             etcd.put(&format!("{prefix}leader"), leader)?;
         }
@@ -1347,11 +1316,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_and_etcdctl_json() {
-        assert_eq!(base64_decode("L2EvYg==").unwrap(), b"/a/b");
-        assert_eq!(base64_decode("LXggeyJxIjoxfQ==").unwrap(), br#"-x {"q":1}"#);
-        assert_eq!(base64_decode("").unwrap(), b"");
-        assert_eq!(base64_decode("YWJj").unwrap(), b"abc");
+    fn etcdctl_json() {
         let out = r#"{"header":{"cluster_id":1,"member_id":2,"revision":3,"raft_term":2},"kvs":[{"key":"L2EvYw==","create_revision":3,"mod_revision":3,"version":1},{"key":"L2EvYg==","create_revision":2,"mod_revision":2,"version":1,"value":"LXggeyJxIjoxfQ=="}],"count":2}"#;
         let (rev, kvs) = parse_etcdctl_json(out).unwrap();
         assert_eq!(rev, 3);
@@ -1369,6 +1334,5 @@ mod tests {
             patroni_member_json("master", "running", 5432, 7),
             r#"{"conn_url":"postgres://127.0.0.1:5432/postgres","api_url":"http://127.0.0.1:8008/patroni","state":"running","role":"master","version":"3.0.2","xlog_location":7,"timeline":1}"#
         );
-        assert_eq!(json_str("a\"b\\c\n"), r#""a\"b\\c\u000a""#);
     }
 }

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -100,21 +100,6 @@ pub fn port_accepts(port: u16) -> bool {
 
 pub(crate) fn addr_accepts(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
-}
-
-/// Polls `f` every `every` until it returns `Ok(true)` or `timeout` passes.
-/// Returns whether it succeeded; errors from `f` count as "not yet".
-pub(crate) fn wait_until(timeout: Duration, every: Duration, mut f: impl FnMut() -> Result<bool>) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(true) = f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(every);
-    }
 }
 
 /// Runs `cmd` to completion; a non-zero exit is an error carrying its output.

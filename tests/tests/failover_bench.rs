@@ -34,11 +34,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use pgferry_tests::{
-    conn_str, free_port, pg_os_user, Ferry, PatroniCluster, PatroniOptions, PATRONI_SUPERUSER_PASSWORD,
-};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use pgferry_tests::{conn_str, free_port, pg_os_user, Ferry, PatroniCluster, PatroniOptions, APP_PASS};
 
-const APP_PASS: &str = "app-pass";
 const HAPROXY_BIN: &str = "/usr/sbin/haproxy";
 const IDLE_CLIENTS: usize = 4;
 const BUSY_CLIENTS: usize = 2;
@@ -251,47 +250,6 @@ impl Timeline {
     }
 }
 
-fn b64_encode(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn b64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::new();
-    for chunk in s.chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= val(c)? << (18 - 6 * i);
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..chunk.len().saturating_sub(1)]);
-    }
-    Some(out)
-}
-
 /// The leader key's value through etcd's JSON gateway (`POST /v3/kv/range`).
 fn etcd_leader(etcd_port: u16, key_b64: &str) -> Result<Option<String>> {
     let addr = SocketAddr::from(([127, 0, 0, 1], etcd_port));
@@ -317,12 +275,12 @@ fn etcd_leader(etcd_port: u16, key_b64: &str) -> Result<Option<String>> {
     };
     let v = &body[i + 9..];
     let v = &v[..v.find('"').ok_or_else(|| anyhow!("bad value in {body:?}"))?];
-    let bytes = b64_decode(v).ok_or_else(|| anyhow!("bad base64 {v:?}"))?;
+    let bytes = BASE64.decode(v).map_err(|e| anyhow!("bad base64 {v:?}: {e}"))?;
     Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 fn spawn_leader_poller(etcd_port: u16, key: &str, tl: Arc<Timeline>, stop: Arc<AtomicBool>) {
-    let key = b64_encode(key.as_bytes());
+    let key = BASE64.encode(key.as_bytes());
     std::thread::spawn(move || {
         let mut reported = false;
         while !stop.load(Ordering::Relaxed) {
@@ -712,47 +670,6 @@ fn minmax(v: &[f64]) -> String {
 // ---------------------------------------------------------------------------
 // The benchmark
 
-fn setup_cluster() -> PatroniCluster {
-    let cluster = PatroniCluster::start(PatroniOptions::default()).expect("Patroni cluster");
-    cluster.create_user("app", APP_PASS).unwrap();
-    cluster.create_database("app", "app").unwrap();
-    cluster
-        .psql_leader(
-            "app",
-            "CREATE TABLE probe (id bigserial PRIMARY KEY, port int, at timestamptz DEFAULT clock_timestamp());
-             ALTER TABLE probe OWNER TO app;",
-        )
-        .unwrap();
-    cluster
-}
-
-fn start_ferry(cluster: &PatroniCluster) -> Ferry {
-    let secret = cluster
-        .psql_leader("postgres", "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "pgferry-failover-bench-{}-{}",
-        std::process::id(),
-        cluster.scope
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let users = dir.join("userlist.txt");
-    std::fs::write(&users, format!("\"app\" \"{secret}\"\n")).unwrap();
-    let config = format!(
-        "[listen]\nrw = \"127.0.0.1:{rw}\"\nro = \"127.0.0.1:{ro}\"\n\
-         [auth]\nusers_file = {users:?}\n\
-         [pool]\npool_size = {POOL_SIZE}\n\
-         [topology]\nsource = \"etcd\"\nendpoints = [\"{etcd}\"]\nscope = \"{scope}\"\n\
-         check_user = \"postgres\"\ncheck_password = \"{su}\"\n",
-        rw = free_port(),
-        ro = free_port(),
-        etcd = cluster.etcd.endpoint(),
-        scope = cluster.scope,
-        su = PATRONI_SUPERUSER_PASSWORD,
-    );
-    Ferry::start(&config).expect("start pgferry")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark, about 10 minutes: cargo test -p pgferry-tests --test failover_bench -- --ignored --nocapture"]
 async fn failover_benchmark() {
@@ -761,8 +678,9 @@ async fn failover_benchmark() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
     let began = Instant::now();
-    let cluster = setup_cluster();
-    let ferry = start_ferry(&cluster);
+    let cluster = PatroniCluster::start(PatroniOptions::default()).expect("Patroni cluster");
+    cluster.create_app_and_probe().unwrap();
+    let ferry = Ferry::start(&cluster.ferry_config(POOL_SIZE, "").unwrap()).expect("start pgferry");
     let haproxy = Arc::new(Haproxy::start(&cluster).expect("start haproxy"));
     let version = std::process::Command::new(HAPROXY_BIN).arg("-v").output().unwrap();
     println!(

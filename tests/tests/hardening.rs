@@ -235,7 +235,7 @@ async fn protocol_and_sasl_errors_have_postgresql_sqlstates() {
     use bytes::{BufMut, BytesMut};
     use pgferry_protocol::backend::{self, AuthRequest};
     use pgferry_protocol::encode;
-    use pgferry_protocol::scram::{ClientCredentials, ClientExchange, MECHANISM};
+    use pgferry_protocol::scram::{keys_from_password, parse_server_first, ClientExchange, MECHANISM};
     let f = ferry("");
     let mut r = Raw::tcp(f.rw_port).await;
     let mut b = BytesMut::new();
@@ -305,7 +305,9 @@ async fn protocol_and_sasl_errors_have_postgresql_sqlstates() {
         let AuthRequest::SaslContinue { data } = backend::authentication(c.body()).unwrap() else {
             panic!("expected SASLContinue");
         };
-        let fin = ex.respond(data, &ClientCredentials::Password("wrong".into())).unwrap();
+        let sf = parse_server_first(data).unwrap();
+        let keys = keys_from_password("wrong", &sf.salt, sf.iterations);
+        let fin = ex.respond(data, &keys).unwrap();
         let mut b = BytesMut::new();
         encode::password(&mut b, &fin);
         r.send(&b).await;

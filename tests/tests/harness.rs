@@ -7,7 +7,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pgferry_protocol::scram::Secret;
-use pgferry_tests::{conn_str, free_port, port_accepts, shared_cluster, Ferry, Node, PgCluster, PgOptions};
+use pgferry_tests::{
+    conn_str, free_port, port_accepts, shared_cluster, wait_for, wait_until, Ferry, Node, PgCluster, PgOptions,
+};
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -35,17 +37,6 @@ fn scratch_dir(name: &str) -> PathBuf {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
 }
 
 #[test]
@@ -325,7 +316,7 @@ fn ferry_start_waits_for_listeners_and_drop_kills() {
     drop(ferry);
     assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} still exists");
     assert!(!ferry_dir.exists());
-    assert!(wait_for(Duration::from_secs(5), || !port_accepts(rw)));
+    wait_for("the port to close", Duration::from_secs(5), || !port_accepts(rw));
     fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -414,8 +405,10 @@ fn watchdog_cleans_up_after_the_test_process_dies() {
     let ports: Vec<u16> = lines[2].split(' ').map(|p| p.parse().unwrap()).collect();
     assert_eq!(ports.len(), 3);
     assert!(
-        wait_for(Duration::from_secs(60), || dirs.iter().all(|d| !d.exists())
-            && ports.iter().all(|p| !port_accepts(*p))),
+        wait_until(Duration::from_secs(60), Duration::from_millis(100), || Ok(dirs
+            .iter()
+            .all(|d| !d.exists())
+            && ports.iter().all(|p| !port_accepts(*p)))),
         "left behind after the test process died: dirs {dirs:?} (exist: {:?}), ports {ports:?} (listening: {:?})",
         dirs.iter().map(|d| d.exists()).collect::<Vec<_>>(),
         ports.iter().map(|p| port_accepts(*p)).collect::<Vec<_>>(),

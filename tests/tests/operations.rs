@@ -7,14 +7,10 @@
 mod common;
 
 use common::*;
-use pgferry_tests::merge_toml;
+use pgferry_tests::{backend_pid, merge_toml, wait_for_async};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
-    c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0)
-}
 
 /// The value column of a SHOW CONFIG row.
 fn config_value(port: u16, key: &str) -> String {
@@ -23,14 +19,6 @@ fn config_value(port: u16, key: &str) -> String {
         .first()
         .map(|r| r[1].to_owned())
         .unwrap_or_else(|| panic!("no {key} in\n{out}"))
-}
-
-async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !check() {
-        assert!(t.elapsed() < Duration::from_secs(15), "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +212,10 @@ async fn set_reload_and_sighup() {
     // SIGHUP does the same as RELOAD.
     edit("[pool]\npool_size = 9\n");
     f.signal(libc::SIGHUP).unwrap();
-    wait_for("SIGHUP reload", || config_value(port, "default_pool_size") == "9").await;
+    wait_for_async("SIGHUP reload", Duration::from_secs(15), || async {
+        config_value(port, "default_pool_size") == "9"
+    })
+    .await;
     c.simple_query("SELECT 1").await.unwrap();
     assert!(!f.log().contains("panicked"));
 }

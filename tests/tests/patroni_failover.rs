@@ -5,28 +5,15 @@
 //! the leader's Patroni alone (PostgreSQL keeps running and writable), a
 //! replica stopped, and etcd stopped and restarted.
 
-use pgferry_tests::{Ferry, PatroniCluster, PatroniOptions, PATRONI_SUPERUSER_PASSWORD};
+use pgferry_tests::{Ferry, PatroniCluster, PatroniOptions, APP_PASS, PATRONI_SUPERUSER_PASSWORD};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const APP_PASS: &str = "app-pass";
-
 /// Cluster, app role and table, and pgferry following it.
-fn setup(extra: &str) -> (PatroniCluster, Ferry) {
+fn setup(extra_topology: &str) -> (PatroniCluster, Ferry) {
     let cluster = PatroniCluster::start(PatroniOptions::default()).expect("Patroni cluster");
-    cluster.create_user("app", APP_PASS).unwrap();
-    cluster.create_database("app", "app").unwrap();
-    cluster
-        .psql_leader(
-            "app",
-            "CREATE TABLE probe (id bigserial PRIMARY KEY, port int, at timestamptz DEFAULT clock_timestamp());
-             ALTER TABLE probe OWNER TO app;",
-        )
-        .unwrap();
-    let secret = cluster
-        .psql_leader("postgres", "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
-        .unwrap();
+    cluster.create_app_and_probe().unwrap();
     // The replicas must have replayed the database and table before reads go there.
     let leader = cluster.leader().unwrap().unwrap();
     for name in cluster.member_names().into_iter().filter(|n| *n != leader) {
@@ -41,22 +28,7 @@ fn setup(extra: &str) -> (PatroniCluster, Ferry) {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    let dir = std::env::temp_dir().join(format!("pgferry-patroni-{}-{}", std::process::id(), cluster.scope));
-    std::fs::create_dir_all(&dir).unwrap();
-    let users = dir.join("userlist.txt");
-    std::fs::write(&users, format!("\"app\" \"{secret}\"\n")).unwrap();
-    let config = format!(
-        "[listen]\nrw = \"127.0.0.1:{rw}\"\nro = \"127.0.0.1:{ro}\"\n\
-         [auth]\nusers_file = {users:?}\n\
-         [pool]\npool_size = 6\n\
-         [topology]\nsource = \"etcd\"\nendpoints = [\"{etcd}\"]\nscope = \"{scope}\"\n\
-         check_user = \"postgres\"\ncheck_password = \"{su}\"\n{extra}\n",
-        rw = pgferry_tests::free_port(),
-        ro = pgferry_tests::free_port(),
-        etcd = cluster.etcd.endpoint(),
-        scope = cluster.scope,
-        su = PATRONI_SUPERUSER_PASSWORD,
-    );
+    let config = cluster.ferry_config(6, extra_topology).unwrap();
     let f = Ferry::start(&config).expect("start pgferry");
     (cluster, f)
 }

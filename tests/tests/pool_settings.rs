@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use pgferry_tests::wait_for;
 use std::time::{Duration, Instant};
 
 /// Server connections PostgreSQL has for `user`.
@@ -14,14 +15,6 @@ fn server_conns(user: &str) -> usize {
     ))
     .parse()
     .unwrap()
-}
-
-fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A user of its own, with a database it may connect to.

@@ -7,12 +7,8 @@ mod common;
 use bytes::BytesMut;
 use common::*;
 use pgferry_protocol::encode;
+use pgferry_tests::backend_pid;
 use std::time::{Duration, Instant};
-
-/// Backend pid serving the next transaction of `c`.
-async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
-    c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_statement_names_from_two_clients_on_one_server_connection() {

@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use pgferry_tests::in_recovery;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -73,19 +74,6 @@ impl Pki {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
         (c, k)
-    }
-}
-
-/// pgferry's log once it contains `needle` (it logs a refusal after
-/// closing the socket, so a test can see the close first).
-fn wait_log(f: &pgferry_tests::Ferry, needle: &str) -> String {
-    let end = Instant::now() + Duration::from_secs(5);
-    loop {
-        let log = f.log();
-        if log.contains(needle) || Instant::now() > end {
-            return log;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -395,7 +383,7 @@ async fn direct_tls_requires_alpn_postgresql() {
             .expect("closed in time");
         assert!(matches!(n, Ok(0) | Err(_)), "no reply expected without ALPN: {n:?}");
     }
-    let log = wait_log(&f, "without ALPN");
+    let log = f.wait_log("without ALPN", Duration::from_secs(5));
     assert!(log.contains("without ALPN"), "{log}");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
@@ -435,7 +423,7 @@ async fn tls_1_1_is_refused() {
         "expected a TLS alert, got {reply:?}"
     );
     let needle = "TLS handshake failed: peer is incompatible: Tls12NotOffered";
-    let log = wait_log(&f, needle);
+    let log = f.wait_log(needle, Duration::from_secs(5));
     assert!(log.contains(needle), "{log}");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
@@ -720,6 +708,71 @@ async fn read_only_users_and_client_caps() {
     tokio::spawn(conn);
     let row = ro.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap();
     assert!(row.get::<_, bool>(0));
+}
+
+/// A read-only user is read-only on 5432 and on 5433 when 5433 falls back to
+/// the primary: PostgreSQL refuses its writes (its server connections log in
+/// with default_transaction_read_only = on), pgferry refuses the statements
+/// that would turn that off, and reads of the setting work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_user_is_read_only_on_both_ports() {
+    let f = ferry(
+        "[topology]\nstandbys = []\n[pool]\nro_fallback_to_primary = true\n\
+         [[user]]\nname = \"other\"\naccess = \"read-only\"\n",
+    );
+    primary_sql("CREATE TABLE IF NOT EXISTS ro_both (x int); GRANT ALL ON ro_both TO other;");
+    let code = |e: tokio_postgres::Error| e.code().map(|c| c.code().to_owned()).unwrap_or_else(|| e.to_string());
+    let rw = f.rw_conn_str("other", "other-pass", "app");
+    let ro = f.ro_conn_str("other", "other-pass", "app");
+    // The third asks for read-write in its startup packet.
+    let ro_asking = format!("{ro} options='-c default_transaction_read_only=off'");
+    for conn_str in [&rw, &ro, &ro_asking] {
+        let c = pgferry_tests::connect(conn_str).await.unwrap();
+        assert!(!in_recovery(&c).await, "{conn_str}: the primary serves it");
+        let e = c.simple_query("INSERT INTO ro_both VALUES (1)").await.unwrap_err();
+        assert_eq!(code(e), "25006", "{conn_str}: INSERT");
+        let e = c
+            .execute("INSERT INTO ro_both VALUES ($1)", &[&2i32])
+            .await
+            .unwrap_err();
+        assert_eq!(code(e), "25006", "{conn_str}: extended INSERT");
+        for sql in [
+            "SET default_transaction_read_only = off",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+            "BEGIN READ WRITE",
+            "START TRANSACTION READ WRITE",
+            "SELECT set_config('default_transaction_read_only', 'off', false)",
+            "RESET default_transaction_read_only",
+            "RESET ALL",
+            "UPDATE pg_settings SET setting = 'off' WHERE name = 'default_transaction_read_only'",
+        ] {
+            let e = c.simple_query(sql).await.unwrap_err();
+            assert_eq!(code(e), "25006", "{conn_str}: {sql}");
+        }
+        // Inside a transaction too, where transaction_read_only could be set.
+        c.batch_execute("BEGIN").await.unwrap();
+        let e = c.simple_query("SET transaction_read_only = off").await.unwrap_err();
+        assert_eq!(code(e), "25006", "{conn_str}: SET transaction_read_only");
+        c.batch_execute("ROLLBACK").await.unwrap();
+
+        // Reads of the settings.
+        let show: String = c
+            .query_one("SHOW default_transaction_read_only", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(show, "on", "{conn_str}");
+        let current: String = c
+            .query_one("SELECT current_setting('transaction_read_only')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(current, "on", "{conn_str}");
+        let rows = c.simple_query("SHOW transaction_read_only").await.unwrap();
+        assert!(!rows.is_empty(), "{conn_str}: simple SHOW");
+        let n: i64 = c.query_one("SELECT count(*) FROM ro_both", &[]).await.unwrap().get(0);
+        assert_eq!(n, 0, "{conn_str}: nothing was written");
+    }
 }
 
 /// An attacker and a legitimate client on one address (127.0.0.1), even

@@ -8,15 +8,9 @@
 mod common;
 
 use common::*;
-use pgferry_tests::Etcd;
 use pgferry_tests::Ferry;
+use pgferry_tests::{in_recovery, patroni_member_json, Etcd};
 use std::time::{Duration, Instant};
-
-fn member(port: u16, role: &str, xlog: u64) -> String {
-    format!(
-        r#"{{"conn_url":"postgres://127.0.0.1:{port}/postgres","api_url":"http://127.0.0.1:1/patroni","state":"running","role":"{role}","version":"3.0.2","xlog_location":{xlog},"timeline":1}}"#
-    )
-}
 
 /// pgferry in front of the shared cluster, following `scope` in `etcd`.
 fn etcd_ferry(etcd: &Etcd, scope: &str, citus: bool, extra_topology: &str, extra: &str) -> Ferry {
@@ -33,10 +27,6 @@ fn etcd_ferry(etcd: &Etcd, scope: &str, citus: bool, extra_topology: &str, extra
     Ferry::start(&toml::to_string(&t).unwrap()).expect("start pgferry")
 }
 
-async fn in_recovery(c: &tokio_postgres::Client) -> bool {
-    c.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0)
-}
-
 async fn ro(f: &Ferry) -> tokio_postgres::Client {
     let (c, conn) = tokio_postgres::connect(&f.ro_conn_str("app", APP_PASS, "app"), tokio_postgres::NoTls)
         .await
@@ -45,15 +35,26 @@ async fn ro(f: &Ferry) -> tokio_postgres::Client {
     c
 }
 
-fn wait_log(f: &Ferry, needle: &str, timeout: Duration) -> String {
-    let end = Instant::now() + timeout;
-    loop {
-        let log = f.log();
-        if log.contains(needle) || Instant::now() > end {
-            return log;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// A fresh etcd with Patroni's keys for the shared cluster under
+/// `/service/{scope}/`: pg1 the primary and leader, pg2 the standby, both
+/// at WAL position `xlog`. Returns etcd, the key prefix and the standby's port.
+fn two_members(scope: &str, xlog: u64) -> (Etcd, String, u16) {
+    let cluster = pgferry_tests::shared_cluster();
+    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
+    let etcd = Etcd::start().unwrap();
+    let pre = format!("/service/{scope}/");
+    etcd.put(
+        &format!("{pre}members/pg1"),
+        &patroni_member_json("master", "running", p, xlog),
+    )
+    .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg2"),
+        &patroni_member_json("replica", "running", s, xlog),
+    )
+    .unwrap();
+    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    (etcd, pre, s)
 }
 
 /// Waits until `needle` appears `n` times in pgferry's log.
@@ -67,16 +68,8 @@ fn wait_count(f: &Ferry, needle: &str, n: usize, timeout: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_key_routes_writes_and_lag_routes_reads() {
-    let cluster = pgferry_tests::shared_cluster();
-    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
-    let etcd = Etcd::start().unwrap();
-    let pre = "/service/plain/";
-    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 5000))
-        .unwrap();
-    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 5000))
-        .unwrap();
+    let (etcd, pre, s) = two_members("plain", 5000);
     etcd.put(&format!("{pre}status"), r#"{"optime":5000}"#).unwrap();
-    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
     let f = etcd_ferry(&etcd, "plain", false, "max_replica_lag = 1000", "");
 
     let rw = app(&f).await;
@@ -89,19 +82,22 @@ async fn leader_key_routes_writes_and_lag_routes_reads() {
     // The replica falls behind: new read-only transactions go elsewhere (the
     // leader, as ro_fallback_to_primary allows), with no error.
     etcd.put(&format!("{pre}status"), r#"{"optime":9000000}"#).unwrap();
-    wait_log(&f, "standbys=[]", Duration::from_secs(5));
+    f.wait_log("standbys=[]", Duration::from_secs(5));
     assert!(!in_recovery(&r).await, "a lagging replica gets no new transactions");
     // It catches up: reads go back to it.
-    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 9000000))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg2"),
+        &patroni_member_json("replica", "running", s, 9000000),
+    )
+    .unwrap();
     let end = Instant::now() + Duration::from_secs(5);
     while !in_recovery(&r).await {
         assert!(Instant::now() < end, "reads did not return to the replica");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // noloadbalance takes it out too.
-    let tagged =
-        member(s, "replica", 9000000).replace(r#""timeline":1"#, r#""timeline":1,"tags":{"noloadbalance":true}"#);
+    let tagged = patroni_member_json("replica", "running", s, 9000000)
+        .replace(r#""timeline":1"#, r#""timeline":1,"tags":{"noloadbalance":true}"#);
     etcd.put(&format!("{pre}members/pg2"), &tagged).unwrap();
     let end = Instant::now() + Duration::from_secs(5);
     while in_recovery(&r).await {
@@ -112,14 +108,7 @@ async fn leader_key_routes_writes_and_lag_routes_reads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_leader_holds_transactions_and_cuts_the_old_leader() {
-    let cluster = pgferry_tests::shared_cluster();
-    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
-    let etcd = Etcd::start().unwrap();
-    let pre = "/service/hold/";
-    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 1)).unwrap();
-    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 1))
-        .unwrap();
-    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    let (etcd, pre, _) = two_members("hold", 1);
     let f = etcd_ferry(&etcd, "hold", false, "failover_hold_timeout = \"4s\"", "");
 
     let busy = app(&f).await;
@@ -129,7 +118,7 @@ async fn no_leader_holds_transactions_and_cuts_the_old_leader() {
 
     // The leader key goes away (a failover begins).
     etcd.delete(&format!("{pre}leader")).unwrap();
-    wait_log(&f, "read-write pool retired", Duration::from_secs(5));
+    f.wait_log("read-write pool retired", Duration::from_secs(5));
     // The transaction in flight on the old leader cannot be saved: an error.
     let e = busy.simple_query("SELECT 2").await;
     assert!(e.is_err(), "a transaction on the old leader must fail");
@@ -170,7 +159,7 @@ async fn no_leader_holds_transactions_and_cuts_the_old_leader() {
     // The leader key names a node that is not writable (a standby): writes
     // never go there; after failover_hold_timeout the client is told so.
     etcd.put(&format!("{pre}leader"), "pg2").unwrap();
-    wait_log(&f, "leader not confirmed writable", Duration::from_secs(10));
+    f.wait_log("leader not confirmed writable", Duration::from_secs(10));
     let e = idle.simple_query("CREATE TEMP TABLE x (a int)").await.unwrap_err();
     assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e}");
     etcd.put(&format!("{pre}leader"), "pg1").unwrap();
@@ -186,19 +175,28 @@ async fn citus_layout_follows_group_zero() {
     let pre = "/service/citusdemo/";
     // Group 1 (a worker) is written first and points at the standby: 5432
     // must follow group 0 only.
-    etcd.put(&format!("{pre}1/members/w1a"), &member(s, "master", 1))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}1/members/w1a"),
+        &patroni_member_json("master", "running", s, 1),
+    )
+    .unwrap();
     etcd.put(&format!("{pre}1/leader"), "w1a").unwrap();
-    etcd.put(&format!("{pre}0/members/c1"), &member(p, "master", 1))
-        .unwrap();
-    etcd.put(&format!("{pre}0/members/c2"), &member(s, "replica", 1))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}0/members/c1"),
+        &patroni_member_json("master", "running", p, 1),
+    )
+    .unwrap();
+    etcd.put(
+        &format!("{pre}0/members/c2"),
+        &patroni_member_json("replica", "running", s, 1),
+    )
+    .unwrap();
     etcd.put(&format!("{pre}0/leader"), "c1").unwrap();
     let f = etcd_ferry(&etcd, "citusdemo", true, "", "");
     let rw = app(&f).await;
     assert!(!in_recovery(&rw).await);
     assert!(in_recovery(&ro(&f).await).await);
-    let log = wait_log(&f, "workers", Duration::from_secs(3));
+    let log = f.wait_log("workers", Duration::from_secs(3));
     assert!(
         log.contains(&format!("1:w1a@127.0.0.1:{s}")),
         "worker groups are tracked: {log}"
@@ -211,7 +209,11 @@ async fn etcd_outage_stops_writes_after_the_grace_period() {
     let p = cluster.primary_port;
     let etcd = Etcd::start().unwrap();
     let pre = "/service/outage/";
-    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 1)).unwrap();
+    etcd.put(
+        &format!("{pre}members/pg1"),
+        &patroni_member_json("master", "running", p, 1),
+    )
+    .unwrap();
     etcd.put(&format!("{pre}leader"), "pg1").unwrap();
     let f = etcd_ferry(
         &etcd,
@@ -226,8 +228,7 @@ async fn etcd_outage_stops_writes_after_the_grace_period() {
     etcd.stop();
     // Within the grace period the last leader keeps serving.
     c.simple_query("SELECT 2").await.expect("inside the grace period");
-    wait_log(
-        &f,
+    f.wait_log(
         "etcd unreachable for longer than the grace period",
         Duration::from_secs(10),
     );
@@ -258,15 +259,7 @@ async fn etcd_outage_stops_writes_after_the_grace_period() {
 /// shows going wrong behind proxies that do not).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_hot_standby_follows_the_node() {
-    let cluster = pgferry_tests::shared_cluster();
-    let (p, s) = (cluster.primary_port, cluster.standby_port.unwrap());
-    let etcd = Etcd::start().unwrap();
-    let pre = "/service/hotstandby/";
-    etcd.put(&format!("{pre}members/pg1"), &member(p, "master", 5000))
-        .unwrap();
-    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 5000))
-        .unwrap();
-    etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    let (etcd, pre, s) = two_members("hotstandby", 5000);
     let f = etcd_ferry(&etcd, "hotstandby", false, "max_replica_lag = 1000", "");
     let mut raw = Raw::login(f.ro_port.unwrap(), "app", APP_PASS).await;
     let hot = |frames: &[pgferry_protocol::Frame]| {
@@ -281,7 +274,7 @@ async fn in_hot_standby_follows_the_node() {
     assert_eq!(rows(&r)[0][0].as_deref(), Some("t"));
     // The standby falls behind: the session moves to the primary and is told.
     etcd.put(&format!("{pre}status"), r#"{"optime":9000000}"#).unwrap();
-    wait_log(&f, "standbys=[]", Duration::from_secs(5));
+    f.wait_log("standbys=[]", Duration::from_secs(5));
     let r = raw.query("SELECT pg_is_in_recovery()").await;
     assert_eq!(rows(&r)[0][0].as_deref(), Some("f"));
     assert_eq!(
@@ -291,8 +284,11 @@ async fn in_hot_standby_follows_the_node() {
         tags(&r)
     );
     // Caught up: back to the standby, and told again.
-    etcd.put(&format!("{pre}members/pg2"), &member(s, "replica", 9000000))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg2"),
+        &patroni_member_json("replica", "running", s, 9000000),
+    )
+    .unwrap();
     let end = Instant::now() + Duration::from_secs(5);
     loop {
         let r = raw.query("SELECT pg_is_in_recovery()").await;
@@ -347,8 +343,11 @@ async fn logins_reset_by_the_server_are_held_not_failed() {
     }
     let etcd = Etcd::start().unwrap();
     let pre = "/service/gate/";
-    etcd.put(&format!("{pre}members/pg1"), &member(gate_port, "master", 1))
-        .unwrap();
+    etcd.put(
+        &format!("{pre}members/pg1"),
+        &patroni_member_json("master", "running", gate_port, 1),
+    )
+    .unwrap();
     etcd.put(&format!("{pre}leader"), "pg1").unwrap();
     let f = etcd_ferry(&etcd, "gate", false, "", "");
     let c = app(&f).await;

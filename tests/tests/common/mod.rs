@@ -4,15 +4,16 @@
 #![allow(dead_code)]
 
 use bytes::BytesMut;
-use pgferry_protocol::backend::{self, AuthRequest};
-use pgferry_protocol::scram::{ClientCredentials, ClientExchange, MECHANISM};
+use pgferry_protocol::backend;
+use pgferry_protocol::login::{ClientLogin, Step};
+use pgferry_protocol::scram;
 use pgferry_protocol::{decode_frame, encode, Frame};
 use pgferry_tests::Ferry;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub const APP_PASS: &str = "app-pass";
+pub use pgferry_tests::APP_PASS;
 
 /// A tokio-postgres client through pgferry's read-write port.
 pub async fn connect(ferry: &Ferry, user: &str, password: &str) -> tokio_postgres::Client {
@@ -44,44 +45,25 @@ impl Raw {
         }
     }
 
-    /// Connects and logs in as `user` with SCRAM.
+    /// Connects and logs in as `user` (SCRAM, or whatever the server asks).
     pub async fn login(port: u16, user: &str, password: &str) -> Raw {
         let mut r = Raw::tcp(port).await;
         let mut b = BytesMut::new();
         encode::startup_message(&mut b, &[("user", user), ("database", "app")]);
         r.send(&b).await;
-        let mut ex: Option<ClientExchange> = None;
+        let mut login = ClientLogin::new(user, Some(password));
         loop {
             let f = r.frame().await.expect("login reply");
-            match f.tag {
-                b'R' => {
-                    b.clear();
-                    match backend::authentication(f.body()).unwrap() {
-                        AuthRequest::Ok => continue,
-                        AuthRequest::Sasl { .. } => {
-                            let (e, first) = ClientExchange::start();
-                            ex = Some(e);
-                            encode::sasl_initial_response(&mut b, MECHANISM, &first);
-                        }
-                        AuthRequest::SaslContinue { data } => {
-                            let fin = ex
-                                .as_mut()
-                                .unwrap()
-                                .respond(data, &ClientCredentials::Password(password.into()))
-                                .unwrap();
-                            encode::password(&mut b, &fin);
-                        }
-                        AuthRequest::SaslFinal { data } => {
-                            ex.as_ref().unwrap().finish(data).unwrap();
-                            continue;
-                        }
-                        other => panic!("unexpected auth request {other:?}"),
-                    }
+            b.clear();
+            match login.feed(&f, &mut b).unwrap_or_else(|e| panic!("login failed: {e}")) {
+                Step::Send => r.send(&b).await,
+                Step::ScramKeys { salt, iterations } => {
+                    let keys = scram::keys_from_password(password, &salt, iterations);
+                    login.scram_keys(&keys, &mut b).unwrap();
                     r.send(&b).await;
                 }
-                b'E' => panic!("login failed: {:?}", backend::error_fields(f.body()).unwrap()),
-                b'Z' => return r,
-                _ => {}
+                Step::Ready => return r,
+                Step::Parameter { .. } | Step::BackendKey { .. } | Step::Read => {}
             }
         }
     }
