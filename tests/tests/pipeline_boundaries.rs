@@ -540,3 +540,60 @@ async fn a_client_that_never_reads_cannot_grow_memory() {
     let c = app(&f).await;
     assert_eq!(c.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
 }
+
+/// A Parse the server skipped (an error earlier in the pipeline) leaves
+/// nothing behind: a later group's Parse of the same text under another
+/// name is prepared on the server again, not assumed to be there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_parse_is_not_assumed_prepared_later() {
+    let f = ferry("[pool]\npool_size = 1\n");
+    let mut a = Raw::login(f.rw_port, "app", APP_PASS).await;
+    let mut b = BytesMut::new();
+    extended(&mut b, "SELECT 1/0");
+    flush(&mut b);
+    a.send(&b).await;
+    read_until(&mut a, b'E', 1).await;
+    b.clear();
+    let sql = b"SELECT 7 AS skipped_parse";
+    encode::parse(&mut b, b"s1", sql, &[0, 0]);
+    encode::sync(&mut b);
+    encode::parse(&mut b, b"s2", sql, &[0, 0]);
+    encode::bind(&mut b, b"", b"s2", &[0, 0, 0, 0, 0, 0]);
+    encode::execute(&mut b, b"", 0);
+    encode::sync(&mut b);
+    a.send(&b).await;
+    assert_eq!(tags(&a.until_ready().await), "Z", "the s1 group is skipped");
+    let second = a.until_ready().await;
+    assert_eq!(tags(&second), "1 2 D C Z");
+    assert_eq!(rows(&second), vec![vec![Some("7".into())]]);
+}
+
+/// The server dies while the client's pipeline is open (after a Flush, no
+/// Sync yet): the client's Sync gets the error and an idle ReadyForQuery,
+/// never a silent 'I' for a transaction that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lost_in_an_open_pipeline_is_told_at_sync() {
+    setup_table();
+    let f = ferry("[pool]\npool_size = 1\n");
+    let mut a = Raw::login(f.rw_port, "app", APP_PASS).await;
+    let mut b = BytesMut::new();
+    extended(&mut b, "BEGIN");
+    extended(&mut b, "INSERT INTO boundary_rows VALUES ('lost-open', 1)");
+    extended(&mut b, "SELECT pg_backend_pid()");
+    flush(&mut b);
+    a.send(&b).await;
+    let got = read_until(&mut a, b'C', 3).await;
+    let pid = rows(&got)[0][0].clone().unwrap();
+    primary_sql(&format!("SELECT pg_terminate_backend({pid})"));
+    // pgferry notices the closed connection; then the client's Sync.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.clear();
+    encode::sync(&mut b);
+    a.send(&b).await;
+    let z = a.until_ready().await;
+    assert_eq!(tags(&z), "E Z", "{z:?}");
+    assert_eq!(z[1].body(), b"I");
+    assert_eq!(count("lost-open"), 0);
+    // The next transaction runs on a fresh connection.
+    assert_eq!(rows(&a.query("SELECT 8").await), vec![vec![Some("8".into())]]);
+}

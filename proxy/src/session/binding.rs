@@ -1,0 +1,206 @@
+//! Binding a server connection before a request: the fast path, PAUSE,
+//! following the topology, holding while the server is unreachable, and
+//! bringing the connection's settings in line with the client's.
+
+use super::*;
+
+impl Session {
+    /// Binds a server connection before a request is forwarded, the common
+    /// case: no PAUSE, no topology change, an idle connection whose session
+    /// parameters match the client's. No await, so the slow path
+    /// ([`bind_server_slow`], boxed by the caller) does not enlarge every
+    /// client's future (memory per idle client). Err carries a connection
+    /// that was checked out but needs its settings synced, if any.
+    pub(super) fn bind_now(&mut self) -> Result<PooledConn, Option<PooledConn>> {
+        if self.shared.any_paused.load(Relaxed) || self.route_stale() {
+            return Err(None);
+        }
+        let mut conn = self.pool.try_checkout().ok_or(None)?;
+        if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
+            return Err(Some(conn));
+        }
+        Ok(conn)
+    }
+
+    /// The topology changed since this session last routed, or its pool was
+    /// replaced: route again before the next transaction.
+    pub(super) fn route_stale(&self) -> bool {
+        self.route_gen != self.shared.router.generation() || self.pool.is_closed()
+    }
+
+    /// Makes `conn` the session's server connection. `asked` is when the
+    /// client started waiting for it; None when it did not wait (the fast
+    /// path: one clock read, a zero wait recorded).
+    pub(super) fn attach(&mut self, conn: PooledConn, asked: Option<Instant>) {
+        self.client.entry.set_target(Some(CancelTarget {
+            addr: conn.addr.clone(),
+            pid: conn.backend_pid,
+            key: conn.backend_key,
+            server: conn.id,
+            server_created: conn.created,
+        }));
+        self.server = Some(conn);
+        self.server_unflushed = false;
+        self.bound_at = Instant::now();
+        let waited = asked.map_or(Duration::ZERO, |a| self.bound_at.saturating_duration_since(a));
+        self.pool
+            .stats
+            .total_wait_time
+            .fetch_add(waited.as_micros() as u64, Relaxed);
+        self.pool.latency.record(LatencyKind::Wait, waited);
+    }
+
+    /// Binds a server connection the slow way: waits out a PAUSE, follows
+    /// the topology, waits for a connection (or holds while the server is
+    /// unreachable), and brings the connection's settings in line with the
+    /// client's. `conn` is one already checked out that only needs the sync.
+    pub(super) async fn bind_server_slow(&mut self, conn: Option<PooledConn>) -> Result<(), PoolError> {
+        let asked = Instant::now();
+        let mut conn = match conn {
+            Some(c) => c,
+            None => {
+                if self.shared.any_paused.load(Relaxed) {
+                    self.wait_unpaused().await?;
+                }
+                if self.route_stale() {
+                    self.reroute().await?;
+                }
+                // The fast path found no idle connection (or the pool has
+                // just changed): checkout takes an idle one first anyway.
+                self.checkout_or_hold().await?
+            }
+        };
+        if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
+            self.sync_server(&mut conn).await?;
+        }
+        self.attach(conn, Some(asked));
+        Ok(())
+    }
+
+    /// PAUSE: new transactions wait (bounded like any wait for a server)
+    /// until RESUME.
+    pub(super) async fn wait_unpaused(&self) -> Result<(), PoolError> {
+        let paused = self.shared.wait_unpaused(&self.pool.key.database);
+        let wait = self.pool.settings.query_wait_timeout;
+        if wait.is_zero() {
+            paused.await;
+        } else if tokio::time::timeout(wait, paused).await.is_err() {
+            return Err(PoolError::WaitTimeout);
+        }
+        Ok(())
+    }
+
+    /// Checks a connection out; when the server cannot be reached (it just
+    /// crashed, or is restarting in place), holds the transaction, retrying
+    /// and following topology changes, for up to failover_hold_timeout: a
+    /// client between transactions sees a pause, not an error, while etcd
+    /// catches up with a dead leader.
+    pub(super) async fn checkout_or_hold(&mut self) -> Result<PooledConn, PoolError> {
+        self.client.entry.set_waiting(true);
+        let r = self.checkout_or_hold_inner().await;
+        self.client.entry.set_waiting(false);
+        r
+    }
+
+    pub(super) async fn checkout_or_hold_inner(&mut self) -> Result<PooledConn, PoolError> {
+        let hold = self.shared.failover_hold();
+        let deadline = Instant::now() + hold;
+        let mut topology = self.shared.router.subscribe();
+        let mut logged = false;
+        loop {
+            let err = match self.pool.checkout().await {
+                Ok(c) => return Ok(c),
+                // The pool was replaced (RELOAD, RECONNECT, a failover)
+                // while this client waited: wait in the new one.
+                Err(PoolError::ShuttingDown) if self.pool.is_closed() => {
+                    self.reroute().await?;
+                    continue;
+                }
+                // Nothing of the client's was sent: wait and retry.
+                Err(e) if e.server_unavailable() => e,
+                Err(e) => return Err(e),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(err);
+            }
+            if !logged {
+                tracing::info!(client = self.id, error = %err, "server unreachable; holding the transaction until it returns or the topology changes");
+                logged = true;
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), topology.changed()).await;
+            if self.route_stale() {
+                self.reroute().await?;
+            }
+        }
+    }
+
+    /// The topology changed since this session last routed (a failover, a
+    /// replica gone or back): keep the member if it still serves this port,
+    /// else route again, waiting up to failover_hold_timeout for a leader.
+    /// Runs only between transactions, so a client that is not in one sees
+    /// nothing of a failover but a short wait.
+    pub(super) async fn reroute(&mut self) -> Result<(), PoolError> {
+        let role = if self.pool.key.read_only {
+            Role::ReadOnly
+        } else {
+            Role::ReadWrite
+        };
+        let router = &self.shared.router;
+        let generation = router.generation();
+        let mut candidate = None;
+        if !self.pool.is_closed() && router.keeps(role, &self.route.member.addr) {
+            // Read-only sessions also rebalance when the set of replicas
+            // changes (one came back): move if another is less loaded.
+            let mine = &self.route.member;
+            candidate = match role {
+                Role::ReadWrite => None,
+                Role::ReadOnly => router.route(role).filter(|c| {
+                    !Arc::ptr_eq(&c.member, mine) && c.member.sessions.load(Relaxed) < mine.sessions.load(Relaxed)
+                }),
+            };
+            if candidate.is_none() {
+                self.route_gen = generation;
+                return Ok(());
+            }
+        }
+        let hold = self.shared.failover_hold();
+        let route = match candidate {
+            Some(c) => c,
+            None => router.route_wait(role, hold).await.ok_or_else(|| {
+                PoolError::NoServer(format!(
+                    "no server is available for the {} port (no confirmed leader within failover_hold_timeout, {hold:?})",
+                    role.as_str()
+                ))
+            })?,
+        };
+        let key = &self.pool.key;
+        let pool = self.shared.pool(&key.database, &key.user, &route.member.addr, role);
+        pool.credentials().adopt(self.pool.credentials());
+        tracing::info!(client = self.id, from = %self.route.member.addr, to = %route.member.addr, port = role.as_str(), "session moved to a new server");
+        self.pool.stats.cl_active.fetch_sub(1, Relaxed);
+        pool.stats.cl_active.fetch_add(1, Relaxed);
+        self.pool = pool;
+        self.route = route;
+        self.route_gen = generation;
+        Ok(())
+    }
+
+    /// Brings a server connection's session parameters in line with the
+    /// client's. On failure the caller drops `conn`, which closes it.
+    pub(super) async fn sync_server(&mut self, conn: &mut PooledConn) -> Result<(), PoolError> {
+        if let Some(sql) = params::sync_sql(&self.params, conn) {
+            self.internal_query(conn, &sql).await?;
+            conn.replace_settings(self.params.settings().to_vec());
+        }
+        // Facts about the server (in_hot_standby after a failover, ...).
+        for &name in params::INFORMATIONAL {
+            if let Some(v) = conn.param(name) {
+                if self.params.set(name, v) {
+                    encode::parameter_status(&mut self.to_client, name, v);
+                }
+            }
+        }
+        Ok(())
+    }
+}
