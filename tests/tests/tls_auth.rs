@@ -775,6 +775,37 @@ async fn read_only_user_is_read_only_on_both_ports() {
     }
 }
 
+/// SQL built at run time can get past the guard's text scan; PostgreSQL
+/// then reports default_transaction_read_only = off, and pgferry closes that
+/// server connection (rolling back) instead of letting a read-only user
+/// keep a read-write session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_session_turned_read_write_loses_its_connection() {
+    let f = ferry("[[user]]\nname = \"other\"\naccess = \"read-only\"\n");
+    primary_sql("CREATE TABLE IF NOT EXISTS ro_evade (x int); GRANT ALL ON ro_evade TO other;");
+    let c = pgferry_tests::connect(&f.rw_conn_str("other", "other-pass", "app"))
+        .await
+        .unwrap();
+    let evade = "DO $$BEGIN EXECUTE format('SET %s = %s', 'default_transaction' || '_read_only', 'off'); END$$";
+    assert!(c.simple_query(evade).await.is_err(), "the session must not survive it");
+    assert!(
+        f.log().contains("turned default_transaction_read_only off"),
+        "{}",
+        f.log()
+    );
+    let c = pgferry_tests::connect(&f.rw_conn_str("other", "other-pass", "app"))
+        .await
+        .unwrap();
+    let show: String = c
+        .query_one("SHOW default_transaction_read_only", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(show, "on");
+    let e = c.simple_query("INSERT INTO ro_evade VALUES (1)").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("25006"));
+}
+
 /// An attacker and a legitimate client on one address (127.0.0.1), even
 /// for the same user: beyond auth_failure_limit the attacker's failures
 /// are answered only after auth_failure_delay, while the right password

@@ -43,6 +43,18 @@ impl Session {
         match self.replies.received(&frame, &mut self.to_client) {
             Ok(Received::ParameterStatus) => {
                 let (name, value) = backend::parameter_status(frame.body())?;
+                if self.read_only && name == "default_transaction_read_only" && value == "off" {
+                    // Something the guard's text scan missed (SQL built at
+                    // run time) turned it off: this connection is no longer
+                    // safe for a read-only user. Closing it rolls back.
+                    tracing::warn!(
+                        client = self.id,
+                        "a read-only session turned default_transaction_read_only off; server connection closed"
+                    );
+                    return Err(PoolError::Protocol(ProtocolError::Malformed(
+                        "read-only session left read-only mode",
+                    )));
+                }
                 self.server.as_deref_mut().expect("bound").set_param(name, value);
                 if self.params.set(name, value) {
                     self.to_client.extend_from_slice(&frame.bytes);
