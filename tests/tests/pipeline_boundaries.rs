@@ -412,7 +412,7 @@ print('ok', len(direct))
 /// pgjdbc executeBatch of 5,000 rows with a duplicate key in row 2
 /// (pgjdbc sends Flush mid-batch and reads results before its Sync):
 /// through pgferry the same outcome as direct, in about the same time,
-/// with autocommit on and off.
+/// with autocommit on and off, 100 batches each.
 #[test]
 fn pgjdbc_batch_with_a_failing_row() {
     let jar = std::path::Path::new("/usr/share/java/postgresql.jar");
@@ -476,7 +476,7 @@ public class Batch {
         String url = "jdbc:postgresql://127.0.0.1:" + a[0] + "/app?sslmode=disable";
         boolean autocommit = Boolean.parseBoolean(a[2]);
         try (Connection c = DriverManager.getConnection(url, "app", a[1])) {
-            for (int round = 0; round < 3; round++) {
+            for (int round = 0; round < 100; round++) {
                 try (Statement s = c.createStatement()) { s.execute("TRUNCATE jdbc_batch"); }
                 c.setAutoCommit(autocommit);
                 try (PreparedStatement p = c.prepareStatement("INSERT INTO jdbc_batch VALUES (?, ?)")) {
