@@ -124,12 +124,7 @@ impl Shared {
     /// The pool for (database, user) on `node` for `role`'s port, created
     /// on first use.
     pub fn pool(&self, database: &str, user: &str, node: &Arc<NodeAddr>, role: Role) -> Arc<Pool> {
-        let key = PoolKey {
-            database: database.to_owned(),
-            user: user.to_owned(),
-            node: node.clone(),
-            read_only: role == Role::ReadOnly,
-        };
+        let key = pool_key(database, user, node, role);
         let mut pools = self.pools.lock().unwrap();
         if let Some(p) = pools.get(&key).filter(|p| !p.is_closed()) {
             return p.clone();
@@ -174,12 +169,7 @@ impl Shared {
     ) -> Result<Arc<Pool>, crate::ClientError> {
         let config = self.config();
         if config.database(database).is_none() {
-            let key = PoolKey {
-                database: database.to_owned(),
-                user: user.to_owned(),
-                node: node.clone(),
-                read_only: role == Role::ReadOnly,
-            };
+            let key = pool_key(database, user, node, role);
             let mut pools = self.pools.lock().unwrap();
             let exists = pools.get(&key).is_some_and(|p| !p.is_closed());
             let cap = config.pool.max_auto_pools;
@@ -629,4 +619,13 @@ fn is_unused(p: &Arc<Pool>) -> bool {
 
 fn auto_pools(pools: &HashMap<PoolKey, Arc<Pool>>, config: &Config) -> usize {
     pools.values().filter(|p| !p.is_closed() && is_auto(p, config)).count()
+}
+
+fn pool_key(database: &str, user: &str, node: &Arc<NodeAddr>, role: Role) -> PoolKey {
+    PoolKey {
+        database: database.to_owned(),
+        user: user.to_owned(),
+        node: node.clone(),
+        read_only: role == Role::ReadOnly,
+    }
 }
