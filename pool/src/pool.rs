@@ -11,6 +11,7 @@ use crate::login::ServerCredentials;
 use crate::server::ServerConn;
 use crate::stats::PoolStats;
 use pgferry_config::PoolSettings;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
@@ -73,6 +74,37 @@ pub struct Pool {
     tls: Arc<pgferry_tls::Connector>,
     /// Every open connection's socket, idle or in use (see `retire`).
     live: Mutex<Vec<Weak<socket2::Socket>>>,
+}
+
+/// Failed connection attempts are logged once per node per second, with
+/// the count since the last line: while a server is down every held client
+/// retries (and pools of unlisted databases come and go), and one line each
+/// would flood the log.
+#[derive(Default)]
+struct FailureLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+const CONNECT_FAILURE_LOG_EVERY: Duration = Duration::from_secs(1);
+
+static CONNECT_FAILURES: std::sync::LazyLock<Mutex<HashMap<NodeAddr, FailureLog>>> =
+    std::sync::LazyLock::new(Mutex::default);
+
+/// Whether this failure gets a log line now, and how many it stands for.
+fn connect_failure_to_log(node: &NodeAddr) -> Option<u64> {
+    let mut all = CONNECT_FAILURES.lock().unwrap();
+    let log = all.entry(node.clone()).or_default();
+    let now = Instant::now();
+    if log
+        .last
+        .is_some_and(|t| now.duration_since(t) < CONNECT_FAILURE_LOG_EVERY)
+    {
+        log.unlogged += 1;
+        return None;
+    }
+    log.last = Some(now);
+    Some(std::mem::take(&mut log.unlogged) + 1)
 }
 
 enum Permit {
@@ -258,7 +290,9 @@ impl Pool {
             }
             Err(e) => {
                 self.stats.server_errors.fetch_add(1, Relaxed);
-                tracing::warn!(node = %self.key.node, db = %self.key.database, user = %self.key.user, error = %e, "server connection failed");
+                if let Some(failures) = connect_failure_to_log(&self.key.node) {
+                    tracing::warn!(node = %self.key.node, db = %self.key.database, user = %self.key.user, error = %e, failures, "server connection failed");
+                }
             }
         }
         r.map(Box::new)

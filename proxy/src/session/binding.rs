@@ -56,25 +56,44 @@ impl Session {
     /// client's. `conn` is one already checked out that only needs the sync.
     pub(super) async fn bind_server_slow(&mut self, conn: Option<PooledConn>) -> Result<(), PoolError> {
         let asked = Instant::now();
-        let mut conn = match conn {
-            Some(c) => c,
-            None => {
-                if self.shared.any_paused.load(Relaxed) {
-                    self.wait_unpaused().await?;
+        let hold_until = asked + self.shared.failover_hold();
+        let mut given = conn;
+        let mut retries = 0;
+        loop {
+            let mut conn = match given.take() {
+                Some(c) => c,
+                None => {
+                    if self.shared.any_paused.load(Relaxed) {
+                        self.wait_unpaused().await?;
+                    }
+                    if self.route_stale() {
+                        self.reroute().await?;
+                    }
+                    // The fast path found no idle connection (or the pool has
+                    // just changed): checkout takes an idle one first anyway.
+                    self.checkout_or_hold().await?
                 }
-                if self.route_stale() {
-                    self.reroute().await?;
+            };
+            if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
+                match self.sync_server(&mut conn).await {
+                    Ok(()) => {}
+                    // The server went away (a crash, a demotion) before any
+                    // byte of the client's was sent: hold and retry like a
+                    // failed checkout, never an error for the client.
+                    // At least a few times: an idle connection can die
+                    // without a failover (static topology holds nothing).
+                    Err(e) if server_gone(&e) && (retries < 3 || Instant::now() < hold_until) => {
+                        retries += 1;
+                        tracing::info!(client = self.id, server = conn.id, error = %e, "server connection failed before the client's request; retrying");
+                        drop(conn);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
                 }
-                // The fast path found no idle connection (or the pool has
-                // just changed): checkout takes an idle one first anyway.
-                self.checkout_or_hold().await?
             }
-        };
-        if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
-            self.sync_server(&mut conn).await?;
+            self.attach(conn, Some(asked));
+            return Ok(());
         }
-        self.attach(conn, Some(asked));
-        Ok(())
     }
 
     /// PAUSE: new transactions wait (bounded like any wait for a server)
@@ -203,4 +222,11 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// The error says the server connection is gone, not that the server
+/// refused what pgferry asked (a FATAL is the server closing it).
+fn server_gone(e: &PoolError) -> bool {
+    e.server_unavailable()
+        || matches!(e, PoolError::Server { severity, .. } if severity == "FATAL" || severity == "PANIC")
 }
