@@ -63,6 +63,10 @@ pub struct Shared {
     pub next_client_id: AtomicU64,
     /// Recent operational events for the status page, newest last.
     events: Mutex<std::collections::VecDeque<(std::time::SystemTime, String)>>,
+    /// Read-write pools of a leader a switchover is moving away from:
+    /// closed to new transactions, their running ones finishing (see
+    /// `apply_topology`).
+    draining_pools: Mutex<Vec<Arc<Pool>>>,
 }
 
 /// How many events the status page keeps.
@@ -118,6 +122,7 @@ impl Shared {
             plain_secrets: Mutex::default(),
             next_client_id: AtomicU64::new(1),
             events: Mutex::default(),
+            draining_pools: Mutex::default(),
         }
     }
 
@@ -433,10 +438,27 @@ impl Shared {
 
     /// Applies a topology change to the pools: a node that is no longer
     /// the leader loses its read-write connections at once, in use or not
-    /// (nothing more may reach it); a node that no longer serves reads has
+    /// (nothing more may reach it), except during an announced switchover,
+    /// when its running transactions may finish first; a node that no longer serves reads has
     /// its idle read-only connections closed, and sessions move at their
     /// next transaction. Closed pools are dropped from the map.
     pub fn apply_topology(&self) {
+        let topology = self.router.topology();
+        let draining_from = topology.draining_from.as_ref();
+        // A switchover announced earlier: once the leader key has moved (or
+        // the announcement is gone), what still runs on the old leader is
+        // cut; if that node is the leader again, it simply finishes.
+        self.draining_pools.lock().unwrap().retain(|p| {
+            if draining_from == Some(&*p.key.node) {
+                return true;
+            }
+            let leader_again = topology.primary.as_ref().is_some_and(|m| m.addr == p.key.node);
+            if !leader_again {
+                let cut = p.retire("switchover done: node is no longer the leader");
+                tracing::warn!(node = %p.key.node, db = %p.key.database, user = %p.key.user, connections_cut = cut, "read-write pool retired after the switchover");
+            }
+            false
+        });
         let pools = self.pools();
         for p in pools {
             let role = if p.key.read_only {
@@ -454,6 +476,17 @@ impl Shared {
                     p.key.database, p.key.user, p.key.node
                 ));
                 tracing::info!(node = %p.key.node, db = %p.key.database, user = %p.key.user, "read-only pool closed: node no longer eligible");
+            } else if draining_from == Some(&*p.key.node) {
+                // Switchover announced: hold new transactions, let running
+                // ones finish (they would commit anyway before Patroni stops
+                // the node; cutting them would tell their clients otherwise).
+                p.shut_down("switchover announced");
+                self.event(format!(
+                    "read-write pool {}/{} on {} draining: switchover announced",
+                    p.key.database, p.key.user, p.key.node
+                ));
+                tracing::info!(node = %p.key.node, db = %p.key.database, user = %p.key.user, "read-write pool draining: switchover announced; running transactions may finish");
+                self.draining_pools.lock().unwrap().push(p.clone());
             } else {
                 let cut = p.retire("node is no longer the leader");
                 self.event(format!(

@@ -436,9 +436,24 @@ impl Watcher {
             failover_pending: group.failover_pending,
             since: Some(self.changed_at),
         };
+        // While a switchover is announced (and the leader it moves away
+        // from still holds the key), that node's running transactions may
+        // finish: only new ones are held.
+        let draining_from = match &self.draining_since {
+            Some((_, Some(from)))
+                if primary.is_none() && group.failover_pending && group.leader.as_ref() == Some(from) =>
+            {
+                group.leader_member().map(|m| NodeAddr {
+                    host: m.host.clone(),
+                    port: m.port,
+                })
+            }
+            _ => None,
+        };
         let topo = Topology {
             primary,
             standbys,
+            draining_from,
             view,
         };
         if routing_changed {

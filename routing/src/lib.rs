@@ -53,6 +53,10 @@ pub struct Topology {
     /// None while there is no confirmed primary (during failover).
     pub primary: Option<Arc<Member>>,
     pub standbys: Vec<Arc<Member>>,
+    /// A switchover away from this node is announced: no new transaction
+    /// goes there, but those already running may finish (until the leader
+    /// key moves, or the node stops).
+    pub draining_from: Option<NodeAddr>,
     /// What the console and metrics show.
     pub view: View,
 }
@@ -137,6 +141,7 @@ impl Topology {
                 Ok(Topology {
                     primary: Some(primary),
                     standbys,
+                    draining_from: None,
                     view,
                 })
             }
@@ -302,6 +307,7 @@ mod tests {
         Topology {
             primary: Some(member("p:1").unwrap()),
             standbys: standbys.iter().map(|s| member(s).unwrap()).collect(),
+            draining_from: None,
             view: View::default(),
         }
     }

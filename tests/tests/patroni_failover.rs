@@ -123,6 +123,9 @@ impl Load {
 }
 
 const WRITE: &str = "INSERT INTO probe (port) VALUES (inet_server_port()) RETURNING port";
+/// A write that runs 100 ms: likely in flight when a switchover is
+/// announced, which must let it finish (issue 13, item 3).
+const SLOW_WRITE: &str = "INSERT INTO probe (port) SELECT inet_server_port() FROM pg_sleep(0.1) RETURNING port";
 
 /// When `name` first answers pg_is_in_recovery() = false, polled directly.
 async fn writable_at(cluster: &PatroniCluster, name: &str, timeout: Duration) -> Instant {
@@ -158,6 +161,7 @@ async fn planned_switchover_is_a_non_event() {
     let old = cluster.leader().unwrap().unwrap();
     let new = cluster.member_names().into_iter().find(|n| *n != old).unwrap();
     let load = Load::start(f.rw_port, 6, WRITE, Duration::from_millis(100)).await;
+    let slow = Load::start(f.rw_port, 3, SLOW_WRITE, Duration::from_millis(20)).await;
     let reads = Load::start(
         f.ro_port.unwrap(),
         3,
@@ -201,6 +205,8 @@ async fn planned_switchover_is_a_non_event() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let n = load.count();
     let write_errors = load.finish().await;
+    let slow_writes = slow.count();
+    let slow_errors = slow.finish().await;
     let read_errors = reads.finish().await;
     println!(
         "switchover {old} -> {new}: new leader writable (5 ms direct poll) -> first write through pgferry {gap:?} \
@@ -209,7 +215,13 @@ async fn planned_switchover_is_a_non_event() {
         write_errors.len(),
         read_errors.len()
     );
+    println!("slow writes (100 ms each, in flight at the announcement): {slow_writes}, errors {slow_errors:?}");
     assert!(write_errors.is_empty(), "write errors: {write_errors:?}\n{}", f.log());
+    assert!(
+        slow_errors.is_empty(),
+        "slow write errors: {slow_errors:?}\n{}",
+        f.log()
+    );
     assert!(read_errors.is_empty(), "read errors: {read_errors:?}");
     assert!(
         gap < Duration::from_secs(1),
@@ -243,11 +255,15 @@ async fn leader_crash_and_patroni_only_crash() {
         .await;
     println!("leader crash: writes resumed on {second} after {:?}", resumed - t);
     // A write executing at the instant of the SIGKILL cannot be saved: it
-    // gets "server connection lost" (at most one per client). Clients between
-    // transactions are held, so nothing else may fail.
+    // gets 08007 "server connection lost while a request was running:
+    // whether it took effect is unknown" (at most one per client). Clients
+    // between transactions are held, so nothing else may fail.
     let errors = load.errors();
     assert!(
-        errors.len() <= 4 && errors.iter().all(|e| e.starts_with("08006: server connection lost")),
+        errors.len() <= 4
+            && errors
+                .iter()
+                .all(|e| e.starts_with("08007: server connection lost while a request was running")),
         "errors during a leader crash: {errors:?}\n{}",
         f.log()
     );
