@@ -32,6 +32,9 @@ pub enum PoolError {
     NoServer(String),
     #[error("pool is shutting down")]
     ShuttingDown,
+    /// The read-write port's server is in recovery (a demoted leader).
+    #[error("server {0} is in recovery (not a primary): writes wait for one")]
+    InRecovery(String),
 }
 
 impl From<LoginError> for PoolError {
@@ -64,6 +67,8 @@ impl PoolError {
             // A postmaster on its way down accepts, then drops the socket
             // (seen when Patroni stops a replica).
             PoolError::Io(_) | PoolError::Closed => true,
+            // A demoted leader: the topology will move, or it comes back.
+            PoolError::InRecovery(_) => true,
             // "the database system is starting up / shutting down".
             PoolError::Server { .. } => self.sqlstate() == pgferry_protocol::sqlstate::CANNOT_CONNECT_NOW,
             _ => false,
@@ -78,7 +83,7 @@ impl PoolError {
             PoolError::Auth(_) => INVALID_PASSWORD,
             PoolError::WaitTimeout => TOO_MANY_CONNECTIONS,
             PoolError::ShuttingDown => ADMIN_SHUTDOWN,
-            PoolError::NoServer(_) => CANNOT_CONNECT_NOW,
+            PoolError::NoServer(_) | PoolError::InRecovery(_) => CANNOT_CONNECT_NOW,
             PoolError::Connect { .. } | PoolError::ConnectTimeout(_) | PoolError::Tls(_) => {
                 SQLCLIENT_UNABLE_TO_ESTABLISH
             }

@@ -274,6 +274,17 @@ impl Pool {
             &self.tls,
         )
         .await;
+        // A read-write pool never uses a server in recovery: a leader that
+        // Patroni demoted (etcd unreachable past retry_timeout) restarts as
+        // a replica, and writes sent there would fail with 25006. PostgreSQL
+        // reports in_hot_standby at login, so this costs nothing.
+        let r = match r {
+            Ok(mut c) if !self.key.read_only && c.param("in_hot_standby") == Some("on") => {
+                c.terminate();
+                Err(PoolError::InRecovery(self.key.node.to_string()))
+            }
+            r => r,
+        };
         match &r {
             Ok(c) => {
                 self.stats.servers_opened.fetch_add(1, Relaxed);

@@ -64,6 +64,31 @@ pub async fn wait_writable(addr: &NodeAddr, login: &CheckLogin, deadline: Durati
     Err(last_err)
 }
 
+/// What a node says about itself, asked directly (while etcd cannot say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub in_recovery: bool,
+    /// A replica whose WAL receiver is streaming from a primary.
+    pub streaming: bool,
+}
+
+/// One direct check of `addr`, bounded by the step timeouts.
+pub async fn probe(addr: &NodeAddr, login: &CheckLogin) -> Result<Probe, String> {
+    let client = tokio::time::timeout(STEP_TIMEOUT, connect(addr, login))
+        .await
+        .map_err(|_| "connect timed out".to_string())??;
+    let sql = "SELECT pg_is_in_recovery(), \
+               coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver LIMIT 1), false)";
+    let row = tokio::time::timeout(STEP_TIMEOUT, client.query_one(sql, &[]))
+        .await
+        .map_err(|_| "check timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(Probe {
+        in_recovery: row.get(0),
+        streaming: row.get(1),
+    })
+}
+
 async fn connect(addr: &NodeAddr, login: &CheckLogin) -> Result<tokio_postgres::Client, String> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&addr.host)

@@ -26,6 +26,10 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// While etcd is unreachable, how often the nodes are asked directly.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// How long a direct answer counts.
+const PROBE_VALID: Duration = Duration::from_secs(3);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Patroni's default ttl, used as the grace period until its config is read.
 const DEFAULT_TTL: u64 = 30;
@@ -46,6 +50,8 @@ pub async fn run(cfg: EtcdTopology, check: CheckLogin, publisher: Publisher) {
         published: None,
         draining_since: None,
         changed_at: SystemTime::now(),
+        direct: HashMap::new(),
+        probing: std::collections::HashSet::new(),
     };
     w.run().await
 }
@@ -73,7 +79,16 @@ struct Watcher {
     draining_since: Option<(Instant, Option<String>)>,
     /// When routing last changed.
     changed_at: SystemTime,
+    /// While etcd is unreachable: what each node last answered to a direct
+    /// check. A leader Patroni demotes in the meantime (its retry_timeout
+    /// passed) is seen in recovery and loses the writes at once; replicas
+    /// seen streaming keep serving reads after the grace period.
+    direct: HashMap<NodeAddr, (Instant, confirm::Probe)>,
+    probing: std::collections::HashSet<NodeAddr>,
 }
+
+/// A finished direct check: (address, answer).
+type Probed = (NodeAddr, Result<confirm::Probe, String>);
 
 /// A finished confirmation: (attempt, name, address, result).
 type Confirmed = (u64, String, NodeAddr, Result<Duration, String>);
@@ -81,6 +96,9 @@ type Confirmed = (u64, String, NodeAddr, Result<Duration, String>);
 impl Watcher {
     async fn run(&mut self) {
         let (done_tx, mut done_rx) = mpsc::channel::<Confirmed>(8);
+        let (probe_tx, mut probe_rx) = mpsc::channel::<Probed>(16);
+        let mut probe_tick = tokio::time::interval(PROBE_EVERY);
+        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut attempt = 0u64;
         let mut backoff = Duration::from_millis(100);
         let mut next_try = Instant::now();
@@ -98,6 +116,7 @@ impl Watcher {
                             tracing::info!(revision = self.revision, prefix = self.state.prefix(), "etcd: watching");
                         }
                         self.connected = true;
+                        self.direct.clear();
                     }
                     Err(e) => {
                         if self.connected || client.is_none() {
@@ -155,6 +174,13 @@ impl Watcher {
                 }
                 Some((n, name, addr, result)) = done_rx.recv() => {
                     self.on_confirmed(n, name, addr, result, &done_tx, &mut attempt);
+                }
+                _ = probe_tick.tick(), if !self.connected => self.start_probes(&probe_tx),
+                Some((addr, result)) = probe_rx.recv() => {
+                    self.probing.remove(&addr);
+                    if self.on_probe(addr, result) {
+                        self.reconcile(&done_tx, &mut attempt);
+                    }
                 }
                 _ = tick.tick() => {
                     // A watch on an idle cluster is silent: check that etcd
@@ -355,6 +381,67 @@ impl Watcher {
         self.reconcile(done_tx, attempt);
     }
 
+    /// etcd is unreachable: ask the leader and the replicas directly.
+    fn start_probes(&mut self, tx: &mpsc::Sender<Probed>) {
+        let Some(group) = self.state.coordinator() else {
+            return;
+        };
+        let mut targets: Vec<NodeAddr> = group
+            .members
+            .values()
+            .map(|m| NodeAddr {
+                host: m.host.clone(),
+                port: m.port,
+            })
+            .collect();
+        if let Some((_, a)) = &self.confirmed {
+            if !targets.contains(a) {
+                targets.push(a.clone());
+            }
+        }
+        for addr in targets {
+            if !self.probing.insert(addr.clone()) {
+                continue; // one check per node at a time
+            }
+            let (check, tx) = (self.check.clone(), tx.clone());
+            tokio::spawn(async move {
+                let r = confirm::probe(&addr, &check).await;
+                let _ = tx.send((addr, r)).await;
+            });
+        }
+    }
+
+    /// A direct answer. Returns whether routing may change.
+    fn on_probe(&mut self, addr: NodeAddr, result: Result<confirm::Probe, String>) -> bool {
+        if self.connected {
+            return false; // etcd is back: it decides again
+        }
+        let Ok(p) = result else {
+            self.direct.remove(&addr);
+            return !self.etcd_fresh();
+        };
+        self.direct.insert(addr.clone(), (Instant::now(), p));
+        if p.in_recovery && self.confirmed.as_ref().is_some_and(|(_, a)| *a == addr) {
+            let (name, _) = self.confirmed.take().expect("checked");
+            tracing::warn!(leader = %name, addr = %addr, "topology: etcd unreachable and the leader is in recovery (Patroni demoted it); writes stop going there");
+            return true;
+        }
+        !self.etcd_fresh()
+    }
+
+    /// A node serves reads while etcd cannot say: it answered a direct
+    /// check recently, in recovery, and either streaming from a primary or
+    /// with no primary among the nodes at all (Patroni demoted the leader:
+    /// nothing is written anywhere, so every replica is current).
+    fn directly_readable(&self, addr: &NodeAddr) -> bool {
+        let recent = |(t, _): &&(Instant, confirm::Probe)| t.elapsed() < PROBE_VALID;
+        let no_primary = !self.direct.values().filter(recent).any(|(_, p)| !p.in_recovery);
+        self.direct
+            .get(addr)
+            .filter(recent)
+            .is_some_and(|(_, p)| p.in_recovery && (p.streaming || no_primary))
+    }
+
     fn member(&mut self, name: &str, addr: &NodeAddr) -> Arc<Member> {
         self.members
             .entry((name.to_owned(), addr.clone()))
@@ -369,13 +456,16 @@ impl Watcher {
         let mut members = Vec::new();
         let group = self.state.coordinator().cloned().unwrap_or_default();
         for m in group.members.values() {
-            let eligible = fresh
-                && group
-                    .eligible_replicas(self.cfg.max_replica_lag)
-                    .any(|e| e.name == m.name);
             let addr = NodeAddr {
                 host: m.host.clone(),
                 port: m.port,
+            };
+            let eligible = if fresh {
+                group
+                    .eligible_replicas(self.cfg.max_replica_lag)
+                    .any(|e| e.name == m.name)
+            } else {
+                self.directly_readable(&addr)
             };
             if eligible {
                 standbys.push(self.member(&m.name, &addr));
