@@ -359,7 +359,17 @@ async fn replica_stopped_and_etcd_restarted() {
         read_errors.len()
     );
     assert!(write_errors.is_empty(), "write errors: {write_errors:?}");
-    assert!(read_errors.is_empty(), "read errors: {read_errors:?}");
+    // A read running at the instant Patroni shuts the replica down (fast
+    // mode) is cut by PostgreSQL itself and said to be of unknown outcome;
+    // at most one per client, and nothing else: reads between
+    // transactions move to the other replica.
+    assert!(
+        read_errors.len() <= 4
+            && read_errors
+                .iter()
+                .all(|e| e.starts_with("08007: server connection lost while a request was running")),
+        "read errors: {read_errors:?}"
+    );
 }
 
 /// A replica whose WAL receiver is frozen (SIGSTOP) falls behind: once
