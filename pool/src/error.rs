@@ -69,8 +69,10 @@ impl PoolError {
             PoolError::Io(_) | PoolError::Closed => true,
             // A demoted leader: the topology will move, or it comes back.
             PoolError::InRecovery(_) => true,
-            // "the database system is starting up / shutting down".
-            PoolError::Server { .. } => self.sqlstate() == pgferry_protocol::sqlstate::CANNOT_CONNECT_NOW,
+            // "the database system is starting up / shutting down", and a
+            // login the server ends because it is going down (an
+            // administrator's shutdown, or the postmaster died under it).
+            PoolError::Server { code, .. } => matches!(code.as_str(), "57P01" | "57P02" | "57P03"),
             _ => false,
         }
     }
@@ -108,7 +110,12 @@ mod tests {
         assert!(PoolError::Closed.server_unavailable());
         assert!(PoolError::ConnectTimeout("n".into()).server_unavailable());
         assert!(server("57P03").server_unavailable());
+        // A login cut by a shutdown or by the postmaster's death.
+        assert!(server("57P01").server_unavailable());
+        assert!(server("57P02").server_unavailable());
+        assert!(PoolError::InRecovery("n".into()).server_unavailable());
         assert!(!server("28P01").server_unavailable());
+        assert!(!server("3D000").server_unavailable());
         assert!(!PoolError::Auth("no".into()).server_unavailable());
         assert!(!PoolError::WaitTimeout.server_unavailable());
     }
