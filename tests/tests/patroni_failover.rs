@@ -108,6 +108,12 @@ impl Load {
         r.iter().filter_map(|(_, r)| r.as_ref().err().cloned()).collect()
     }
 
+    /// `clients` readers on the read-only port, each reporting the server
+    /// port it reached.
+    async fn reads(f: &Ferry, clients: usize, pause: Duration) -> Load {
+        Load::start(f.ro_port.unwrap(), clients, "SELECT inet_server_port()", pause).await
+    }
+
     fn count(&self) -> usize {
         self.results.lock().unwrap().len()
     }
@@ -162,13 +168,7 @@ async fn planned_switchover_is_a_non_event() {
     let new = cluster.member_names().into_iter().find(|n| *n != old).unwrap();
     let load = Load::start(f.rw_port, 6, WRITE, Duration::from_millis(100)).await;
     let slow = Load::start(f.rw_port, 3, SLOW_WRITE, Duration::from_millis(20)).await;
-    let reads = Load::start(
-        f.ro_port.unwrap(),
-        3,
-        "SELECT inet_server_port()",
-        Duration::from_millis(100),
-    )
-    .await;
+    let reads = Load::reads(&f, 3, Duration::from_millis(100)).await;
     load.wait_for_port(
         cluster.pg_port(&old) as i32,
         Instant::now() - Duration::from_secs(60),
@@ -311,13 +311,7 @@ async fn replica_stopped_and_etcd_restarted() {
     let (cluster, f) = setup("");
     let leader = cluster.leader().unwrap().unwrap();
     let replicas: Vec<String> = cluster.member_names().into_iter().filter(|n| *n != leader).collect();
-    let reads = Load::start(
-        f.ro_port.unwrap(),
-        4,
-        "SELECT inet_server_port()",
-        Duration::from_millis(100),
-    )
-    .await;
+    let reads = Load::reads(&f, 4, Duration::from_millis(100)).await;
     let writes = Load::start(f.rw_port, 2, WRITE, Duration::from_millis(100)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -381,13 +375,7 @@ async fn lagging_replica_leaves_the_read_port() {
     let leader = cluster.leader().unwrap().unwrap();
     let replicas: Vec<String> = cluster.member_names().into_iter().filter(|n| *n != leader).collect();
     let lagging = &replicas[0];
-    let reads = Load::start(
-        f.ro_port.unwrap(),
-        4,
-        "SELECT inet_server_port()",
-        Duration::from_millis(50),
-    )
-    .await;
+    let reads = Load::reads(&f, 4, Duration::from_millis(50)).await;
     reads
         .wait_for_port(
             cluster.pg_port(lagging) as i32,
@@ -488,13 +476,7 @@ fn signal_process(pid: i32, sig: i32) {
 async fn etcd_outages_never_send_writes_to_a_demoted_leader() {
     let (cluster, f) = setup("");
     for secs in [5u64, 15, 45] {
-        let reads = Load::start(
-            f.ro_port.unwrap(),
-            3,
-            "SELECT inet_server_port()",
-            Duration::from_millis(100),
-        )
-        .await;
+        let reads = Load::reads(&f, 3, Duration::from_millis(100)).await;
         let writes = Load::start(f.rw_port, 2, WRITE, Duration::from_millis(100)).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         cluster.etcd.stop();
