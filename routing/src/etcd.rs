@@ -16,6 +16,7 @@
 //! its lease already.
 
 use crate::confirm::{self, CheckLogin};
+use crate::lag::LagTracker;
 use crate::patroni::{Change, PatroniState};
 use crate::{Member, MemberView, Publisher, Topology, View};
 use pgferry_config::EtcdTopology;
@@ -46,6 +47,7 @@ pub async fn run(cfg: EtcdTopology, check: CheckLogin, publisher: Publisher) {
         published: None,
         draining_since: None,
         changed_at: SystemTime::now(),
+        lag: LagTracker::default(),
     };
     w.run().await
 }
@@ -73,6 +75,8 @@ struct Watcher {
     draining_since: Option<(Instant, Option<String>)>,
     /// When routing last changed.
     changed_at: SystemTime,
+    /// Replica lag and the read set (kept across resyncs: it has history).
+    lag: LagTracker,
 }
 
 /// A finished confirmation: (attempt, name, address, result).
@@ -368,11 +372,13 @@ impl Watcher {
         let mut standbys = Vec::new();
         let mut members = Vec::new();
         let group = self.state.coordinator().cloned().unwrap_or_default();
+        // Called on every watch event that moves a position and on every
+        // heartbeat tick: the tracker stamps new positions with their
+        // arrival and lets its hysteresis clock run.
+        let assessed = self.lag.update(&group, self.cfg.max_replica_lag, Instant::now());
         for m in group.members.values() {
-            let eligible = fresh
-                && group
-                    .eligible_replicas(self.cfg.max_replica_lag)
-                    .any(|e| e.name == m.name);
+            let assessment = assessed.get(&m.name);
+            let eligible = fresh && assessment.is_some_and(|a| a.serving);
             let addr = NodeAddr {
                 host: m.host.clone(),
                 port: m.port,
@@ -389,7 +395,8 @@ impl Watcher {
                     m.role.clone()
                 },
                 state: m.state.clone(),
-                lag: group.lag(m),
+                // The leader has no lag (and shows none).
+                lag: assessment.and_then(|a| a.lag),
                 serving_reads: eligible,
             });
         }

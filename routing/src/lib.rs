@@ -11,6 +11,7 @@
 
 pub mod confirm;
 pub mod etcd;
+pub mod lag;
 pub mod patroni;
 
 use pgferry_config::{split_host_port, Config, Topology as TopologyConfig};
