@@ -559,3 +559,74 @@ async fn sustained_wal_keeps_replicas_in_the_read_set() {
     let errors = reads.finish().await;
     assert!(errors.is_empty(), "read errors: {errors:?}");
 }
+
+/// Read balance after a switchover: the demoted leader comes back as a
+/// replica while idle write clients are still routed to it (they re-route
+/// only at their next transaction). Read sessions are balanced on read
+/// sessions only, so readers spread over both replicas again (issue 13,
+/// item 5: with one counter per member, the idle writers kept every reader
+/// away from the old leader for the rest of the run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_spread_to_the_demoted_leader_after_a_switchover() {
+    let (cluster, f) = setup("");
+    let old = cluster.leader().unwrap().unwrap();
+    let replicas: Vec<String> = cluster.member_names().into_iter().filter(|n| *n != old).collect();
+    let new = replicas[0].clone();
+    let other = replicas[1].clone();
+    // Idle write clients: one transaction each, then nothing.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        let c = client(f.rw_port).await;
+        c.simple_query("SELECT 1").await.unwrap();
+        idle.push(c);
+    }
+    let reads = Load::start(
+        f.ro_port.unwrap(),
+        6,
+        "SELECT inet_server_port()",
+        Duration::from_millis(50),
+    )
+    .await;
+    reads
+        .wait_for_port(
+            cluster.pg_port(&other) as i32,
+            Instant::now() - Duration::from_secs(60),
+            Duration::from_secs(15),
+        )
+        .await;
+    tokio::task::block_in_place(|| cluster.switchover(&old, &new).unwrap());
+    let switched = Instant::now();
+    // The old leader rejoins as a replica (4-8 s) and takes readers.
+    let old_port = cluster.pg_port(&old) as i32;
+    let back = reads.wait_for_port(old_port, switched, Duration::from_secs(40)).await;
+    println!(
+        "switchover {old} -> {new}: first read on the demoted leader {:?} after the switchover",
+        back - switched
+    );
+    // Counts settle at the next transactions (50 ms apart): look at the
+    // last two seconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let since = Instant::now() - Duration::from_secs(2);
+    let recent: Vec<i32> = reads
+        .results
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, r)| *at >= since && r.is_ok())
+        .map(|(_, r)| *r.as_ref().unwrap())
+        .collect();
+    let share = |port: i32| recent.iter().filter(|p| **p == port).count() as f64 / recent.len() as f64;
+    let (on_old, on_other) = (share(old_port), share(cluster.pg_port(&other) as i32));
+    println!("read share over the last 2 s: {old} {on_old:.2}, {other} {on_other:.2}");
+    assert!(
+        on_old >= 0.3 && on_other >= 0.3,
+        "reads not spread over the replicas: {old} {on_old:.2}, {other} {on_other:.2}"
+    );
+    for c in &idle {
+        c.simple_query("SELECT 1")
+            .await
+            .expect("idle writers follow the new leader");
+    }
+    let errors = reads.finish().await;
+    assert!(errors.is_empty(), "read errors: {errors:?}");
+}
