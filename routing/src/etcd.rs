@@ -16,6 +16,7 @@
 //! its lease already.
 
 use crate::confirm::{self, CheckLogin};
+use crate::lag::LagTracker;
 use crate::patroni::{Change, PatroniState};
 use crate::{Member, MemberView, Publisher, Topology, View};
 use pgferry_config::EtcdTopology;
@@ -52,6 +53,7 @@ pub async fn run(cfg: EtcdTopology, check: CheckLogin, publisher: Publisher) {
         changed_at: SystemTime::now(),
         direct: HashMap::new(),
         probing: std::collections::HashSet::new(),
+        lag: LagTracker::default(),
     };
     w.run().await
 }
@@ -85,6 +87,8 @@ struct Watcher {
     /// seen streaming keep serving reads after the grace period.
     direct: HashMap<NodeAddr, (Instant, confirm::Probe)>,
     probing: std::collections::HashSet<NodeAddr>,
+    /// Replica lag and the read set (kept across resyncs: it has history).
+    lag: LagTracker,
 }
 
 /// A finished direct check: (address, answer).
@@ -455,15 +459,18 @@ impl Watcher {
         let mut standbys = Vec::new();
         let mut members = Vec::new();
         let group = self.state.coordinator().cloned().unwrap_or_default();
+        // Called on every watch event that moves a position and on every
+        // heartbeat tick: the tracker stamps new positions with their
+        // arrival and lets its hysteresis clock run.
+        let assessed = self.lag.update(&group, self.cfg.max_replica_lag, Instant::now());
         for m in group.members.values() {
+            let assessment = assessed.get(&m.name);
             let addr = NodeAddr {
                 host: m.host.clone(),
                 port: m.port,
             };
             let eligible = if fresh {
-                group
-                    .eligible_replicas(self.cfg.max_replica_lag)
-                    .any(|e| e.name == m.name)
+                assessment.is_some_and(|a| a.serving)
             } else {
                 self.directly_readable(&addr)
             };
@@ -479,7 +486,8 @@ impl Watcher {
                     m.role.clone()
                 },
                 state: m.state.clone(),
-                lag: group.lag(m),
+                // The leader has no lag (and shows none).
+                lag: assessment.and_then(|a| a.lag),
                 serving_reads: eligible,
             });
         }

@@ -11,6 +11,7 @@
 
 pub mod confirm;
 pub mod etcd;
+pub mod lag;
 pub mod patroni;
 
 use pgferry_config::{split_host_port, Config, Topology as TopologyConfig};
@@ -43,8 +44,11 @@ pub struct Member {
     /// Patroni's member name (the address for static members).
     pub name: String,
     pub addr: Arc<NodeAddr>,
-    /// Sessions currently routed here (least-connections balancing).
-    pub sessions: AtomicUsize,
+    /// Sessions currently routed here, per port (least-connections
+    /// balancing): read sessions are balanced on read sessions only, so
+    /// that idle write clients on a demoted leader do not keep readers away.
+    read_sessions: AtomicUsize,
+    write_sessions: AtomicUsize,
 }
 
 /// The current view of the cluster.
@@ -107,9 +111,30 @@ impl Member {
         Arc::new(Member {
             name: name.to_owned(),
             addr: Arc::new(NodeAddr { host, port }),
-            sessions: AtomicUsize::new(0),
+            read_sessions: AtomicUsize::new(0),
+            write_sessions: AtomicUsize::new(0),
         })
     }
+
+    fn counter(&self, role: Role) -> &AtomicUsize {
+        match role {
+            Role::ReadOnly => &self.read_sessions,
+            Role::ReadWrite => &self.write_sessions,
+        }
+    }
+
+    /// Sessions of `role`'s port routed here now.
+    pub fn sessions(&self, role: Role) -> usize {
+        self.counter(role).load(Relaxed)
+    }
+}
+
+/// Whether a read session should move from a member with `mine` read
+/// sessions (its own included) to one with `least`: only when clearly more
+/// loaded, so that the move can never invert the imbalance (a difference of
+/// 2 or more) nor chase small drifts on large counts (20 %).
+pub fn clearly_more(mine: usize, least: usize) -> bool {
+    mine > least + (mine / 5).max(1)
 }
 
 impl Topology {
@@ -188,14 +213,16 @@ impl Publisher {
     }
 }
 
-/// A session's claim on a member; releases the least-connections count on drop.
+/// A session's claim on a member; releases the least-connections count
+/// (of the port it was routed for) on drop.
 pub struct Route {
     pub member: Arc<Member>,
+    pub role: Role,
 }
 
 impl Drop for Route {
     fn drop(&mut self) {
-        self.member.sessions.fetch_sub(1, Relaxed);
+        self.member.counter(self.role).fetch_sub(1, Relaxed);
     }
 }
 
@@ -284,7 +311,7 @@ impl Router {
             Role::ReadOnly => topo
                 .standbys
                 .iter()
-                .min_by_key(|m| m.sessions.load(Relaxed))
+                .min_by_key(|m| m.sessions(Role::ReadOnly))
                 .cloned()
                 .or_else(|| {
                     if self.ro_fallback_to_primary {
@@ -294,8 +321,31 @@ impl Router {
                     }
                 }),
         }?;
-        m.sessions.fetch_add(1, Relaxed);
-        Some(Route { member: m })
+        m.counter(role).fetch_add(1, Relaxed);
+        Some(Route { member: m, role })
+    }
+
+    /// Whether the read session on `mine` should move: another eligible
+    /// replica has clearly fewer read sessions (see [`clearly_more`]).
+    /// Checked at transaction boundaries, so read sessions spread out when
+    /// counts drift (sessions closing, a replica back), not only when the
+    /// topology changes.
+    pub fn overloaded(&self, mine: &Member) -> bool {
+        let topo = self.rx.borrow();
+        if !topo.standbys.iter().any(|s| std::ptr::eq(&**s, mine)) {
+            return false;
+        }
+        let least = topo.standbys.iter().map(|s| s.sessions(Role::ReadOnly)).min();
+        least.is_some_and(|least| clearly_more(mine.sessions(Role::ReadOnly), least))
+    }
+
+    /// A new route for a read session on `mine` when it is overloaded,
+    /// to the least loaded eligible replica.
+    pub fn rebalance(&self, mine: &Arc<Member>) -> Option<Route> {
+        if !self.overloaded(mine) {
+            return None;
+        }
+        self.route(Role::ReadOnly).filter(|c| !Arc::ptr_eq(&c.member, mine))
     }
 }
 
@@ -322,6 +372,60 @@ mod tests {
         let z = r.route(Role::ReadOnly).unwrap();
         assert_eq!(z.member.addr.host, "a");
         assert_eq!(r.route(Role::ReadWrite).unwrap().member.addr.host, "p");
+    }
+
+    #[test]
+    fn read_balance_counts_read_sessions_only() {
+        // A demoted leader with idle write sessions still on it (their
+        // routes not yet dropped) must get readers.
+        let (r, tx) = Router::new(topo(&["a:1"]), true);
+        let writers: Vec<_> = (0..5).map(|_| r.route(Role::ReadWrite).unwrap()).collect();
+        let old_primary = writers[0].member.clone();
+        let reader = r.route(Role::ReadOnly).unwrap();
+        assert_eq!(reader.member.addr.host, "a");
+        tx.publish(Topology {
+            primary: Some(member("n:1").unwrap()),
+            standbys: vec![reader.member.clone(), old_primary.clone()],
+            draining_from: None,
+            view: View::default(),
+        });
+        assert_eq!(old_primary.sessions(Role::ReadWrite), 5);
+        assert_eq!(old_primary.sessions(Role::ReadOnly), 0);
+        let next = r.route(Role::ReadOnly).unwrap();
+        assert_eq!(next.member.addr.host, "p", "the demoted leader has no readers");
+        drop(writers);
+        assert_eq!(old_primary.sessions(Role::ReadWrite), 0);
+        assert_eq!(next.member.sessions(Role::ReadOnly), 1);
+    }
+
+    #[test]
+    fn read_sessions_rebalance_when_counts_drift() {
+        let (r, _tx) = Router::new(topo(&["a:1", "b:1"]), true);
+        let mut routes: Vec<_> = (0..8).map(|_| r.route(Role::ReadOnly).unwrap()).collect();
+        // The sessions on b end: a has 4, b none.
+        routes.retain(|x| x.member.addr.host == "a");
+        let a = routes[0].member.clone();
+        assert!(r.overloaded(&a));
+        // Sessions move, one at a time, until the counts are even: 2 and 2.
+        let mut moved = 0;
+        for x in routes.iter_mut() {
+            if let Some(to) = r.rebalance(&x.member) {
+                assert_eq!(to.member.addr.host, "b");
+                *x = to;
+                moved += 1;
+            }
+        }
+        assert_eq!(moved, 2);
+        let on = |h: &str| routes.iter().filter(|x| x.member.addr.host == h).count();
+        assert_eq!((on("a"), on("b")), (2, 2));
+        assert!(!r.overloaded(&a), "even: nobody moves");
+        // One more session ends: 2 vs 1 is not worth a move (it would
+        // only swap the imbalance).
+        routes.pop();
+        assert!(routes.iter().all(|x| r.rebalance(&x.member).is_none()));
+        // Thresholds.
+        assert!(clearly_more(2, 0) && !clearly_more(2, 1) && clearly_more(3, 1));
+        assert!(!clearly_more(10, 8) && clearly_more(10, 7));
     }
 
     #[test]

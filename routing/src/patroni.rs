@@ -96,6 +96,10 @@ pub struct Group {
     pub optime: Option<u64>,
     /// `ttl` from the `config` key.
     pub ttl: Option<u64>,
+    /// `loop_wait` from the `config` key: how often each member publishes.
+    pub loop_wait: Option<u64>,
+    /// The synchronous standbys the `sync` key names.
+    pub sync_standbys: Vec<String>,
 }
 
 impl Group {
@@ -113,18 +117,10 @@ impl Group {
         }
     }
 
-    /// Bytes of WAL a member is behind the leader (None when unknown).
-    pub fn lag(&self, m: &PatroniMember) -> Option<u64> {
-        Some(self.leader_wal()?.saturating_sub(m.xlog_location?))
-    }
-
-    /// Replicas that may take new read-only sessions.
-    pub fn eligible_replicas(&self, max_lag: u64) -> impl Iterator<Item = &PatroniMember> {
-        self.members.values().filter(move |m| {
-            Some(m.name.as_str()) != self.leader.as_deref()
-                && m.is_serving_replica()
-                && self.lag(m).is_some_and(|l| l <= max_lag)
-        })
+    /// A member that may take read-only sessions, lag aside: a serving
+    /// replica that the leader key does not name. Lag is [`crate::lag`]'s.
+    pub fn is_replica(&self, m: &PatroniMember) -> bool {
+        Some(m.name.as_str()) != self.leader.as_deref() && m.is_serving_replica()
     }
 }
 
@@ -217,13 +213,31 @@ impl PatroniState {
                 Change::Lag
             }
             "config" => {
-                g.ttl = value
-                    .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
-                    .and_then(|v| {
-                        v.get("ttl")
-                            .and_then(|t| t.as_u64().or_else(|| t.as_str()?.parse().ok()))
-                    });
+                let config = value.and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok());
+                let seconds = |name: &str| {
+                    config
+                        .as_ref()
+                        .and_then(|v| v.get(name))
+                        .and_then(|t| t.as_u64().or_else(|| t.as_str()?.parse().ok()))
+                };
+                g.ttl = seconds("ttl");
+                g.loop_wait = seconds("loop_wait");
                 Change::Topology
+            }
+            "sync" => {
+                // {"leader":"pg1","sync_standby":"pg2,pg3"}, or null.
+                g.sync_standbys = value
+                    .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
+                    .and_then(|v| v.get("sync_standby")?.as_str().map(str::to_owned))
+                    .map(|s| {
+                        s.split(',')
+                            .map(str::trim)
+                            .filter(|n| !n.is_empty())
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Change::Lag
             }
             _ => match rest.strip_prefix("members/") {
                 Some(name) if !name.is_empty() && !name.contains('/') => {
@@ -295,10 +309,14 @@ mod tests {
         let g = s.coordinator().unwrap();
         let l = g.leader_member().unwrap();
         assert_eq!((l.host.as_str(), l.port), ("10.0.0.1", 5432));
-        assert_eq!(g.lag(&g.members["pg2"]), Some(1000));
-        let eligible: Vec<_> = g.eligible_replicas(1 << 20).map(|m| m.name.as_str()).collect();
-        assert_eq!(eligible, ["pg2"], "pg3 has noloadbalance");
-        assert_eq!(g.eligible_replicas(100).count(), 0, "pg2 lags more than 100 bytes");
+        assert_eq!(g.leader_wal(), Some(67109000));
+        let replicas: Vec<_> = g
+            .members
+            .values()
+            .filter(|m| g.is_replica(m))
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(replicas, ["pg2"], "pg1 leads, pg3 has noloadbalance");
         // A position-only update is lag, not topology.
         let moved = PG2.replace("67108000", "67108500");
         assert_eq!(
@@ -319,6 +337,17 @@ mod tests {
         assert!(s.coordinator().unwrap().leader_member().is_none());
         s.apply("/service/demo/config", Some(br#"{"ttl": 10, "loop_wait": 2}"#));
         assert_eq!(s.coordinator().unwrap().ttl, Some(10));
+        assert_eq!(s.coordinator().unwrap().loop_wait, Some(2));
+        assert_eq!(
+            s.apply(
+                "/service/demo/sync",
+                Some(br#"{"leader":"pg1","sync_standby":"pg2,pg3"}"#)
+            ),
+            Change::Lag
+        );
+        assert_eq!(s.coordinator().unwrap().sync_standbys, ["pg2", "pg3"]);
+        s.apply("/service/demo/sync", Some(br#"{"leader":"pg1","sync_standby":null}"#));
+        assert!(s.coordinator().unwrap().sync_standbys.is_empty());
     }
 
     #[test]

@@ -520,3 +520,167 @@ async fn etcd_outages_never_send_writes_to_a_demoted_leader() {
         }
     }
 }
+
+/// A sustained WAL rate of 10+ MB/s on the leader, with the default
+/// max_replica_lag (16 MB) and loop_wait 2: every member publishes its
+/// position on its own schedule, up to 2 s (20+ MB) apart, and the replicas
+/// are streaming right behind. Both must stay in the read set all along,
+/// and no read goes to the leader (issue 13, item 4: every replica,
+/// including the synchronous one, used to leave every 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_wal_keeps_replicas_in_the_read_set() {
+    let (cluster, f) = setup("");
+    let leader = cluster.leader().unwrap().unwrap();
+    let replicas: Vec<String> = cluster.member_names().into_iter().filter(|n| *n != leader).collect();
+    let writer = client(f.rw_port).await;
+    writer.batch_execute("CREATE TABLE wal_fill (b text)").await.unwrap();
+    let reads = Load::start(
+        f.ro_port.unwrap(),
+        4,
+        "SELECT inet_server_port()",
+        Duration::from_millis(50),
+    )
+    .await;
+    for r in &replicas {
+        reads
+            .wait_for_port(
+                cluster.pg_port(r) as i32,
+                Instant::now() - Duration::from_secs(60),
+                Duration::from_secs(15),
+            )
+            .await;
+    }
+    let routing_lines = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("topology: routing changed"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let before = routing_lines(&f.log()).len();
+    let lsn = |c: &PatroniCluster| c.psql_leader("postgres", "SELECT pg_current_wal_lsn()").unwrap();
+    let start_lsn = lsn(&cluster);
+    let start = Instant::now();
+    // About 6 MB of WAL per statement (rows under the TOAST threshold, so
+    // not compressed), as fast as the leader takes them.
+    while start.elapsed() < Duration::from_secs(20) {
+        writer
+            .batch_execute("INSERT INTO wal_fill SELECT repeat(md5(g::text), 45) FROM generate_series(1, 4000) g")
+            .await
+            .unwrap();
+    }
+    let took = start.elapsed();
+    let end_lsn = lsn(&cluster);
+    let bytes: f64 = cluster
+        .psql_leader(
+            "postgres",
+            &format!("SELECT pg_wal_lsn_diff('{end_lsn}', '{start_lsn}')"),
+        )
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rate = bytes / took.as_secs_f64() / (1 << 20) as f64;
+    let log = f.log();
+    let changes: Vec<String> = routing_lines(&log)[before..].to_vec();
+    let leader_port = cluster.pg_port(&leader) as i32;
+    let during: Vec<i32> = reads
+        .results
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, r)| *at >= start && *at <= start + took && r.is_ok())
+        .map(|(_, r)| *r.as_ref().unwrap())
+        .collect();
+    let on_leader = during.iter().filter(|p| **p == leader_port).count();
+    println!(
+        "sustained WAL: {rate:.1} MB/s for {took:?}; {} routing changes; {} reads, {on_leader} on the leader",
+        changes.len(),
+        during.len()
+    );
+    assert!(
+        rate >= 10.0,
+        "the test must write 10+ MB/s of WAL, wrote {rate:.1} MB/s"
+    );
+    assert!(
+        changes.is_empty(),
+        "routing changed under load:\n{}",
+        changes.join("\n")
+    );
+    assert_eq!(on_leader, 0, "reads went to the leader");
+    for r in &replicas {
+        let port = cluster.pg_port(r) as i32;
+        assert!(during.contains(&port), "{r} served no reads under load");
+    }
+    let errors = reads.finish().await;
+    assert!(errors.is_empty(), "read errors: {errors:?}");
+}
+
+/// Read balance after a switchover: the demoted leader comes back as a
+/// replica while idle write clients are still routed to it (they re-route
+/// only at their next transaction). Read sessions are balanced on read
+/// sessions only, so readers spread over both replicas again (issue 13,
+/// item 5: with one counter per member, the idle writers kept every reader
+/// away from the old leader for the rest of the run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_spread_to_the_demoted_leader_after_a_switchover() {
+    let (cluster, f) = setup("");
+    let old = cluster.leader().unwrap().unwrap();
+    let replicas: Vec<String> = cluster.member_names().into_iter().filter(|n| *n != old).collect();
+    let new = replicas[0].clone();
+    let other = replicas[1].clone();
+    // Idle write clients: one transaction each, then nothing.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        let c = client(f.rw_port).await;
+        c.simple_query("SELECT 1").await.unwrap();
+        idle.push(c);
+    }
+    let reads = Load::start(
+        f.ro_port.unwrap(),
+        6,
+        "SELECT inet_server_port()",
+        Duration::from_millis(50),
+    )
+    .await;
+    reads
+        .wait_for_port(
+            cluster.pg_port(&other) as i32,
+            Instant::now() - Duration::from_secs(60),
+            Duration::from_secs(15),
+        )
+        .await;
+    tokio::task::block_in_place(|| cluster.switchover(&old, &new).unwrap());
+    let switched = Instant::now();
+    // The old leader rejoins as a replica (4-8 s) and takes readers.
+    let old_port = cluster.pg_port(&old) as i32;
+    let back = reads.wait_for_port(old_port, switched, Duration::from_secs(40)).await;
+    println!(
+        "switchover {old} -> {new}: first read on the demoted leader {:?} after the switchover",
+        back - switched
+    );
+    // Counts settle at the next transactions (50 ms apart): look at the
+    // last two seconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let since = Instant::now() - Duration::from_secs(2);
+    let recent: Vec<i32> = reads
+        .results
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, r)| *at >= since && r.is_ok())
+        .map(|(_, r)| *r.as_ref().unwrap())
+        .collect();
+    let share = |port: i32| recent.iter().filter(|p| **p == port).count() as f64 / recent.len() as f64;
+    let (on_old, on_other) = (share(old_port), share(cluster.pg_port(&other) as i32));
+    println!("read share over the last 2 s: {old} {on_old:.2}, {other} {on_other:.2}");
+    assert!(
+        on_old >= 0.3 && on_other >= 0.3,
+        "reads not spread over the replicas: {old} {on_old:.2}, {other} {on_other:.2}"
+    );
+    for c in &idle {
+        c.simple_query("SELECT 1")
+            .await
+            .expect("idle writers follow the new leader");
+    }
+    let errors = reads.finish().await;
+    assert!(errors.is_empty(), "read errors: {errors:?}");
+}

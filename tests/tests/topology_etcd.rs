@@ -54,6 +54,10 @@ fn two_members(scope: &str, xlog: u64) -> (Etcd, String, u16) {
     )
     .unwrap();
     etcd.put(&format!("{pre}leader"), "pg1").unwrap();
+    // Members publish once per loop_wait: lag readings are judged on that
+    // cadence (a replica leaves after lagging for loop_wait + 1 s).
+    etcd.put(&format!("{pre}config"), r#"{"ttl":30,"loop_wait":1}"#)
+        .unwrap();
     (etcd, pre, s)
 }
 
@@ -82,7 +86,9 @@ async fn leader_key_routes_writes_and_lag_routes_reads() {
     // The replica falls behind: new read-only transactions go elsewhere (the
     // leader, as ro_fallback_to_primary allows), with no error.
     etcd.put(&format!("{pre}status"), r#"{"optime":9000000}"#).unwrap();
-    f.wait_log("standbys=[]", Duration::from_secs(5));
+    // Its key, never rewritten, vouches for its position one loop (+ 1 s)
+    // later; then it stays behind for the hold (loop_wait + 1 s).
+    f.wait_log("standbys=[]", Duration::from_secs(10));
     assert!(!in_recovery(&r).await, "a lagging replica gets no new transactions");
     // It catches up: reads go back to it.
     etcd.put(
@@ -274,7 +280,9 @@ async fn in_hot_standby_follows_the_node() {
     assert_eq!(rows(&r)[0][0].as_deref(), Some("t"));
     // The standby falls behind: the session moves to the primary and is told.
     etcd.put(&format!("{pre}status"), r#"{"optime":9000000}"#).unwrap();
-    f.wait_log("standbys=[]", Duration::from_secs(5));
+    // Its key, never rewritten, vouches for its position one loop (+ 1 s)
+    // later; then it stays behind for the hold (loop_wait + 1 s).
+    f.wait_log("standbys=[]", Duration::from_secs(10));
     let r = raw.query("SELECT pg_is_in_recovery()").await;
     assert_eq!(rows(&r)[0][0].as_deref(), Some("f"));
     assert_eq!(

@@ -12,7 +12,7 @@ impl Session {
     /// client's future (memory per idle client). Err carries a connection
     /// that was checked out but needs its settings synced, if any.
     pub(super) fn bind_now(&mut self) -> Result<PooledConn, Option<PooledConn>> {
-        if self.shared.any_paused.load(Relaxed) || self.route_stale() {
+        if self.shared.any_paused.load(Relaxed) || self.route_stale() || self.rebalance_due() {
             return Err(None);
         }
         let mut conn = self.pool.try_checkout().ok_or(None)?;
@@ -26,6 +26,19 @@ impl Session {
     /// replaced: route again before the next transaction.
     pub(super) fn route_stale(&self) -> bool {
         self.route_gen != self.shared.router.generation() || self.pool.is_closed()
+    }
+
+    /// A read session's member has clearly more read sessions than another
+    /// eligible replica (sessions ended, a replica came back): route again.
+    /// Checked at most once per REBALANCE_EVERY, against the start of the
+    /// previous transaction (no clock read on the fast path).
+    fn rebalance_due(&mut self) -> bool {
+        if !self.pool.key.read_only || self.bound_at < self.rebalance_at {
+            return false;
+        }
+        self.rebalance_at = self.bound_at + REBALANCE_EVERY;
+        self.rebalance = self.shared.router.overloaded(&self.route.member);
+        self.rebalance
     }
 
     /// Makes `conn` the session's server connection. `asked` is when the
@@ -66,7 +79,7 @@ impl Session {
                     if self.shared.any_paused.load(Relaxed) {
                         self.wait_unpaused().await?;
                     }
-                    if self.route_stale() {
+                    if self.route_stale() || self.rebalance {
                         self.reroute().await?;
                     }
                     // The fast path found no idle connection (or the pool has
@@ -167,16 +180,15 @@ impl Session {
         };
         let router = &self.shared.router;
         let generation = router.generation();
+        self.rebalance = false;
         let mut candidate = None;
         if !self.pool.is_closed() && router.keeps(role, &self.route.member.addr) {
             // Read-only sessions also rebalance when the set of replicas
-            // changes (one came back): move if another is less loaded.
-            let mine = &self.route.member;
+            // changes (one came back) or the counts drifted: move if another
+            // replica has clearly fewer read sessions.
             candidate = match role {
                 Role::ReadWrite => None,
-                Role::ReadOnly => router.route(role).filter(|c| {
-                    !Arc::ptr_eq(&c.member, mine) && c.member.sessions.load(Relaxed) < mine.sessions.load(Relaxed)
-                }),
+                Role::ReadOnly => router.rebalance(&self.route.member),
             };
             if candidate.is_none() {
                 self.route_gen = generation;

@@ -50,6 +50,11 @@ const HIGH_WATER: usize = 256 * 1024;
 const MAX_QUEUED_REQUESTS: usize = 32 * 1024;
 /// Bound on pgferry's own short queries (sync, capture, reset).
 const INTERNAL_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a read session checks, at a transaction boundary, whether its
+/// replica has clearly more read sessions than another (`rebalance_due`):
+/// often enough to follow drift within seconds, rarely enough to cost
+/// nothing per transaction.
+const REBALANCE_EVERY: Duration = Duration::from_secs(1);
 
 /// What a request meant for pgferry's statement bookkeeping, kept or undone
 /// by its [`Fate`]: PostgreSQL skips everything after an error up to the
@@ -129,6 +134,10 @@ pub struct Session {
     /// that decision was made under.
     route: Route,
     route_gen: u64,
+    /// Read sessions: when the read balance is next checked, and whether
+    /// that check asked for a move (see `rebalance_due`).
+    rebalance_at: Instant,
+    rebalance: bool,
     mode: PoolMode,
     /// Rename named statements (transaction mode with a statement cache).
     rewrite: bool,
@@ -204,6 +213,8 @@ impl Session {
             pool: init.pool,
             route: init.route,
             route_gen: shared.router.generation(),
+            rebalance_at: Instant::now() + REBALANCE_EVERY,
+            rebalance: false,
             server: None,
             bound_at: Instant::now(),
             query_start: None,
