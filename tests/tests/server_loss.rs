@@ -74,7 +74,9 @@ async fn unknown_outcomes_are_08007_and_rollbacks_are_certain() {
     assert_eq!(error_code(&got).as_deref(), Some("08007"), "{}", tags(&got));
     assert_eq!(rows(&a.query("SELECT 1").await), vec![vec![Some("1".into())]]);
 
+    primary_sql("CREATE TABLE IF NOT EXISTS server_loss_rows (n int); GRANT ALL ON server_loss_rows TO app");
     assert_eq!(tags(&a.query("BEGIN").await), "C Z");
+    assert_eq!(tags(&a.query("INSERT INTO server_loss_rows VALUES (1)").await), "C Z");
     let pid = rows(&a.query("SELECT pg_backend_pid()").await)[0][0].clone().unwrap();
     primary_sql(&format!("SELECT pg_terminate_backend({pid})"));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -83,6 +85,8 @@ async fn unknown_outcomes_are_08007_and_rollbacks_are_certain() {
     let e = pgferry_protocol::backend::error_fields(e.body()).unwrap();
     assert_ne!(e.code, "08007");
     assert!(e.message.contains("rolled back"), "{}", e.message);
+    let left = primary_sql("SELECT count(*) FROM server_loss_rows");
+    assert_eq!(left.trim(), "0", "a write told 'rolled back' must be absent");
     assert_eq!(rows(&a.query("SELECT 3").await), vec![vec![Some("3".into())]]);
 }
 
