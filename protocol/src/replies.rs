@@ -223,6 +223,13 @@ impl<P> Replies<P> {
         self.slots.is_empty() && !self.unsynced && !self.skipping && !self.copy_in
     }
 
+    /// A local answer given now goes out at once and is final (nothing is
+    /// owed before it and the server is not skipping): no need to keep
+    /// anything to undo it.
+    pub fn answers_at_once(&self) -> bool {
+        self.slots.is_empty() && !self.skipping
+    }
+
     /// How many requests (and local answers) wait in the queue.
     pub fn queued(&self) -> usize {
         self.slots.len()

@@ -581,7 +581,7 @@ impl Session {
                 } else {
                     let mut b = BytesMut::with_capacity(6);
                     encode::ready_for_query(&mut b, self.replies.status());
-                    self.respond_local(b.freeze(), true, None);
+                    self.respond_local(b.freeze(), true, || None);
                 }
                 Ok(())
             }

@@ -29,8 +29,13 @@ impl Session {
                     let mut b = BytesMut::new();
                     encode::command_complete(&mut b, "DEALLOCATE");
                     encode::ready_for_query(&mut b, self.replies.status());
-                    let name = name.as_bytes().into();
-                    self.respond_local(b.freeze(), true, Some(Effect::Closed { name, stmt }));
+                    let undo = || {
+                        Some(Effect::Closed {
+                            name: name.as_bytes().into(),
+                            stmt,
+                        })
+                    };
+                    self.respond_local(b.freeze(), true, undo);
                     return Ok(());
                 }
             }
@@ -119,11 +124,13 @@ impl Session {
             // deadlock a client library that prepares synchronously on one
             // thread while another of its connections holds a server.
             self.statements.insert(p.name.into(), stmt.clone());
-            let effect = Effect::Named {
-                name: p.name.into(),
-                stmt,
+            let undo = || {
+                Some(Effect::Named {
+                    name: p.name.into(),
+                    stmt,
+                })
             };
-            self.respond_local(Bytes::from_static(PARSE_COMPLETE), false, Some(effect));
+            self.respond_local(Bytes::from_static(PARSE_COMPLETE), false, undo);
             return Ok(());
         }
         if !self.require_server(false) {
@@ -141,11 +148,13 @@ impl Session {
         let srv = self.server.as_deref_mut().expect("bound");
         if srv.statements.touch(stmt.id) {
             if let Some(name) = client_name {
-                let effect = Effect::Named {
-                    name: name.into(),
-                    stmt: stmt.clone(),
+                let undo = || {
+                    Some(Effect::Named {
+                        name: name.into(),
+                        stmt: stmt.clone(),
+                    })
                 };
-                self.respond_local(Bytes::from_static(PARSE_COMPLETE), false, Some(effect));
+                self.respond_local(Bytes::from_static(PARSE_COMPLETE), false, undo);
             }
             return;
         }
@@ -234,16 +243,19 @@ impl Session {
         let (kind, name) = frontend::target(frame.body(), "Close")?;
         if self.rewrite && kind == b'S' && !name.is_empty() {
             // The server copy stays cached for other clients.
-            let effect = self.statements.remove(name).map(|stmt| Effect::Closed {
-                name: name.into(),
-                stmt,
-            });
-            self.respond_local(Bytes::from_static(CLOSE_COMPLETE), false, effect);
+            let closed = self.statements.remove(name);
+            let undo = || {
+                closed.map(|stmt| Effect::Closed {
+                    name: name.into(),
+                    stmt,
+                })
+            };
+            self.respond_local(Bytes::from_static(CLOSE_COMPLETE), false, undo);
             return Ok(());
         }
         if self.server.is_none() && self.mode == PoolMode::Transaction && kind == b'P' {
             // No server, so no portal: closing a missing portal succeeds.
-            self.respond_local(Bytes::from_static(CLOSE_COMPLETE), false, None);
+            self.respond_local(Bytes::from_static(CLOSE_COMPLETE), false, || None);
             return Ok(());
         }
         self.with_server(&frame, Request::Close)
@@ -279,7 +291,13 @@ impl Session {
 
     /// Answers a client request itself, in order with the replies the
     /// server still owes. `sync_point`: the answer ends with ReadyForQuery.
-    pub(super) fn respond_local(&mut self, bytes: Bytes, sync_point: bool, effect: Option<Effect>) {
+    ///
+    /// `undo` says what to take back if the server skips the request this
+    /// answers. It is built only when that can still happen: in the common
+    /// case (nothing in flight) the answer is final and nothing is
+    /// allocated for it.
+    pub(super) fn respond_local(&mut self, bytes: Bytes, sync_point: bool, undo: impl FnOnce() -> Option<Effect>) {
+        let effect = if self.replies.answers_at_once() { None } else { undo() };
         self.replies.local(&mut self.to_client, bytes, sync_point, effect);
         self.apply_fates();
     }
@@ -317,7 +335,7 @@ impl Session {
         } else {
             self.skip_until_sync = true;
         }
-        self.respond_local(b.freeze(), simple, None);
+        self.respond_local(b.freeze(), simple, || None);
     }
 
     /// Keeps or undoes what requests meant, now that their fate is known.
