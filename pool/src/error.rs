@@ -35,6 +35,10 @@ pub enum PoolError {
     /// The read-write port's server is in recovery (a demoted leader).
     #[error("server {0} is in recovery (not a primary): writes wait for one")]
     InRecovery(String),
+    /// A read-only user's session turned default_transaction_read_only off
+    /// (SQL the guard could not see): the connection is not safe to keep.
+    #[error("a read-only session turned default_transaction_read_only off")]
+    LeftReadOnly,
 }
 
 impl From<LoginError> for PoolError {

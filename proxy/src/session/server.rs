@@ -47,13 +47,7 @@ impl Session {
                     // Something the guard's text scan missed (SQL built at
                     // run time) turned it off: this connection is no longer
                     // safe for a read-only user. Closing it rolls back.
-                    tracing::warn!(
-                        client = self.id,
-                        "a read-only session turned default_transaction_read_only off; server connection closed"
-                    );
-                    return Err(PoolError::Protocol(ProtocolError::Malformed(
-                        "read-only session left read-only mode",
-                    )));
+                    return Err(PoolError::LeftReadOnly);
                 }
                 self.server.as_deref_mut().expect("bound").set_param(name, value);
                 if self.params.set(name, value) {
