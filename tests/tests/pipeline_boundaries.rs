@@ -318,7 +318,8 @@ fn python(script: &str, f: &pgferry_tests::Ferry) -> String {
 /// prepared statements are off here: psycopg 3.3.9 binds a statement whose
 /// Parse PostgreSQL skipped after a pipeline error when the error arrives
 /// late (InvalidSqlStatementName). It does so directly against PostgreSQL
-/// too: 9 of 300 pipelines with the CPU busy, 0 when idle; through pgferry
+/// too: 9 of 300 pipelines with the CPU busy, 0 when idle
+/// (tests/scripts/psycopg_prepare_after_pipeline_error.py); through pgferry
 /// the extra hop makes that timing more common. A psycopg bug, not ours.
 #[test]
 fn psycopg_pipelines_with_errors_everywhere_match_a_direct_connection() {
