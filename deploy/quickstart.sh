@@ -117,10 +117,8 @@ esac
 
 # ---------------------------------------------------------------------------
 # 1. Packages.
-missing=()
-for pkg in postgresql-15 postgresql-client-15 build-essential pkg-config protobuf-compiler openssl; do
-    dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$pkg")
-done
+. "$ROOT/deploy/packages.sh"
+mapfile -t missing < <(missing_pkgs "${PGFERRY_BUILD_PKGS[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
     had_main_cluster=no
     [ -d /etc/postgresql/15/main ] && had_main_cluster=yes

@@ -1,0 +1,26 @@
+# The Debian 12 packages pgferry needs: the one list that deploy/quickstart.sh
+# and .ci/run both read, so the two cannot drift apart. Source it.
+#
+# Why libprotobuf-dev is named: etcd-client's build script runs protoc on
+# Google's well-known types (google/protobuf/descriptor.proto), which live in
+# libprotobuf-dev. protobuf-compiler only recommends it, so an install with
+# --no-install-recommends (the quickstart's) left it out and the build failed.
+
+# To build and run pgferry with a local PostgreSQL pair (the quickstart).
+PGFERRY_BUILD_PKGS=(postgresql-15 postgresql-client-15 build-essential pkg-config
+    protobuf-compiler libprotobuf-dev openssl ca-certificates curl)
+
+# What the test suite adds: etcd and Patroni for failover, PgBouncer for the
+# side-by-side checks, promtool (prometheus), chromium for the status page
+# screenshot, the JDK and pgjdbc for the JDBC batch test, pip for the Python
+# drivers.
+PGFERRY_TEST_PKGS=(pgbouncer etcd-server etcd-client patroni haproxy python3-pip
+    prometheus chromium default-jdk-headless libpostgresql-jdbc-java)
+
+# missing_pkgs NAME... -> prints the ones dpkg does not list as installed
+missing_pkgs() {
+    local pkg
+    for pkg in "$@"; do
+        dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || echo "$pkg"
+    done
+}
