@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod citus;
 pub mod confirm;
 pub mod etcd;
 pub mod lag;
