@@ -75,6 +75,9 @@ pub struct Config {
     pub tls: Tls,
     #[serde(default)]
     pub http: Http,
+    /// Citus-aware routing; absent: none.
+    #[serde(default)]
+    pub citus: Option<Citus>,
     /// Ordered client-authentication rules, like pg_hba.conf; the first that
     /// matches decides. Empty: every client uses `auth.method`.
     #[serde(default, rename = "hba")]
@@ -484,6 +487,44 @@ pub struct EtcdTopology {
     /// no new read-only sessions.
     #[serde(default = "d_max_replica_lag")]
     pub max_replica_lag: u64,
+}
+
+/// `[citus]`: shard-aware routing on the read-write port.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Citus {
+    /// "shard" (default): single-shard transactions go to the owning group's
+    /// leader; "off": everything goes to the coordinator.
+    #[serde(default)]
+    pub routing: CitusRouting,
+    /// The server database that holds the Citus extension (Citus metadata
+    /// is per database); sessions on other databases are not routed.
+    pub database: String,
+    /// Role and password of the control connection that reads the Citus
+    /// metadata from the coordinator (needs only LOGIN and CONNECT: the
+    /// pg_dist_* catalogs are readable by any role).
+    pub user: String,
+    pub password: Option<String>,
+    /// How often the metadata fingerprint is checked (a cheap query); the
+    /// whole snapshot is reloaded only when it changed.
+    #[serde(default = "d_citus_refresh", with = "duration")]
+    pub refresh_interval: Duration,
+    /// Multi-shard reads are balanced across metadata-synced primaries
+    /// (coordinator and workers: "query from any node").
+    #[serde(default)]
+    pub any_node: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CitusRouting {
+    Off,
+    #[default]
+    Shard,
+}
+
+fn d_citus_refresh() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn d_namespace() -> String {

@@ -90,12 +90,17 @@ pub async fn probe(addr: &NodeAddr, login: &CheckLogin) -> Result<Probe, String>
 }
 
 async fn connect(addr: &NodeAddr, login: &CheckLogin) -> Result<tokio_postgres::Client, String> {
+    connect_as(addr, login, "pgferry leader check").await
+}
+
+/// A control connection to `addr` (its connection task spawned).
+pub async fn connect_as(addr: &NodeAddr, login: &CheckLogin, app: &str) -> Result<tokio_postgres::Client, String> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&addr.host)
         .port(addr.port)
         .user(&login.user)
         .dbname(&login.dbname)
-        .application_name("pgferry leader check")
+        .application_name(app)
         .connect_timeout(STEP_TIMEOUT)
         .ssl_mode(login.ssl_mode);
     if let Some(p) = &login.password {

@@ -1,4 +1,201 @@
 //! Citus: metadata, exact shard hashing, and the routing decision for a
-//! statement (which group owns the row it touches).
+//! statement (which group owns the rows it touches).
+//!
+//! [`Citus`] holds the current metadata [`Snapshot`] (swapped whole by the
+//! refresh task, [`refresh::run`]), each group's primary as a routable
+//! [`Member`], and a cache of plans per statement text, so a prepared
+//! statement is analysed once.
 
+pub mod analyze;
 pub mod hash;
+pub mod metadata;
+pub mod refresh;
+
+use crate::Member;
+use analyze::{Analysis, Plan};
+use arc_swap::ArcSwap;
+pub use metadata::Snapshot;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+
+/// Plans kept per statement text; past this the cache starts over (texts
+/// with literals in them rarely repeat).
+const PLANS_KEPT: usize = 10_000;
+
+/// Where a transaction goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The coordinator (group 0's leader: what 5432 follows).
+    Coordinator,
+    /// A worker group's primary.
+    Group(u32),
+    /// Any primary holds what it reads (reference tables).
+    AnyPrimary,
+    /// Not decided by this statement (BEGIN, SET): the next one decides.
+    Undecided,
+}
+
+/// What /metrics and SHOW CITUS count.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Transactions sent to a worker group's primary.
+    pub routed: AtomicU64,
+    /// Transactions on the coordinator (not routable, or group 0).
+    pub coordinator: AtomicU64,
+    /// Reference-table reads sent to whichever primary the session had.
+    pub any_node: AtomicU64,
+    pub refreshes: AtomicU64,
+    pub refresh_errors: AtomicU64,
+    /// Fingerprint checks that found nothing changed.
+    pub checks: AtomicU64,
+    pub plans_analysed: AtomicU64,
+    /// Routed transactions whose group had no known primary (sent to the
+    /// coordinator instead).
+    pub no_primary: AtomicU64,
+}
+
+struct CachedPlan {
+    generation: u64,
+    search_path: Option<Box<[String]>>,
+    analysis: Arc<Analysis>,
+}
+
+/// The live Citus state one pgferry shares between sessions.
+pub struct Citus {
+    /// The server database holding the extension.
+    pub database: String,
+    pub enabled: bool,
+    snapshot: ArcSwap<Snapshot>,
+    /// Each group's primary from `pg_dist_node` (group 0 excluded: the
+    /// coordinator is the topology's primary). Members are kept across
+    /// refreshes while their address is unchanged.
+    groups: ArcSwap<BTreeMap<u32, Arc<Member>>>,
+    plans: RwLock<HashMap<Box<[u8]>, CachedPlan>>,
+    pub counters: Counters,
+    /// Asks the refresh task for a reload now (a stale-placement error).
+    pub refresh_now: tokio::sync::Notify,
+    /// The last refresh error, for SHOW CITUS.
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Citus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Citus").field("database", &self.database).finish()
+    }
+}
+
+impl Citus {
+    pub fn new(database: String, enabled: bool) -> Arc<Citus> {
+        Arc::new(Citus {
+            database,
+            enabled,
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            groups: ArcSwap::from_pointee(BTreeMap::new()),
+            plans: RwLock::new(HashMap::new()),
+            counters: Counters::default(),
+            refresh_now: tokio::sync::Notify::new(),
+            last_error: std::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Whether a snapshot with Citus in it was loaded.
+    pub fn loaded(&self) -> bool {
+        self.snapshot.load().loaded_at.is_some()
+    }
+
+    /// Installs a new snapshot: plans made under the old one are recomputed
+    /// on next use (they carry its generation).
+    pub fn install(&self, snap: Snapshot) {
+        let old = self.groups.load();
+        let mut groups = BTreeMap::new();
+        for (g, (host, port)) in snap.group_primaries() {
+            if g == 0 {
+                continue;
+            }
+            let m = match old.get(&g) {
+                Some(m) if m.addr.host == host && m.addr.port == port => m.clone(),
+                _ => Member::new(&format!("group {g} ({host}:{port})"), host, port),
+            };
+            groups.insert(g, m);
+        }
+        self.groups.store(Arc::new(groups));
+        self.snapshot.store(Arc::new(snap));
+        self.plans.write().unwrap().clear();
+    }
+
+    /// A worker group's primary.
+    pub fn group(&self, g: u32) -> Option<Arc<Member>> {
+        self.groups.load().get(&g).cloned()
+    }
+
+    pub fn groups(&self) -> Arc<BTreeMap<u32, Arc<Member>>> {
+        self.groups.load_full()
+    }
+
+    /// Whether `addr` is a worker group's primary now.
+    pub fn is_group_primary(&self, addr: &pgferry_pool::NodeAddr) -> bool {
+        self.groups.load().values().any(|m| *m.addr == *addr)
+    }
+
+    /// The analysis of a query string, cached per text (and search_path,
+    /// when the plan depended on it).
+    pub fn analysis(&self, sql: &[u8], search_path: Option<&[String]>) -> Arc<Analysis> {
+        let snap = self.snapshot.load();
+        if let Some(c) = self.plans.read().unwrap().get(sql) {
+            if c.generation == snap.generation && c.search_path.as_deref() == search_path.filter(|_| c.analysis.uses_search_path) {
+                return c.analysis.clone();
+            }
+        }
+        let Ok(text) = std::str::from_utf8(sql) else {
+            return Arc::new(Analysis {
+                plan: Plan::Coordinator("not UTF-8"),
+                uses_search_path: false,
+            });
+        };
+        self.counters.plans_analysed.fetch_add(1, Relaxed);
+        let a = Arc::new(analyze::analyze(text, &snap, search_path));
+        let mut plans = self.plans.write().unwrap();
+        if plans.len() >= PLANS_KEPT {
+            plans.clear();
+        }
+        plans.insert(
+            sql.into(),
+            CachedPlan {
+                generation: snap.generation,
+                search_path: search_path.filter(|_| a.uses_search_path).map(Into::into),
+                analysis: a.clone(),
+            },
+        );
+        a
+    }
+
+    /// Counts a transaction's destination.
+    pub fn count(&self, t: Target) {
+        let c = &self.counters;
+        match t {
+            Target::Group(_) => &c.routed,
+            Target::AnyPrimary => &c.any_node,
+            Target::Coordinator | Target::Undecided => &c.coordinator,
+        }
+        .fetch_add(1, Relaxed);
+    }
+}
+
+impl Plan {
+    /// The target for a plan whose keys are all in the text.
+    pub fn target(&self) -> Option<Target> {
+        Some(match self {
+            Plan::Coordinator(_) => Target::Coordinator,
+            Plan::Group(0) => Target::Coordinator,
+            Plan::Group(g) => Target::Group(*g),
+            Plan::AnyPrimary => Target::AnyPrimary,
+            Plan::Neutral => Target::Undecided,
+            Plan::Params(_) => return None,
+        })
+    }
+}
