@@ -90,6 +90,34 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, ProtocolError> {
     })
 }
 
+/// A Bind's parameter formats and values (None: NULL), read from the rest
+/// after the names ([`Bind::rest_offset`]). Only what shard routing needs;
+/// allocation-free: the caller keeps the vectors.
+pub fn bind_params<'a>(
+    rest: &'a [u8],
+    formats: &mut Vec<i16>,
+    values: &mut Vec<Option<&'a [u8]>>,
+) -> Result<(), ProtocolError> {
+    formats.clear();
+    values.clear();
+    let mut r = Reader::new(rest, "Bind");
+    let nf = r.u16()?;
+    for _ in 0..nf {
+        formats.push(r.i16()?);
+    }
+    let nv = r.u16()?;
+    for _ in 0..nv {
+        let len = r.i32()?;
+        values.push(if len < 0 { None } else { Some(r.bytes(len as usize)?) });
+    }
+    Ok(())
+}
+
+/// A Parse's declared parameter types (0: inferred).
+pub fn param_types(raw: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    raw.get(2..).unwrap_or_default().chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+}
+
 /// Describe and Close: kind ('S' statement or 'P' portal) and name.
 pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a [u8]), ProtocolError> {
     let mut r = Reader::new(body, what);
@@ -134,5 +162,36 @@ mod tests {
         let b = bind(b"\0s1\0\x00\x00\x00\x00\x00\x00").unwrap();
         assert_eq!(b.statement, b"s1");
         assert_eq!(b.rest_offset, 4);
+    }
+}
+
+#[cfg(test)]
+mod bind_params_tests {
+    use super::*;
+
+    #[test]
+    fn reads_formats_and_values() {
+        // portal "", statement "s1", 1 format (binary), 2 values (8 bytes,
+        // NULL), 0 result formats.
+        let mut body = b"\0s1\0".to_vec();
+        body.extend_from_slice(&1u16.to_be_bytes());
+        body.extend_from_slice(&1i16.to_be_bytes());
+        body.extend_from_slice(&2u16.to_be_bytes());
+        body.extend_from_slice(&8i32.to_be_bytes());
+        body.extend_from_slice(&42i64.to_be_bytes());
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        body.extend_from_slice(&0u16.to_be_bytes());
+        let b = bind(&body).unwrap();
+        let (mut f, mut v) = (Vec::new(), Vec::new());
+        bind_params(&body[b.rest_offset..], &mut f, &mut v).unwrap();
+        assert_eq!(f, vec![1]);
+        assert_eq!(v, vec![Some(&42i64.to_be_bytes()[..]), None]);
+        // Truncated: an error, not a panic.
+        for cut in 0..body.len() - b.rest_offset - 2 {
+            let r = bind_params(&body[b.rest_offset..b.rest_offset + cut], &mut f, &mut v);
+            assert!(r.is_err(), "cut at {cut}");
+        }
+        let types = [0u8, 2, 0, 0, 0, 20, 0, 0, 0, 0];
+        assert_eq!(param_types(&types).collect::<Vec<_>>(), vec![20, 0]);
     }
 }

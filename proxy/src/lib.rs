@@ -75,21 +75,30 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let config = Arc::new(config);
     let users = load_userlist(&config)?;
-    let (router, publisher) = Router::new(Topology::from_config(&config)?, config.pool.ro_fallback_to_primary);
+    let (mut router, publisher) = Router::new(Topology::from_config(&config)?, config.pool.ro_fallback_to_primary);
     let tls = pgferry_tls::Acceptor::new(&config.tls)?;
     let server_tls = Arc::new(pgferry_tls::Connector::new(&config.tls)?);
+    let login = |user: &str, password: &Option<String>, dbname: &str| pgferry_routing::confirm::CheckLogin {
+        user: user.to_owned(),
+        password: password.clone(),
+        dbname: dbname.to_owned(),
+        tls: server_tls.client_config(),
+        ssl_mode: match config.tls.server_tls {
+            pgferry_config::ServerTls::Disable => tokio_postgres::config::SslMode::Disable,
+            pgferry_config::ServerTls::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        },
+    };
+    let citus = config.citus.as_ref().map(|c| {
+        let citus = pgferry_routing::citus::Citus::new(
+            c.database.clone(),
+            c.routing == pgferry_config::CitusRouting::Shard,
+        );
+        router.set_citus(citus.clone());
+        (citus, login(&c.user, &c.password, &c.database), c.refresh_interval)
+    });
     if let pgferry_config::Topology::Etcd(etcd) = &config.topology {
-        let check = pgferry_routing::confirm::CheckLogin {
-            user: etcd.check_user.clone(),
-            password: etcd.check_password.clone(),
-            dbname: etcd.check_dbname.clone(),
-            tls: server_tls.client_config(),
-            ssl_mode: match config.tls.server_tls {
-                pgferry_config::ServerTls::Disable => tokio_postgres::config::SslMode::Disable,
-                pgferry_config::ServerTls::Prefer => tokio_postgres::config::SslMode::Prefer,
-                _ => tokio_postgres::config::SslMode::Require,
-            },
-        };
+        let check = login(&etcd.check_user, &etcd.check_password, &etcd.check_dbname);
         tracing::info!(endpoints = ?etcd.endpoints, scope = %etcd.scope, citus = etcd.citus, "topology: following Patroni through etcd");
         tokio::spawn(pgferry_routing::etcd::run((**etcd).clone(), check, publisher));
     } else {
@@ -97,6 +106,24 @@ pub async fn run(
         drop(publisher);
     }
     let shared = Arc::new(Shared::new(config.clone(), config_path, users, router, tls, server_tls));
+    if let Some((citus, login, interval)) = citus {
+        tracing::info!(database = %citus.database, routing = citus.enabled, "citus: reading metadata from the coordinator");
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(pgferry_routing::citus::refresh::run(
+            citus,
+            shared.router.clone(),
+            login,
+            interval,
+            move || {
+                // Worker primaries changed: pools on nodes that left are
+                // retired, sessions re-check their routes.
+                if let Some(shared) = weak.upgrade() {
+                    shared.router.touch();
+                    shared.apply_topology();
+                }
+            },
+        ));
+    }
     // One stop signal for the listeners: the caller's (SIGTERM) or SHUTDOWN.
     let stop = shared.stop_tx.subscribe();
     {

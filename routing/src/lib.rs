@@ -188,6 +188,8 @@ pub struct Router {
     rx: watch::Receiver<Arc<Topology>>,
     generation: Arc<AtomicU64>,
     ro_fallback_to_primary: bool,
+    /// Citus worker groups the read-write port may also route to.
+    citus: Option<Arc<citus::Citus>>,
 }
 
 /// The sending side: what a topology source publishes through.
@@ -221,6 +223,15 @@ pub struct Route {
     pub role: Role,
 }
 
+impl Route {
+    /// A claim on `member` for `role` (a Citus group's primary, chosen by
+    /// the session rather than by [`Router::route`]).
+    pub fn claim(member: Arc<Member>, role: Role) -> Route {
+        member.counter(role).fetch_add(1, Relaxed);
+        Route { member, role }
+    }
+}
+
 impl Drop for Route {
     fn drop(&mut self) {
         self.member.counter(self.role).fetch_sub(1, Relaxed);
@@ -237,6 +248,7 @@ impl Router {
                 rx,
                 generation: generation.clone(),
                 ro_fallback_to_primary,
+                citus: None,
             },
             Publisher { tx, generation },
         )
@@ -244,6 +256,22 @@ impl Router {
 
     pub fn topology(&self) -> Arc<Topology> {
         self.rx.borrow().clone()
+    }
+
+    /// Routes Citus transactions too: worker groups' primaries serve the
+    /// read-write port.
+    pub fn set_citus(&mut self, citus: Arc<citus::Citus>) {
+        self.citus = Some(citus);
+    }
+
+    pub fn citus(&self) -> Option<&Arc<citus::Citus>> {
+        self.citus.as_ref()
+    }
+
+    /// Makes sessions re-check their routes at their next transaction (the
+    /// Citus groups changed).
+    pub fn touch(&self) {
+        self.generation.fetch_add(1, Relaxed);
     }
 
     /// Changes with every published topology: a session compares it with
@@ -296,7 +324,7 @@ impl Router {
         let topo = self.rx.borrow();
         let is_primary = topo.primary.as_ref().is_some_and(|p| *p.addr == *addr);
         match role {
-            Role::ReadWrite => is_primary,
+            Role::ReadWrite => is_primary || self.citus.as_ref().is_some_and(|c| c.is_group_primary(addr)),
             Role::ReadOnly => {
                 topo.standbys.iter().any(|s| *s.addr == *addr)
                     || (is_primary && self.ro_fallback_to_primary && (!prefer_standbys || topo.standbys.is_empty()))

@@ -182,7 +182,10 @@ impl Session {
         let generation = router.generation();
         self.rebalance = false;
         let mut candidate = None;
-        if !self.pool.is_closed() && router.keeps(role, &self.route.member.addr) {
+        // A session on a Citus worker goes back to the coordinator: its
+        // next transaction picks its node again anyway.
+        let on_worker = self.citus.as_ref().is_some_and(|c| c.on_group.is_some());
+        if !self.pool.is_closed() && !on_worker && router.keeps(role, &self.route.member.addr) {
             // Read-only sessions also rebalance when the set of replicas
             // changes (one came back) or the counts drifted: move if another
             // replica has clearly fewer read sessions.
@@ -208,11 +211,13 @@ impl Session {
         let key = &self.pool.key;
         let pool = self.shared.pool(&key.database, &key.user, &route.member.addr, role);
         pool.credentials().adopt(self.pool.credentials());
-        tracing::info!(client = self.id, from = %self.route.member.addr, to = %route.member.addr, port = role.as_str(), "session moved to a new server");
-        self.pool.stats.cl_active.fetch_sub(1, Relaxed);
-        pool.stats.cl_active.fetch_add(1, Relaxed);
-        self.pool = pool;
-        self.route = route;
+        if !on_worker {
+            tracing::info!(client = self.id, from = %self.route.member.addr, to = %route.member.addr, port = role.as_str(), "session moved to a new server");
+        }
+        if let Some(c) = self.citus.as_mut() {
+            c.on_group = None;
+        }
+        self.switch_pool(pool, route);
         self.route_gen = generation;
         Ok(())
     }

@@ -15,6 +15,7 @@
 
 mod binding;
 mod boundary;
+mod citus;
 mod requests;
 mod server;
 
@@ -181,6 +182,8 @@ pub struct Session {
     drain_seen: bool,
     /// The idle timeout that applies, if any (see `arm_timer`).
     timer: Option<Timer>,
+    /// Shard-aware routing, where it applies.
+    citus: Option<citus::CitusRoute>,
 }
 
 /// A pending idle timeout and what the client is told when it fires.
@@ -194,6 +197,16 @@ impl Session {
     pub fn new(shared: Arc<Shared>, init: SessionInit) -> Self {
         let settings = &init.pool.settings;
         let mode = settings.pool_mode;
+        let citus = shared
+            .router
+            .citus()
+            .filter(|c| {
+                c.enabled
+                    && mode == PoolMode::Transaction
+                    && !init.pool.key.read_only
+                    && settings.server_dbname == c.database
+            })
+            .map(|c| citus::CitusRoute::new(c.clone()));
         Session {
             id: init.id,
             rd: init.rd,
@@ -234,6 +247,7 @@ impl Session {
             _user_permit: init.user_permit,
             drain_seen: false,
             timer: None,
+            citus,
         }
     }
 
@@ -508,6 +522,12 @@ impl Session {
                 }
             }
             if self.server.is_none() && self.needs_server(&frame)? {
+                // Shard-aware routing picks the transaction's node first.
+                if self.citus.is_some() && !self.route_transaction(&frame) {
+                    // Back to the coordinator, and none is known now: the
+                    // slow path waits for one.
+                    self.route_gen = 0;
+                }
                 let bound = match self.bind_now() {
                     Ok(conn) => {
                         self.attach(conn, None);

@@ -1,0 +1,312 @@
+//! Shard-aware routing: before a transaction's first request goes out, the
+//! session asks the Citus router where it belongs and moves its pool there
+//! (the owning worker group's primary, or back to the coordinator).
+//!
+//! Only between transactions, with no server bound: a transaction runs
+//! where its first statement sent it, to the end. A statement pgferry cannot
+//! place with certainty goes to the coordinator, which can run anything.
+
+use super::*;
+use pgferry_routing::citus::analyze::Plan;
+use pgferry_routing::citus::{Citus, Target};
+use pgferry_routing::Member;
+
+/// Per-session routing state (present only where routing applies: the
+/// read-write port, transaction pooling, the Citus database).
+pub(super) struct CitusRoute {
+    pub citus: Arc<Citus>,
+    /// The group the session's pool is on now (None: the coordinator).
+    pub on_group: Option<u32>,
+    /// Pools this session used on worker primaries (a handful), so moving
+    /// between groups costs no shared lock.
+    pools: Vec<Arc<Pool>>,
+    /// The client's search_path as last parsed: (raw value, schemas).
+    search_path: Option<(String, Vec<String>)>,
+    formats: Vec<i16>,
+}
+
+impl CitusRoute {
+    pub fn new(citus: Arc<Citus>) -> Self {
+        CitusRoute {
+            citus,
+            on_group: None,
+            pools: Vec::new(),
+            search_path: None,
+            formats: Vec::new(),
+        }
+    }
+}
+
+impl Session {
+    /// Moves the session to where the transaction `frame` starts belongs.
+    /// Returns false when it must go back to the coordinator but none is
+    /// known now (a failover): the caller waits for one (`reroute`).
+    pub(super) fn route_transaction(&mut self, frame: &Frame) -> bool {
+        let Some(cr) = self.citus.as_mut() else { return true };
+        if !cr.citus.loaded() {
+            return true;
+        }
+        let citus = cr.citus.clone();
+        let target = self.citus_target(&citus, frame);
+        citus.count(target);
+        let member = match target {
+            Target::Group(g) => match citus.group(g) {
+                Some(m) => Some((g, m)),
+                None => {
+                    citus.counters.no_primary.fetch_add(1, Relaxed);
+                    None
+                }
+            },
+            // Reference-table reads: the primary the session is on has them.
+            Target::AnyPrimary => return true,
+            Target::Coordinator | Target::Undecided => None,
+        };
+        match member {
+            Some((g, m)) => {
+                if *m.addr != *self.route.member.addr {
+                    self.move_to_group(g, m);
+                }
+                true
+            }
+            None => self.move_home(),
+        }
+    }
+
+    fn citus_target(&mut self, citus: &Citus, frame: &Frame) -> Target {
+        let body = frame.body();
+        match frame.tag {
+            frontend::QUERY => match frontend::query(body) {
+                Ok(sql) => {
+                    let a = citus.analysis(sql, self.search_path());
+                    a.plan.target().unwrap_or(Target::Coordinator)
+                }
+                Err(_) => Target::Coordinator,
+            },
+            frontend::PARSE => {
+                let Ok(p) = frontend::parse(body) else {
+                    return Target::Coordinator;
+                };
+                let a = citus.analysis(p.query, self.search_path());
+                match &a.plan {
+                    Plan::Params(pp) => {
+                        // The values come with the Bind that follows, if the
+                        // client sent it along (drivers do: Parse, Bind,
+                        // Execute, Sync in one write).
+                        let Some(bind) = peek_bind(&self.rbuf, p.name) else {
+                            return Target::Coordinator;
+                        };
+                        let Some(cr) = self.citus.as_mut() else {
+                            return Target::Coordinator;
+                        };
+                        bind_target(pp, bind, p.param_types, &mut cr.formats)
+                    }
+                    plan => plan.target().unwrap_or(Target::Coordinator),
+                }
+            }
+            frontend::BIND => {
+                let Ok(b) = frontend::bind(body) else {
+                    return Target::Coordinator;
+                };
+                // Only a named statement pgferry keeps (transaction pooling
+                // with a statement cache) has a text to look at.
+                let stmt = if self.rewrite && !b.statement.is_empty() {
+                    self.statements.get(b.statement).cloned()
+                } else {
+                    None
+                };
+                let Some(stmt) = stmt else {
+                    return Target::Coordinator;
+                };
+                let query = stmt.query();
+                let types = &stmt.parse_tail[query.len() + 1..];
+                let a = citus.analysis(query, self.search_path());
+                let Some(cr) = self.citus.as_mut() else {
+                    return Target::Coordinator;
+                };
+                match &a.plan {
+                    Plan::Params(pp) => bind_target(pp, body, types, &mut cr.formats),
+                    plan => plan.target().unwrap_or(Target::Coordinator),
+                }
+            }
+            _ => Target::Coordinator,
+        }
+    }
+
+    /// The client's search_path as a list of schemas (`$user` expanded),
+    /// None when it is not known.
+    fn search_path(&mut self) -> Option<&[String]> {
+        let raw = self.params.get("search_path")?;
+        let cr = self.citus.as_mut()?;
+        if cr.search_path.as_ref().map(|s| s.0.as_str()) != Some(raw) {
+            let schemas = parse_search_path(raw, &self.pool.settings.server_user);
+            cr.search_path = Some((raw.to_owned(), schemas?));
+        }
+        cr.search_path.as_ref().map(|s| s.1.as_slice())
+    }
+
+    fn move_to_group(&mut self, group: u32, member: Arc<Member>) {
+        let Some(cr) = self.citus.as_mut() else { return };
+        cr.pools.retain(|p| !p.is_closed());
+        let pool = match cr.pools.iter().find(|p| *p.key.node == *member.addr) {
+            Some(p) => p.clone(),
+            None => {
+                let key = &self.pool.key;
+                let p = self
+                    .shared
+                    .pool(&key.database, &key.user, &member.addr, Role::ReadWrite);
+                p.credentials().adopt(self.pool.credentials());
+                cr.pools.push(p.clone());
+                p
+            }
+        };
+        cr.on_group = Some(group);
+        self.switch_pool(pool, Route::claim(member, Role::ReadWrite));
+    }
+
+    /// Back to the coordinator (the topology's primary). False: there is
+    /// none now.
+    fn move_home(&mut self) -> bool {
+        if self.citus.as_ref().is_none_or(|c| c.on_group.is_none()) {
+            return true;
+        }
+        let Some(route) = self.shared.router.route(Role::ReadWrite) else {
+            return false;
+        };
+        let key = &self.pool.key;
+        let pool = self
+            .shared
+            .pool(&key.database, &key.user, &route.member.addr, Role::ReadWrite);
+        pool.credentials().adopt(self.pool.credentials());
+        if let Some(cr) = self.citus.as_mut() {
+            cr.on_group = None;
+        }
+        self.switch_pool(pool, route);
+        true
+    }
+
+    /// Makes `pool` the session's pool (between transactions).
+    pub(super) fn switch_pool(&mut self, pool: Arc<Pool>, route: Route) {
+        self.pool.stats.cl_active.fetch_sub(1, Relaxed);
+        pool.stats.cl_active.fetch_add(1, Relaxed);
+        self.pool = pool;
+        self.route = route;
+    }
+}
+
+/// The group a Bind's values send a parameter plan to.
+fn bind_target(
+    pp: &pgferry_routing::citus::analyze::ParamPlan,
+    bind_body: &[u8],
+    param_types: &[u8],
+    formats: &mut Vec<i16>,
+) -> Target {
+    let Ok(b) = frontend::bind(bind_body) else {
+        return Target::Coordinator;
+    };
+    let mut values = Vec::new();
+    if frontend::bind_params(&bind_body[b.rest_offset..], formats, &mut values).is_err() {
+        return Target::Coordinator;
+    }
+    let declared: Vec<u32> = frontend::param_types(param_types).collect();
+    match pp.group(&values, formats, &declared) {
+        Some(0) | None => Target::Coordinator,
+        Some(g) => Target::Group(g),
+    }
+}
+
+/// The Bind for statement `name` among the complete messages already read
+/// (before the next Parse or Sync).
+fn peek_bind<'a>(buf: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let mut at = 0;
+    while buf.len() >= at + 5 {
+        let tag = buf[at];
+        let len = u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize;
+        let end = at.checked_add(1 + len)?;
+        if len < 4 || end > buf.len() {
+            return None;
+        }
+        let body = &buf[at + 5..end];
+        match tag {
+            frontend::BIND => {
+                let b = frontend::bind(body).ok()?;
+                return (b.statement == name).then_some(body);
+            }
+            frontend::DESCRIBE | frontend::FLUSH => {}
+            _ => return None,
+        }
+        at = end;
+    }
+    None
+}
+
+/// Parses a search_path value: comma-separated names, double-quoted ones
+/// kept as written, others lowercased; `$user` is the server user. None
+/// when it cannot be read with certainty.
+fn parse_search_path(raw: &str, user: &str) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    for part in raw.split(',') {
+        let p = part.trim();
+        if p.is_empty() {
+            continue;
+        }
+        let name = if let Some(q) = p.strip_prefix('"') {
+            let inner = q.strip_suffix('"')?;
+            if inner.contains('"') {
+                return None;
+            }
+            inner.to_owned()
+        } else {
+            if p.contains('"') || p.contains(' ') {
+                return None;
+            }
+            p.to_lowercase()
+        };
+        if name == "$user" {
+            out.push(user.to_owned());
+        } else {
+            out.push(name);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_path_values() {
+        assert_eq!(
+            parse_search_path("\"$user\", public", "app").unwrap(),
+            vec!["app".to_string(), "public".into()]
+        );
+        assert_eq!(
+            parse_search_path("Tenant_A,\"Mixed\"", "u").unwrap(),
+            vec!["tenant_a".to_string(), "Mixed".into()]
+        );
+        assert!(parse_search_path("\"a\"b\"", "u").is_none());
+        assert_eq!(parse_search_path("", "u").unwrap(), Vec::<String>::new());
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn finds_the_bind_that_follows() {
+        let bind = b"\0s1\0\0\0\0\0\0\0".to_vec();
+        let mut buf = msg(b'D', b"Ss1\0");
+        buf.extend(msg(b'B', &bind));
+        buf.extend(msg(b'E', b"\0\0\0\0\0"));
+        assert_eq!(peek_bind(&buf, b"s1"), Some(&bind[..]));
+        assert_eq!(peek_bind(&buf, b"s2"), None, "another statement's Bind");
+        assert_eq!(peek_bind(&buf[..buf.len() - 10], b"s1"), None, "incomplete");
+        let mut synced = msg(b'S', b"");
+        synced.extend(msg(b'B', &bind));
+        assert_eq!(peek_bind(&synced, b"s1"), None, "not past a Sync");
+        assert_eq!(peek_bind(&[b'B', 0, 0, 0, 1], b""), None, "bad length");
+    }
+}
