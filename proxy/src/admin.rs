@@ -722,6 +722,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             ];
             table(out, &["list", "items"], &rows);
         }
+        "CITUS" => show_citus(out, shared),
         "TOPOLOGY" => {
             let topo = shared.router.topology();
             let v = &topo.view;
@@ -785,6 +786,103 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
         _ => return None,
     }
     Some(())
+}
+
+/// SHOW CITUS: one row per distributed table (method, shard count,
+/// colocation, the groups its shards are on, where statements on it go),
+/// then one row per group (its primary) and one summary row (snapshot age,
+/// refreshes, routed transaction counts).
+fn show_citus(out: &mut BytesMut, shared: &Shared) {
+    use pgferry_routing::citus::metadata::TableKind;
+    let Some(citus) = shared.router.citus() else {
+        table(out, &["kind", "name", "detail"], &[vec!["status".into(), "off".into(), "no [citus] section".into()]]);
+        return;
+    };
+    let snap = citus.snapshot();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut tables: Vec<_> = snap.tables.values().collect();
+    tables.sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
+    for t in tables {
+        let (method, routed) = match &t.kind {
+            TableKind::Hash if t.dist_type.is_some() => ("hash", "owning group by key".to_string()),
+            TableKind::Hash => ("hash", "coordinator (key type not hashed by pgferry)".into()),
+            TableKind::Reference => ("reference", "reads: any primary; writes: coordinator".into()),
+            TableKind::SingleShard { group } => ("single shard", format!("group {group}")),
+            TableKind::Other => ("other", "coordinator".into()),
+        };
+        let mut groups: Vec<u32> = t.shards.iter().map(|s| s.group).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        rows.push(vec![
+            "table".into(),
+            t.qualified(),
+            method.into(),
+            t.column.clone().unwrap_or_default(),
+            t.shards.len().to_string(),
+            t.colocation.to_string(),
+            groups.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(","),
+            routed,
+        ]);
+    }
+    for n in &snap.nodes {
+        let routed = if n.group == 0 {
+            "coordinator (the topology's primary)".to_string()
+        } else if n.primary && n.active {
+            "worker primary".into()
+        } else {
+            "not routed".into()
+        };
+        rows.push(vec![
+            "node".into(),
+            format!("{}:{}", n.host, n.port),
+            if n.primary { "primary" } else { "secondary" }.into(),
+            format!("active={}", n.active),
+            String::new(),
+            format!("nodeid={}", n.nodeid),
+            n.group.to_string(),
+            routed,
+        ]);
+    }
+    let c = &citus.counters;
+    let age = snap
+        .loaded_at
+        .and_then(|t| t.elapsed().ok())
+        .map(|d| format!("{:.1}", d.as_secs_f64()))
+        .unwrap_or_else(|| "never".into());
+    rows.push(vec![
+        "status".into(),
+        citus.database.clone(),
+        if citus.enabled { "routing=shard" } else { "routing=off" }.into(),
+        format!("citus {}", snap.citus_version),
+        format!("snapshot_age_s={age}"),
+        format!("generation={}", snap.generation),
+        format!(
+            "refreshes={} checks={} errors={}",
+            c.refreshes.load(Relaxed),
+            c.checks.load(Relaxed),
+            c.refresh_errors.load(Relaxed)
+        ),
+        format!(
+            "routed={} coordinator={} any_node={} no_primary={} plans={}{}",
+            c.routed.load(Relaxed),
+            c.coordinator.load(Relaxed),
+            c.any_node.load(Relaxed),
+            c.no_primary.load(Relaxed),
+            c.plans_analysed.load(Relaxed),
+            citus
+                .last_error
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|e| format!(" last_error: {e}"))
+                .unwrap_or_default()
+        ),
+    ]);
+    table(
+        out,
+        &["kind", "name", "method", "column", "shards", "colocation", "groups", "routed_to"],
+        &rows,
+    );
 }
 
 /// SHOW CLIENTS and SHOW SERVERS: PgBouncer 1.18's columns. `ptr` holds

@@ -274,6 +274,40 @@ fn metrics(shared: &Shared) -> String {
         c.cancels_forwarded.load(Relaxed),
         c.cancel_requests.load(Relaxed).saturating_sub(c.cancels_forwarded.load(Relaxed))
     );
+    if let Some(citus) = shared.router.citus() {
+        let c = &citus.counters;
+        let snap = citus.snapshot();
+        let age = snap.loaded_at.and_then(|t| t.elapsed().ok()).map_or(-1.0, |d| d.as_secs_f64());
+        let _ = writeln!(
+            m,
+            "# HELP pgferry_citus_transactions_total Read-write transactions by where Citus routing sent them.\n\
+             # TYPE pgferry_citus_transactions_total counter\n\
+             pgferry_citus_transactions_total{{target=\"worker\"}} {}\n\
+             pgferry_citus_transactions_total{{target=\"coordinator\"}} {}\n\
+             pgferry_citus_transactions_total{{target=\"any_node\"}} {}\n\
+             # HELP pgferry_citus_no_primary_total Routed transactions whose group had no known primary (sent to the coordinator).\n\
+             # TYPE pgferry_citus_no_primary_total counter\npgferry_citus_no_primary_total {}\n\
+             # HELP pgferry_citus_metadata_age_seconds Age of the Citus metadata snapshot (-1: none loaded).\n\
+             # TYPE pgferry_citus_metadata_age_seconds gauge\npgferry_citus_metadata_age_seconds {:.3}\n\
+             # HELP pgferry_citus_metadata_refreshes_total Snapshots loaded (start, topology changes, fingerprint changes).\n\
+             # TYPE pgferry_citus_metadata_refreshes_total counter\npgferry_citus_metadata_refreshes_total {}\n\
+             # HELP pgferry_citus_metadata_errors_total Failed metadata reads.\n\
+             # TYPE pgferry_citus_metadata_errors_total counter\npgferry_citus_metadata_errors_total {}\n\
+             # HELP pgferry_citus_plans_total Statement texts analysed (plan cache misses).\n\
+             # TYPE pgferry_citus_plans_total counter\npgferry_citus_plans_total {}\n\
+             # HELP pgferry_citus_tables Distributed tables in the snapshot.\n\
+             # TYPE pgferry_citus_tables gauge\npgferry_citus_tables {}",
+            c.routed.load(Relaxed),
+            c.coordinator.load(Relaxed),
+            c.any_node.load(Relaxed),
+            c.no_primary.load(Relaxed),
+            age,
+            c.refreshes.load(Relaxed),
+            c.refresh_errors.load(Relaxed),
+            c.plans_analysed.load(Relaxed),
+            snap.tables.len(),
+        );
+    }
     let topo = shared.router.topology();
     let v = &topo.view;
     let _ = writeln!(
