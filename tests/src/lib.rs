@@ -12,6 +12,7 @@
 //!
 //! See `tests/README.md`.
 
+pub mod citus;
 mod client;
 mod cluster;
 mod ferry;

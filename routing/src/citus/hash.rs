@@ -449,24 +449,32 @@ fn parse_numeric(s: &[u8]) -> Option<Num> {
         cp = rest;
     }
     if let [b'e' | b'E', rest @ ..] = cp {
-        // strtol: we accept only an optional sign and digits (strtol would
-        // also skip whitespace; such input is None here, never wrong).
-        let (neg, digits) = match rest {
-            [b'-', r @ ..] => (true, r),
-            [b'+', r @ ..] => (false, r),
-            _ => (false, rest),
+        // strtol(): optional whitespace, optional sign, decimal digits.
+        let mut r = rest;
+        while let [c, tail @ ..] = r {
+            if !is_space(*c) {
+                break;
+            }
+            r = tail;
+        }
+        let (neg, digits) = match r {
+            [b'-', t @ ..] => (true, t),
+            [b'+', t @ ..] => (false, t),
+            _ => (false, r),
         };
         let n = digits.iter().take_while(|c| c.is_ascii_digit()).count();
-        if n == 0 || n > 9 {
+        if n == 0 {
             return None;
         }
-        let mut exp: i32 = 0;
+        let mut exp: i64 = 0;
         for &d in &digits[..n] {
-            exp = exp * 10 + i32::from(d - b'0');
+            exp = exp.saturating_mul(10).saturating_add(i64::from(d - b'0'));
         }
-        if neg {
-            exp = -exp;
+        // set_var_from_str: |exponent| >= INT_MAX / 2 is an overflow error.
+        if exp >= i64::from(i32::MAX / 2) {
+            return None;
         }
+        let exp = if neg { -(exp as i32) } else { exp as i32 };
         dweight += exp;
         dscale = (dscale - exp).max(0);
         cp = &digits[n..];
@@ -809,7 +817,21 @@ mod tests {
         for v in ["1.50", "+1.5", "  1.5  ", "15e-1", "0.15E1", "01.5000", ".15e1", "-1.5"] {
             assert_eq!(t(DistType::Numeric, v), h, "{v:?}");
         }
-        for bad in ["", ".", "1..2", "1e", "e1", "1.5x", "1_0", "0x1", "1 e5"] {
+        // strtol() skips whitespace after the 'e'.
+        assert_eq!(t(DistType::Numeric, "15e -1"), h);
+        assert_eq!(t(DistType::Numeric, "15e-0000000001"), h);
+        for bad in [
+            "",
+            ".",
+            "1..2",
+            "1e",
+            "e1",
+            "1.5x",
+            "1_0",
+            "0x1",
+            "1 e5",
+            "1e1073741823",
+        ] {
             assert_eq!(t(DistType::Numeric, bad), None, "{bad:?}");
         }
         // binary 1.5: ndigits 2, weight 0, sign +, dscale 1, digits 1 5000
