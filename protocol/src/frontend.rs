@@ -115,7 +115,10 @@ pub fn bind_params<'a>(
 
 /// A Parse's declared parameter types (0: inferred).
 pub fn param_types(raw: &[u8]) -> impl Iterator<Item = u32> + '_ {
-    raw.get(2..).unwrap_or_default().chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+    raw.get(2..)
+        .unwrap_or_default()
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
 }
 
 /// Describe and Close: kind ('S' statement or 'P' portal) and name.

@@ -795,7 +795,11 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
 fn show_citus(out: &mut BytesMut, shared: &Shared) {
     use pgferry_routing::citus::metadata::TableKind;
     let Some(citus) = shared.router.citus() else {
-        table(out, &["kind", "name", "detail"], &[vec!["status".into(), "off".into(), "no [citus] section".into()]]);
+        table(
+            out,
+            &["kind", "name", "detail"],
+            &[vec!["status".into(), "off".into(), "no [citus] section".into()]],
+        );
         return;
     };
     let snap = citus.snapshot();
@@ -880,7 +884,16 @@ fn show_citus(out: &mut BytesMut, shared: &Shared) {
     ]);
     table(
         out,
-        &["kind", "name", "method", "column", "shards", "colocation", "groups", "routed_to"],
+        &[
+            "kind",
+            "name",
+            "method",
+            "column",
+            "shards",
+            "colocation",
+            "groups",
+            "routed_to",
+        ],
         &rows,
     );
 }

@@ -277,7 +277,10 @@ fn metrics(shared: &Shared) -> String {
     if let Some(citus) = shared.router.citus() {
         let c = &citus.counters;
         let snap = citus.snapshot();
-        let age = snap.loaded_at.and_then(|t| t.elapsed().ok()).map_or(-1.0, |d| d.as_secs_f64());
+        let age = snap
+            .loaded_at
+            .and_then(|t| t.elapsed().ok())
+            .map_or(-1.0, |d| d.as_secs_f64());
         let _ = writeln!(
             m,
             "# HELP pgferry_citus_transactions_total Read-write transactions by where Citus routing sent them.\n\

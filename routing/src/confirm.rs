@@ -108,7 +108,7 @@ pub async fn connect_as(addr: &NodeAddr, login: &CheckLogin, app: &str) -> Resul
     }
     macro_rules! spawn_conn {
         ($r:expr) => {{
-            let (client, conn) = $r.map_err(|e| e.to_string())?;
+            let (client, conn) = $r.map_err(|e| error_chain(&e))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -122,4 +122,17 @@ pub async fn connect_as(addr: &NodeAddr, login: &CheckLogin, app: &str) -> Resul
         ),
         None => spawn_conn!(cfg.connect(tokio_postgres::NoTls).await),
     }
+}
+
+/// An error with its sources ("error performing TLS handshake: ..."): the
+/// outer message alone does not say what went wrong.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
 }

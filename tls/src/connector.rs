@@ -118,10 +118,65 @@ impl ServerCertVerifier for Encrypt {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        let algs = &self.0.signature_verification_algorithms;
+        match rustls::crypto::verify_tls13_signature(m, c, d, algs) {
+            // An X.509 v1 certificate (Citus's generated self-signed one is):
+            // webpki refuses to parse it, but without verification the
+            // certificate is only a carrier for the key that signed the
+            // handshake, as in libpq's sslmode=require. Check the signature
+            // with that key.
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(_))) => {
+                let spki = subject_public_key_info(c)
+                    .ok_or(rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+                rustls::crypto::verify_tls13_signature_with_raw_key(m, &spki.into(), d, algs)
+            }
+            r => r,
+        }
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The SubjectPublicKeyInfo of a DER certificate (any X.509 version): the
+/// seventh element of tbsCertificate, or the sixth without the optional
+/// version.
+fn subject_public_key_info(cert: &[u8]) -> Option<&[u8]> {
+    /// One DER element at the start of `b`: (tag, whole element, content, rest).
+    type Tlv<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
+    fn tlv(b: &[u8]) -> Option<Tlv<'_>> {
+        let (&tag, rest) = b.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (first as usize, rest)
+        } else {
+            let n = (first & 0x7f) as usize;
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n].iter().fold(0usize, |a, &x| (a << 8) | x as usize);
+            (len, &rest[n..])
+        };
+        if rest.len() < len {
+            return None;
+        }
+        let header = b.len() - rest.len();
+        Some((tag, &b[..header + len], &rest[..len], &rest[len..]))
+    }
+    let (0x30, _, cert, _) = tlv(cert)? else { return None };
+    let (0x30, _, mut tbs, _) = tlv(cert)? else { return None };
+    let mut index = 0;
+    loop {
+        let (tag, whole, _, rest) = tlv(tbs)?;
+        if index == 0 && tag == 0xa0 {
+            // [0] version: not counted.
+        } else {
+            index += 1;
+            if index == 6 {
+                return (tag == 0x30).then_some(whole);
+            }
+        }
+        tbs = rest;
     }
 }
 
@@ -169,5 +224,71 @@ impl ServerCertVerifier for Verify {
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod spki_tests {
+    use super::subject_public_key_info;
+    use rcgen::PublicKeyData;
+
+    #[test]
+    fn finds_the_key_with_and_without_a_version() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = cert.der().to_vec();
+        assert_eq!(
+            subject_public_key_info(&der).unwrap(),
+            key.subject_public_key_info().as_slice()
+        );
+        // The same certificate without its [0] version element (X.509 v1
+        // layout): the key is still found.
+        let v1 = strip_version(&der);
+        assert_eq!(
+            subject_public_key_info(&v1).unwrap(),
+            key.subject_public_key_info().as_slice()
+        );
+        for cut in 0..der.len() {
+            let _ = subject_public_key_info(&der[..cut]);
+        }
+    }
+
+    /// Re-encodes `der` without tbsCertificate's version (lengths < 64 KiB).
+    fn strip_version(der: &[u8]) -> Vec<u8> {
+        fn header(tag: u8, len: usize) -> Vec<u8> {
+            if len < 0x80 {
+                vec![tag, len as u8]
+            } else if len < 0x100 {
+                vec![tag, 0x81, len as u8]
+            } else {
+                vec![tag, 0x82, (len >> 8) as u8, len as u8]
+            }
+        }
+        fn split(b: &[u8]) -> (usize, usize) {
+            // (header length, content length)
+            if b[1] < 0x80 {
+                (2, b[1] as usize)
+            } else {
+                let n = (b[1] & 0x7f) as usize;
+                (2 + n, b[2..2 + n].iter().fold(0, |a, &x| (a << 8) | x as usize))
+            }
+        }
+        let (h, _) = split(der);
+        let cert = &der[h..];
+        let (th, tl) = split(cert);
+        let tbs = &cert[th..th + tl];
+        let rest_of_cert = &cert[th + tl..];
+        let (vh, vl) = split(tbs);
+        let tbs_v1 = &tbs[vh + vl..];
+        let mut new_tbs = header(0x30, tbs_v1.len());
+        new_tbs.extend_from_slice(tbs_v1);
+        let mut body = new_tbs;
+        body.extend_from_slice(rest_of_cert);
+        let mut out = header(0x30, body.len());
+        out.extend(body);
+        out
     }
 }

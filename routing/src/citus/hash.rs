@@ -590,7 +590,7 @@ fn parse_iso_date(s: &[u8]) -> Option<i32> {
     if s.len() != 10 || s[4] != b'-' || s[7] != b'-' {
         return None;
     }
-    let year = i32::from_str_radix(std::str::from_utf8(&s[0..4]).ok()?, 10).ok()?;
+    let year = std::str::from_utf8(&s[0..4]).ok()?.parse::<i32>().ok()?;
     if !s[0..4].iter().all(u8::is_ascii_digit) || year < 1 {
         return None;
     }

@@ -162,7 +162,7 @@ const VERSION_SQL: &str = "SELECT extversion FROM pg_extension WHERE extname = '
 
 const TABLES_SQL: &str = "SELECT p.logicalrelid::oid::int8, n.nspname::text, c.relname::text, p.partmethod::text, \
  p.repmodel::text, p.colocationid::int8, a.attname::text, a.atttypid::oid::int8, \
- coalesce(co.collisdeterministic, true) \
+ coalesce(co.collisdeterministic, true), coalesce(a.atttypmod, -1) \
  FROM pg_dist_partition p \
  JOIN pg_class c ON c.oid = p.logicalrelid \
  JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -209,9 +209,12 @@ pub async fn load(client: &mut tokio_postgres::Client, generation: u64) -> Resul
     let fingerprint: String = tx.query_one(FINGERPRINT_SQL, &[]).await?.get(0);
     let mut sequence_columns: HashMap<u32, Vec<String>> = HashMap::new();
     for r in tx.query(SEQUENCE_COLUMNS_SQL, &[]).await? {
-        sequence_columns.entry(r.get::<_, i64>(0) as u32).or_default().push(r.get(1));
+        sequence_columns
+            .entry(r.get::<_, i64>(0) as u32)
+            .or_default()
+            .push(r.get(1));
     }
-    let mut placements: HashMap<u32, Vec<(u64, Option<i32>, Option<i32>, u32)>> = HashMap::new();
+    let mut placements: HashMap<u32, Vec<Placement>> = HashMap::new();
     for r in tx.query(SHARDS_SQL, &[]).await? {
         placements.entry(r.get::<_, i64>(0) as u32).or_default().push((
             r.get::<_, i64>(1) as u64,
@@ -227,6 +230,10 @@ pub async fn load(client: &mut tokio_postgres::Client, generation: u64) -> Resul
         let repmodel: String = r.get(4);
         let type_oid = r.get::<_, Option<i64>>(7).unwrap_or(0) as u32;
         let deterministic: bool = r.get(8);
+        // numeric(p,s) rounds a value before storing (and hashing) it:
+        // pgferry would hash the unrounded literal.
+        let typmod: i32 = r.get(9);
+        let exact = deterministic && !(type_oid == 1700 && typmod != -1);
         let places = placements.remove(&oid).unwrap_or_default();
         let (kind, shards) = classify(&method, &repmodel, &places);
         let t = Table {
@@ -236,7 +243,7 @@ pub async fn load(client: &mut tokio_postgres::Client, generation: u64) -> Resul
             kind,
             colocation: r.get::<_, i64>(5) as u32,
             column: r.get(6),
-            dist_type: DistType::from_oid(type_oid).filter(|_| deterministic),
+            dist_type: DistType::from_oid(type_oid).filter(|_| exact),
             type_oid,
             sequence_columns: sequence_columns.remove(&oid).unwrap_or_default(),
             shards,
@@ -273,9 +280,12 @@ pub async fn load(client: &mut tokio_postgres::Client, generation: u64) -> Resul
     })
 }
 
+/// An active placement: (shard, min, max, group).
+type Placement = (u64, Option<i32>, Option<i32>, u32);
+
 /// What routing may do with a table, from its `pg_dist_partition` row and
 /// active placements.
-fn classify(method: &str, repmodel: &str, places: &[(u64, Option<i32>, Option<i32>, u32)]) -> (TableKind, Vec<ShardRange>) {
+fn classify(method: &str, repmodel: &str, places: &[Placement]) -> (TableKind, Vec<ShardRange>) {
     match (method, repmodel) {
         ("n", "t") => (TableKind::Reference, Vec::new()),
         ("n", _) => {
@@ -319,12 +329,16 @@ fn classify(method: &str, repmodel: &str, places: &[(u64, Option<i32>, Option<i3
 mod tests {
     use super::*;
 
-    fn uniform(n: u32) -> Vec<(u64, Option<i32>, Option<i32>, u32)> {
+    fn uniform(n: u32) -> Vec<Placement> {
         let inc = (1u64 << 32) / n as u64;
         (0..n)
             .map(|i| {
                 let min = (i32::MIN as i64 + (i as i64) * inc as i64) as i32;
-                let max = if i == n - 1 { i32::MAX } else { (min as i64 + inc as i64 - 1) as i32 };
+                let max = if i == n - 1 {
+                    i32::MAX
+                } else {
+                    (min as i64 + inc as i64 - 1) as i32
+                };
                 (100 + i as u64, Some(min), Some(max), 1 + i % 2)
             })
             .collect()
@@ -403,8 +417,14 @@ mod tests {
 
     #[test]
     fn single_shard_and_reference() {
-        assert_eq!(classify("n", "t", &[(1, None, None, 0), (1, None, None, 1)]).0, TableKind::Reference);
-        assert_eq!(classify("n", "s", &[(1, None, None, 2)]).0, TableKind::SingleShard { group: 2 });
+        assert_eq!(
+            classify("n", "t", &[(1, None, None, 0), (1, None, None, 1)]).0,
+            TableKind::Reference
+        );
+        assert_eq!(
+            classify("n", "s", &[(1, None, None, 2)]).0,
+            TableKind::SingleShard { group: 2 }
+        );
         assert_eq!(classify("n", "s", &[]).0, TableKind::Other);
         assert_eq!(classify("a", "c", &[]).0, TableKind::Other);
     }
@@ -434,7 +454,8 @@ mod tests {
         assert!(s.resolve(None, "nope", None).is_none());
         // A local table of the same name elsewhere: only a search path that
         // finds the distributed one first resolves.
-        s.same_named.insert("events".into(), vec!["public".into(), "app".into()]);
+        s.same_named
+            .insert("events".into(), vec!["public".into(), "app".into()]);
         assert!(s.resolve(None, "events", None).is_none());
         let path = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert!(s.resolve(None, "events", Some(&path(&["public", "app"]))).is_some());

@@ -147,7 +147,9 @@ impl Citus {
     pub fn analysis(&self, sql: &[u8], search_path: Option<&[String]>) -> Arc<Analysis> {
         let snap = self.snapshot.load();
         if let Some(c) = self.plans.read().unwrap().get(sql) {
-            if c.generation == snap.generation && c.search_path.as_deref() == search_path.filter(|_| c.analysis.uses_search_path) {
+            if c.generation == snap.generation
+                && c.search_path.as_deref() == search_path.filter(|_| c.analysis.uses_search_path)
+            {
                 return c.analysis.clone();
             }
         }

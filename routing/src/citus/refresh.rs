@@ -19,22 +19,25 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(citus: Arc<Citus>, router: Router, login: CheckLogin, interval: Duration, changed: impl Fn() + Send) {
     let mut topology = router.subscribe();
     let mut generation = 0u64;
+    let mut topology_open = true;
     loop {
         let Some(primary) = router.topology().primary.clone() else {
             // No coordinator (failover): wait for one.
-            let _ = topology.changed().await;
+            retry_pause(&mut topology).await;
             continue;
         };
         let addr = primary.addr.clone();
-        let client = match tokio::time::timeout(STEP_TIMEOUT, connect_as(&addr, &login, "pgferry citus metadata")).await {
+        let client = match tokio::time::timeout(STEP_TIMEOUT, connect_as(&addr, &login, "pgferry citus metadata")).await
+        {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 fail(&citus, format!("connect to the coordinator {addr}: {e}"));
-                let _ = tokio::time::timeout(Duration::from_secs(1), topology.changed()).await;
+                retry_pause(&mut topology).await;
                 continue;
             }
             Err(_) => {
                 fail(&citus, format!("connect to the coordinator {addr}: timed out"));
+                retry_pause(&mut topology).await;
                 continue;
             }
         };
@@ -77,16 +80,24 @@ pub async fn run(citus: Arc<Citus>, router: Router, login: CheckLogin, interval:
                     citus.counters.checks.fetch_add(1, Relaxed);
                 }
                 Ok(Err(metadata::LoadError::NoCitus)) => {
-                    fail(&citus, format!("Citus is not installed in database {:?} on {addr}", login.dbname));
+                    fail(
+                        &citus,
+                        format!("Citus is not installed in database {:?} on {addr}", login.dbname),
+                    );
                     tokio::time::sleep(interval.max(Duration::from_secs(10))).await;
                     break;
                 }
                 Ok(Err(e)) => {
-                    fail(&citus, format!("reading metadata on {addr}: {e}"));
+                    fail(
+                        &citus,
+                        format!("reading metadata on {addr}: {}", crate::confirm::error_chain(&e)),
+                    );
+                    retry_pause(&mut topology).await;
                     break;
                 }
                 Err(_) => {
                     fail(&citus, format!("reading metadata on {addr}: timed out"));
+                    retry_pause(&mut topology).await;
                     break;
                 }
             }
@@ -94,9 +105,11 @@ pub async fn run(citus: Arc<Citus>, router: Router, login: CheckLogin, interval:
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = citus.refresh_now.notified() => {}
-                r = topology.changed() => {
+                // A static topology's channel is closed: never changes.
+                r = topology.changed(), if topology_open => {
                     if r.is_err() {
-                        return;
+                        topology_open = false;
+                        continue;
                     }
                     // A new coordinator: reconnect there; any change: reload
                     // all (a worker failover changes pg_dist_node).
@@ -107,6 +120,18 @@ pub async fn run(citus: Arc<Citus>, router: Router, login: CheckLogin, interval:
                 }
             }
         }
+    }
+}
+
+/// Up to a second before trying again, less if the topology changes (a
+/// static topology never does: its channel is closed, so never busy-loop
+/// on it).
+async fn retry_pause(topology: &mut tokio::sync::watch::Receiver<Arc<crate::Topology>>) {
+    let pause = tokio::time::sleep(Duration::from_secs(1));
+    tokio::pin!(pause);
+    tokio::select! {
+        _ = &mut pause => {}
+        r = topology.changed() => if r.is_err() { pause.await },
     }
 }
 

@@ -13,7 +13,11 @@ fn snapshot() -> Snapshot {
     let shards: Vec<ShardRange> = (0..32u32)
         .map(|i| {
             let min = (i32::MIN as i64 + i as i64 * inc as i64) as i32;
-            let max = if i == 31 { i32::MAX } else { (min as i64 + inc as i64 - 1) as i32 };
+            let max = if i == 31 {
+                i32::MAX
+            } else {
+                (min as i64 + inc as i64 - 1) as i32
+            };
             ShardRange {
                 min,
                 max,
@@ -33,7 +37,11 @@ fn snapshot() -> Snapshot {
             dist_type: column.map(|_| DistType::Int8),
             type_oid: if column.is_some() { 20 } else { 0 },
             sequence_columns: seq.iter().map(|s| s.to_string()).collect(),
-            shards: if kind == TableKind::Hash { shards.clone() } else { vec![] },
+            shards: if kind == TableKind::Hash {
+                shards.clone()
+            } else {
+                vec![]
+            },
         };
         s.tables.insert((schema.into(), name.into()), Arc::new(t));
         s.same_named.entry(name.into()).or_default().push(schema.into());
@@ -70,21 +78,37 @@ fn coordinator(sql: &str) -> bool {
 fn literal_keys_route_to_the_owner() {
     assert_eq!(group("SELECT * FROM events WHERE tenant_id = 42"), Some(2));
     assert_eq!(group("select * from events where tenant_id = 2"), Some(1));
-    assert_eq!(group("SELECT * FROM public.events e WHERE e.tenant_id = 100 AND id > 3"), Some(1));
+    assert_eq!(
+        group("SELECT * FROM public.events e WHERE e.tenant_id = 100 AND id > 3"),
+        Some(1)
+    );
     assert_eq!(group("SELECT * FROM events WHERE 42 = tenant_id"), Some(2));
-    assert_eq!(group("SELECT * FROM events WHERE tenant_id = '42'"), Some(2), "text literal parsed as int8");
+    assert_eq!(
+        group("SELECT * FROM events WHERE tenant_id = '42'"),
+        Some(2),
+        "text literal parsed as int8"
+    );
     assert_eq!(group("SELECT * FROM events WHERE tenant_id = '42'::bigint"), Some(2));
-    assert_eq!(group("SELECT * FROM events WHERE events.tenant_id = 2 AND (a = 1 OR b = 2)"), Some(1));
+    assert_eq!(
+        group("SELECT * FROM events WHERE events.tenant_id = 2 AND (a = 1 OR b = 2)"),
+        Some(1)
+    );
     assert_eq!(group("UPDATE events SET v = v + 1 WHERE tenant_id = 42"), Some(2));
     assert_eq!(group("DELETE FROM events WHERE tenant_id = 2 RETURNING *"), Some(1));
     assert_eq!(group("SELECT * FROM events WHERE tenant_id = 2 FOR UPDATE"), Some(1));
     assert_eq!(group("INSERT INTO events (tenant_id, v) VALUES (42, 'x')"), Some(2));
-    assert_eq!(group("INSERT INTO events (v, tenant_id) VALUES ('x', 42), ('y', 1)"), Some(2));
+    assert_eq!(
+        group("INSERT INTO events (v, tenant_id) VALUES ('x', 42), ('y', 1)"),
+        Some(2)
+    );
     assert_eq!(
         group("INSERT INTO events (tenant_id, v) VALUES (2, 1) ON CONFLICT (tenant_id) DO UPDATE SET v = 2"),
         Some(1)
     );
-    assert_eq!(group("BEGIN; SELECT * FROM events WHERE tenant_id = 42; COMMIT"), Some(2));
+    assert_eq!(
+        group("BEGIN; SELECT * FROM events WHERE tenant_id = 42; COMMIT"),
+        Some(2)
+    );
 }
 
 #[test]
@@ -135,7 +159,10 @@ fn anything_uncertain_goes_to_the_coordinator() {
 #[test]
 fn other_table_kinds() {
     assert!(matches!(plan("SELECT * FROM countries"), Plan::AnyPrimary));
-    assert!(matches!(plan("SELECT * FROM countries WHERE code = 'fi'"), Plan::AnyPrimary));
+    assert!(matches!(
+        plan("SELECT * FROM countries WHERE code = 'fi'"),
+        Plan::AnyPrimary
+    ));
     assert_eq!(group("SELECT * FROM tenant_acme.orders"), Some(2));
     assert_eq!(group("INSERT INTO tenant_acme.orders (id) VALUES (1)"), Some(2));
     assert_eq!(group("UPDATE tenant_acme.orders SET x = 1"), Some(2));
@@ -144,7 +171,10 @@ fn other_table_kinds() {
     assert!(matches!(plan("BEGIN"), Plan::Neutral));
     assert!(matches!(plan("SET search_path = public"), Plan::Neutral));
     assert!(matches!(plan("SELECT 1"), Plan::Coordinator(_)));
-    assert!(matches!(plan("BEGIN; SELECT * FROM countries; SELECT * FROM events WHERE tenant_id = 42"), Plan::Group(2)));
+    assert!(matches!(
+        plan("BEGIN; SELECT * FROM countries; SELECT * FROM events WHERE tenant_id = 42"),
+        Plan::Group(2)
+    ));
 }
 
 #[test]
@@ -157,7 +187,10 @@ fn search_path_decides_unqualified_names() {
     let a = analyze("SELECT * FROM orders", &snap, Some(&["public".to_string()]));
     assert!(matches!(a.plan, Plan::Coordinator(_)));
     // Unique name, no search_path known: resolved.
-    assert!(matches!(analyze("SELECT * FROM orders", &snap, None).plan, Plan::Group(2)));
+    assert!(matches!(
+        analyze("SELECT * FROM orders", &snap, None).plan,
+        Plan::Group(2)
+    ));
 }
 
 #[test]
@@ -168,9 +201,21 @@ fn parameters_are_decided_at_bind() {
     assert_eq!(p.params, vec![0]);
     assert_eq!(p.group(&[Some(b"42")], &[], &[]), Some(2));
     assert_eq!(p.group(&[Some(b"2")], &[0], &[20]), Some(1));
-    assert_eq!(p.group(&[Some(&42i64.to_be_bytes())], &[1], &[20]), Some(2), "binary int8");
-    assert_eq!(p.group(&[Some(&42i64.to_be_bytes())], &[1], &[0]), Some(2), "binary, inferred type");
-    assert_eq!(p.group(&[Some(&42i32.to_be_bytes())], &[1], &[23]), None, "binary int4 for an int8 column");
+    assert_eq!(
+        p.group(&[Some(&42i64.to_be_bytes())], &[1], &[20]),
+        Some(2),
+        "binary int8"
+    );
+    assert_eq!(
+        p.group(&[Some(&42i64.to_be_bytes())], &[1], &[0]),
+        Some(2),
+        "binary, inferred type"
+    );
+    assert_eq!(
+        p.group(&[Some(&42i32.to_be_bytes())], &[1], &[23]),
+        None,
+        "binary int4 for an int8 column"
+    );
     assert_eq!(p.group(&[Some(b"42")], &[0], &[25]), None, "declared text");
     assert_eq!(p.group(&[None], &[], &[]), None, "NULL key");
     assert_eq!(p.group(&[], &[], &[]), None, "missing value");

@@ -1,0 +1,284 @@
+//! Shard-aware routing against a real Citus (coordinator + 2 workers): a
+//! single-shard statement runs on the owning worker's primary, anything
+//! else on the coordinator, and the results are what the coordinator gives.
+//!
+//! Where each transaction ran is read from pgferry's per-node transaction
+//! counts (SHOW LATENCY, kind "xact"), against the owner Citus itself names
+//! (`get_shard_id_for_distribution_column` and `pg_dist_placement`).
+
+mod common;
+
+use common::*;
+use pgferry_tests::citus::{shared_citus_or_skip, CitusCluster};
+use pgferry_tests::{free_port, Ferry};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const TENANTS: i64 = 40;
+
+fn userlist(cluster: &CitusCluster, path: &std::path::Path) {
+    let mut text = String::new();
+    for user in ["app", "admin"] {
+        let secret = cluster
+            .psql(
+                cluster.coordinator_port(),
+                "app",
+                &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{user}'"),
+            )
+            .unwrap();
+        text.push_str(&format!("\"{user}\" \"{secret}\"\n"));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn citus_ferry(cluster: &CitusCluster, extra: &str) -> Ferry {
+    let dir = std::env::temp_dir().join(format!("pgferry-citus-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let users = dir.join("userlist.txt");
+    userlist(cluster, &users);
+    let config = format!(
+        "[listen]\nrw = \"127.0.0.1:{rw}\"\n\
+         [auth]\nmethod = \"scram-sha-256\"\nusers_file = {users:?}\nadmin_users = [\"admin\"]\n\
+         [pool]\npool_size = 4\n\
+         [http]\nlisten = \"127.0.0.1:{http}\"\n\
+         [topology]\nsource = \"static\"\nprimary = \"127.0.0.1:{coord}\"\n\
+         [[user]]\nname = \"app\"\nserver_password = \"app-pass\"\n\
+         [citus]\ndatabase = \"app\"\nuser = \"app\"\npassword = \"app-pass\"\nrefresh_interval = \"300ms\"\n",
+        rw = free_port(),
+        http = free_port(),
+        coord = cluster.coordinator_port(),
+    );
+    let config = pgferry_tests::merge_toml(&config, extra).unwrap();
+    Ferry::start(&config).expect("start pgferry")
+}
+
+/// Transactions pgferry ran per node port so far.
+fn xacts_per_port(ferry: &Ferry) -> BTreeMap<u16, u64> {
+    let out = admin(ferry.rw_port, "SHOW LATENCY");
+    let mut m = BTreeMap::new();
+    for r in out.lines().skip(1).map(|l| l.split('|').collect::<Vec<_>>()) {
+        if r.len() > 5 && r[4] == "xact" {
+            let port: u16 = r[3].rsplit(':').next().unwrap().parse().unwrap();
+            *m.entry(port).or_default() += r[5].parse::<u64>().unwrap();
+        }
+    }
+    m
+}
+
+fn delta(before: &BTreeMap<u16, u64>, after: &BTreeMap<u16, u64>) -> BTreeMap<u16, u64> {
+    after
+        .iter()
+        .map(|(p, n)| (*p, n - before.get(p).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// The port of the worker owning `tenant` of `table`, as Citus says.
+fn owner_port(cluster: &CitusCluster, table: &str, tenant: &str) -> u16 {
+    cluster
+        .coordinator_sql(&format!(
+            "SELECT n.nodeport FROM pg_dist_placement p JOIN pg_dist_node n USING (groupid) \
+             WHERE n.noderole = 'primary' AND p.shardid = get_shard_id_for_distribution_column('{table}', {tenant})"
+        ))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn wait_metadata(ferry: &Ferry, table: &str) {
+    let start = Instant::now();
+    loop {
+        let out = admin(ferry.rw_port, "SHOW CITUS");
+        if out.contains(table) && out.contains("worker primary") {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "metadata never loaded:\n{out}\n{}",
+            ferry.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The tables, once per test binary (tests run concurrently).
+fn setup(cluster: &CitusCluster) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| setup_tables(cluster));
+}
+
+fn setup_tables(cluster: &CitusCluster) {
+    cluster
+        .coordinator_sql(
+            "DROP TABLE IF EXISTS rt_events, rt_ref, rt_seq CASCADE;\n\
+             CREATE TABLE rt_events (tenant_id bigint NOT NULL, id int NOT NULL, v text);\n\
+             SELECT create_distributed_table('rt_events', 'tenant_id', shard_count := 8);\n\
+             CREATE TABLE rt_ref (code text PRIMARY KEY, name text);\n\
+             SELECT create_reference_table('rt_ref');\n\
+             INSERT INTO rt_ref VALUES ('fi', 'Finland'), ('se', 'Sweden');\n\
+             CREATE TABLE rt_seq (tenant_id bigint NOT NULL, id bigserial, v text);\n\
+             SELECT create_distributed_table('rt_seq', 'tenant_id', shard_count := 8);\n\
+             GRANT ALL ON rt_events, rt_ref, rt_seq TO app;\n\
+             GRANT ALL ON SEQUENCE rt_seq_id_seq TO app;",
+        )
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_shard_statements_run_on_the_owner() {
+    let Some(cluster) = shared_citus_or_skip() else {
+        return;
+    };
+    setup(cluster);
+    let ferry = citus_ferry(cluster, "");
+    wait_metadata(&ferry, "public.rt_events");
+    let coord = cluster.coordinator_port();
+    let owners: Vec<u16> = (1..=TENANTS)
+        .map(|t| owner_port(cluster, "rt_events", &t.to_string()))
+        .collect();
+    assert!(owners.iter().all(|p| *p != coord));
+    assert!(owners.iter().any(|p| *p != owners[0]), "both workers own tenants");
+    let expected = |per: u64| {
+        let mut m = BTreeMap::new();
+        for p in &owners {
+            *m.entry(*p).or_insert(0) += per;
+        }
+        m
+    };
+    let c = connect(&ferry, "app", APP_PASS).await;
+
+    // Simple protocol, literal keys: INSERTs and SELECTs by key.
+    let before = xacts_per_port(&ferry);
+    for t in 1..=TENANTS {
+        c.simple_query(&format!(
+            "INSERT INTO rt_events (tenant_id, id, v) VALUES ({t}, 1, 'simple')"
+        ))
+        .await
+        .unwrap();
+    }
+    for t in 1..=TENANTS {
+        let rows = c
+            .simple_query(&format!("SELECT v FROM rt_events WHERE tenant_id = {t}"))
+            .await
+            .unwrap();
+        let n = rows
+            .iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count();
+        assert_eq!(n, 1, "tenant {t}");
+    }
+    assert_eq!(delta(&before, &xacts_per_port(&ferry)), expected(2), "simple protocol");
+
+    // Extended protocol, binary int8 parameter, a named statement prepared
+    // once (its Parse and Describe go to the coordinator: no values yet).
+    let select = c
+        .prepare("SELECT v FROM rt_events WHERE tenant_id = $1 AND id = $2")
+        .await
+        .unwrap();
+    let update = c
+        .prepare("UPDATE rt_events SET v = $2 WHERE tenant_id = $1")
+        .await
+        .unwrap();
+    let before = xacts_per_port(&ferry);
+    for t in 1..=TENANTS {
+        let n = c.execute(&update, &[&t, &"extended"]).await.unwrap();
+        assert_eq!(n, 1);
+        let rows = c.query(&select, &[&t, &1i32]).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].get::<_, &str>(0), "extended");
+    }
+    assert_eq!(
+        delta(&before, &xacts_per_port(&ferry)),
+        expected(2),
+        "extended protocol"
+    );
+
+    // Unnamed statements with text parameters (Parse, Bind, Execute, Sync
+    // in one write), as many drivers send them.
+    let before = xacts_per_port(&ferry);
+    for t in 1..=TENANTS {
+        let rows = c
+            .query_typed(
+                "SELECT count(*) FROM rt_events WHERE tenant_id = $1",
+                &[(&t.to_string(), tokio_postgres::types::Type::TEXT)],
+            )
+            .await;
+        // text parameter declared as text for a bigint column: PostgreSQL
+        // refuses the comparison on any node; pgferry sends it to the
+        // coordinator, which says so.
+        assert!(rows.is_err());
+    }
+    let d = delta(&before, &xacts_per_port(&ferry));
+    assert_eq!(
+        d.keys().copied().collect::<Vec<_>>(),
+        vec![coord],
+        "declared text: coordinator only"
+    );
+
+    // Not single-shard: the coordinator.
+    let before = xacts_per_port(&ferry);
+    let total: i64 = c.query_one("SELECT count(*) FROM rt_events", &[]).await.unwrap().get(0);
+    assert_eq!(total, TENANTS);
+    c.simple_query("SELECT * FROM rt_events WHERE tenant_id = 1 OR tenant_id = 2")
+        .await
+        .unwrap();
+    c.simple_query("SELECT * FROM rt_events WHERE tenant_id IN (1, 2)")
+        .await
+        .unwrap();
+    // bigserial default: drawn on the coordinator.
+    c.simple_query("INSERT INTO rt_seq (tenant_id, v) VALUES (7, 'seq')")
+        .await
+        .unwrap();
+    let d = delta(&before, &xacts_per_port(&ferry));
+    // query_one prepares first: its Parse/Describe/Sync is a transaction too.
+    assert_eq!(
+        d,
+        BTreeMap::from([(coord, 5)]),
+        "multi-shard and sequence statements on the coordinator"
+    );
+    let id: String = cluster
+        .coordinator_sql("SELECT id FROM rt_seq WHERE tenant_id = 7")
+        .unwrap();
+    assert_eq!(id, "1", "the coordinator's sequence range, not a worker's");
+
+    // Reference-table reads stay on whichever primary the session is on.
+    let before = xacts_per_port(&ferry);
+    c.simple_query("SELECT v FROM rt_events WHERE tenant_id = 1")
+        .await
+        .unwrap();
+    let rows = c.query("SELECT name FROM rt_ref WHERE code = 'fi'", &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, &str>(0), "Finland");
+    let d = delta(&before, &xacts_per_port(&ferry));
+    // The reference read is prepared, then run: two transactions, both there.
+    assert_eq!(
+        d,
+        BTreeMap::from([(owners[0], 3)]),
+        "reference read on the worker the session was on"
+    );
+
+    let citus = admin(ferry.rw_port, "SHOW CITUS");
+    assert!(citus.contains("public.rt_events|hash|tenant_id|8|"), "{citus}");
+    assert!(citus.contains("public.rt_ref|reference"), "{citus}");
+    let (code, metrics) = get(http_port(&ferry), "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(metrics.contains("pgferry_citus_transactions_total{target=\"worker\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_off_and_other_databases_use_the_coordinator() {
+    let Some(cluster) = shared_citus_or_skip() else {
+        return;
+    };
+    setup(cluster);
+    let ferry = citus_ferry(cluster, "[citus]\nrouting = \"off\"\n");
+    wait_metadata(&ferry, "public.rt_events");
+    let c = connect(&ferry, "app", APP_PASS).await;
+    let before = xacts_per_port(&ferry);
+    for t in 1..=10i64 {
+        c.simple_query(&format!("SELECT * FROM rt_events WHERE tenant_id = {t}"))
+            .await
+            .unwrap();
+    }
+    let d = delta(&before, &xacts_per_port(&ferry));
+    assert_eq!(d, BTreeMap::from([(cluster.coordinator_port(), 10)]));
+}
