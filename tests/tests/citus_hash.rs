@@ -467,7 +467,7 @@ fn gen_numeric(rng: &mut Rng) -> Vec<String> {
         }
         if rng.chance(8) {
             s.push(*rng.pick(&['e', 'E']));
-            let sign: &str = rng.pick(&["", "+", "-"]);
+            let sign: &&str = rng.pick(&["", "+", "-"]);
             s.push_str(sign);
             s.push_str(&rng.below(45).to_string());
         }
@@ -591,7 +591,7 @@ fn gen_timestamp(rng: &mut Rng) -> Vec<String> {
     for _ in 0..N_RANDOM {
         let mut t = random_timestamp(rng);
         if rng.chance(25) {
-            let zone: &str = rng.pick(&["+02", "Z", " UTC", "-05:30"]);
+            let zone: &&str = rng.pick(&["+02", "Z", " UTC", "-05:30"]);
             t.push_str(zone);
         }
         out.push(ws(rng, t));
