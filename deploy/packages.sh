@@ -8,7 +8,7 @@
 
 # To build and run pgferry with a local PostgreSQL pair (the quickstart).
 PGFERRY_BUILD_PKGS=(postgresql-15 postgresql-client-15 build-essential pkg-config
-    protobuf-compiler libprotobuf-dev openssl ca-certificates curl)
+    protobuf-compiler libprotobuf-dev libclang-dev openssl ca-certificates curl)
 
 # What the test suite adds: etcd and Patroni for failover, PgBouncer for the
 # side-by-side checks, promtool (prometheus), chromium for the status page
