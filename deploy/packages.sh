@@ -5,6 +5,8 @@
 # Google's well-known types (google/protobuf/descriptor.proto), which live in
 # libprotobuf-dev. protobuf-compiler only recommends it, so an install with
 # --no-install-recommends (the quickstart's) left it out and the build failed.
+# libclang-dev: pg_query (libpg_query, the parser behind Citus routing)
+# generates its bindings with bindgen, which loads libclang at build time.
 
 # To build and run pgferry with a local PostgreSQL pair (the quickstart).
 PGFERRY_BUILD_PKGS=(postgresql-15 postgresql-client-15 build-essential pkg-config
