@@ -210,6 +210,15 @@ impl<P> Replies<P> {
         self.status
     }
 
+    /// pgferry itself answered a BEGIN, or the COMMIT/ROLLBACK of a
+    /// transaction that never reached a server (Citus routing defers the
+    /// BEGIN to the node the first statement chooses): the client's view of
+    /// the transaction status. Only with nothing outstanding.
+    pub fn set_status(&mut self, status: TxStatus) {
+        debug_assert!(self.slots.is_empty());
+        self.status = status;
+    }
+
     /// The connection may go to another client: every request answered, the
     /// last one a sync point, the server idle and not skipping.
     pub fn releasable(&self) -> bool {

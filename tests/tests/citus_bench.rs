@@ -31,10 +31,18 @@ fn ferry(cluster: &CitusCluster, routing: &str) -> Ferry {
     std::fs::create_dir_all(&dir).unwrap();
     let users = dir.join("userlist.txt");
     let secret = cluster
-        .psql(cluster.coordinator_port(), "app", "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
+        .psql(
+            cluster.coordinator_port(),
+            "app",
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'",
+        )
         .unwrap();
     let admin = cluster
-        .psql(cluster.coordinator_port(), "app", "SELECT rolpassword FROM pg_authid WHERE rolname = 'admin'")
+        .psql(
+            cluster.coordinator_port(),
+            "app",
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'admin'",
+        )
         .unwrap();
     std::fs::write(&users, format!("\"app\" \"{secret}\"\n\"admin\" \"{admin}\"\n")).unwrap();
     let config = format!(
@@ -67,18 +75,39 @@ struct Run {
     cpu_us: Option<f64>,
 }
 
-fn pgbench(port: u16, script: &std::path::Path, mode: &str, clients: usize, seconds: u64, ferry_pid: Option<u32>) -> Run {
+fn pgbench(
+    port: u16,
+    script: &std::path::Path,
+    mode: &str,
+    clients: usize,
+    seconds: u64,
+    ferry_pid: Option<u32>,
+) -> Run {
     let before = ferry_pid.map(cpu_ticks);
     let out = std::process::Command::new(std::path::Path::new(PG_BIN).join("pgbench"))
         .env("PGPASSWORD", APP_PASS)
-        .args(["-n", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app", "-M", mode])
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "app",
+            "-M",
+            mode,
+        ])
         .args(["-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string(), "-f"])
         .arg(script)
         .arg("app")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pgbench failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let num = |prefix: &str| -> f64 {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(prefix))
@@ -142,7 +171,11 @@ async fn citus_routing_benchmark() {
     )
     .unwrap();
     let insert = dir.join("insert.sql");
-    std::fs::write(&insert, "\\set t random(1, 1000)\nINSERT INTO bench_inserts (tenant_id, v) VALUES (:t, 'x');\n").unwrap();
+    std::fs::write(
+        &insert,
+        "\\set t random(1, 1000)\nINSERT INTO bench_inserts (tenant_id, v) VALUES (:t, 'x');\n",
+    )
+    .unwrap();
 
     let routed = ferry(cluster, "shard");
     let plain = ferry(cluster, "off");
@@ -185,7 +218,9 @@ async fn citus_routing_benchmark() {
                 for (i, (name, _, _)) in targets.iter().enumerate() {
                     let tps = median(&results[i], &|r| r.tps);
                     let lat = median(&results[i], &|r| r.latency_ms);
-                    let cpu = results[i][0].cpu_us.map(|_| median(&results[i], &|r| r.cpu_us.unwrap()));
+                    let cpu = results[i][0]
+                        .cpu_us
+                        .map(|_| median(&results[i], &|r| r.cpu_us.unwrap()));
                     println!(
                         "| {workload} | {mode} | {n} | {name} | {tps:.0} | {lat:.2} | {} | {:.2}x |",
                         cpu.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into()),
@@ -199,7 +234,13 @@ async fn citus_routing_benchmark() {
         }
     }
     let show = admin(routed.rw_port, "SHOW CITUS");
-    println!("\nSHOW CITUS status after the run:\n{}", show.lines().filter(|l| l.starts_with("status")).collect::<Vec<_>>().join("\n"));
+    println!(
+        "\nSHOW CITUS status after the run:\n{}",
+        show.lines()
+            .filter(|l| l.starts_with("status"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     for (mode, n, ratio) in floors {
         let floor = if mode == "prepared" { 2.0 } else { 1.5 };
         println!("floor check: point read {mode} {n} clients: routed/coordinator-only = {ratio:.2} (floor {floor})");

@@ -110,7 +110,7 @@ fn setup(cluster: &CitusCluster) {
 fn setup_tables(cluster: &CitusCluster) {
     cluster
         .coordinator_sql(
-            "DROP TABLE IF EXISTS rt_events, rt_ref, rt_seq CASCADE;\n\
+            "DROP TABLE IF EXISTS rt_events, rt_ref, rt_seq, rt_tx CASCADE;\n\
              CREATE TABLE rt_events (tenant_id bigint NOT NULL, id int NOT NULL, v text);\n\
              SELECT create_distributed_table('rt_events', 'tenant_id', shard_count := 8);\n\
              CREATE TABLE rt_ref (code text PRIMARY KEY, name text);\n\
@@ -118,7 +118,10 @@ fn setup_tables(cluster: &CitusCluster) {
              INSERT INTO rt_ref VALUES ('fi', 'Finland'), ('se', 'Sweden');\n\
              CREATE TABLE rt_seq (tenant_id bigint NOT NULL, id bigserial, v text);\n\
              SELECT create_distributed_table('rt_seq', 'tenant_id', shard_count := 8);\n\
-             GRANT ALL ON rt_events, rt_ref, rt_seq TO app;\n\
+             CREATE TABLE rt_tx (tenant_id bigint NOT NULL, id int NOT NULL, v text);\n\
+             SELECT create_distributed_table('rt_tx', 'tenant_id', colocate_with := 'rt_events');\n\
+             INSERT INTO rt_tx SELECT t, 2, 'tx' FROM generate_series(1, 40) t;\n\
+             GRANT ALL ON rt_events, rt_ref, rt_seq, rt_tx TO app;\n\
              GRANT ALL ON SEQUENCE rt_seq_id_seq TO app;",
         )
         .unwrap();
@@ -281,4 +284,110 @@ async fn routing_off_and_other_databases_use_the_coordinator() {
     }
     let d = delta(&before, &xacts_per_port(&ferry));
     assert_eq!(d, BTreeMap::from([(cluster.coordinator_port(), 10)]));
+}
+
+fn owner_group(cluster: &CitusCluster, table: &str, tenant: i64) -> String {
+    cluster
+        .coordinator_sql(&format!(
+            "SELECT groupid FROM pg_dist_placement WHERE shardid = get_shard_id_for_distribution_column('{table}', {tenant})"
+        ))
+        .unwrap()
+}
+
+fn first_value(msgs: &[tokio_postgres::SimpleQueryMessage]) -> String {
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+/// BEGIN is answered by pgferry and replayed, options and all, on the node
+/// the transaction's first statement chooses: the whole transaction runs on
+/// the owner (pg_dist_local_group, read inside it, names the node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begin_is_replayed_on_the_owner() {
+    let Some(cluster) = shared_citus_or_skip() else {
+        return;
+    };
+    setup(cluster);
+    let ferry = citus_ferry(cluster, "");
+    wait_metadata(&ferry, "public.rt_tx");
+    let mut c = connect(&ferry, "app", APP_PASS).await;
+    let by_key = c
+        .prepare("SELECT v FROM rt_tx WHERE tenant_id = $1 AND id = 2")
+        .await
+        .unwrap();
+    for t in 1..=20i64 {
+        let expected = owner_group(cluster, "rt_tx", t);
+        // Simple protocol inside the transaction.
+        let tx = c.transaction().await.unwrap();
+        tx.simple_query(&format!(
+            "UPDATE rt_tx SET v = 'tx{t}' WHERE tenant_id = {t} AND id = 2"
+        ))
+        .await
+        .unwrap();
+        let g = first_value(
+            &tx.simple_query("SELECT groupid FROM pg_dist_local_group")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(g, expected, "tenant {t}: the transaction ran on its owner");
+        tx.commit().await.unwrap();
+        // A statement prepared before the transaction, bound inside it.
+        let tx = c.transaction().await.unwrap();
+        let rows = tx.query(&by_key, &[&t]).await.unwrap();
+        assert_eq!(rows[0].get::<_, &str>(0), format!("tx{t}"));
+        let g = first_value(
+            &tx.simple_query("SELECT groupid FROM pg_dist_local_group")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(g, expected, "tenant {t}: extended protocol");
+        tx.rollback().await.unwrap();
+    }
+    // Options are replayed exactly.
+    c.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .unwrap();
+    c.simple_query("SELECT * FROM rt_tx WHERE tenant_id = 3").await.unwrap();
+    let iso = first_value(
+        &c.simple_query(
+            "SELECT current_setting('transaction_isolation') || ' ' || current_setting('transaction_read_only')",
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(iso, "repeatable read on");
+    let err = c
+        .simple_query("UPDATE rt_tx SET v = 'no' WHERE tenant_id = 3")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("25006"), "read-only transaction");
+    c.simple_query("ROLLBACK").await.unwrap();
+    // An empty transaction needs no server at all.
+    let before = xacts_per_port(&ferry);
+    for _ in 0..10 {
+        c.simple_query("BEGIN").await.unwrap();
+        c.simple_query("COMMIT").await.unwrap();
+        c.simple_query("START TRANSACTION").await.unwrap();
+        c.simple_query("ROLLBACK").await.unwrap();
+    }
+    assert!(delta(&before, &xacts_per_port(&ferry)).is_empty());
+    // The client sees the right transaction status throughout.
+    c.simple_query("BEGIN").await.unwrap();
+    let err = c
+        .simple_query("SELECT * FROM rt_tx WHERE tenant_id = 'x'")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22P02"));
+    let err = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(
+        err.code().map(|c| c.code()),
+        Some("25P02"),
+        "the failed transaction is still open"
+    );
+    c.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(first_value(&c.simple_query("SELECT 'ok'").await.unwrap()), "ok");
 }

@@ -12,7 +12,11 @@ impl Session {
     /// client's future (memory per idle client). Err carries a connection
     /// that was checked out but needs its settings synced, if any.
     pub(super) fn bind_now(&mut self) -> Result<PooledConn, Option<PooledConn>> {
-        if self.shared.any_paused.load(Relaxed) || self.route_stale() || self.rebalance_due() {
+        if self.shared.any_paused.load(Relaxed)
+            || self.route_stale()
+            || self.rebalance_due()
+            || self.pending_begin.is_some()
+        {
             return Err(None);
         }
         let mut conn = self.pool.try_checkout().ok_or(None)?;
@@ -98,6 +102,17 @@ impl Session {
                     Err(e) if server_gone(&e) && (retries < 3 || Instant::now() < hold_until) => {
                         retries += 1;
                         tracing::info!(client = self.id, server = conn.id, error = %e, "server connection failed before the client's request; retrying");
+                        drop(conn);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.pending_begin.is_some() {
+                match self.replay_begin(&mut conn).await {
+                    Ok(()) => {}
+                    Err(e) if server_gone(&e) && (retries < 3 || Instant::now() < hold_until) => {
+                        retries += 1;
                         drop(conn);
                         continue;
                     }

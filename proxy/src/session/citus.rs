@@ -7,7 +7,7 @@
 //! place with certainty goes to the coordinator, which can run anything.
 
 use super::*;
-use pgferry_routing::citus::analyze::Plan;
+use pgferry_routing::citus::analyze::{Plan, TxControl};
 use pgferry_routing::citus::{Citus, Target};
 use pgferry_routing::Member;
 
@@ -70,6 +70,54 @@ impl Session {
             }
             None => self.move_home(),
         }
+    }
+
+    /// Answers a lone BEGIN (deferred: replayed where the first statement
+    /// goes) or the COMMIT/ROLLBACK of a deferred transaction that ran
+    /// nothing. False: not such a request; handle it as usual.
+    pub(super) fn answer_tx_control(&mut self, frame: &Frame) -> bool {
+        let Some(cr) = self.citus.as_ref() else { return false };
+        if !cr.citus.loaded() || !self.replies.at_boundary() || self.skip_until_sync || self.lost_transaction.is_some()
+        {
+            return false;
+        }
+        let Ok(sql) = frontend::query(frame.body()) else {
+            return false;
+        };
+        let control = cr.citus.analysis(sql, None).control;
+        let (tag, status) = match (control, self.pending_begin.is_some(), self.replies.status()) {
+            (Some(TxControl::Begin(tag)), false, TxStatus::Idle) => {
+                self.pending_begin = Some(frame.bytes.clone());
+                (tag, TxStatus::InTransaction)
+            }
+            (Some(TxControl::Commit), true, _) => {
+                self.pending_begin = None;
+                ("COMMIT", TxStatus::Idle)
+            }
+            (Some(TxControl::Rollback), true, _) => {
+                self.pending_begin = None;
+                ("ROLLBACK", TxStatus::Idle)
+            }
+            _ => return false,
+        };
+        let mut b = BytesMut::with_capacity(32);
+        encode::command_complete(&mut b, tag);
+        encode::ready_for_query(&mut b, status);
+        self.replies.set_status(status);
+        self.respond_local(b.freeze(), true, || None);
+        true
+    }
+
+    /// Replays a deferred BEGIN on `conn`, the server the transaction's
+    /// first statement chose, before that statement goes out.
+    pub(super) async fn replay_begin(&mut self, conn: &mut ServerConn) -> Result<(), PoolError> {
+        let Some(begin) = self.pending_begin.clone() else {
+            return Ok(());
+        };
+        let sql = frontend::query(&begin[5..]).map_err(|_| PoolError::Closed)?;
+        self.internal_query(conn, sql).await?;
+        self.pending_begin = None;
+        Ok(())
     }
 
     fn citus_target(&mut self, citus: &Citus, frame: &Frame) -> Target {

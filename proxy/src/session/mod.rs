@@ -184,6 +184,9 @@ pub struct Session {
     timer: Option<Timer>,
     /// Shard-aware routing, where it applies.
     citus: Option<citus::CitusRoute>,
+    /// A BEGIN pgferry answered itself (Citus routing): the Query frame,
+    /// replayed on the server the transaction's first statement binds.
+    pending_begin: Option<Bytes>,
 }
 
 /// A pending idle timeout and what the client is told when it fires.
@@ -248,6 +251,7 @@ impl Session {
             drain_seen: false,
             timer: None,
             citus,
+            pending_begin: None,
         }
     }
 
@@ -520,6 +524,15 @@ impl Session {
                     self.fail_request(&lost.0, &lost.1, ends_group);
                     continue;
                 }
+            }
+            // Citus routing: a lone BEGIN waits for the statement that
+            // chooses the node (and an empty transaction's end needs none).
+            if self.server.is_none()
+                && frame.tag == frontend::QUERY
+                && self.citus.is_some()
+                && self.answer_tx_control(&frame)
+            {
+                continue;
             }
             if self.server.is_none() && self.needs_server(&frame)? {
                 // Shard-aware routing picks the transaction's node first.

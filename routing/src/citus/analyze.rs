@@ -85,6 +85,23 @@ pub struct Analysis {
     /// Resolved an unqualified name through the client's search_path: the
     /// plan holds only for that search_path.
     pub uses_search_path: bool,
+    /// The string is one plain transaction-control statement, which
+    /// pgferry can answer itself when no server is bound (see
+    /// [`TxControl`]).
+    pub control: Option<TxControl>,
+}
+
+/// A lone BEGIN / COMMIT / ROLLBACK that pgferry may answer itself: a
+/// transaction's BEGIN is replayed, exactly as the client sent it, on the
+/// node its first statement chooses; a COMMIT or ROLLBACK of a transaction
+/// that never ran a statement ends it without a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxControl {
+    /// BEGIN or START TRANSACTION (with any options the grammar accepts:
+    /// they cannot fail on a primary). The command tag to answer with.
+    Begin(&'static str),
+    Commit,
+    Rollback,
 }
 
 impl Analysis {
@@ -92,7 +109,29 @@ impl Analysis {
         Analysis {
             plan: Plan::Coordinator(why),
             uses_search_path: false,
+            control: None,
         }
+    }
+}
+
+/// The transaction-control meaning of a parsed one-statement string.
+fn tx_control(parsed: &pg_query::ParseResult) -> Option<TxControl> {
+    use pg_query::protobuf::TransactionStmtKind as K;
+    let [raw] = parsed.protobuf.stmts.as_slice() else {
+        return None;
+    };
+    let Some(N::TransactionStmt(t)) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
+        return None;
+    };
+    if t.chain {
+        return None;
+    }
+    match K::try_from(t.kind).ok()? {
+        K::TransStmtBegin => Some(TxControl::Begin("BEGIN")),
+        K::TransStmtStart => Some(TxControl::Begin("START TRANSACTION")),
+        K::TransStmtCommit => Some(TxControl::Commit),
+        K::TransStmtRollback => Some(TxControl::Rollback),
+        _ => None,
     }
 }
 
@@ -130,6 +169,7 @@ pub fn analyze(sql: &str, snap: &Snapshot, search_path: Option<&[String]>) -> An
         search_path,
         uses_search_path: false,
     };
+    let control = tx_control(&parsed);
     let mut plan = Plan::Neutral;
     for raw in &parsed.protobuf.stmts {
         let Some(stmt) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
@@ -144,6 +184,7 @@ pub fn analyze(sql: &str, snap: &Snapshot, search_path: Option<&[String]>) -> An
     Analysis {
         plan,
         uses_search_path: cx.uses_search_path,
+        control,
     }
 }
 

@@ -157,6 +157,7 @@ impl Citus {
             return Arc::new(Analysis {
                 plan: Plan::Coordinator("not UTF-8"),
                 uses_search_path: false,
+                control: None,
             });
         };
         self.counters.plans_analysed.fetch_add(1, Relaxed);

@@ -233,3 +233,34 @@ fn parameters_are_decided_at_bind() {
     assert_eq!(p.group(&[Some(b"100")], &[], &[]), Some(1));
     assert_eq!(p.group(&[Some(b"42")], &[], &[]), None);
 }
+
+#[test]
+fn transaction_control_pgferry_may_answer() {
+    let c = |sql: &str| analyze(sql, &snapshot(), None).control;
+    assert_eq!(c("BEGIN"), Some(TxControl::Begin("BEGIN")));
+    assert_eq!(
+        c("begin isolation level repeatable read, read only"),
+        Some(TxControl::Begin("BEGIN"))
+    );
+    assert_eq!(
+        c("START TRANSACTION READ WRITE"),
+        Some(TxControl::Begin("START TRANSACTION"))
+    );
+    assert_eq!(c("COMMIT"), Some(TxControl::Commit));
+    assert_eq!(c("END"), Some(TxControl::Commit));
+    assert_eq!(c("ROLLBACK"), Some(TxControl::Rollback));
+    assert_eq!(c("ABORT"), Some(TxControl::Rollback));
+    for sql in [
+        "BEGIN ISOLATION LEVEL nonsense",
+        "BEGIN; SELECT 1",
+        "COMMIT AND CHAIN",
+        "ROLLBACK AND CHAIN",
+        "SAVEPOINT a",
+        "ROLLBACK TO SAVEPOINT a",
+        "PREPARE TRANSACTION 'x'",
+        "COMMIT PREPARED 'x'",
+        "SELECT 1",
+    ] {
+        assert_eq!(c(sql), None, "{sql}");
+    }
+}
