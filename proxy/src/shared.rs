@@ -449,10 +449,10 @@ impl Shared {
         // the announcement is gone), what still runs on the old leader is
         // cut; if that node is the leader again, it simply finishes.
         self.draining_pools.lock().unwrap().retain(|p| {
-            if draining_from == Some(&*p.key.node) {
+            if draining_from == Some(&*p.key.node) || topology.draining_worker(&p.key.node) {
                 return true;
             }
-            let leader_again = topology.primary.as_ref().is_some_and(|m| m.addr == p.key.node);
+            let leader_again = self.router.allows(Role::ReadWrite, &p.key.node);
             if !leader_again {
                 let cut = p.retire("switchover done: node is no longer the leader");
                 tracing::warn!(node = %p.key.node, db = %p.key.database, user = %p.key.user, connections_cut = cut, "read-write pool retired after the switchover");
@@ -476,7 +476,7 @@ impl Shared {
                     p.key.database, p.key.user, p.key.node
                 ));
                 tracing::info!(node = %p.key.node, db = %p.key.database, user = %p.key.user, "read-only pool closed: node no longer eligible");
-            } else if draining_from == Some(&*p.key.node) {
+            } else if draining_from == Some(&*p.key.node) || topology.draining_worker(&p.key.node) {
                 // Switchover announced: hold new transactions, let running
                 // ones finish (they would commit anyway before Patroni stops
                 // the node; cutting them would tell their clients otherwise).

@@ -74,8 +74,9 @@ struct Watcher {
     /// One `Member` per (name, address), so that session counts survive
     /// republishing.
     members: HashMap<(String, NodeAddr), Arc<Member>>,
-    /// What routing last published: (primary, standbys).
-    published: Option<(Option<NodeAddr>, Vec<NodeAddr>)>,
+    /// What routing last published: (primary, standbys, worker group leaders).
+    #[allow(clippy::type_complexity)]
+    published: Option<(Option<NodeAddr>, Vec<NodeAddr>, Vec<(u32, Option<NodeAddr>)>)>,
     /// Since when a switchover announced in the `failover` key holds
     /// writes, and the leader it was announced under.
     draining_since: Option<(Instant, Option<String>)>,
@@ -501,9 +502,41 @@ impl Watcher {
                 (*g, grp.leader.clone(), addr)
             })
             .collect();
+        // Worker groups' leaders (Citus layout): routed to directly by
+        // Citus routing. A group whose leader key is gone (or whose leader
+        // Patroni is moving away from) has none: its transactions wait.
+        let groups = self.cfg.citus.then(|| {
+            let leaders: Vec<(u32, Option<(String, NodeAddr)>)> = self
+                .state
+                .groups
+                .iter()
+                .filter(|(g, _)| **g != 0)
+                .map(|(g, grp)| {
+                    let leader = grp.leader_member().filter(|_| !grp.failover_pending).map(|m| {
+                        (
+                            m.name.clone(),
+                            NodeAddr {
+                                host: m.host.clone(),
+                                port: m.port,
+                            },
+                        )
+                    });
+                    (*g, leader)
+                })
+                .collect();
+            leaders
+                .into_iter()
+                .map(|(g, l)| (g, l.map(|(name, addr)| self.member(&name, &addr))))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        });
         let routing = (
             primary.as_ref().map(|p| (*p.addr).clone()),
             standbys.iter().map(|s| (*s.addr).clone()).collect::<Vec<_>>(),
+            groups
+                .iter()
+                .flatten()
+                .map(|(g, m)| (*g, m.as_ref().map(|m| (*m.addr).clone())))
+                .collect::<Vec<_>>(),
         );
         let routing_changed = self.published.as_ref() != Some(&routing);
         if routing_changed {
@@ -552,6 +585,7 @@ impl Watcher {
             primary,
             standbys,
             draining_from,
+            groups,
             view,
         };
         if routing_changed {

@@ -62,8 +62,37 @@ pub struct Topology {
     /// goes there, but those already running may finish (until the leader
     /// key moves, or the node stops).
     pub draining_from: Option<NodeAddr>,
+    /// Citus worker groups' leaders, when the source follows them (Patroni's
+    /// Citus layout in etcd): None while a group has no leader (a failover).
+    /// Without it, worker primaries come from the Citus metadata.
+    pub groups: Option<std::collections::BTreeMap<u32, Option<Arc<Member>>>>,
     /// What the console and metrics show.
     pub view: View,
+}
+
+impl Topology {
+    /// A worker group's leader that Patroni is moving away from (a
+    /// switchover announced in etcd): its running transactions may finish,
+    /// new ones wait for the new leader.
+    pub fn draining_worker(&self, addr: &NodeAddr) -> bool {
+        let Some(groups) = &self.groups else { return false };
+        let addr = addr.to_string();
+        self.view
+            .workers
+            .iter()
+            .any(|(g, _, a)| groups.get(g).is_some_and(Option::is_none) && a.as_deref() == Some(addr.as_str()))
+    }
+}
+
+/// Where a Citus worker group's transactions may go now.
+#[derive(Debug, Clone)]
+pub enum GroupLeader {
+    Leader(Arc<Member>),
+    /// The topology source follows this group and it has no leader now
+    /// (a failover): hold the transaction.
+    NoLeader,
+    /// Nobody knows the group.
+    Unknown,
 }
 
 /// The topology as operators see it (SHOW TOPOLOGY, /metrics, logs).
@@ -168,6 +197,7 @@ impl Topology {
                     primary: Some(primary),
                     standbys,
                     draining_from: None,
+                    groups: None,
                     view,
                 })
             }
@@ -268,6 +298,33 @@ impl Router {
         self.citus.as_ref()
     }
 
+    /// A Citus worker group's leader: the topology's (etcd, Citus layout)
+    /// when it follows the group, else the Citus metadata's primary.
+    pub fn group_leader(&self, group: u32) -> GroupLeader {
+        if let Some(groups) = &self.rx.borrow().groups {
+            match groups.get(&group) {
+                Some(Some(m)) => return GroupLeader::Leader(m.clone()),
+                Some(None) => return GroupLeader::NoLeader,
+                None => {}
+            }
+        }
+        match self.citus.as_ref().and_then(|c| c.group(group)) {
+            Some(m) => GroupLeader::Leader(m),
+            None => GroupLeader::Unknown,
+        }
+    }
+
+    /// Whether `addr` is a Citus worker group's leader now.
+    fn is_group_leader(&self, topo: &Topology, addr: &NodeAddr) -> bool {
+        let Some(citus) = &self.citus else { return false };
+        match &topo.groups {
+            // The topology follows the groups: only its leaders count (a
+            // stale pg_dist_node row must not keep a demoted worker).
+            Some(groups) => groups.values().flatten().any(|m| *m.addr == *addr),
+            None => citus.is_group_primary(addr),
+        }
+    }
+
     /// Makes sessions re-check their routes at their next transaction (the
     /// Citus groups changed).
     pub fn touch(&self) {
@@ -324,7 +381,7 @@ impl Router {
         let topo = self.rx.borrow();
         let is_primary = topo.primary.as_ref().is_some_and(|p| *p.addr == *addr);
         match role {
-            Role::ReadWrite => is_primary || self.citus.as_ref().is_some_and(|c| c.is_group_primary(addr)),
+            Role::ReadWrite => is_primary || self.is_group_leader(&topo, addr),
             Role::ReadOnly => {
                 topo.standbys.iter().any(|s| *s.addr == *addr)
                     || (is_primary && self.ro_fallback_to_primary && (!prefer_standbys || topo.standbys.is_empty()))
@@ -387,6 +444,7 @@ mod tests {
             primary: Some(member("p:1").unwrap()),
             standbys: standbys.iter().map(|s| member(s).unwrap()).collect(),
             draining_from: None,
+            groups: None,
             view: View::default(),
         }
     }
@@ -416,6 +474,7 @@ mod tests {
             primary: Some(member("n:1").unwrap()),
             standbys: vec![reader.member.clone(), old_primary.clone()],
             draining_from: None,
+            groups: None,
             view: View::default(),
         });
         assert_eq!(old_primary.sessions(Role::ReadWrite), 5);

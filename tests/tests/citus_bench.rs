@@ -111,7 +111,7 @@ fn pgbench(
     let num = |prefix: &str| -> f64 {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(prefix))
-            .and_then(|r| r.trim().split_whitespace().next())
+            .and_then(|r| r.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
     };

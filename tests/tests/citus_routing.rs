@@ -391,3 +391,80 @@ async fn begin_is_replayed_on_the_owner() {
     c.simple_query("ROLLBACK").await.unwrap();
     assert_eq!(first_value(&c.simple_query("SELECT 'ok'").await.unwrap()), "ok");
 }
+
+/// Consecutive transactions on different groups keep the session whole:
+/// settings follow the client to every node, named statements work on
+/// both workers, cancel reaches the worker running the query, and a
+/// session pinned by a temporary table stays where the table is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_follows_the_client_across_groups() {
+    let Some(cluster) = shared_citus_or_skip() else {
+        return;
+    };
+    setup(cluster);
+    let ferry = citus_ferry(cluster, "");
+    wait_metadata(&ferry, "public.rt_events");
+    let c = connect(&ferry, "app", APP_PASS).await;
+    let groups: Vec<String> = (1..=40).map(|t| owner_group(cluster, "rt_tx", t)).collect();
+    let t1 = 1 + groups.iter().position(|g| g == "1").unwrap() as i64;
+    let t2 = 1 + groups.iter().position(|g| g == "2").unwrap() as i64;
+    c.simple_query("SET application_name = 'ferry-citus'; SET statement_timeout = '55s'")
+        .await
+        .unwrap();
+    let probe_routed = c
+        .prepare("SELECT current_setting('application_name'), current_setting('statement_timeout') FROM rt_tx WHERE tenant_id = $1 AND id = 2")
+        .await
+        .unwrap();
+    for round in 0..10 {
+        for t in [t1, t2] {
+            let r = c.query_one(&probe_routed, &[&t]).await.unwrap();
+            assert_eq!(r.get::<_, &str>(0), "ferry-citus", "round {round} tenant {t}");
+            assert_eq!(r.get::<_, &str>(1), "55s");
+        }
+        // And on the coordinator, in between.
+        let r = c
+            .query_one("SELECT current_setting('application_name')", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, &str>(0), "ferry-citus");
+    }
+    let before = xacts_per_port(&ferry);
+    for t in [t1, t2, t1, t2] {
+        c.query_one(&probe_routed, &[&t]).await.unwrap();
+    }
+    let d = delta(&before, &xacts_per_port(&ferry));
+    assert_eq!(d.len(), 2, "both workers served: {d:?}");
+    assert!(!d.contains_key(&cluster.coordinator_port()));
+
+    // Cancel reaches the worker running the statement.
+    let token = c.cancel_token();
+    let slow = c
+        .prepare("SELECT pg_sleep(20), v FROM rt_tx WHERE tenant_id = $1 AND id = 2")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    let err = c.query(&slow, &[&t2]).await.unwrap_err();
+    canceller.await.unwrap().unwrap();
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    c.query_one(&probe_routed, &[&t1]).await.unwrap();
+
+    // A temporary table pins the session to its node: keyed statements
+    // after it stay there (else the table would vanish).
+    c.simple_query("CREATE TEMP TABLE pinned_here (x int); INSERT INTO pinned_here VALUES (1)")
+        .await
+        .unwrap();
+    for t in [t1, t2, t1, t2] {
+        c.query_one(&probe_routed, &[&t]).await.unwrap();
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM pinned_here", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
+    }
+}

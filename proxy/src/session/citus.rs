@@ -9,7 +9,18 @@
 use super::*;
 use pgferry_routing::citus::analyze::{Plan, TxControl};
 use pgferry_routing::citus::{Citus, Target};
-use pgferry_routing::Member;
+use pgferry_routing::{GroupLeader, Member};
+
+/// What routing a transaction asks of the caller.
+pub(super) enum RouteStep {
+    /// The session's pool is where the transaction goes.
+    Ready,
+    /// Back to the coordinator, and none is known now (a failover): the
+    /// binding's slow path waits for one.
+    NeedHome,
+    /// The owning worker group is between leaders: wait for one.
+    HoldForGroup(u32),
+}
 
 /// Per-session routing state (present only where routing applies: the
 /// read-write port, transaction pooling, the Citus database).
@@ -39,37 +50,69 @@ impl CitusRoute {
 
 impl Session {
     /// Moves the session to where the transaction `frame` starts belongs.
-    /// Returns false when it must go back to the coordinator but none is
-    /// known now (a failover): the caller waits for one (`reroute`).
-    pub(super) fn route_transaction(&mut self, frame: &Frame) -> bool {
-        let Some(cr) = self.citus.as_mut() else { return true };
+    pub(super) fn route_transaction(&mut self, frame: &Frame) -> RouteStep {
+        let Some(cr) = self.citus.as_mut() else {
+            return RouteStep::Ready;
+        };
         if !cr.citus.loaded() {
-            return true;
+            return RouteStep::Ready;
         }
         let citus = cr.citus.clone();
         let target = self.citus_target(&citus, frame);
         citus.count(target);
-        let member = match target {
-            Target::Group(g) => match citus.group(g) {
-                Some(m) => Some((g, m)),
-                None => {
-                    citus.counters.no_primary.fetch_add(1, Relaxed);
-                    None
-                }
-            },
+        match target {
+            Target::Group(g) => self.route_to_group(g),
             // Reference-table reads: the primary the session is on has them.
-            Target::AnyPrimary => return true,
-            Target::Coordinator | Target::Undecided => None,
-        };
-        match member {
-            Some((g, m)) => {
+            Target::AnyPrimary => RouteStep::Ready,
+            Target::Coordinator | Target::Undecided => self.move_home(),
+        }
+    }
+
+    fn route_to_group(&mut self, g: u32) -> RouteStep {
+        match self.shared.router.group_leader(g) {
+            GroupLeader::Leader(m) => {
                 if *m.addr != *self.route.member.addr {
                     self.move_to_group(g, m);
                 }
-                true
+                RouteStep::Ready
             }
-            None => self.move_home(),
+            GroupLeader::NoLeader => RouteStep::HoldForGroup(g),
+            GroupLeader::Unknown => {
+                if let Some(cr) = &self.citus {
+                    cr.citus.counters.no_primary.fetch_add(1, Relaxed);
+                }
+                self.move_home()
+            }
         }
+    }
+
+    /// A worker group is between leaders (a failover or switchover): hold
+    /// the transaction, as the coordinator's are held, until the topology
+    /// names a new leader, for up to failover_hold_timeout.
+    pub(super) async fn hold_for_group(&mut self, g: u32) -> Result<(), PoolError> {
+        let hold = self.shared.failover_hold();
+        let deadline = Instant::now() + hold;
+        let mut topology = self.shared.router.subscribe();
+        self.client.entry.set_waiting(true);
+        let r = loop {
+            match self.route_to_group(g) {
+                RouteStep::Ready => break Ok(()),
+                RouteStep::NeedHome => {
+                    self.route_gen = 0;
+                    break Ok(());
+                }
+                RouteStep::HoldForGroup(_) => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(PoolError::NoServer(format!(
+                    "Citus worker group {g} has no leader (no new leader within failover_hold_timeout, {hold:?})"
+                )));
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), topology.changed()).await;
+        };
+        self.client.entry.set_waiting(false);
+        r
     }
 
     /// Answers a lone BEGIN (deferred: replayed where the first statement
@@ -211,14 +254,13 @@ impl Session {
         self.switch_pool(pool, Route::claim(member, Role::ReadWrite));
     }
 
-    /// Back to the coordinator (the topology's primary). False: there is
-    /// none now.
-    fn move_home(&mut self) -> bool {
+    /// Back to the coordinator (the topology's primary).
+    fn move_home(&mut self) -> RouteStep {
         if self.citus.as_ref().is_none_or(|c| c.on_group.is_none()) {
-            return true;
+            return RouteStep::Ready;
         }
         let Some(route) = self.shared.router.route(Role::ReadWrite) else {
-            return false;
+            return RouteStep::NeedHome;
         };
         let key = &self.pool.key;
         let pool = self
@@ -229,7 +271,7 @@ impl Session {
             cr.on_group = None;
         }
         self.switch_pool(pool, route);
-        true
+        RouteStep::Ready
     }
 
     /// Makes `pool` the session's pool (between transactions).

@@ -536,10 +536,19 @@ impl Session {
             }
             if self.server.is_none() && self.needs_server(&frame)? {
                 // Shard-aware routing picks the transaction's node first.
-                if self.citus.is_some() && !self.route_transaction(&frame) {
-                    // Back to the coordinator, and none is known now: the
-                    // slow path waits for one.
-                    self.route_gen = 0;
+                if self.citus.is_some() {
+                    match self.route_transaction(&frame) {
+                        citus::RouteStep::Ready => {}
+                        // The slow path waits for a coordinator.
+                        citus::RouteStep::NeedHome => self.route_gen = 0,
+                        citus::RouteStep::HoldForGroup(g) => {
+                            if let Err(e) = Box::pin(self.hold_for_group(g)).await {
+                                self.interned = None;
+                                self.fail_pool(&e, frame.tag == frontend::QUERY);
+                                continue;
+                            }
+                        }
+                    }
                 }
                 let bound = match self.bind_now() {
                     Ok(conn) => {
