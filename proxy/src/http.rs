@@ -461,6 +461,39 @@ fn status_page(shared: &Shared) -> String {
             if m.serving_reads { "yes" } else { "no" }
         );
     }
+    if let Some(citus) = shared.router.citus() {
+        let snap = citus.snapshot();
+        let c = &citus.counters;
+        let age = snap
+            .loaded_at
+            .and_then(|t| t.elapsed().ok())
+            .map(|d| format!("{:.1} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "not loaded".into());
+        let _ = write!(
+            h,
+            "</table><h2>Citus</h2><table id=\"citus\"><tr><th class=l>database</th><th class=l>routing</th>\
+             <th class=l>metadata age</th><th>tables</th><th>refreshes</th><th>refresh errors</th>\
+             <th>to workers</th><th>to coordinator</th><th>any node</th></tr>\
+             <tr><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+             <td>{}</td><td>{}</td><td>{}</td></tr>",
+            html(&citus.database),
+            if citus.enabled { "shard" } else { "off" },
+            html(&age),
+            snap.tables.len(),
+            c.refreshes.load(Relaxed),
+            c.refresh_errors.load(Relaxed),
+            c.routed.load(Relaxed),
+            c.coordinator.load(Relaxed),
+            c.any_node.load(Relaxed),
+        );
+        h.push_str("</table><table id=\"citus-groups\"><tr><th>group</th><th class=l>leader</th></tr>");
+        for (g, m) in shared.router.group_leaders() {
+            let _ = write!(h, "<tr><td>{g}</td><td class=l>{}</td></tr>", html(&m.addr.to_string()));
+        }
+        if let Some(e) = citus.last_error.lock().unwrap().as_ref() {
+            let _ = write!(h, "<tr><td></td><td class=l>last refresh error: {}</td></tr>", html(e));
+        }
+    }
     h.push_str(
         "</table><h2>Latency (last one or two stats periods, ms)</h2><table id=\"latency\"><tr>\
          <th class=l>database</th><th class=l>user</th><th class=l>port</th><th class=l>kind</th><th>count</th>\

@@ -138,6 +138,13 @@ impl ClientParams {
         find(&self.overrides, name).or_else(|| find(&self.base, name))
     }
 
+    /// The client's value of any parameter pgferry keeps: reported ones
+    /// first, then the settings it syncs (search_path, unless the server
+    /// reports it).
+    pub fn value(&self, name: &str) -> Option<&str> {
+        self.get(name).or_else(|| find(&self.settings, name))
+    }
+
     /// The client's fingerprint (see [`server_fingerprint`]).
     pub fn fingerprint(&mut self) -> u64 {
         if let Some(fp) = self.fingerprint {

@@ -501,3 +501,71 @@ async fn any_node_balances_multi_shard_reads() {
     let d = delta(&before, &xacts_per_port(&ferry));
     assert_eq!(d, BTreeMap::from([(cluster.coordinator_port(), 6)]));
 }
+
+/// Schema-based sharding: a distributed schema's tables live on one group;
+/// statements on them go there, by qualified name or through the client's
+/// search_path. The status page shows the Citus state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_schemas_route_to_their_group() {
+    let Some(cluster) = shared_citus_or_skip() else {
+        return;
+    };
+    setup(cluster);
+    cluster
+        .coordinator_sql(
+            "DROP SCHEMA IF EXISTS rt_tenant_a, rt_tenant_b CASCADE;\n\
+             SET citus.enable_schema_based_sharding TO on;\n\
+             CREATE SCHEMA rt_tenant_a; CREATE SCHEMA rt_tenant_b;\n\
+             CREATE TABLE rt_tenant_a.orders (id int PRIMARY KEY, v text);\n\
+             CREATE TABLE rt_tenant_b.orders (id int PRIMARY KEY, v text);\n\
+             GRANT USAGE ON SCHEMA rt_tenant_a, rt_tenant_b TO app;\n\
+             GRANT ALL ON rt_tenant_a.orders, rt_tenant_b.orders TO app;",
+        )
+        .unwrap();
+    let group_of = |schema: &str| {
+        cluster
+            .coordinator_sql(&format!(
+                "SELECT n.nodeport FROM pg_dist_partition p JOIN pg_dist_shard s USING (logicalrelid) \
+                 JOIN pg_dist_placement pl USING (shardid) JOIN pg_dist_node n ON n.groupid = pl.groupid \
+                 WHERE p.logicalrelid = '{schema}.orders'::regclass AND n.noderole = 'primary'"
+            ))
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
+    let (a, b) = (group_of("rt_tenant_a"), group_of("rt_tenant_b"));
+    let ferry = citus_ferry(cluster, "");
+    wait_metadata(&ferry, "rt_tenant_b.orders");
+    let c = connect(&ferry, "app", APP_PASS).await;
+    let before = xacts_per_port(&ferry);
+    c.simple_query("INSERT INTO rt_tenant_a.orders VALUES (1, 'a')")
+        .await
+        .unwrap();
+    c.simple_query("INSERT INTO rt_tenant_b.orders VALUES (1, 'b')")
+        .await
+        .unwrap();
+    let mut expected = BTreeMap::new();
+    *expected.entry(a).or_insert(0) += 1;
+    *expected.entry(b).or_insert(0) += 1;
+    assert_eq!(delta(&before, &xacts_per_port(&ferry)), expected, "qualified names");
+    // Unqualified: "orders" exists in both schemas, so only the client's
+    // search_path can say which (SET is kept by pgferry and synced).
+    c.simple_query("SET search_path = rt_tenant_b, public").await.unwrap();
+    let before = xacts_per_port(&ferry);
+    let v = first_value(&c.simple_query("SELECT v FROM orders WHERE id = 1").await.unwrap());
+    assert_eq!(v, "b");
+    assert_eq!(
+        delta(&before, &xacts_per_port(&ferry)),
+        BTreeMap::from([(b, 1)]),
+        "search_path; relations named orders: {}",
+        cluster
+            .coordinator_sql("SELECT string_agg(c.relnamespace::regnamespace || '.' || c.relname || ':' || c.relkind::text, ' ') FROM pg_class c WHERE c.relname = 'orders'")
+            .unwrap()
+    );
+    let (code, page) = get(http_port(&ferry), "/").await;
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("<h2>Citus</h2>") && page.contains("id=\"citus-groups\""),
+        "{page}"
+    );
+}

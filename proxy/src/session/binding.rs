@@ -174,6 +174,12 @@ impl Session {
             if !logged {
                 tracing::info!(client = self.id, error = %err, "server unreachable; holding the transaction until it returns or the topology changes");
                 logged = true;
+                // A Citus worker that cannot be reached may have left the
+                // cluster or moved: read the metadata again now rather than
+                // at the next periodic check.
+                if let Some(cr) = self.citus.as_ref().filter(|c| c.on_group.is_some()) {
+                    cr.citus.refresh_now.notify_one();
+                }
             }
             let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), topology.changed()).await;
             if self.route_stale() {

@@ -59,6 +59,7 @@ impl Session {
         }
         let citus = cr.citus.clone();
         let target = self.citus_target(&citus, frame);
+        tracing::trace!(client = self.id, ?target, search_path = ?self.params.value("search_path"), "citus: transaction target");
         citus.count(target);
         match target {
             Target::Group(g) => self.route_to_group(g),
@@ -182,6 +183,7 @@ impl Session {
             frontend::QUERY => match frontend::query(body) {
                 Ok(sql) => {
                     let a = citus.analysis(sql, self.search_path());
+                    tracing::trace!(client = self.id, plan = ?a.plan, "citus: plan");
                     a.plan.target().unwrap_or(Target::Coordinator)
                 }
                 Err(_) => Target::Coordinator,
@@ -239,7 +241,7 @@ impl Session {
     /// The client's search_path as a list of schemas (`$user` expanded),
     /// None when it is not known.
     fn search_path(&mut self) -> Option<&[String]> {
-        let raw = self.params.get("search_path")?;
+        let raw = self.params.value("search_path")?;
         let cr = self.citus.as_mut()?;
         if cr.search_path.as_ref().map(|s| s.0.as_str()) != Some(raw) {
             let schemas = parse_search_path(raw, &self.pool.settings.server_user);

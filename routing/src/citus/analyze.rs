@@ -325,7 +325,9 @@ impl Cx<'_> {
             return None;
         }
         let schema = (!rv.schemaname.is_empty()).then_some(rv.schemaname.as_str());
-        if schema.is_none() && self.search_path.is_some() {
+        // The answer for an unqualified name depends on the search_path,
+        // known or not: the plan holds only for the one it was made under.
+        if schema.is_none() {
             self.uses_search_path = true;
         }
         self.snap.resolve(schema, &rv.relname, self.search_path).cloned()
@@ -452,12 +454,15 @@ impl Cx<'_> {
                 _ => None,
             })
             .collect();
-        if cols.len() != i.cols.len() || cols.is_empty() {
-            return Plan::Coordinator("INSERT without a plain column list");
+        if cols.len() != i.cols.len() {
+            return Plan::Coordinator("INSERT with an indirect column");
         }
         // Sequence defaults are drawn on the coordinator (on a worker, int
-        // sequences fail and bigint ones give node-specific values).
-        if table.sequence_columns.iter().any(|s| !cols.contains(&s.as_str())) {
+        // sequences fail and bigint ones give node-specific values): routed
+        // only when the column list gives every sequence column a value.
+        if !table.sequence_columns.is_empty()
+            && (cols.is_empty() || table.sequence_columns.iter().any(|s| !cols.contains(&s.as_str())))
+        {
             return Plan::Coordinator("INSERT relies on a sequence default");
         }
         let rows = match i.select_stmt.as_deref().and_then(|s| s.node.as_ref()) {
@@ -468,6 +473,9 @@ impl Cx<'_> {
             TableKind::SingleShard { group } => return Plan::Group(group),
             TableKind::Hash => {}
             _ => return Plan::Coordinator("reference write or unroutable table"),
+        }
+        if cols.is_empty() {
+            return Plan::Coordinator("INSERT without a column list");
         }
         let (Some(column), Some(ty)) = (table.column.as_deref(), table.dist_type) else {
             return Plan::Coordinator("distribution column type not hashed by pgferry");

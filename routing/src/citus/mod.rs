@@ -185,6 +185,7 @@ impl Citus {
             CachedPlan {
                 generation: snap.generation,
                 search_path: search_path.filter(|_| a.uses_search_path).map(Into::into),
+                // (None with uses_search_path: made without a known path.)
                 analysis: a.clone(),
             },
         );

@@ -177,6 +177,11 @@ fn other_table_kinds() {
     ));
     assert_eq!(group("SELECT * FROM tenant_acme.orders"), Some(2));
     assert_eq!(group("INSERT INTO tenant_acme.orders (id) VALUES (1)"), Some(2));
+    assert_eq!(group("INSERT INTO tenant_acme.orders VALUES (1, 'x')"), Some(2));
+    assert!(
+        coordinator("INSERT INTO accounts VALUES (7, 42)"),
+        "sequence column, no list"
+    );
     assert_eq!(group("UPDATE tenant_acme.orders SET x = 1"), Some(2));
     // Sequence columns given explicitly: routable.
     assert_eq!(group("INSERT INTO accounts (id, tenant_id) VALUES (7, 42)"), Some(2));
@@ -275,4 +280,49 @@ fn transaction_control_pgferry_may_answer() {
     ] {
         assert_eq!(c(sql), None, "{sql}");
     }
+}
+
+#[test]
+fn same_name_in_two_distributed_schemas() {
+    let mut snap = snapshot();
+    for (schema, g) in [("ta", 1), ("tb", 2)] {
+        let t = Table {
+            oid: 9,
+            schema: schema.into(),
+            name: "orders".into(),
+            kind: TableKind::SingleShard { group: g },
+            colocation: 9,
+            column: None,
+            dist_type: None,
+            type_oid: 0,
+            sequence_columns: vec![],
+            shards: vec![],
+        };
+        snap.tables.insert((schema.into(), "orders".into()), Arc::new(t));
+        snap.same_named.entry("orders".into()).or_default().push(schema.into());
+    }
+    let path = vec!["tb".to_string(), "public".to_string()];
+    let a = analyze("SELECT v FROM orders WHERE id = 1", &snap, Some(&path));
+    assert!(matches!(a.plan, Plan::Group(2)), "{:?}", a.plan);
+}
+
+#[test]
+fn cached_plans_respect_the_search_path() {
+    let mut snap = snapshot();
+    snap.same_named.get_mut("orders").unwrap().push("other".into());
+    let citus = crate::citus::Citus::new("app".into(), true, false);
+    citus.install(snap);
+    let sql = b"SELECT * FROM orders";
+    assert!(
+        matches!(citus.analysis(sql, None).plan, Plan::Coordinator(_)),
+        "ambiguous without a path"
+    );
+    let path = vec!["tenant_acme".to_string()];
+    assert!(
+        matches!(citus.analysis(sql, Some(&path)).plan, Plan::Group(2)),
+        "not the cached plan"
+    );
+    let other = vec!["other".to_string()];
+    assert!(matches!(citus.analysis(sql, Some(&other)).plan, Plan::Coordinator(_)));
+    assert!(matches!(citus.analysis(sql, Some(&path)).plan, Plan::Group(2)));
 }
