@@ -44,6 +44,7 @@ pub async fn run(citus: Arc<Citus>, router: Router, login: CheckLogin, interval:
         let mut client = client;
         let mut fingerprint = String::new();
         let mut full = true;
+        let mut seen_generation = router.generation();
         topology.borrow_and_update();
         loop {
             let step = async {
@@ -62,6 +63,11 @@ pub async fn run(citus: Arc<Citus>, router: Router, login: CheckLogin, interval:
                 }
             };
             match tokio::time::timeout(STEP_TIMEOUT, step).await {
+                // A reload after a topology change that found the metadata
+                // unchanged: nothing to install.
+                Ok(Ok(Some(snap))) if snap.fingerprint == fingerprint => {
+                    citus.counters.checks.fetch_add(1, Relaxed);
+                }
                 Ok(Ok(Some(snap))) => {
                     fingerprint = snap.fingerprint.clone();
                     tracing::info!(
@@ -75,6 +81,9 @@ pub async fn run(citus: Arc<Citus>, router: Router, login: CheckLogin, interval:
                     citus.counters.refreshes.fetch_add(1, Relaxed);
                     *citus.last_error.lock().unwrap() = None;
                     changed();
+                    // Our own change (sessions told to re-route) is not a
+                    // topology change to reload for.
+                    seen_generation = router.generation();
                 }
                 Ok(Ok(None)) => {
                     citus.counters.checks.fetch_add(1, Relaxed);
@@ -111,12 +120,17 @@ pub async fn run(citus: Arc<Citus>, router: Router, login: CheckLogin, interval:
                         topology_open = false;
                         continue;
                     }
-                    // A new coordinator: reconnect there; any change: reload
-                    // all (a worker failover changes pg_dist_node).
+                    // A new coordinator: reconnect there. A routing change
+                    // (not a lag or view update, which come often): reload,
+                    // a worker failover changes pg_dist_node.
                     if router.topology().primary.as_ref().map(|p| p.addr.clone()) != Some(addr.clone()) {
                         break;
                     }
-                    full = true;
+                    let g = router.generation();
+                    if g != seen_generation {
+                        seen_generation = g;
+                        full = true;
+                    }
                 }
             }
         }
