@@ -751,6 +751,7 @@ impl PatroniCluster {
              \x20 bin_dir: {bin}\n\
              \x20 pgpass: {pgpass}\n\
              \x20 use_unix_socket: true\n\
+             {basebackup}\
              \x20 authentication:\n\
              \x20   superuser: {{username: postgres, password: {su}}}\n\
              \x20   replication: {{username: replicator, password: {repl}}}\n\
@@ -774,6 +775,9 @@ impl PatroniCluster {
             rest = m.rest_port,
             etcd = self.etcd.endpoint(),
             citus = self.citus_yaml(),
+            // In Citus mode the bootstrap leaves enough dirty buffers that
+            // pg_basebackup's default spread checkpoint takes minutes.
+            basebackup = if self.citus_group.is_some() { "  basebackup:\n  - checkpoint: fast\n" } else { "" },
             ttl = o.ttl,
             loop_wait = o.loop_wait,
             retry_timeout = o.retry_timeout,
