@@ -90,8 +90,11 @@ pub async fn run(
         },
     };
     let citus = config.citus.as_ref().map(|c| {
-        let citus =
-            pgferry_routing::citus::Citus::new(c.database.clone(), c.routing == pgferry_config::CitusRouting::Shard);
+        let citus = pgferry_routing::citus::Citus::new(
+            c.database.clone(),
+            c.routing == pgferry_config::CitusRouting::Shard,
+            c.any_node,
+        );
         router.set_citus(citus.clone());
         (citus, login(&c.user, &c.password, &c.database), c.refresh_interval)
     });

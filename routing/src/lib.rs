@@ -314,6 +314,17 @@ impl Router {
         }
     }
 
+    /// Every worker group's leader now (for balanced reads).
+    pub fn group_leaders(&self) -> Vec<(u32, Arc<Member>)> {
+        if let Some(groups) = &self.rx.borrow().groups {
+            return groups.iter().filter_map(|(g, m)| Some((*g, m.clone()?))).collect();
+        }
+        self.citus
+            .as_ref()
+            .map(|c| c.groups().iter().map(|(g, m)| (*g, m.clone())).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether `addr` is a Citus worker group's leader now.
     fn is_group_leader(&self, topo: &Topology, addr: &NodeAddr) -> bool {
         let Some(citus) = &self.citus else { return false };

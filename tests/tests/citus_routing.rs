@@ -468,3 +468,36 @@ async fn session_state_follows_the_client_across_groups() {
         assert_eq!(n, 1);
     }
 }
+
+/// `any_node = true`: multi-shard reads are spread over the coordinator and
+/// the workers (each runs them through Citus, "query from any node"), with
+/// the same answers; writes and node-dependent functions stay on the
+/// coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_balances_multi_shard_reads() {
+    let Some(cluster) = shared_citus_or_skip() else {
+        return;
+    };
+    setup(cluster);
+    let ferry = citus_ferry(cluster, "[citus]\nany_node = true\n");
+    wait_metadata(&ferry, "public.rt_tx");
+    let c = connect(&ferry, "app", APP_PASS).await;
+    let expected = cluster.coordinator_sql("SELECT count(*) FROM rt_tx").unwrap();
+    let before = xacts_per_port(&ferry);
+    for _ in 0..30 {
+        let n = first_value(&c.simple_query("SELECT count(*) FROM rt_tx").await.unwrap());
+        assert_eq!(n, expected);
+    }
+    let d = delta(&before, &xacts_per_port(&ferry));
+    assert_eq!(d.len(), 3, "coordinator and both workers: {d:?}");
+    assert!(d.values().all(|n| *n >= 5), "{d:?}");
+    // A function whose result depends on the node: the coordinator only.
+    let before = xacts_per_port(&ferry);
+    for _ in 0..6 {
+        c.simple_query("SELECT pg_backend_pid(), count(*) FROM rt_tx")
+            .await
+            .unwrap();
+    }
+    let d = delta(&before, &xacts_per_port(&ferry));
+    assert_eq!(d, BTreeMap::from([(cluster.coordinator_port(), 6)]));
+}

@@ -64,7 +64,20 @@ impl Session {
             Target::Group(g) => self.route_to_group(g),
             // Reference-table reads: the primary the session is on has them.
             Target::AnyPrimary => RouteStep::Ready,
-            Target::Coordinator | Target::Undecided => self.move_home(),
+            Target::AnyNode if citus.any_node => {
+                let leaders = self.shared.router.group_leaders();
+                match citus.next_node(leaders.len()) {
+                    0 => self.move_home(),
+                    k => {
+                        let (g, m) = leaders[k - 1].clone();
+                        if *m.addr != *self.route.member.addr {
+                            self.move_to_group(g, m);
+                        }
+                        RouteStep::Ready
+                    }
+                }
+            }
+            Target::AnyNode | Target::Coordinator | Target::Undecided => self.move_home(),
         }
     }
 
@@ -393,7 +406,7 @@ mod tests {
         buf.extend(msg(b'E', b"\0\0\0\0\0"));
         assert_eq!(peek_bind(&buf, b"s1"), Some(&bind[..]));
         assert_eq!(peek_bind(&buf, b"s2"), None, "another statement's Bind");
-        assert_eq!(peek_bind(&buf[..buf.len() - 10], b"s1"), None, "incomplete");
+        assert_eq!(peek_bind(&buf[..buf.len() - 12], b"s1"), None, "incomplete Bind");
         let mut synced = msg(b'S', b"");
         synced.extend(msg(b'B', &bind));
         assert_eq!(peek_bind(&synced, b"s1"), None, "not past a Sync");

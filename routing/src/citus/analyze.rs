@@ -25,6 +25,75 @@ pub enum Plan {
     /// Transaction control, SET, and the like: no table; the statement
     /// after it decides.
     Neutral,
+    /// A read of several shards that any metadata-synced primary can run
+    /// (Citus "query from any node"): balanced when `any_node` is on, else
+    /// the coordinator.
+    AnyNodeRead,
+}
+
+/// Functions a statement may call and still be balanced across nodes:
+/// aggregates and plain functions whose result does not depend on the node
+/// (`nextval` and the like do: each node has its own sequence range).
+const ANY_NODE_FUNCTIONS: &[&str] = &[
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "bool_and",
+    "bool_or",
+    "string_agg",
+    "array_agg",
+    "lower",
+    "upper",
+    "length",
+    "abs",
+    "round",
+    "floor",
+    "ceil",
+    "date_trunc",
+    "coalesce",
+    "greatest",
+    "least",
+];
+
+/// Whether every function call in the tree is in [`ANY_NODE_FUNCTIONS`].
+fn functions_node_independent(tree: &str) -> bool {
+    if !tree.contains("{\"FuncCall\":") {
+        return true;
+    }
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(tree) else {
+        return false;
+    };
+    fn walk(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(f) = m.get("FuncCall") {
+                    let names: Vec<&str> = f
+                        .get("funcname")
+                        .and_then(|n| n.as_array())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.pointer("/node/String/sval").or_else(|| x.pointer("/String/sval")))
+                                .filter_map(|s| s.as_str())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let ok = match names.as_slice() {
+                        [name] | ["pg_catalog", name] => ANY_NODE_FUNCTIONS.contains(name),
+                        _ => false,
+                    };
+                    if !ok {
+                        return false;
+                    }
+                }
+                m.values().all(walk)
+            }
+            serde_json::Value::Array(a) => a.iter().all(walk),
+            _ => true,
+        }
+    }
+    walk(&v)
 }
 
 #[derive(Debug)]
@@ -168,6 +237,7 @@ pub fn analyze(sql: &str, snap: &Snapshot, search_path: Option<&[String]>) -> An
         snap,
         search_path,
         uses_search_path: false,
+        functions_ok: functions_node_independent(&tree),
     };
     let control = tx_control(&parsed);
     let mut plan = Plan::Neutral;
@@ -195,6 +265,7 @@ fn combine(a: Plan, b: Plan) -> Option<Plan> {
         (Plan::Coordinator(w), _) | (_, Plan::Coordinator(w)) => Plan::Coordinator(w),
         (Plan::Neutral, p) | (p, Plan::Neutral) => p,
         (Plan::AnyPrimary, p) | (p, Plan::AnyPrimary) => p,
+        (Plan::AnyNodeRead, p) | (p, Plan::AnyNodeRead) if !matches!(p, Plan::Params(_)) => p,
         (Plan::Group(a), Plan::Group(b)) if a == b => Plan::Group(a),
         (Plan::Params(_), _) | (_, Plan::Params(_)) => Plan::Coordinator("parameters in a multi-statement query"),
         _ => return None,
@@ -205,6 +276,8 @@ struct Cx<'a> {
     snap: &'a Snapshot,
     search_path: Option<&'a [String]>,
     uses_search_path: bool,
+    /// Every function called gives the same result on any node.
+    functions_ok: bool,
 }
 
 /// Where a key comes from.
@@ -295,7 +368,11 @@ impl Cx<'_> {
             TableKind::Hash => {}
             _ => return Plan::Coordinator("reference write or unroutable table"),
         }
+        let any_node = read && self.functions_ok;
         let (Some(column), Some(ty)) = (table.column.as_deref(), table.dist_type) else {
+            if any_node {
+                return Plan::AnyNodeRead;
+            }
             return Plan::Coordinator("distribution column type not hashed by pgferry");
         };
         let alias = rv.alias.as_ref().map(|a| a.aliasname.as_str());
@@ -307,7 +384,12 @@ impl Cx<'_> {
             .iter()
             .find_map(|c| key_equality(c, column, &rv.relname, alias));
         match key {
-            Some(k) => self.key_plan(&table, ty, &[k]),
+            Some(k) => match self.key_plan(&table, ty, &[k]) {
+                // A key pgferry cannot place: still a read any node can run.
+                Plan::Coordinator(_) if any_node => Plan::AnyNodeRead,
+                p => p,
+            },
+            None if any_node => Plan::AnyNodeRead,
             None => Plan::Coordinator("no equality on the distribution column"),
         }
     }

@@ -100,11 +100,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The active primary of each group, from `pg_dist_node`.
+    /// The active primary of each group, from `pg_dist_node`, where its
+    /// metadata is synced: a worker without Citus metadata has only shard
+    /// tables, so a statement naming the distributed table fails there.
     pub fn group_primaries(&self) -> BTreeMap<u32, (String, u16)> {
         self.nodes
             .iter()
-            .filter(|n| n.primary && n.active)
+            .filter(|n| n.primary && n.active && (n.group == 0 || n.metadata_synced))
             .map(|n| (n.group, (n.host.clone(), n.port)))
             .collect()
     }

@@ -32,6 +32,8 @@ pub enum Target {
     Group(u32),
     /// Any primary holds what it reads (reference tables).
     AnyPrimary,
+    /// A multi-shard read any metadata-synced primary can run.
+    AnyNode,
     /// Not decided by this statement (BEGIN, SET): the next one decides.
     Undecided,
 }
@@ -66,6 +68,10 @@ pub struct Citus {
     /// The server database holding the extension.
     pub database: String,
     pub enabled: bool,
+    /// Balance multi-shard reads across primaries ([citus] any_node).
+    pub any_node: bool,
+    /// Round robin for those.
+    next_node: std::sync::atomic::AtomicUsize,
     snapshot: ArcSwap<Snapshot>,
     /// Each group's primary from `pg_dist_node` (group 0 excluded: the
     /// coordinator is the topology's primary). Members are kept across
@@ -86,10 +92,12 @@ impl std::fmt::Debug for Citus {
 }
 
 impl Citus {
-    pub fn new(database: String, enabled: bool) -> Arc<Citus> {
+    pub fn new(database: String, enabled: bool, any_node: bool) -> Arc<Citus> {
         Arc::new(Citus {
             database,
             enabled,
+            any_node,
+            next_node: std::sync::atomic::AtomicUsize::new(0),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             groups: ArcSwap::from_pointee(BTreeMap::new()),
             plans: RwLock::new(HashMap::new()),
@@ -126,6 +134,12 @@ impl Citus {
         self.groups.store(Arc::new(groups));
         self.snapshot.store(Arc::new(snap));
         self.plans.write().unwrap().clear();
+    }
+
+    /// The next node (0: the coordinator, k: the k-th worker of `n`) for a
+    /// balanced read.
+    pub fn next_node(&self, workers: usize) -> usize {
+        self.next_node.fetch_add(1, Relaxed) % (workers + 1)
     }
 
     /// A worker group's primary.
@@ -183,7 +197,8 @@ impl Citus {
         match t {
             Target::Group(_) => &c.routed,
             Target::AnyPrimary => &c.any_node,
-            Target::Coordinator | Target::Undecided => &c.coordinator,
+            Target::AnyNode if self.any_node => &c.any_node,
+            Target::AnyNode | Target::Coordinator | Target::Undecided => &c.coordinator,
         }
         .fetch_add(1, Relaxed);
     }
@@ -197,6 +212,7 @@ impl Plan {
             Plan::Group(0) => Target::Coordinator,
             Plan::Group(g) => Target::Group(*g),
             Plan::AnyPrimary => Target::AnyPrimary,
+            Plan::AnyNodeRead => Target::AnyNode,
             Plan::Neutral => Target::Undecided,
             Plan::Params(_) => return None,
         })
