@@ -28,7 +28,9 @@
 //!   `run_command_on_all_nodes` as `app` from every group leader.
 //! * Member names: `g<G>m1`, `g<G>m2` (`g0m1` is the coordinator's first
 //!   member). Timings as in [`PatroniCluster`]: `ttl 10`, `loop_wait 2`,
-//!   `retry_timeout 5`, `primary_start_timeout 0`, `synchronous_mode false`.
+//!   `retry_timeout 5`, `primary_start_timeout 0`; `synchronous_mode` is
+//!   switched on once every group runs (PATCH /config) and start waits for a
+//!   sync standby per group, so a crashed leader loses no acknowledged commit.
 //! * Without Citus, [`PatroniCitus::start_or_skip`] prints
 //!   [`crate::citus::CITUS_SKIP_LINE`] and returns `None`.
 //! * Drop (or the watchdogs, if the test process dies) kills every Patroni,
@@ -201,6 +203,7 @@ impl PatroniCitus {
         let t_groups = t0.elapsed();
         formation.wait_registered(START_TIMEOUT)?;
         let t_registered = t0.elapsed();
+        formation.enable_synchronous_mode()?;
         formation.check_settings()?;
         formation.create_users()?;
         formation.check_node_to_node()?;
@@ -326,6 +329,44 @@ impl PatroniCitus {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// `PATCH /config {"synchronous_mode": true}` on every group, then waits
+    /// until each group's `sync` key names a standby. Without it a crashed
+    /// leader's last acknowledged commits (not yet streamed) are lost on
+    /// failover: measured 2 of 33276 acknowledged inserts.
+    fn enable_synchronous_mode(&self) -> Result<()> {
+        for (g, c) in self.groups.iter().enumerate() {
+            let l = c.leader()?.ok_or_else(|| anyhow!("group {g} has no leader"))?;
+            let (status, body) = c.rest(
+                &l,
+                "PATCH",
+                "/config",
+                Some(r#"{"synchronous_mode": true}"#),
+                Duration::from_secs(10),
+            )?;
+            if status != 200 {
+                bail!("PATCH /config on {l}: {status} {body}");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for g in 0..self.groups.len() {
+            loop {
+                let v = self.etcd.get(&format!("{}{g}/sync", self.prefix()))?;
+                let ok = v
+                    .as_deref()
+                    .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
+                    .is_some_and(|j| j["sync_standby"].is_string());
+                if ok {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!("group {g}: no synchronous standby (sync key {v:?})\n{}", self.logs(20));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        Ok(())
     }
 
     fn check_settings(&self) -> Result<()> {

@@ -497,8 +497,10 @@ async fn worker_leader_crash_under_load() {
     let load = start_load(&ferry, &owners);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let kill_at = Instant::now();
+    // The SIGKILLs are sent at the end of crash_leader (after it read the
+    // leader key), so the clock starts when it returns.
     let old = blocking(|| f.crash_leader(2)).unwrap();
+    let kill_at = Instant::now();
     let new = blocking(|| f.wait_for_leader(2, Some(&old), Duration::from_secs(40)))
         .unwrap_or_else(|e| panic!("no new leader: {e:#}"));
     let leader_at = Instant::now();
@@ -538,7 +540,7 @@ async fn worker_leader_crash_under_load() {
             &r,
             &format!(
                 "reconnects={reconnects} killed {old}@{old_port} at +{:.2} s; new leader key {new}@{new_port} \
-                 after {:.2} s; group-2 writes recovered after {} s; last 5 s xacts per port {tail:?} \
+                 after {:.2} s; first group-2 ack started after the kill at +{} s (backends of a SIGKILLed postmaster finish their statement; the recovery time is max_gap); last 5 s xacts per port {tail:?} \
                  (g2 acked {g2_after}); pg_dist_node {registered:?}; leaders {}",
                 (kill_at - t0).as_secs_f64(),
                 (leader_at - kill_at).as_secs_f64(),
@@ -556,8 +558,9 @@ async fn worker_leader_crash_under_load() {
     // (reference §5), the new leader is writable ~0.3 s later, and pgferry
     // confirms it with pg_is_in_recovery(); 20 s leaves room for a slow
     // 2-core host and the metadata refresh (500 ms).
-    let recovered = recovered.unwrap_or_else(|| panic!("group-2 writes never recovered\n{}", ferry.log()));
-    assert!(recovered < Duration::from_secs(20), "recovery took {recovered:?}");
+    assert!(recovered.is_some(), "group-2 writes never recovered\n{}", ferry.log());
+    // The longest interval without an acknowledged group-2 write.
+    assert!(r.max_gap.0 < Duration::from_secs(20), "recovery took {:?}", r.max_gap.0);
     assert!(g2_after > 0);
     assert!(
         tail.get(&new_port).copied().unwrap_or(0) > 0 && !tail.contains_key(&old_port),
