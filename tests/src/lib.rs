@@ -18,6 +18,7 @@ mod cluster;
 mod ferry;
 mod osuser;
 mod patroni;
+pub mod patroni_citus;
 mod ports;
 mod util;
 mod wait;
@@ -32,6 +33,7 @@ pub use patroni::{
     ETCDCTL_BIN, ETCD_BIN, PATRONICTL_BIN, PATRONI_BIN, PATRONI_REPLICATION_PASSWORD, PATRONI_REWIND_PASSWORD,
     PATRONI_SUPERUSER_PASSWORD,
 };
+pub use patroni_citus::{PatroniCitus, PatroniCitusOptions, PATRONI_CITUS_DB};
 pub use ports::free_port;
 pub use util::{conn_str, port_accepts, quote_ident, quote_literal, raise_nofile, tail_file};
 pub use wait::{wait_for, wait_for_async, wait_until};

@@ -31,7 +31,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -365,7 +365,7 @@ fn base64_text(s: &str) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| anyhow!("etcd value is not UTF-8: {e}"))
 }
 
-fn unique_suffix() -> String {
+pub(crate) fn unique_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now()
@@ -448,6 +448,12 @@ pub struct PatroniOptions {
     /// `("shared_preload_libraries", "pg_stat_statements")`,
     /// `("log_statement", "all")`). Values are YAML single-quoted.
     pub parameters: Vec<(String, String)>,
+    /// Member names are `<member_prefix>1`, `<member_prefix>2`, ... (default
+    /// `"pg"`).
+    pub member_prefix: String,
+    /// Extra environment for every Patroni process (PostgreSQL, which
+    /// Patroni starts, inherits it), e.g. `PGPASSFILE`. Default empty.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for PatroniOptions {
@@ -459,6 +465,8 @@ impl Default for PatroniOptions {
             retry_timeout: 5,
             citus_group: None,
             parameters: Vec::new(),
+            member_prefix: "pg".into(),
+            env: Vec::new(),
         }
     }
 }
@@ -485,7 +493,8 @@ struct Member {
 /// log tails of every member first.
 #[derive(Debug)]
 pub struct PatroniCluster {
-    pub etcd: Etcd,
+    /// Shared with other clusters started by [`PatroniCluster::start_in`].
+    pub etcd: Arc<Etcd>,
     pub scope: String,
     /// `"/service/"`.
     pub namespace: String,
@@ -506,15 +515,25 @@ impl PatroniCluster {
         if opts.members == 0 {
             bail!("a Patroni cluster needs at least one member");
         }
+        let etcd = Arc::new(Etcd::start()?);
+        PatroniCluster::start_in(etcd, &format!("ferry-{}", unique_suffix()), opts)
+    }
+
+    /// [`PatroniCluster::start`] on an existing etcd (shared, e.g. by the
+    /// groups of a Patroni Citus formation, which all use one `scope`) with
+    /// the given `scope`.
+    pub fn start_in(etcd: Arc<Etcd>, scope: &str, opts: PatroniOptions) -> Result<PatroniCluster> {
+        if opts.members == 0 {
+            bail!("a Patroni cluster needs at least one member");
+        }
         let user = pg_os_user()?;
-        let etcd = Etcd::start()?;
         let dir = make_temp_dir("pgferry-patroni")?;
         user.chown(&dir)?;
         let watchdog = Watchdog::spawn(&kill_dir_script(&dir, true), Some(user))?;
-        let scope = format!("ferry-{}", unique_suffix());
+        let scope = scope.to_string();
         let members = (1..=opts.members)
             .map(|i| {
-                let name = format!("pg{i}");
+                let name = format!("{}{i}", opts.member_prefix);
                 Member {
                     dir: dir.join(&name),
                     name,
@@ -732,6 +751,7 @@ impl PatroniCluster {
              \x20 bin_dir: {bin}\n\
              \x20 pgpass: {pgpass}\n\
              \x20 use_unix_socket: true\n\
+             {basebackup}\
              \x20 authentication:\n\
              \x20   superuser: {{username: postgres, password: {su}}}\n\
              \x20   replication: {{username: replicator, password: {repl}}}\n\
@@ -755,6 +775,9 @@ impl PatroniCluster {
             rest = m.rest_port,
             etcd = self.etcd.endpoint(),
             citus = self.citus_yaml(),
+            // In Citus mode the bootstrap leaves enough dirty buffers that
+            // pg_basebackup's default spread checkpoint takes minutes.
+            basebackup = if self.citus_group.is_some() { "  basebackup:\n  - checkpoint: fast\n" } else { "" },
             ttl = o.ttl,
             loop_wait = o.loop_wait,
             retry_timeout = o.retry_timeout,
@@ -835,6 +858,7 @@ impl PatroniCluster {
         let child = self
             .user
             .command(PATRONI_BIN)
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .arg(m.dir.join("patroni.yml"))
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -1143,7 +1167,8 @@ impl PatroniCluster {
         )
     }
 
-    fn all_logs(&self, lines: usize) -> String {
+    /// The log tails of every member and of etcd.
+    pub fn all_logs(&self, lines: usize) -> String {
         let mut s = String::new();
         for m in &self.members {
             s.push_str(&self.log_tail(&m.name, lines));
