@@ -777,7 +777,11 @@ impl PatroniCluster {
             citus = self.citus_yaml(),
             // In Citus mode the bootstrap leaves enough dirty buffers that
             // pg_basebackup's default spread checkpoint takes minutes.
-            basebackup = if self.citus_group.is_some() { "  basebackup:\n  - checkpoint: fast\n" } else { "" },
+            basebackup = if self.citus_group.is_some() {
+                "  basebackup:\n  - checkpoint: fast\n"
+            } else {
+                ""
+            },
             ttl = o.ttl,
             loop_wait = o.loop_wait,
             retry_timeout = o.retry_timeout,

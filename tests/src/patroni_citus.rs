@@ -134,7 +134,10 @@ impl PatroniCitus {
         let dir = make_temp_dir("pgferry-patroni-citus")?;
         user.chown(&dir)?;
         let watchdog = Watchdog::spawn(
-            &format!("exec </dev/null >/dev/null 2>&1\nrm -rf {}\n", sh_quote(&dir.to_string_lossy())),
+            &format!(
+                "exec </dev/null >/dev/null 2>&1\nrm -rf {}\n",
+                sh_quote(&dir.to_string_lossy())
+            ),
             Some(user),
         )?;
         let pgpass = dir.join("pgpass");
@@ -295,9 +298,8 @@ impl PatroniCitus {
     /// Primary rows of the coordinator's `pg_dist_node`: `(groupid,
     /// nodeport)`, active ones only, sorted.
     pub fn dist_nodes(&self) -> Result<Vec<(u32, u16)>> {
-        let out = self.sql(
-            "SELECT groupid, nodeport FROM pg_dist_node WHERE noderole = 'primary' AND isactive ORDER BY 1, 2",
-        )?;
+        let out = self
+            .sql("SELECT groupid, nodeport FROM pg_dist_node WHERE noderole = 'primary' AND isactive ORDER BY 1, 2")?;
         out.lines()
             .filter(|l| !l.is_empty())
             .map(|l| {
@@ -312,8 +314,9 @@ impl PatroniCitus {
     pub fn wait_registered(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let want: Result<Vec<(u32, u16)>> =
-                (1..self.groups.len() as u32).map(|g| Ok((g, self.leader_port(g)?))).collect();
+            let want: Result<Vec<(u32, u16)>> = (1..self.groups.len() as u32)
+                .map(|g| Ok((g, self.leader_port(g)?)))
+                .collect();
             let have = self.dist_nodes();
             if let (Ok(want), Ok(have)) = (&want, &have) {
                 if want.iter().all(|w| have.contains(w)) {
@@ -392,7 +395,10 @@ impl PatroniCitus {
         let deadline = Instant::now() + Duration::from_secs(30);
         for g in 1..self.groups.len() as u32 {
             loop {
-                let n = self.sql_on(g, "SELECT count(*) FROM pg_roles WHERE rolname IN ('app', 'admin', 'other')")?;
+                let n = self.sql_on(
+                    g,
+                    "SELECT count(*) FROM pg_roles WHERE rolname IN ('app', 'admin', 'other')",
+                )?;
                 if n == "3" {
                     break;
                 }

@@ -234,8 +234,11 @@ fn start_load(ferry: &Ferry, owners: &BTreeMap<i64, u32>) -> Load {
         let conn_str = conn_str.clone();
         handles.push(tokio::spawn(async move {
             let mut k = i as i64;
-            let mut client: Option<(tokio_postgres::Client, tokio_postgres::Statement, tokio_postgres::Statement)> =
-                None;
+            let mut client: Option<(
+                tokio_postgres::Client,
+                tokio_postgres::Statement,
+                tokio_postgres::Statement,
+            )> = None;
             while !stop.load(Ordering::Relaxed) {
                 if client.as_ref().is_none_or(|(c, _, _)| c.is_closed()) {
                     let made = async {
@@ -269,17 +272,14 @@ fn start_load(ferry: &Ferry, owners: &BTreeMap<i64, u32>) -> Load {
                 let tenant = k % TENANTS + 1;
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let start = Instant::now();
-                let insert = match tokio::time::timeout(
-                    Duration::from_secs(45),
-                    c.execute(ins, &[&tenant, &id, &"load"]),
-                )
-                .await
-                {
-                    Ok(Ok(1)) => Outcome::Ok,
-                    Ok(Ok(n)) => Outcome::Code(format!("rows={n}")),
-                    Ok(Err(e)) => classify(&e),
-                    Err(_) => Outcome::Conn("timeout".into()),
-                };
+                let insert =
+                    match tokio::time::timeout(Duration::from_secs(45), c.execute(ins, &[&tenant, &id, &"load"])).await
+                    {
+                        Ok(Ok(1)) => Outcome::Ok,
+                        Ok(Ok(n)) => Outcome::Code(format!("rows={n}")),
+                        Ok(Err(e)) => classify(&e),
+                        Err(_) => Outcome::Conn("timeout".into()),
+                    };
                 let (mut read, mut read_found) = (None, false);
                 if matches!(insert, Outcome::Ok) {
                     match tokio::time::timeout(Duration::from_secs(45), c.query(sel, &[&tenant, &id])).await {
@@ -384,7 +384,9 @@ fn report(ops: &[Op], table: &HashSet<(i64, i64)>, group: u32, t0: Instant, to: 
                 r.acked_found += found as usize;
                 match &o.read {
                     Some(Outcome::Ok) if !o.read_found => r.read_missing += 1,
-                    Some(Outcome::Code(c)) | Some(Outcome::Conn(c)) => *r.read_errors.entry(c.clone()).or_default() += 1,
+                    Some(Outcome::Code(c)) | Some(Outcome::Conn(c)) => {
+                        *r.read_errors.entry(c.clone()).or_default() += 1
+                    }
                     _ => {}
                 }
             }
@@ -476,7 +478,11 @@ async fn worker_switchover_under_load() {
     );
     assert_eq!(r.acked, r.acked_found, "acknowledged inserts missing from the table");
     assert_eq!(r.read_missing, 0, "acknowledged inserts not read back");
-    assert!(g1_after > 0, "no group-1 write succeeded in the last 5 s\n{}", ferry.log());
+    assert!(
+        g1_after > 0,
+        "no group-1 write succeeded in the last 5 s\n{}",
+        ferry.log()
+    );
     assert!(
         tail.get(&new_port).copied().unwrap_or(0) > 0 && !tail.contains_key(&old_port),
         "group-1 transactions after the switchover ran on {tail:?}, expected the new leader {new_port}, not {old_port}\n{}",

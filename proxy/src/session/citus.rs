@@ -83,11 +83,17 @@ impl Session {
     }
 
     fn route_to_group(&mut self, g: u32) -> RouteStep {
+        // Read before the leader: a change after it makes the route stale.
+        let generation = self.shared.router.generation();
         match self.shared.router.group_leader(g) {
             GroupLeader::Leader(m) => {
                 if *m.addr != *self.route.member.addr {
                     self.move_to_group(g, m);
                 }
+                // Routed under this generation: the binding must not send
+                // the session home because of an earlier change (a metadata
+                // refresh touches the generation too).
+                self.route_gen = generation;
                 RouteStep::Ready
             }
             GroupLeader::NoLeader => RouteStep::HoldForGroup(g),
