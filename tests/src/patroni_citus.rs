@@ -375,7 +375,7 @@ impl PatroniCitus {
     fn check_settings(&self) -> Result<()> {
         for g in 0..self.groups.len() as u32 {
             let spl = self.sql_on(g, "SHOW shared_preload_libraries")?;
-            if !spl.split(',').next().is_some_and(|f| f.trim() == "citus") {
+            if spl.split(',').next().is_none_or(|f| f.trim() != "citus") {
                 bail!("group {g}: shared_preload_libraries = {spl:?}, citus is not first");
             }
         }
