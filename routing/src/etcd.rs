@@ -54,6 +54,7 @@ pub async fn run(cfg: EtcdTopology, check: CheckLogin, publisher: Publisher) {
         direct: HashMap::new(),
         probing: std::collections::HashSet::new(),
         lag: LagTracker::default(),
+        group_lags: Default::default(),
     };
     w.run().await
 }
@@ -74,9 +75,9 @@ struct Watcher {
     /// One `Member` per (name, address), so that session counts survive
     /// republishing.
     members: HashMap<(String, NodeAddr), Arc<Member>>,
-    /// What routing last published: (primary, standbys, worker group leaders).
-    #[allow(clippy::type_complexity)]
-    published: Option<(Option<NodeAddr>, Vec<NodeAddr>, Vec<(u32, Option<NodeAddr>)>)>,
+    /// What routing last published: primary, standbys, worker group
+    /// leaders and worker group replicas.
+    published: Option<Routing>,
     /// Since when a switchover announced in the `failover` key holds
     /// writes, and the leader it was announced under.
     draining_since: Option<(Instant, Option<String>)>,
@@ -90,6 +91,8 @@ struct Watcher {
     probing: std::collections::HashSet<NodeAddr>,
     /// Replica lag and the read set (kept across resyncs: it has history).
     lag: LagTracker,
+    /// Citus worker groups' replica lag, one tracker per group.
+    group_lags: std::collections::BTreeMap<u32, LagTracker>,
 }
 
 /// A finished direct check: (address, answer).
@@ -529,6 +532,38 @@ impl Watcher {
                 .map(|(g, l)| (g, l.map(|(name, addr)| self.member(&name, &addr))))
                 .collect::<std::collections::BTreeMap<_, _>>()
         });
+        // Worker groups' caught-up replicas (read-only port, Citus routing),
+        // by the same lag rules as the coordinator's.
+        let mut group_replicas = std::collections::BTreeMap::new();
+        if self.cfg.citus && fresh {
+            let groups: Vec<(u32, crate::patroni::Group)> = self
+                .state
+                .groups
+                .iter()
+                .filter(|(g, _)| **g != 0)
+                .map(|(g, grp)| (*g, grp.clone()))
+                .collect();
+            for (g, grp) in groups {
+                let assessed =
+                    self.group_lags
+                        .entry(g)
+                        .or_default()
+                        .update(&grp, self.cfg.max_replica_lag, Instant::now());
+                let mut readers = Vec::new();
+                for m in grp.members.values() {
+                    if grp.leader.as_deref() != Some(m.name.as_str())
+                        && assessed.get(&m.name).is_some_and(|a| a.serving)
+                    {
+                        let addr = NodeAddr {
+                            host: m.host.clone(),
+                            port: m.port,
+                        };
+                        readers.push(self.member(&m.name, &addr));
+                    }
+                }
+                group_replicas.insert(g, readers);
+            }
+        }
         let routing = (
             primary.as_ref().map(|p| (*p.addr).clone()),
             standbys.iter().map(|s| (*s.addr).clone()).collect::<Vec<_>>(),
@@ -536,6 +571,10 @@ impl Watcher {
                 .iter()
                 .flatten()
                 .map(|(g, m)| (*g, m.as_ref().map(|m| (*m.addr).clone())))
+                .collect::<Vec<_>>(),
+            group_replicas
+                .iter()
+                .flat_map(|(g, rs)| rs.iter().map(move |m| (*g, (*m.addr).clone())))
                 .collect::<Vec<_>>(),
         );
         let routing_changed = self.published.as_ref() != Some(&routing);
@@ -586,6 +625,7 @@ impl Watcher {
             standbys,
             draining_from,
             groups,
+            group_replicas,
             view,
         };
         if routing_changed {
@@ -595,6 +635,15 @@ impl Watcher {
         }
     }
 }
+
+/// The routing part of a published topology (a change in it re-routes
+/// sessions; lag or view changes alone do not).
+type Routing = (
+    Option<NodeAddr>,
+    Vec<NodeAddr>,
+    Vec<(u32, Option<NodeAddr>)>,
+    Vec<(u32, NodeAddr)>,
+);
 
 impl Change {
     fn max_with(self, other: Change) -> Change {

@@ -66,6 +66,9 @@ pub struct Topology {
     /// Citus layout in etcd): None while a group has no leader (a failover).
     /// Without it, worker primaries come from the Citus metadata.
     pub groups: Option<std::collections::BTreeMap<u32, Option<Arc<Member>>>>,
+    /// Citus worker groups' replicas that may serve reads now (caught up,
+    /// streaming): the read-only port's single-shard reads go there.
+    pub group_replicas: std::collections::BTreeMap<u32, Vec<Arc<Member>>>,
     /// What the console and metrics show.
     pub view: View,
 }
@@ -198,6 +201,7 @@ impl Topology {
                     standbys,
                     draining_from: None,
                     groups: None,
+                    group_replicas: Default::default(),
                     view,
                 })
             }
@@ -314,6 +318,29 @@ impl Router {
         }
     }
 
+    /// A read-only route for a Citus worker group's single-shard read: its
+    /// least-loaded caught-up replica (the topology's, or a `pg_dist_node`
+    /// secondary), else, with ro_fallback_to_primary, its leader. None: the
+    /// read goes where the read-only port sends everything else.
+    pub fn route_group_read(&self, group: u32) -> Option<Route> {
+        let replica = {
+            let topo = self.rx.borrow();
+            let from_topology = topo.group_replicas.get(&group).filter(|r| !r.is_empty()).cloned();
+            from_topology
+                .or_else(|| self.citus.as_ref().map(|c| c.group_secondaries(group)))
+                .and_then(|r| r.into_iter().min_by_key(|m| m.sessions(Role::ReadOnly)))
+        };
+        let m = match replica {
+            Some(m) => m,
+            None if self.ro_fallback_to_primary => match self.group_leader(group) {
+                GroupLeader::Leader(m) => m,
+                _ => return None,
+            },
+            None => return None,
+        };
+        Some(Route::claim(m, Role::ReadOnly))
+    }
+
     /// Every worker group's leader now (for balanced reads).
     pub fn group_leaders(&self) -> Vec<(u32, Arc<Member>)> {
         if let Some(groups) = &self.rx.borrow().groups {
@@ -323,6 +350,15 @@ impl Router {
             .as_ref()
             .map(|c| c.groups().iter().map(|(g, m)| (*g, m.clone())).collect())
             .unwrap_or_default()
+    }
+
+    /// Whether `addr` may serve a worker group's reads on the read-only
+    /// port: one of its replicas, or (fallback) its leader.
+    fn serves_group_reads(&self, topo: &Topology, addr: &NodeAddr) -> bool {
+        let Some(citus) = &self.citus else { return false };
+        topo.group_replicas.values().flatten().any(|m| *m.addr == *addr)
+            || citus.is_group_secondary(addr)
+            || (self.ro_fallback_to_primary && self.is_group_leader(topo, addr))
     }
 
     /// Whether `addr` is a Citus worker group's leader now.
@@ -396,6 +432,7 @@ impl Router {
             Role::ReadOnly => {
                 topo.standbys.iter().any(|s| *s.addr == *addr)
                     || (is_primary && self.ro_fallback_to_primary && (!prefer_standbys || topo.standbys.is_empty()))
+                    || self.serves_group_reads(&topo, addr)
             }
         }
     }
@@ -456,6 +493,7 @@ mod tests {
             standbys: standbys.iter().map(|s| member(s).unwrap()).collect(),
             draining_from: None,
             groups: None,
+            group_replicas: Default::default(),
             view: View::default(),
         }
     }
@@ -486,6 +524,7 @@ mod tests {
             standbys: vec![reader.member.clone(), old_primary.clone()],
             draining_from: None,
             groups: None,
+            group_replicas: Default::default(),
             view: View::default(),
         });
         assert_eq!(old_primary.sessions(Role::ReadWrite), 5);

@@ -178,6 +178,52 @@ async fn keyed_queries_run_on_the_owning_groups_leader() {
         f.startup.as_secs_f64()
     );
     assert_eq!(got, want, "keyed transactions per node\n{}", ferry.log());
+
+    // The read-only port: single-shard reads on the owning group's replica
+    // (once etcd shows it caught up), the rest on the coordinator's.
+    let replica_port: HashMap<u32, u16> = [1, 2]
+        .iter()
+        .map(|g| {
+            let leader = f.leader(*g).unwrap().unwrap();
+            let replica = f.members(*g).into_iter().find(|m| *m != leader).unwrap();
+            (*g, f.pg_port(*g, &replica))
+        })
+        .collect();
+    let (ro, conn) = tokio_postgres::connect(
+        &ferry.ro_conn_str("app", APP_PASS, PATRONI_CITUS_DB),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let sel = ro.prepare("SELECT v FROM events WHERE tenant_id = $1").await.unwrap();
+    // Wait until both groups' replicas serve reads.
+    let start = Instant::now();
+    loop {
+        let before = blocking(|| xacts_per_port(&ferry));
+        for t in 1..=TENANTS {
+            ro.query(&sel, &[&t]).await.unwrap();
+        }
+        let got = blocking(|| delta(&before, &xacts_per_port(&ferry)));
+        let mut want = BTreeMap::new();
+        for g in owners.values() {
+            *want.entry(replica_port[g]).or_insert(0u64) += 1;
+        }
+        if got == want {
+            eprintln!("SUMMARY read-only port: {got:?} on the owning groups' replicas");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "read-only keyed reads per node {got:?}, expected {want:?}\n{}",
+            ferry.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let rows = ro.query(&sel, &[&1i64]).await.unwrap();
+    assert_eq!(rows.len(), 1, "the replica has the row");
 }
 
 // ---------------------------------------------------------------------------

@@ -61,6 +61,13 @@ impl Session {
         let target = self.citus_target(&citus, frame);
         tracing::trace!(client = self.id, ?target, search_path = ?self.params.value("search_path"), "citus: transaction target");
         citus.count(target);
+        if self.pool.key.read_only {
+            return match target {
+                Target::Group(g) => self.route_group_read(g),
+                Target::AnyPrimary => RouteStep::Ready,
+                _ => self.move_home(),
+            };
+        }
         match target {
             Target::Group(g) => self.route_to_group(g),
             // Reference-table reads: the primary the session is on has them.
@@ -79,6 +86,23 @@ impl Session {
                 }
             }
             Target::AnyNode | Target::Coordinator | Target::Undecided => self.move_home(),
+        }
+    }
+
+    /// The read-only port: a single-shard read goes to a caught-up replica
+    /// of the owning group (or its leader, with ro_fallback_to_primary),
+    /// else where the port sends everything else.
+    fn route_group_read(&mut self, g: u32) -> RouteStep {
+        let generation = self.shared.router.generation();
+        match self.shared.router.route_group_read(g) {
+            Some(route) => {
+                if *route.member.addr != *self.route.member.addr {
+                    self.move_to(g, route);
+                }
+                self.route_gen = generation;
+                RouteStep::Ready
+            }
+            None => self.move_home(),
         }
     }
 
@@ -257,22 +281,28 @@ impl Session {
     }
 
     fn move_to_group(&mut self, group: u32, member: Arc<Member>) {
+        self.move_to(group, Route::claim(member, Role::ReadWrite));
+    }
+
+    /// Moves the session's pool to `route`'s node, a member of worker
+    /// group `group`.
+    fn move_to(&mut self, group: u32, route: Route) {
         let Some(cr) = self.citus.as_mut() else { return };
         cr.pools.retain(|p| !p.is_closed());
-        let pool = match cr.pools.iter().find(|p| *p.key.node == *member.addr) {
+        let pool = match cr.pools.iter().find(|p| *p.key.node == *route.member.addr) {
             Some(p) => p.clone(),
             None => {
                 let key = &self.pool.key;
                 let p = self
                     .shared
-                    .pool(&key.database, &key.user, &member.addr, Role::ReadWrite);
+                    .pool(&key.database, &key.user, &route.member.addr, route.role);
                 p.credentials().adopt(self.pool.credentials());
                 cr.pools.push(p.clone());
                 p
             }
         };
         cr.on_group = Some(group);
-        self.switch_pool(pool, Route::claim(member, Role::ReadWrite));
+        self.switch_pool(pool, route);
     }
 
     /// Back to the coordinator (the topology's primary).
@@ -280,13 +310,16 @@ impl Session {
         if self.citus.as_ref().is_none_or(|c| c.on_group.is_none()) {
             return RouteStep::Ready;
         }
-        let Some(route) = self.shared.router.route(Role::ReadWrite) else {
+        let role = if self.pool.key.read_only {
+            Role::ReadOnly
+        } else {
+            Role::ReadWrite
+        };
+        let Some(route) = self.shared.router.route(role) else {
             return RouteStep::NeedHome;
         };
         let key = &self.pool.key;
-        let pool = self
-            .shared
-            .pool(&key.database, &key.user, &route.member.addr, Role::ReadWrite);
+        let pool = self.shared.pool(&key.database, &key.user, &route.member.addr, role);
         pool.credentials().adopt(self.pool.credentials());
         if let Some(cr) = self.citus.as_mut() {
             cr.on_group = None;

@@ -203,12 +203,7 @@ impl Session {
         let citus = shared
             .router
             .citus()
-            .filter(|c| {
-                c.enabled
-                    && mode == PoolMode::Transaction
-                    && !init.pool.key.read_only
-                    && settings.server_dbname == c.database
-            })
+            .filter(|c| c.enabled && mode == PoolMode::Transaction && settings.server_dbname == c.database)
             .map(|c| citus::CitusRoute::new(c.clone()));
         Session {
             id: init.id,

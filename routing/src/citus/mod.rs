@@ -77,6 +77,8 @@ pub struct Citus {
     /// coordinator is the topology's primary). Members are kept across
     /// refreshes while their address is unchanged.
     groups: ArcSwap<BTreeMap<u32, Arc<Member>>>,
+    /// Each worker group's active secondaries (`noderole = 'secondary'`).
+    secondaries: ArcSwap<BTreeMap<u32, Vec<Arc<Member>>>>,
     plans: RwLock<HashMap<Box<[u8]>, CachedPlan>>,
     pub counters: Counters,
     /// Asks the refresh task for a reload now (a stale-placement error).
@@ -100,6 +102,7 @@ impl Citus {
             next_node: std::sync::atomic::AtomicUsize::new(0),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             groups: ArcSwap::from_pointee(BTreeMap::new()),
+            secondaries: ArcSwap::from_pointee(BTreeMap::new()),
             plans: RwLock::new(HashMap::new()),
             counters: Counters::default(),
             refresh_now: tokio::sync::Notify::new(),
@@ -132,6 +135,26 @@ impl Citus {
             groups.insert(g, m);
         }
         self.groups.store(Arc::new(groups));
+        let old = self.secondaries.load();
+        let mut secondaries: BTreeMap<u32, Vec<Arc<Member>>> = BTreeMap::new();
+        for n in snap.nodes.iter().filter(|n| !n.primary && n.active && n.group != 0) {
+            let m = old
+                .get(&n.group)
+                .and_then(|v| {
+                    v.iter()
+                        .find(|m| m.addr.host == n.host && m.addr.port == n.port)
+                        .cloned()
+                })
+                .unwrap_or_else(|| {
+                    Member::new(
+                        &format!("group {} secondary ({}:{})", n.group, n.host, n.port),
+                        n.host.clone(),
+                        n.port,
+                    )
+                });
+            secondaries.entry(n.group).or_default().push(m);
+        }
+        self.secondaries.store(Arc::new(secondaries));
         self.snapshot.store(Arc::new(snap));
         self.plans.write().unwrap().clear();
     }
@@ -149,6 +172,15 @@ impl Citus {
 
     pub fn groups(&self) -> Arc<BTreeMap<u32, Arc<Member>>> {
         self.groups.load_full()
+    }
+
+    /// A worker group's secondaries from `pg_dist_node`.
+    pub fn group_secondaries(&self, g: u32) -> Vec<Arc<Member>> {
+        self.secondaries.load().get(&g).cloned().unwrap_or_default()
+    }
+
+    pub fn is_group_secondary(&self, addr: &pgferry_pool::NodeAddr) -> bool {
+        self.secondaries.load().values().flatten().any(|m| *m.addr == *addr)
     }
 
     /// Whether `addr` is a worker group's primary now.
