@@ -27,6 +27,10 @@ fn env_or(name: &str, default: &str) -> String {
 }
 
 fn ferry(cluster: &CitusCluster, routing: &str) -> Ferry {
+    ferry_with(cluster, routing, false)
+}
+
+fn ferry_with(cluster: &CitusCluster, routing: &str, any_node: bool) -> Ferry {
     let dir = std::env::temp_dir().join(format!("pgferry-citus-bench-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let users = dir.join("userlist.txt");
@@ -52,7 +56,7 @@ fn ferry(cluster: &CitusCluster, routing: &str) -> Ferry {
          [http]\nlisten = \"127.0.0.1:{http}\"\n\
          [topology]\nsource = \"static\"\nprimary = \"127.0.0.1:{coord}\"\n\
          [[user]]\nname = \"app\"\nserver_password = \"app-pass\"\n\
-         [citus]\ndatabase = \"app\"\nuser = \"app\"\npassword = \"app-pass\"\nrouting = \"{routing}\"\n",
+         [citus]\ndatabase = \"app\"\nuser = \"app\"\npassword = \"app-pass\"\nrouting = \"{routing}\"\nany_node = {any_node}\n",
         rw = free_port(),
         http = free_port(),
         coord = cluster.coordinator_port(),
@@ -231,6 +235,35 @@ async fn citus_routing_benchmark() {
                     }
                 }
             }
+        }
+    }
+    // Query from any node: multi-shard reads (an index lookup in each of
+    // the 32 shards) through the coordinator only, or spread over the
+    // coordinator and both workers.
+    let multi = dir.join("multi.sql");
+    std::fs::write(
+        &multi,
+        "\\set i random(1, 100)\nSELECT count(*) FROM bench_events WHERE id = :i;\n",
+    )
+    .unwrap();
+    let spread = ferry_with(cluster, "shard", true);
+    let start = std::time::Instant::now();
+    while !admin(spread.rw_port, "SHOW CITUS").contains("bench_events") {
+        assert!(start.elapsed() < Duration::from_secs(20), "metadata not loaded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for mode in ["simple", "prepared"] {
+        let n = clients[0];
+        let base = pgbench(routed.rw_port, &multi, mode, n, seconds, Some(routed.pid()));
+        let any = pgbench(spread.rw_port, &multi, mode, n, seconds, Some(spread.pid()));
+        for (name, r) in [("pgferry, coordinator only", &base), ("pgferry any_node", &any)] {
+            println!(
+                "| multi-shard read | {mode} | {n} | {name} | {:.0} | {:.2} | {:.1} | {:.2}x |",
+                r.tps,
+                r.latency_ms,
+                r.cpu_us.unwrap_or(0.0),
+                r.tps / base.tps
+            );
         }
     }
     let show = admin(routed.rw_port, "SHOW CITUS");

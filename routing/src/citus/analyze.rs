@@ -206,9 +206,18 @@ fn tx_control(parsed: &pg_query::ParseResult) -> Option<TxControl> {
 
 /// Analyses a query string (one or more statements).
 pub fn analyze(sql: &str, snap: &Snapshot, search_path: Option<&[String]>) -> Analysis {
+    analyze_with(sql, snap, search_path, None).expect("no template, no failure")
+}
+
+fn analyze_with(
+    sql: &str,
+    snap: &Snapshot,
+    search_path: Option<&[String]>,
+    template: Option<&Template>,
+) -> Option<Analysis> {
     let parsed = match pg_query::parse(sql, pg_query::ParserOptions::default()) {
         Ok(p) => p,
-        Err(_) => return Analysis::coordinator("does not parse"),
+        Err(_) => return Some(Analysis::coordinator("does not parse")),
     };
     // Anything that brings in another relation or runs a query inside:
     // subqueries (anywhere, CASE branches included), joins, CTEs, functions
@@ -216,7 +225,7 @@ pub fn analyze(sql: &str, snap: &Snapshot, search_path: Option<&[String]>) -> An
     // covers only some node types, so the whole tree is checked through its
     // serialized form (once per statement text: plans are cached).
     let Ok(tree) = serde_json::to_string(&parsed.protobuf) else {
-        return Analysis::coordinator("does not parse");
+        return Some(Analysis::coordinator("does not parse"));
     };
     const NESTED: [&str; 7] = [
         "{\"SubLink\":",
@@ -228,16 +237,18 @@ pub fn analyze(sql: &str, snap: &Snapshot, search_path: Option<&[String]>) -> An
         "{\"RangeTableFunc\":",
     ];
     if NESTED.iter().any(|k| tree.contains(k)) {
-        return Analysis::coordinator("subquery, join or CTE");
+        return Some(Analysis::coordinator("subquery, join or CTE"));
     }
     if parsed.protobuf.stmts.len() == 1 && tree.matches("{\"RangeVar\":").count() > 1 {
-        return Analysis::coordinator("more than one table");
+        return Some(Analysis::coordinator("more than one table"));
     }
     let mut cx = Cx {
         snap,
         search_path,
         uses_search_path: false,
         functions_ok: functions_node_independent(&tree),
+        template,
+        template_failed: std::cell::Cell::new(false),
     };
     let control = tx_control(&parsed);
     let mut plan = Plan::Neutral;
@@ -248,14 +259,17 @@ pub fn analyze(sql: &str, snap: &Snapshot, search_path: Option<&[String]>) -> An
         let p = cx.statement(stmt);
         plan = match combine(plan, p) {
             Some(p) => p,
-            None => return Analysis::coordinator("statements for different groups"),
+            None => return Some(Analysis::coordinator("statements for different groups")),
         };
     }
-    Analysis {
+    if cx.template_failed.get() {
+        return None;
+    }
+    Some(Analysis {
         plan,
         uses_search_path: cx.uses_search_path,
         control,
-    }
+    })
 }
 
 /// The plan of two statements sent together (one transaction lands on one
@@ -278,11 +292,108 @@ struct Cx<'a> {
     uses_search_path: bool,
     /// Every function called gives the same result on any node.
     functions_ok: bool,
+    /// Making a template: key constants become "parameters" numbered by
+    /// their place among the text's constants.
+    template: Option<&'a Template>,
+    template_failed: std::cell::Cell<bool>,
+}
+
+/// A query text with its constants taken out, found by PostgreSQL's own
+/// scanner: texts that differ only in their constants (simple-protocol
+/// statements with literal keys) share one analysis, and each text's key is
+/// read from its constants (about 1 µs) instead of parsing it (about 15 µs).
+#[derive(Debug)]
+pub struct Template {
+    /// The text with every constant replaced by a marker of its kind.
+    pub key: Vec<u8>,
+    /// Where each constant starts in the text (a leading minus sign
+    /// included, as the parser places a negative constant).
+    pub locations: Vec<i32>,
+    /// Each constant's value as its type's input function reads it; None
+    /// where the scanner's text cannot be read with certainty (escape
+    /// strings, dollar quoting, backslashes).
+    pub values: Vec<Option<String>>,
+}
+
+impl Template {
+    /// Scans `sql`; None when it has no constant or has bind parameters.
+    pub fn scan(sql: &str) -> Option<Template> {
+        use pg_query::protobuf::Token;
+        let tokens = pg_query::scan(sql).ok()?.tokens;
+        let bytes = sql.as_bytes();
+        let mut key = Vec::with_capacity(sql.len());
+        let mut locations = Vec::new();
+        let mut values = Vec::new();
+        let mut copied = 0usize;
+        let mut prev_minus: Option<usize> = None;
+        for (i, t) in tokens.iter().enumerate() {
+            let (start, end) = (t.start as usize, t.end as usize);
+            if end > bytes.len() || start > end {
+                return None;
+            }
+            let kind = Token::try_from(t.token).ok()?;
+            let marker: &[u8] = match kind {
+                Token::Param => return None,
+                Token::Iconst => b"\0I",
+                Token::Fconst => b"\0F",
+                Token::Sconst => b"\0S",
+                Token::Usconst | Token::Bconst | Token::Xconst => b"\0X",
+                Token::Ascii45 => {
+                    prev_minus = Some(i);
+                    continue;
+                }
+                _ => {
+                    prev_minus = None;
+                    continue;
+                }
+            };
+            let text = &sql[start..end];
+            // A minus sign right before a number is part of the constant
+            // (the parser folds it and places the constant at the sign).
+            let (start, value) = match (kind, prev_minus) {
+                (Token::Iconst | Token::Fconst, Some(m)) if tokens[m].end as usize == start => {
+                    (tokens[m].start as usize, Some(format!("-{text}")))
+                }
+                (Token::Iconst | Token::Fconst, _) => (start, Some(text.to_owned())),
+                (Token::Sconst, _) => (start, plain_string(text)),
+                _ => (start, None),
+            };
+            prev_minus = None;
+            key.extend_from_slice(&bytes[copied..start]);
+            key.extend_from_slice(marker);
+            copied = end;
+            locations.push(start as i32);
+            values.push(value);
+        }
+        if locations.is_empty() {
+            return None;
+        }
+        key.extend_from_slice(&bytes[copied..]);
+        Some(Template { key, locations, values })
+    }
+}
+
+/// The value of a plain '...' string constant ('' for a quote); None for
+/// escape strings, dollar quoting or a backslash (whose meaning depends on
+/// standard_conforming_strings).
+fn plain_string(text: &str) -> Option<String> {
+    let inner = text.strip_prefix('\'')?.strip_suffix('\'')?;
+    if inner.contains('\\') {
+        return None;
+    }
+    Some(inner.replace("''", "'"))
+}
+
+/// Analyses `sql` as the template `t` (the plan's literal keys become
+/// numbered constants). None when some key is not one of the constants.
+pub fn analyze_template(sql: &str, t: &Template, snap: &Snapshot, search_path: Option<&[String]>) -> Option<Analysis> {
+    analyze_with(sql, snap, search_path, Some(t))
 }
 
 /// Where a key comes from.
 enum Key<'a> {
-    Literal(&'a Val, Option<u32>),
+    /// A constant, its location in the text, and the type it is cast to.
+    Literal(&'a Val, i32, Option<u32>),
     Param(usize),
 }
 
@@ -402,12 +513,24 @@ impl Cx<'_> {
         for k in keys {
             match k {
                 Key::Param(i) => params.push(*i),
-                Key::Literal(v, cast) => {
+                Key::Literal(v, at, cast) => {
                     let Some(text) = literal_text(v, ty) else {
                         return Plan::Coordinator("key literal of another type");
                     };
                     if cast.is_some_and(|c| !(c == table.type_oid || (is_int(c) && is_int(table.type_oid)))) {
                         return Plan::Coordinator("key cast to another type");
+                    }
+                    // A template for texts that differ only in constants:
+                    // the key is the constant at this position, read from
+                    // each text (see `Template`).
+                    if let Some(t) = self.template {
+                        match t.locations.iter().position(|l| *l == *at) {
+                            Some(i) => {
+                                params.push(i);
+                                continue;
+                            }
+                            None => self.template_failed.set(true),
+                        }
                     }
                     let Some(h) = hash::hash_text(ty, text.as_bytes()) else {
                         return Plan::Coordinator("key not hashed exactly");
@@ -420,7 +543,9 @@ impl Cx<'_> {
             }
         }
         if params.is_empty() {
-            let first = literal_groups[0];
+            let Some(&first) = literal_groups.first() else {
+                return Plan::Coordinator("no key");
+            };
             if literal_groups.iter().all(|&g| g == first) {
                 Plan::Group(first)
             } else {
@@ -558,7 +683,7 @@ fn is_column(n: &Node, column: &str, relname: &str, alias: Option<&str>) -> bool
 /// A literal or a parameter, possibly cast (`$1::bigint`, `'7'::int8`).
 fn key_value(n: &Node) -> Option<Key<'_>> {
     match n.node.as_ref()? {
-        N::AConst(c) if !c.isnull => Some(Key::Literal(c.val.as_ref()?, None)),
+        N::AConst(c) if !c.isnull => Some(Key::Literal(c.val.as_ref()?, c.location, None)),
         N::ParamRef(p) if p.number >= 1 => Some(Key::Param(p.number as usize - 1)),
         N::TypeCast(tc) => {
             let ty = tc.type_name.as_ref()?;
@@ -571,12 +696,12 @@ fn key_value(n: &Node) -> Option<Key<'_>> {
             };
             let oid = type_oid(name)?;
             match key_value(tc.arg.as_deref()?)? {
-                Key::Literal(v, None) => Some(Key::Literal(v, Some(oid))),
+                Key::Literal(v, at, None) => Some(Key::Literal(v, at, Some(oid))),
                 // A cast parameter: its type is the cast's when undeclared;
                 // only a cast to the column's own type (checked at Bind
                 // through the declared type) is safe, so keep it simple.
                 Key::Param(_) => None,
-                Key::Literal(_, Some(_)) => None,
+                Key::Literal(_, _, Some(_)) => None,
             }
         }
         _ => None,

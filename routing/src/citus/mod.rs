@@ -189,15 +189,13 @@ impl Citus {
     }
 
     /// The analysis of a query string, cached per text (and search_path,
-    /// when the plan depended on it).
+    /// when the plan depended on it). Texts that differ only in constants
+    /// share one analysis through a [`Template`](analyze::Template): the
+    /// key is read from each text's constants.
     pub fn analysis(&self, sql: &[u8], search_path: Option<&[String]>) -> Arc<Analysis> {
         let snap = self.snapshot.load();
-        if let Some(c) = self.plans.read().unwrap().get(sql) {
-            if c.generation == snap.generation
-                && c.search_path.as_deref() == search_path.filter(|_| c.analysis.uses_search_path)
-            {
-                return c.analysis.clone();
-            }
+        if let Some(a) = self.cached(sql, snap.generation, search_path) {
+            return a;
         }
         let Ok(text) = std::str::from_utf8(sql) else {
             return Arc::new(Analysis {
@@ -206,22 +204,47 @@ impl Citus {
                 control: None,
             });
         };
-        self.counters.plans_analysed.fetch_add(1, Relaxed);
+        if let Some(t) = analyze::Template::scan(text) {
+            // Template keys hold NUL markers, which no query text has: the
+            // two kinds of entries cannot collide.
+            if let Some(a) = self.cached(&t.key, snap.generation, search_path) {
+                return resolve(&a, &t);
+            }
+            self.counters.plans_analysed.fetch_add(1, Relaxed);
+            if let Some(a) = analyze::analyze_template(text, &t, &snap, search_path) {
+                let a = Arc::new(a);
+                self.remember(&t.key, snap.generation, search_path, a.clone());
+                return resolve(&a, &t);
+            }
+        } else {
+            self.counters.plans_analysed.fetch_add(1, Relaxed);
+        }
         let a = Arc::new(analyze::analyze(text, &snap, search_path));
+        self.remember(sql, snap.generation, search_path, a.clone());
+        a
+    }
+
+    fn cached(&self, key: &[u8], generation: u64, search_path: Option<&[String]>) -> Option<Arc<Analysis>> {
+        let plans = self.plans.read().unwrap();
+        let c = plans.get(key)?;
+        (c.generation == generation && (!c.analysis.uses_search_path || c.search_path.as_deref() == search_path))
+            .then(|| c.analysis.clone())
+    }
+
+    fn remember(&self, key: &[u8], generation: u64, search_path: Option<&[String]>, a: Arc<Analysis>) {
         let mut plans = self.plans.write().unwrap();
         if plans.len() >= PLANS_KEPT {
             plans.clear();
         }
         plans.insert(
-            sql.into(),
+            key.into(),
             CachedPlan {
-                generation: snap.generation,
-                search_path: search_path.filter(|_| a.uses_search_path).map(Into::into),
+                generation,
                 // (None with uses_search_path: made without a known path.)
-                analysis: a.clone(),
+                search_path: search_path.filter(|_| a.uses_search_path).map(Into::into),
+                analysis: a,
             },
         );
-        a
     }
 
     /// Counts a transaction's destination.
@@ -235,6 +258,23 @@ impl Citus {
         }
         .fetch_add(1, Relaxed);
     }
+}
+
+/// A template's analysis applied to one text: its key constants decide.
+fn resolve(a: &Arc<Analysis>, t: &analyze::Template) -> Arc<Analysis> {
+    let Plan::Params(pp) = &a.plan else {
+        return a.clone();
+    };
+    let values: Vec<Option<&[u8]>> = t.values.iter().map(|v| v.as_deref().map(str::as_bytes)).collect();
+    let plan = match pp.group(&values, &[], &[]) {
+        Some(g) => Plan::Group(g),
+        None => Plan::Coordinator("key constant not placed"),
+    };
+    Arc::new(Analysis {
+        plan,
+        uses_search_path: a.uses_search_path,
+        control: a.control,
+    })
 }
 
 impl Plan {
