@@ -171,7 +171,13 @@ impl Session {
         let Ok(sql) = frontend::query(frame.body()) else {
             return false;
         };
-        let control = cr.citus.analysis(sql, None).control;
+        // Only texts that start like one are analysed here (the others are
+        // analysed once, by the routing that follows).
+        if !starts_like_tx_control(sql) {
+            return false;
+        }
+        let citus = cr.citus.clone();
+        let control = citus.analysis(sql, self.search_path()).control;
         let (tag, status) = match (control, self.pending_begin.is_some(), self.replies.status()) {
             (Some(TxControl::Begin(tag)), false, TxStatus::Idle) => {
                 self.pending_begin = Some(frame.bytes.clone());
@@ -337,6 +343,22 @@ impl Session {
     }
 }
 
+/// Whether a query text starts with BEGIN, START, COMMIT, END, ROLLBACK or
+/// ABORT (after blanks): a cheap filter before the real parse decides.
+fn starts_like_tx_control(sql: &[u8]) -> bool {
+    let word: Vec<u8> = sql
+        .iter()
+        .skip_while(|b| b.is_ascii_whitespace())
+        .take_while(|b| b.is_ascii_alphabetic())
+        .take(9)
+        .map(u8::to_ascii_uppercase)
+        .collect();
+    matches!(
+        word.as_slice(),
+        b"BEGIN" | b"START" | b"COMMIT" | b"END" | b"ROLLBACK" | b"ABORT"
+    )
+}
+
 /// The group a Bind's values send a parameter plan to.
 fn bind_target(
     pp: &pgferry_routing::citus::analyze::ParamPlan,
@@ -452,5 +474,28 @@ mod tests {
         synced.extend(msg(b'B', &bind));
         assert_eq!(peek_bind(&synced, b"s1"), None, "not past a Sync");
         assert_eq!(peek_bind(&[b'B', 0, 0, 0, 1], b""), None, "bad length");
+    }
+}
+
+#[cfg(test)]
+mod tx_control_filter_tests {
+    use super::starts_like_tx_control;
+
+    #[test]
+    fn filter() {
+        for sql in [
+            "BEGIN",
+            "  begin isolation level serializable",
+            "START TRANSACTION",
+            "commit",
+            "END",
+            "ROLLBACK",
+            "abort",
+        ] {
+            assert!(starts_like_tx_control(sql.as_bytes()), "{sql}");
+        }
+        for sql in ["SELECT 1", "BEGINNING", "", "SET x = 1", "ENDS"] {
+            assert!(!starts_like_tx_control(sql.as_bytes()), "{sql}");
+        }
     }
 }

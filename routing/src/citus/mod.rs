@@ -59,8 +59,28 @@ pub struct Counters {
 
 struct CachedPlan {
     generation: u64,
-    search_path: Option<Box<[String]>>,
     analysis: Arc<Analysis>,
+}
+
+/// Plans are kept per text and search_path (an unqualified name resolves
+/// through it): sessions with different paths each get theirs, and none
+/// evicts another's.
+fn cache_key<'a>(key: &'a [u8], search_path: Option<&[String]>) -> std::borrow::Cow<'a, [u8]> {
+    match search_path {
+        None => std::borrow::Cow::Borrowed(key),
+        Some(path) => {
+            let mut k = Vec::with_capacity(key.len() + 32);
+            k.extend_from_slice(key);
+            k.push(1);
+            for (i, s) in path.iter().enumerate() {
+                if i > 0 {
+                    k.push(2);
+                }
+                k.extend_from_slice(s.as_bytes());
+            }
+            std::borrow::Cow::Owned(k)
+        }
+    }
 }
 
 /// The live Citus state one pgferry shares between sessions.
@@ -225,23 +245,22 @@ impl Citus {
     }
 
     fn cached(&self, key: &[u8], generation: u64, search_path: Option<&[String]>) -> Option<Arc<Analysis>> {
+        let key = cache_key(key, search_path);
         let plans = self.plans.read().unwrap();
-        let c = plans.get(key)?;
-        (c.generation == generation && (!c.analysis.uses_search_path || c.search_path.as_deref() == search_path))
-            .then(|| c.analysis.clone())
+        let c = plans.get(&*key)?;
+        (c.generation == generation).then(|| c.analysis.clone())
     }
 
     fn remember(&self, key: &[u8], generation: u64, search_path: Option<&[String]>, a: Arc<Analysis>) {
+        let key = cache_key(key, search_path);
         let mut plans = self.plans.write().unwrap();
         if plans.len() >= PLANS_KEPT {
             plans.clear();
         }
         plans.insert(
-            key.into(),
+            key.into_owned().into(),
             CachedPlan {
                 generation,
-                // (None with uses_search_path: made without a known path.)
-                search_path: search_path.filter(|_| a.uses_search_path).map(Into::into),
                 analysis: a,
             },
         );
