@@ -51,19 +51,6 @@ fn citus_ferry(cluster: &CitusCluster) -> Ferry {
     .expect("start pgferry")
 }
 
-/// Transactions pgferry ran per node port so far.
-fn xacts_per_port(ferry: &Ferry) -> BTreeMap<u16, u64> {
-    let out = admin(ferry.rw_port, "SHOW LATENCY");
-    let mut m = BTreeMap::new();
-    for r in out.lines().skip(1).map(|l| l.split('|').collect::<Vec<_>>()) {
-        if r.len() > 5 && r[4] == "xact" {
-            let port: u16 = r[3].rsplit(':').next().unwrap().parse().unwrap();
-            *m.entry(port).or_default() += r[5].parse::<u64>().unwrap();
-        }
-    }
-    m
-}
-
 fn owner_port(cluster: &CitusCluster, tenant: i64) -> u16 {
     cluster
         .coordinator_sql(&format!(

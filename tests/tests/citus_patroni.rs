@@ -108,28 +108,6 @@ fn owners(f: &PatroniCitus) -> BTreeMap<i64, u32> {
     m
 }
 
-/// Transactions pgferry ran per server port so far (SHOW LATENCY, "xact").
-fn xacts_per_port(ferry: &Ferry) -> BTreeMap<u16, u64> {
-    let out = admin(ferry.rw_port, "SHOW LATENCY");
-    let mut m = BTreeMap::new();
-    for r in out.lines().skip(1).map(|l| l.split('|').collect::<Vec<_>>()) {
-        if r.len() > 5 && r[4] == "xact" {
-            if let Some(port) = r[3].rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) {
-                *m.entry(port).or_default() += r[5].parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    m
-}
-
-fn delta(before: &BTreeMap<u16, u64>, after: &BTreeMap<u16, u64>) -> BTreeMap<u16, u64> {
-    after
-        .iter()
-        .map(|(p, n)| (*p, n - before.get(p).copied().unwrap_or(0)))
-        .filter(|(_, n)| *n > 0)
-        .collect()
-}
-
 async fn connect_app(ferry: &Ferry) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(
         &ferry.rw_conn_str("app", APP_PASS, PATRONI_CITUS_DB),

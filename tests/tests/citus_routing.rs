@@ -52,27 +52,6 @@ fn citus_ferry(cluster: &CitusCluster, extra: &str) -> Ferry {
     Ferry::start(&config).expect("start pgferry")
 }
 
-/// Transactions pgferry ran per node port so far.
-fn xacts_per_port(ferry: &Ferry) -> BTreeMap<u16, u64> {
-    let out = admin(ferry.rw_port, "SHOW LATENCY");
-    let mut m = BTreeMap::new();
-    for r in out.lines().skip(1).map(|l| l.split('|').collect::<Vec<_>>()) {
-        if r.len() > 5 && r[4] == "xact" {
-            let port: u16 = r[3].rsplit(':').next().unwrap().parse().unwrap();
-            *m.entry(port).or_default() += r[5].parse::<u64>().unwrap();
-        }
-    }
-    m
-}
-
-fn delta(before: &BTreeMap<u16, u64>, after: &BTreeMap<u16, u64>) -> BTreeMap<u16, u64> {
-    after
-        .iter()
-        .map(|(p, n)| (*p, n - before.get(p).copied().unwrap_or(0)))
-        .filter(|(_, n)| *n > 0)
-        .collect()
-}
-
 /// The port of the worker owning `tenant` of `table`, as Citus says.
 fn owner_port(cluster: &CitusCluster, table: &str, tenant: &str) -> u16 {
     cluster

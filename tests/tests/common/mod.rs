@@ -221,3 +221,31 @@ pub async fn get(port: u16, path: &str) -> (u16, String) {
     let code = head.split(' ').nth(1).unwrap().parse().unwrap();
     (code, body.to_owned())
 }
+
+/// Transactions pgferry ran per server port so far (SHOW LATENCY, kind
+/// "xact", summed over pools): where routing sent them.
+pub fn xacts_per_port(ferry: &Ferry) -> std::collections::BTreeMap<u16, u64> {
+    let out = admin(ferry.rw_port, "SHOW LATENCY");
+    let mut m = std::collections::BTreeMap::new();
+    for r in out.lines().skip(1).map(|l| l.split('|').collect::<Vec<_>>()) {
+        if r.len() > 5 && r[4] == "xact" {
+            if let Some(port) = r[3].rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) {
+                *m.entry(port).or_default() += r[5].parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    m
+}
+
+/// What changed between two [`xacts_per_port`] readings (ports with none
+/// left out).
+pub fn delta(
+    before: &std::collections::BTreeMap<u16, u64>,
+    after: &std::collections::BTreeMap<u16, u64>,
+) -> std::collections::BTreeMap<u16, u64> {
+    after
+        .iter()
+        .map(|(p, n)| (*p, n - before.get(p).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
