@@ -386,6 +386,43 @@ impl CitusCluster {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// A streaming hot standby of worker `n` (1 or 2), registered with
+    /// Citus as that group's secondary (`citus_add_secondary_node`). Returns
+    /// its port once it accepts connections.
+    pub fn add_worker_secondary(&self, n: usize) -> Result<u16> {
+        let data = self.dir.join(format!("worker{n}-standby"));
+        let log = self.dir.join(format!("worker{n}-standby.log"));
+        run(
+            self.user.command(self.pg_bin("pg_basebackup")).args([
+                "-h".as_ref(),
+                "127.0.0.1".as_ref(),
+                "-p".as_ref(),
+                self.ports[n].to_string().as_ref(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-R".as_ref(),
+                "-X".as_ref(),
+                "stream".as_ref(),
+                "--checkpoint=fast".as_ref(),
+                "--no-sync".as_ref(),
+            ]),
+            "pg_basebackup (worker standby)",
+        )?;
+        let port = free_port();
+        append(
+            &data.join("postgresql.conf"),
+            &format!("port = {port}\nhot_standby = on\n"),
+        )?;
+        self.pg_ctl_start(&data, &log, port)?;
+        self.coordinator_sql(&format!(
+            "SELECT citus_add_secondary_node('127.0.0.1', {port}, '127.0.0.1', {})",
+            self.ports[n]
+        ))?;
+        Ok(port)
+    }
+
     /// [`CitusCluster::psql`] on the coordinator, database `app`.
     pub fn coordinator_sql(&self, sql: &str) -> Result<String> {
         self.psql(self.ports[0], "app", sql)
@@ -428,7 +465,7 @@ fn cleanup_script(dir: &Path, bin: &Path) -> String {
     let dir = sh_quote(&dir.to_string_lossy());
     format!(
         "exec </dev/null >/dev/null 2>&1\n\
-         for d in {dir}/template {dir}/coordinator {dir}/worker1 {dir}/worker2; do\n\
+         for d in {dir}/template {dir}/coordinator {dir}/worker1 {dir}/worker2 {dir}/worker1-standby {dir}/worker2-standby; do\n\
          \x20 if [ -f \"$d/postmaster.pid\" ]; then\n\
          \x20   pid=$(head -n 1 \"$d/postmaster.pid\")\n\
          \x20   {pg_ctl} -D \"$d\" -m immediate -w -t 30 stop || kill -9 \"$pid\"\n\
