@@ -455,8 +455,7 @@ impl Router {
                     }
                 }),
         }?;
-        m.counter(role).fetch_add(1, Relaxed);
-        Some(Route { member: m, role })
+        Some(Route::claim(m, role))
     }
 
     /// Whether the read session on `mine` should move: another eligible

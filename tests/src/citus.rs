@@ -423,6 +423,24 @@ impl CitusCluster {
         Ok(port)
     }
 
+    /// A pgferry users file with the coordinator's SCRAM secrets of `users`
+    /// (roles and their verifiers are the same on every node).
+    pub fn write_userlist(&self, path: &Path, users: &[&str]) -> Result<()> {
+        let mut text = String::new();
+        for u in users {
+            let secret = self.psql(
+                self.ports[0],
+                "app",
+                &format!("SELECT rolpassword FROM pg_authid WHERE rolname = {}", quote_literal(u)),
+            )?;
+            if secret.is_empty() {
+                bail!("no role {u}");
+            }
+            text.push_str(&format!("\"{u}\" \"{secret}\"\n"));
+        }
+        fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
     /// [`CitusCluster::psql`] on the coordinator, database `app`.
     pub fn coordinator_sql(&self, sql: &str) -> Result<String> {
         self.psql(self.ports[0], "app", sql)

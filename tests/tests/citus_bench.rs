@@ -34,21 +34,7 @@ fn ferry_with(cluster: &CitusCluster, routing: &str, any_node: bool) -> Ferry {
     let dir = std::env::temp_dir().join(format!("pgferry-citus-bench-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let users = dir.join("userlist.txt");
-    let secret = cluster
-        .psql(
-            cluster.coordinator_port(),
-            "app",
-            "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'",
-        )
-        .unwrap();
-    let admin = cluster
-        .psql(
-            cluster.coordinator_port(),
-            "app",
-            "SELECT rolpassword FROM pg_authid WHERE rolname = 'admin'",
-        )
-        .unwrap();
-    std::fs::write(&users, format!("\"app\" \"{secret}\"\n\"admin\" \"{admin}\"\n")).unwrap();
+    cluster.write_userlist(&users, &["app", "admin"]).unwrap();
     let config = format!(
         "[listen]\nrw = \"127.0.0.1:{rw}\"\n\
          [auth]\nmethod = \"scram-sha-256\"\nusers_file = {users:?}\nadmin_users = [\"admin\"]\n\

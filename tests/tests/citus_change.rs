@@ -24,18 +24,7 @@ fn citus_ferry(cluster: &CitusCluster) -> Ferry {
     let dir = std::env::temp_dir().join(format!("pgferry-citus-change-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let users = dir.join("userlist.txt");
-    let mut text = String::new();
-    for user in ["app", "admin"] {
-        let secret = cluster
-            .psql(
-                cluster.coordinator_port(),
-                "app",
-                &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{user}'"),
-            )
-            .unwrap();
-        text.push_str(&format!("\"{user}\" \"{secret}\"\n"));
-    }
-    std::fs::write(&users, text).unwrap();
+    cluster.write_userlist(&users, &["app", "admin"]).unwrap();
     Ferry::start(&format!(
         "[listen]\nrw = \"127.0.0.1:{rw}\"\n\
          [auth]\nmethod = \"scram-sha-256\"\nusers_file = {users:?}\nadmin_users = [\"admin\"]\n\

@@ -16,26 +16,11 @@ use std::time::{Duration, Instant};
 
 const TENANTS: i64 = 40;
 
-fn userlist(cluster: &CitusCluster, path: &std::path::Path) {
-    let mut text = String::new();
-    for user in ["app", "admin"] {
-        let secret = cluster
-            .psql(
-                cluster.coordinator_port(),
-                "app",
-                &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{user}'"),
-            )
-            .unwrap();
-        text.push_str(&format!("\"{user}\" \"{secret}\"\n"));
-    }
-    std::fs::write(path, text).unwrap();
-}
-
 fn citus_ferry(cluster: &CitusCluster, extra: &str) -> Ferry {
     let dir = std::env::temp_dir().join(format!("pgferry-citus-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let users = dir.join("userlist.txt");
-    userlist(cluster, &users);
+    cluster.write_userlist(&users, &["app", "admin"]).unwrap();
     let config = format!(
         "[listen]\nrw = \"127.0.0.1:{rw}\"\n\
          [auth]\nmethod = \"scram-sha-256\"\nusers_file = {users:?}\nadmin_users = [\"admin\"]\n\
@@ -247,7 +232,7 @@ async fn single_shard_statements_run_on_the_owner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routing_off_and_other_databases_use_the_coordinator() {
+async fn routing_off_sends_everything_to_the_coordinator() {
     let Some(cluster) = shared_citus_or_skip() else {
         return;
     };
