@@ -46,6 +46,7 @@ pub mod sqlstate {
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const SYNTAX_ERROR: &str = "42601";

@@ -441,6 +441,30 @@ impl CitusCluster {
         fs::write(path, text).with_context(|| format!("writing {}", path.display()))
     }
 
+    /// pgferry in front of this cluster with a static topology (the
+    /// coordinator as primary) and Citus routing for database `app` as
+    /// user `app`; `extra` TOML is merged over that (pool sizes, a
+    /// read-only listener, routing settings).
+    pub fn ferry(&self, extra: &str) -> Result<crate::Ferry> {
+        let dir = std::env::temp_dir().join(format!("pgferry-citus-{}-{}", std::process::id(), crate::free_port()));
+        fs::create_dir_all(&dir)?;
+        let users = dir.join("userlist.txt");
+        self.write_userlist(&users, &["app", "admin"])?;
+        let base = format!(
+            "[listen]\nrw = \"127.0.0.1:{rw}\"\n\
+             [auth]\nmethod = \"scram-sha-256\"\nusers_file = {users:?}\nadmin_users = [\"admin\"]\n\
+             [pool]\npool_size = 4\n\
+             [http]\nlisten = \"127.0.0.1:{http}\"\n\
+             [topology]\nsource = \"static\"\nprimary = \"127.0.0.1:{coord}\"\n\
+             [[user]]\nname = \"app\"\nserver_password = \"app-pass\"\n\
+             [citus]\ndatabase = \"app\"\nuser = \"app\"\npassword = \"app-pass\"\nrefresh_interval = \"300ms\"\n",
+            rw = crate::free_port(),
+            http = crate::free_port(),
+            coord = self.coordinator_port(),
+        );
+        crate::Ferry::start(&crate::merge_toml(&base, extra)?)
+    }
+
     /// [`CitusCluster::psql`] on the coordinator, database `app`.
     pub fn coordinator_sql(&self, sql: &str) -> Result<String> {
         self.psql(self.ports[0], "app", sql)

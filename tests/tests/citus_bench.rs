@@ -19,7 +19,7 @@ mod common;
 
 use common::*;
 use pgferry_tests::citus::{shared_citus_or_skip, CitusCluster};
-use pgferry_tests::{free_port, Ferry, PG_BIN};
+use pgferry_tests::{Ferry, PG_BIN};
 use std::time::Duration;
 
 fn env_or(name: &str, default: &str) -> String {
@@ -31,23 +31,11 @@ fn ferry(cluster: &CitusCluster, routing: &str) -> Ferry {
 }
 
 fn ferry_with(cluster: &CitusCluster, routing: &str, any_node: bool) -> Ferry {
-    let dir = std::env::temp_dir().join(format!("pgferry-citus-bench-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let users = dir.join("userlist.txt");
-    cluster.write_userlist(&users, &["app", "admin"]).unwrap();
-    let config = format!(
-        "[listen]\nrw = \"127.0.0.1:{rw}\"\n\
-         [auth]\nmethod = \"scram-sha-256\"\nusers_file = {users:?}\nadmin_users = [\"admin\"]\n\
-         [pool]\npool_size = 16\n\
-         [http]\nlisten = \"127.0.0.1:{http}\"\n\
-         [topology]\nsource = \"static\"\nprimary = \"127.0.0.1:{coord}\"\n\
-         [[user]]\nname = \"app\"\nserver_password = \"app-pass\"\n\
-         [citus]\ndatabase = \"app\"\nuser = \"app\"\npassword = \"app-pass\"\nrouting = \"{routing}\"\nany_node = {any_node}\n",
-        rw = free_port(),
-        http = free_port(),
-        coord = cluster.coordinator_port(),
-    );
-    Ferry::start(&config).expect("start pgferry")
+    cluster
+        .ferry(&format!(
+            "[pool]\npool_size = 16\n[citus]\nrouting = \"{routing}\"\nany_node = {any_node}\n"
+        ))
+        .expect("start pgferry")
 }
 
 /// utime + stime of `pid`, in clock ticks (100 per second here).

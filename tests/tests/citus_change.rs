@@ -11,7 +11,7 @@ mod common;
 
 use common::*;
 use pgferry_tests::citus::{shared_citus_or_skip, CitusCluster};
-use pgferry_tests::{free_port, Ferry};
+use pgferry_tests::Ferry;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,23 +21,9 @@ const CLIENTS: usize = 16;
 const TENANTS: i64 = 64;
 
 fn citus_ferry(cluster: &CitusCluster) -> Ferry {
-    let dir = std::env::temp_dir().join(format!("pgferry-citus-change-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let users = dir.join("userlist.txt");
-    cluster.write_userlist(&users, &["app", "admin"]).unwrap();
-    Ferry::start(&format!(
-        "[listen]\nrw = \"127.0.0.1:{rw}\"\n\
-         [auth]\nmethod = \"scram-sha-256\"\nusers_file = {users:?}\nadmin_users = [\"admin\"]\n\
-         [pool]\npool_size = 8\n\
-         [http]\nlisten = \"127.0.0.1:{http}\"\n\
-         [topology]\nsource = \"static\"\nprimary = \"127.0.0.1:{coord}\"\n\
-         [[user]]\nname = \"app\"\nserver_password = \"app-pass\"\n\
-         [citus]\ndatabase = \"app\"\nuser = \"app\"\npassword = \"app-pass\"\nrefresh_interval = \"250ms\"\n",
-        rw = free_port(),
-        http = free_port(),
-        coord = cluster.coordinator_port(),
-    ))
-    .expect("start pgferry")
+    cluster
+        .ferry("[pool]\npool_size = 8\n[citus]\nrefresh_interval = \"250ms\"\n")
+        .expect("start pgferry")
 }
 
 fn owner_port(cluster: &CitusCluster, tenant: i64) -> u16 {

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use pgferry_tests::citus::shared_citus_or_skip;
-use pgferry_tests::{free_port, Ferry};
+use pgferry_tests::free_port;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -41,24 +41,12 @@ async fn keyed_reads_use_the_owning_groups_secondary() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let dir = std::env::temp_dir().join(format!("pgferry-citus-ro-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let users = dir.join("userlist.txt");
-    cluster.write_userlist(&users, &["app", "admin"]).unwrap();
-    let ferry = Ferry::start(&format!(
-        "[listen]\nrw = \"127.0.0.1:{rw}\"\nro = \"127.0.0.1:{ro}\"\n\
-         [auth]\nmethod = \"scram-sha-256\"\nusers_file = {users:?}\nadmin_users = [\"admin\"]\n\
-         [pool]\npool_size = 4\nro_fallback_to_primary = true\n\
-         [http]\nlisten = \"127.0.0.1:{http}\"\n\
-         [topology]\nsource = \"static\"\nprimary = \"127.0.0.1:{coord}\"\n\
-         [[user]]\nname = \"app\"\nserver_password = \"app-pass\"\n\
-         [citus]\ndatabase = \"app\"\nuser = \"app\"\npassword = \"app-pass\"\nrefresh_interval = \"300ms\"\n",
-        rw = free_port(),
-        ro = free_port(),
-        http = free_port(),
-        coord = cluster.coordinator_port(),
-    ))
-    .expect("start pgferry");
+    let ferry = cluster
+        .ferry(&format!(
+            "[listen]\nro = \"127.0.0.1:{}\"\n[pool]\nro_fallback_to_primary = true\n",
+            free_port()
+        ))
+        .expect("start pgferry");
     let start = Instant::now();
     loop {
         let out = admin(ferry.rw_port, "SHOW CITUS");

@@ -10,31 +10,14 @@ mod common;
 
 use common::*;
 use pgferry_tests::citus::{shared_citus_or_skip, CitusCluster};
-use pgferry_tests::{free_port, Ferry};
+use pgferry_tests::Ferry;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const TENANTS: i64 = 40;
 
 fn citus_ferry(cluster: &CitusCluster, extra: &str) -> Ferry {
-    let dir = std::env::temp_dir().join(format!("pgferry-citus-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let users = dir.join("userlist.txt");
-    cluster.write_userlist(&users, &["app", "admin"]).unwrap();
-    let config = format!(
-        "[listen]\nrw = \"127.0.0.1:{rw}\"\n\
-         [auth]\nmethod = \"scram-sha-256\"\nusers_file = {users:?}\nadmin_users = [\"admin\"]\n\
-         [pool]\npool_size = 4\n\
-         [http]\nlisten = \"127.0.0.1:{http}\"\n\
-         [topology]\nsource = \"static\"\nprimary = \"127.0.0.1:{coord}\"\n\
-         [[user]]\nname = \"app\"\nserver_password = \"app-pass\"\n\
-         [citus]\ndatabase = \"app\"\nuser = \"app\"\npassword = \"app-pass\"\nrefresh_interval = \"300ms\"\n",
-        rw = free_port(),
-        http = free_port(),
-        coord = cluster.coordinator_port(),
-    );
-    let config = pgferry_tests::merge_toml(&config, extra).unwrap();
-    Ferry::start(&config).expect("start pgferry")
+    cluster.ferry(extra).expect("start pgferry")
 }
 
 /// The port of the worker owning `tenant` of `table`, as Citus says.

@@ -203,10 +203,9 @@ impl Session {
         let generation = router.generation();
         self.rebalance = false;
         let mut candidate = None;
-        // A session on a Citus worker goes back to the coordinator: its
-        // next transaction picks its node again anyway.
-        let on_worker = self.citus.as_ref().is_some_and(|c| c.on_group.is_some());
-        if !self.pool.is_closed() && !on_worker && router.keeps(role, &self.route.member.addr) {
+        // The router decides whether the node still serves this port: the
+        // coordinator's primary, a Citus worker group's leader, a replica.
+        if router.keeps(role, &self.route.member.addr) {
             // Read-only sessions also rebalance when the set of replicas
             // changes (one came back) or the counts drifted: move if another
             // replica has clearly fewer read sessions.
@@ -215,6 +214,17 @@ impl Session {
                 Role::ReadOnly => router.rebalance(&self.route.member),
             };
             if candidate.is_none() {
+                if self.pool.is_closed() {
+                    // Replaced (RELOAD, RECONNECT) while the node still
+                    // serves: a new pool on the same node.
+                    let key = &self.pool.key;
+                    let pool = self
+                        .shared
+                        .pool(&key.database, &key.user, &self.route.member.addr, role);
+                    pool.credentials().adopt(self.pool.credentials());
+                    let route = Route::claim(self.route.member.clone(), role);
+                    self.switch_pool(pool, route);
+                }
                 self.route_gen = generation;
                 return Ok(());
             }
@@ -232,10 +242,9 @@ impl Session {
         let key = &self.pool.key;
         let pool = self.shared.pool(&key.database, &key.user, &route.member.addr, role);
         pool.credentials().adopt(self.pool.credentials());
-        if !on_worker {
-            tracing::info!(client = self.id, from = %self.route.member.addr, to = %route.member.addr, port = role.as_str(), "session moved to a new server");
-        }
+        tracing::info!(client = self.id, from = %self.route.member.addr, to = %route.member.addr, port = role.as_str(), "session moved to a new server");
         if let Some(c) = self.citus.as_mut() {
+            // Wherever it was, the session is on the port's own node now.
             c.on_group = None;
         }
         self.switch_pool(pool, route);

@@ -93,13 +93,11 @@ impl Session {
     /// of the owning group (or its leader, with ro_fallback_to_primary),
     /// else where the port sends everything else.
     fn route_group_read(&mut self, g: u32) -> RouteStep {
-        let generation = self.shared.router.generation();
         match self.shared.router.route_group_read(g) {
             Some(route) => {
                 if *route.member.addr != *self.route.member.addr {
                     self.move_to(g, route);
                 }
-                self.route_gen = generation;
                 RouteStep::Ready
             }
             None => self.move_home(),
@@ -107,17 +105,11 @@ impl Session {
     }
 
     fn route_to_group(&mut self, g: u32) -> RouteStep {
-        // Read before the leader: a change after it makes the route stale.
-        let generation = self.shared.router.generation();
         match self.shared.router.group_leader(g) {
             GroupLeader::Leader(m) => {
                 if *m.addr != *self.route.member.addr {
                     self.move_to_group(g, m);
                 }
-                // Routed under this generation: the binding must not send
-                // the session home because of an earlier change (a metadata
-                // refresh touches the generation too).
-                self.route_gen = generation;
                 RouteStep::Ready
             }
             GroupLeader::NoLeader => RouteStep::HoldForGroup(g),
@@ -160,45 +152,114 @@ impl Session {
     }
 
     /// Answers a lone BEGIN (deferred: replayed where the first statement
-    /// goes) or the COMMIT/ROLLBACK of a deferred transaction that ran
-    /// nothing. False: not such a request; handle it as usual.
+    /// goes), the COMMIT/ROLLBACK of a deferred transaction that ran
+    /// nothing, and the end of a deferred transaction that failed before
+    /// reaching a server. With the simple protocol, or the extended one
+    /// when the statement's whole run (Parse, Bind, Describe, Execute) has
+    /// arrived. False: not such a request; handle it as usual.
     pub(super) fn answer_tx_control(&mut self, frame: &Frame) -> bool {
         let Some(cr) = self.citus.as_ref() else { return false };
-        if !cr.citus.loaded() || !self.replies.at_boundary() || self.skip_until_sync || self.lost_transaction.is_some()
+        let deferred = self.pending_begin.is_some() || self.deferred_failed;
+        if !(cr.citus.loaded() || deferred)
+            || !self.replies.at_boundary()
+            || self.skip_until_sync
+            || self.lost_transaction.is_some()
         {
             return false;
         }
-        let Ok(sql) = frontend::query(frame.body()) else {
+        let citus = cr.citus.clone();
+        let Some((sql, run)) = self.tx_control_text(frame) else {
             return false;
         };
-        // Only texts that start like one are analysed here (the others are
-        // analysed once, by the routing that follows).
-        if !starts_like_tx_control(sql) {
-            return false;
-        }
-        let citus = cr.citus.clone();
-        let control = citus.analysis(sql, self.search_path()).control;
-        let (tag, status) = match (control, self.pending_begin.is_some(), self.replies.status()) {
-            (Some(TxControl::Begin(tag)), false, TxStatus::Idle) => {
-                self.pending_begin = Some(frame.bytes.clone());
+        let control = citus.analysis(&sql, self.search_path()).control;
+        let (tag, status) = match (control, self.replies.status()) {
+            (Some(TxControl::Begin(tag)), TxStatus::Idle) if !deferred => {
+                let begin = match run {
+                    None => frame.bytes.clone(),
+                    Some(_) => {
+                        let mut b = BytesMut::with_capacity(sql.len() + 6);
+                        encode::query(&mut b, &sql);
+                        b.freeze()
+                    }
+                };
+                self.pending_begin = Some(begin);
                 (tag, TxStatus::InTransaction)
             }
-            (Some(TxControl::Commit), true, _) => {
+            // PostgreSQL ends a failed transaction with ROLLBACK whatever
+            // the client asked.
+            (Some(TxControl::Commit | TxControl::Rollback), _) if self.deferred_failed => {
+                self.deferred_failed = false;
+                ("ROLLBACK", TxStatus::Idle)
+            }
+            (Some(TxControl::Commit), _) if deferred => {
                 self.pending_begin = None;
                 ("COMMIT", TxStatus::Idle)
             }
-            (Some(TxControl::Rollback), true, _) => {
+            (Some(TxControl::Rollback), _) if deferred => {
                 self.pending_begin = None;
                 ("ROLLBACK", TxStatus::Idle)
             }
             _ => return false,
         };
         let mut b = BytesMut::with_capacity(32);
+        if let Some(run) = &run {
+            if run.parse {
+                encode::parse_complete(&mut b);
+            }
+            encode::message(&mut b, backend::BIND_COMPLETE, |_| {});
+            if run.describe {
+                encode::message(&mut b, backend::NO_DATA, |_| {});
+            }
+            // The run's other messages are answered here too.
+            let _ = self.rbuf.split_to(run.len);
+        }
         encode::command_complete(&mut b, tag);
-        encode::ready_for_query(&mut b, status);
+        if run.is_none() {
+            encode::ready_for_query(&mut b, status);
+        }
         self.replies.set_status(status);
-        self.respond_local(b.freeze(), true, || None);
+        self.respond_local(b.freeze(), run.is_none(), || None);
         true
+    }
+
+    /// The text of a transaction-control statement `frame` runs, and for
+    /// the extended protocol the rest of its run, already read. None for
+    /// anything else (only texts that start like one are looked at: the
+    /// others are analysed once, by the routing that follows).
+    fn tx_control_text(&self, frame: &Frame) -> Option<(Bytes, Option<ExtendedRun>)> {
+        let body = frame.body();
+        match frame.tag {
+            frontend::QUERY => {
+                let sql = frontend::query(body).ok()?;
+                starts_like_tx_control(sql).then(|| (frame.bytes.slice_ref(sql), None))
+            }
+            // An unnamed statement: parsed for this run only.
+            frontend::PARSE => {
+                let p = frontend::parse(body).ok()?;
+                if !p.name.is_empty() || !starts_like_tx_control(p.query) {
+                    return None;
+                }
+                let run = extended_run(&self.rbuf, b"", true)?;
+                Some((frame.bytes.slice_ref(p.query), Some(run)))
+            }
+            // A named statement pgferry keeps (a statement cache): its
+            // Parse was answered earlier.
+            frontend::BIND => {
+                let b = frontend::bind(body).ok()?;
+                if !self.rewrite || b.statement.is_empty() {
+                    return None;
+                }
+                let stmt = self.statements.get(b.statement)?;
+                let sql = stmt.query();
+                if !starts_like_tx_control(sql) || !no_params(body, b.rest_offset) {
+                    return None;
+                }
+                let mut run = run_after_bind(&self.rbuf, b.portal)?;
+                run.parse = false;
+                Some((stmt.parse_tail.slice_ref(sql), Some(run)))
+            }
+            _ => None,
+        }
     }
 
     /// Replays a deferred BEGIN on `conn`, the server the transaction's
@@ -214,6 +275,14 @@ impl Session {
     }
 
     fn citus_target(&mut self, citus: &Citus, frame: &Frame) -> Target {
+        self.target_at(citus, frame, 0, 0)
+    }
+
+    /// The target of the transaction `frame` starts; the messages after it
+    /// start at `at` in the read buffer. A BEGIN that reaches here (its
+    /// statement not yet known good, so not deferred) goes where the
+    /// statement after it in the same write goes.
+    fn target_at(&mut self, citus: &Citus, frame: &Frame, at: usize, depth: u8) -> Target {
         let body = frame.body();
         match frame.tag {
             frontend::QUERY => match frontend::query(body) {
@@ -229,12 +298,15 @@ impl Session {
                     return Target::Coordinator;
                 };
                 let a = citus.analysis(p.query, self.search_path());
+                if let (Some(TxControl::Begin(_)), 0) = (&a.control, depth) {
+                    return self.target_after(citus, extended_run(&self.rbuf[at..], p.name, true), at);
+                }
                 match &a.plan {
                     Plan::Params(pp) => {
                         // The values come with the Bind that follows, if the
                         // client sent it along (drivers do: Parse, Bind,
                         // Execute, Sync in one write).
-                        let Some(bind) = peek_bind(&self.rbuf, p.name) else {
+                        let Some(bind) = peek_bind(&self.rbuf[at..], p.name) else {
                             return Target::Coordinator;
                         };
                         let Some(cr) = self.citus.as_mut() else {
@@ -262,6 +334,9 @@ impl Session {
                 let query = stmt.query();
                 let types = &stmt.parse_tail[query.len() + 1..];
                 let a = citus.analysis(query, self.search_path());
+                if let (Some(TxControl::Begin(_)), 0) = (&a.control, depth) {
+                    return self.target_after(citus, run_after_bind(&self.rbuf[at..], b.portal), at);
+                }
                 let Some(cr) = self.citus.as_mut() else {
                     return Target::Coordinator;
                 };
@@ -269,6 +344,26 @@ impl Session {
                     Plan::Params(pp) => bind_target(pp, body, types, &mut cr.formats),
                     plan => plan.target().unwrap_or(Target::Coordinator),
                 }
+            }
+            _ => Target::Coordinator,
+        }
+    }
+
+    /// The target of the Parse or Bind that follows a BEGIN's run (`run`,
+    /// from `at` in the read buffer), if the client sent one along.
+    fn target_after(&mut self, citus: &Citus, run: Option<ExtendedRun>, at: usize) -> Target {
+        let Some(run) = run else {
+            return Target::Coordinator;
+        };
+        let start = at + run.len;
+        match next_message(&self.rbuf, start) {
+            Some((tag @ (frontend::PARSE | frontend::BIND), _, end)) => {
+                // Rare (a BEGIN no server has checked yet): a copy is fine.
+                let next = Frame {
+                    tag,
+                    bytes: Bytes::copy_from_slice(&self.rbuf[start..end]),
+                };
+                self.target_at(citus, &next, end, 1)
             }
             _ => Target::Coordinator,
         }
@@ -357,6 +452,79 @@ fn starts_like_tx_control(sql: &[u8]) -> bool {
         word.as_slice(),
         b"BEGIN" | b"START" | b"COMMIT" | b"END" | b"ROLLBACK" | b"ABORT"
     )
+}
+
+/// The messages of a transaction-control statement's extended-protocol
+/// run that follow its first one, as pgferry answers them.
+#[derive(Debug, PartialEq, Eq)]
+struct ExtendedRun {
+    /// Bytes of the following messages (Bind, Describe, Execute).
+    len: usize,
+    /// The run started with a Parse (answered with ParseComplete).
+    parse: bool,
+    /// The portal was described (answered with NoData).
+    describe: bool,
+}
+
+/// After an unnamed Parse of a parameterless statement: the Bind of
+/// `statement` with no parameters, then the Execute of its portal
+/// (optionally a Describe of it in between). None when the run is anything
+/// else, or has not all arrived.
+fn extended_run(buf: &[u8], statement: &[u8], parse: bool) -> Option<ExtendedRun> {
+    let (tag, body, end) = next_message(buf, 0)?;
+    if tag != frontend::BIND {
+        return None;
+    }
+    let b = frontend::bind(body).ok()?;
+    if b.statement != statement || !no_params(body, b.rest_offset) {
+        return None;
+    }
+    let mut run = run_after_bind(&buf[end..], b.portal)?;
+    run.len += end;
+    run.parse = parse;
+    Some(run)
+}
+
+/// After a Bind of `portal`: an optional Describe of it, then its Execute.
+fn run_after_bind(buf: &[u8], portal: &[u8]) -> Option<ExtendedRun> {
+    let (mut tag, mut body, mut end) = next_message(buf, 0)?;
+    let mut describe = false;
+    if tag == frontend::DESCRIBE {
+        if frontend::target(body, "Describe").ok()? != (b'P', portal) {
+            return None;
+        }
+        describe = true;
+        (tag, body, end) = next_message(buf, end)?;
+    }
+    if tag != frontend::EXECUTE || body.split(|&c| c == 0).next() != Some(portal) {
+        return None;
+    }
+    Some(ExtendedRun {
+        len: end,
+        parse: false,
+        describe,
+    })
+}
+
+/// The complete message at `at` in `buf`: tag, body, and where it ends.
+fn next_message(buf: &[u8], at: usize) -> Option<(u8, &[u8], usize)> {
+    let head = buf.get(at..at + 5)?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let end = at.checked_add(1)?.checked_add(len)?;
+    if len < 4 || end > buf.len() {
+        return None;
+    }
+    Some((head[0], &buf[at + 5..end], end))
+}
+
+/// A Bind body (its values start at `rest`) binds no parameters.
+fn no_params(body: &[u8], rest: usize) -> bool {
+    let r = &body[rest..];
+    let Some(n) = r.get(..2).map(|n| u16::from_be_bytes([n[0], n[1]]) as usize) else {
+        return false;
+    };
+    let at = 2 + 2 * n;
+    r.get(at..at + 2) == Some(&[0, 0])
 }
 
 /// The group a Bind's values send a parameter plan to.
@@ -474,6 +642,147 @@ mod tests {
         synced.extend(msg(b'B', &bind));
         assert_eq!(peek_bind(&synced, b"s1"), None, "not past a Sync");
         assert_eq!(peek_bind(&[b'B', 0, 0, 0, 1], b""), None, "bad length");
+    }
+}
+
+#[cfg(test)]
+mod extended_run_tests {
+    use super::*;
+
+    fn msg(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+        out.push(tag);
+        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        out.extend_from_slice(body);
+    }
+
+    /// A Bind of `stmt` to `portal`, with `params` text parameters.
+    fn bind(out: &mut Vec<u8>, portal: &[u8], stmt: &[u8], params: u16) {
+        let mut b = [portal, b"\0", stmt, b"\0"].concat();
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&params.to_be_bytes());
+        for _ in 0..params {
+            b.extend_from_slice(&1i32.to_be_bytes());
+            b.push(b'7');
+        }
+        b.extend_from_slice(&[0, 0]);
+        msg(out, b'B', &b);
+    }
+
+    fn execute(out: &mut Vec<u8>, portal: &[u8]) {
+        msg(out, b'E', &[portal, b"\0\0\0\0\0"].concat());
+    }
+
+    fn describe(out: &mut Vec<u8>, kind: u8, name: &[u8]) {
+        msg(out, b'D', &[&[kind][..], name, b"\0"].concat());
+    }
+
+    #[test]
+    fn bind_execute_and_an_optional_describe() {
+        let mut buf = Vec::new();
+        bind(&mut buf, b"", b"", 0);
+        execute(&mut buf, b"");
+        let len = buf.len();
+        msg(&mut buf, b'S', b"");
+        assert_eq!(
+            extended_run(&buf, b"", true),
+            Some(ExtendedRun {
+                len,
+                parse: true,
+                describe: false
+            })
+        );
+        let mut buf = Vec::new();
+        bind(&mut buf, b"p1", b"", 0);
+        describe(&mut buf, b'P', b"p1");
+        execute(&mut buf, b"p1");
+        let len = buf.len();
+        // What follows the run (here the next statement's Parse) is not part of it.
+        msg(&mut buf, b'P', b"\0SELECT 1\0\0\0");
+        assert_eq!(
+            extended_run(&buf, b"", true),
+            Some(ExtendedRun {
+                len,
+                parse: true,
+                describe: true
+            })
+        );
+    }
+
+    #[test]
+    fn anything_else_is_not_a_run() {
+        let run = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut buf = Vec::new();
+            f(&mut buf);
+            extended_run(&buf, b"", true)
+        };
+        assert_eq!(run(&|b| bind(b, b"", b"", 0)), None, "no Execute yet");
+        assert_eq!(run(&|b| execute(b, b"")), None, "no Bind");
+        assert_eq!(
+            run(&|b| {
+                bind(b, b"", b"other", 0);
+                execute(b, b"");
+            }),
+            None,
+            "another statement"
+        );
+        assert_eq!(
+            run(&|b| {
+                bind(b, b"", b"", 1);
+                execute(b, b"");
+            }),
+            None,
+            "parameters"
+        );
+        assert_eq!(
+            run(&|b| {
+                bind(b, b"a", b"", 0);
+                execute(b, b"b");
+            }),
+            None,
+            "another portal"
+        );
+        assert_eq!(
+            run(&|b| {
+                bind(b, b"", b"", 0);
+                describe(b, b'S', b"");
+                execute(b, b"");
+            }),
+            None,
+            "a statement Describe"
+        );
+        assert_eq!(
+            run(&|b| {
+                bind(b, b"", b"", 0);
+                msg(b, b'H', b"");
+                execute(b, b"");
+            }),
+            None,
+            "a Flush in between"
+        );
+        let mut whole = Vec::new();
+        bind(&mut whole, b"", b"", 0);
+        execute(&mut whole, b"");
+        for cut in 0..whole.len() {
+            assert_eq!(extended_run(&whole[..cut], b"", true), None, "cut at {cut}");
+        }
+        assert_eq!(extended_run(&[b'B', 0, 0, 0, 2], b"", true), None, "bad length");
+        assert_eq!(
+            extended_run(&[b'B', 255, 255, 255, 255], b"", true),
+            None,
+            "huge length"
+        );
+    }
+
+    #[test]
+    fn parameter_counts() {
+        for (params, none) in [(0u16, true), (1, false), (3, false)] {
+            let mut buf = Vec::new();
+            bind(&mut buf, b"", b"s", params);
+            let body = &buf[5..];
+            let b = frontend::bind(body).unwrap();
+            assert_eq!(no_params(body, b.rest_offset), none, "{params} parameters");
+        }
+        assert!(!no_params(b"\0s\0\0", 3), "truncated");
     }
 }
 

@@ -187,6 +187,9 @@ pub struct Session {
     /// A BEGIN pgferry answered itself (Citus routing): the Query frame,
     /// replayed on the server the transaction's first statement binds.
     pending_begin: Option<Bytes>,
+    /// The deferred transaction failed before reaching a server: aborted,
+    /// as PostgreSQL would have it, until the client ends it.
+    deferred_failed: bool,
 }
 
 /// A pending idle timeout and what the client is told when it fires.
@@ -247,6 +250,7 @@ impl Session {
             timer: None,
             citus,
             pending_begin: None,
+            deferred_failed: false,
         }
     }
 
@@ -523,10 +527,19 @@ impl Session {
             // Citus routing: a lone BEGIN waits for the statement that
             // chooses the node (and an empty transaction's end needs none).
             if self.server.is_none()
-                && frame.tag == frontend::QUERY
+                && matches!(frame.tag, frontend::QUERY | frontend::PARSE | frontend::BIND)
                 && self.citus.is_some()
                 && self.answer_tx_control(&frame)
             {
+                continue;
+            }
+            if self.server.is_none() && self.deferred_failed && self.needs_server(&frame)? {
+                self.interned = None;
+                self.fail_request(
+                    sqlstate::IN_FAILED_SQL_TRANSACTION,
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                    frame.tag == frontend::QUERY,
+                );
                 continue;
             }
             if self.server.is_none() && self.needs_server(&frame)? {

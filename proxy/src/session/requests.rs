@@ -330,6 +330,14 @@ impl Session {
             }
             return;
         }
+        if self.pending_begin.take().is_some() {
+            // A deferred transaction failed before reaching a server: like
+            // PostgreSQL's, it is aborted (not gone) until the client ends it.
+            self.deferred_failed = true;
+            if !self.replies.pending() {
+                self.replies.set_status(TxStatus::Failed);
+            }
+        }
         if simple {
             encode::ready_for_query(&mut b, self.replies.status());
         } else {
