@@ -386,6 +386,26 @@ impl CitusCluster {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// A third worker, `worker3`, made from the template like the others
+    /// and added to the cluster (`citus_add_node`), empty until a rebalance
+    /// moves shards to it. Returns its port.
+    pub fn add_worker(&self) -> Result<u16> {
+        let data = self.dir.join("worker3");
+        let log = self.dir.join("worker3.log");
+        run(
+            self.user
+                .command("cp")
+                .args(["-a".as_ref(), self.dir.join("template").as_os_str(), data.as_os_str()]),
+            "copying the template data directory",
+        )?;
+        let port = free_port();
+        append(&data.join("postgresql.conf"), &format!("port = {port}\n"))?;
+        self.pg_ctl_start(&data, &log, port)?;
+        self.psql(port, "app", "CREATE EXTENSION citus;")?;
+        self.coordinator_sql(&format!("SELECT citus_add_node('127.0.0.1', {port})"))?;
+        Ok(port)
+    }
+
     /// A streaming hot standby of worker `n` (1 or 2), registered with
     /// Citus as that group's secondary (`citus_add_secondary_node`). Returns
     /// its port once it accepts connections.
@@ -507,7 +527,7 @@ fn cleanup_script(dir: &Path, bin: &Path) -> String {
     let dir = sh_quote(&dir.to_string_lossy());
     format!(
         "exec </dev/null >/dev/null 2>&1\n\
-         for d in {dir}/template {dir}/coordinator {dir}/worker1 {dir}/worker2 {dir}/worker1-standby {dir}/worker2-standby; do\n\
+         for d in {dir}/template {dir}/coordinator {dir}/worker1 {dir}/worker2 {dir}/worker3 {dir}/worker1-standby {dir}/worker2-standby; do\n\
          \x20 if [ -f \"$d/postmaster.pid\" ]; then\n\
          \x20   pid=$(head -n 1 \"$d/postmaster.pid\")\n\
          \x20   {pg_ctl} -D \"$d\" -m immediate -w -t 30 stop || kill -9 \"$pid\"\n\

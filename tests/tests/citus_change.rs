@@ -209,7 +209,44 @@ async fn shard_moves_and_rebalancing_lose_nothing() {
         rebalanced.elapsed()
     );
     assert!(on_w2 >= 3, "the rebalancer moved shards back");
+
+    // 3. A new worker joins and the rebalancer gives it shards: their
+    //    tenants' transactions go there, under load.
+    let added = Instant::now();
+    let w3 = cluster.add_worker().unwrap();
+    cluster
+        .coordinator_sql(
+            "SELECT citus_rebalance_start(shard_transfer_mode := 'block_writes'); SELECT citus_rebalance_wait();",
+        )
+        .unwrap();
+    let on_w3: Vec<i64> = (1..=TENANTS).filter(|t| owner_port(cluster, *t) == w3).collect();
+    println!(
+        "worker added and rebalanced in {:?}: tenants now on it: {on_w3:?}",
+        added.elapsed()
+    );
+    assert!(!on_w3.is_empty(), "the rebalancer gave the new worker shards");
+    let follow = wait_route(&ferry, on_w3[0], w3).await;
+    println!("routes followed to the new worker {follow:?} after the rebalance");
+    assert!(follow < Duration::from_secs(3), "after {follow:?}");
+
+    // 4. It is drained and removed again: nothing goes there any more.
+    cluster
+        .coordinator_sql(&format!(
+            "SELECT citus_drain_node('127.0.0.1', {w3}, shard_transfer_mode := 'block_writes'); \
+             SELECT citus_remove_node('127.0.0.1', {w3});"
+        ))
+        .unwrap();
+    let back = owner_port(cluster, on_w3[0]);
+    let follow = wait_route(&ferry, on_w3[0], back).await;
+    println!("routes left the drained worker {follow:?} after its removal");
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = xacts_per_port(&ferry);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let d = delta(&before, &xacts_per_port(&ferry));
+    assert!(
+        !d.contains_key(&w3),
+        "transactions still reach the removed worker: {d:?}"
+    );
 
     let (acked, errors, reads) = load.finish().await;
     let found: i64 = cluster
