@@ -112,7 +112,20 @@ impl PatroniCitus {
             return None;
         }
         let _ = crate::util::raise_nofile();
-        match PatroniCitus::start(PatroniCitusOptions::default()) {
+        let mut opts = PatroniCitusOptions::default();
+        // For measuring failover with shorter Patroni timings than the
+        // suite's: PGFERRY_TEST_PATRONI_TIMINGS="ttl,loop_wait,retry_timeout".
+        if let Ok(t) = std::env::var("PGFERRY_TEST_PATRONI_TIMINGS") {
+            let v: Vec<u32> = t.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+            match v[..] {
+                [ttl, loop_wait, retry_timeout] => {
+                    (opts.ttl, opts.loop_wait, opts.retry_timeout) = (ttl, loop_wait, retry_timeout);
+                    eprintln!("Patroni timings from PGFERRY_TEST_PATRONI_TIMINGS: ttl {ttl}, loop_wait {loop_wait}, retry_timeout {retry_timeout}");
+                }
+                _ => panic!("PGFERRY_TEST_PATRONI_TIMINGS={t:?}: expected ttl,loop_wait,retry_timeout"),
+            }
+        }
+        match PatroniCitus::start(opts) {
             Ok(c) => Some(c),
             Err(e) => panic!("the Patroni Citus formation could not be started: {e:#}"),
         }

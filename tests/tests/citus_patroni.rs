@@ -23,6 +23,7 @@
 mod common;
 
 use common::*;
+use pgferry_protocol::sqlstate;
 use pgferry_tests::{free_port, Ferry, PatroniCitus, PATRONI_CITUS_DB};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -379,6 +380,9 @@ struct Report {
     failed_code_found: usize,
     unknown: BTreeMap<String, usize>,
     unknown_found: usize,
+    /// Of those found committed, by SQLSTATE: pgferry says 08006 only when
+    /// the transaction certainly rolled back, so that one must never be here.
+    unknown_found_codes: BTreeMap<String, usize>,
     read_errors: BTreeMap<String, usize>,
     read_missing: usize,
     /// Longest interval without an acknowledged insert for tenants of
@@ -395,6 +399,7 @@ fn report(ops: &[Op], table: &HashSet<(i64, i64)>, group: u32, t0: Instant, to: 
         failed_code_found: 0,
         unknown: BTreeMap::new(),
         unknown_found: 0,
+        unknown_found_codes: BTreeMap::new(),
         read_errors: BTreeMap::new(),
         read_missing: 0,
         max_gap: (Duration::ZERO, Duration::ZERO),
@@ -421,6 +426,9 @@ fn report(ops: &[Op], table: &HashSet<(i64, i64)>, group: u32, t0: Instant, to: 
             Outcome::Conn(c) => {
                 *r.unknown.entry(format!("g{}:{c}", o.group)).or_default() += 1;
                 r.unknown_found += found as usize;
+                if found {
+                    *r.unknown_found_codes.entry(c.clone()).or_default() += 1;
+                }
             }
         }
     }
@@ -444,7 +452,7 @@ fn report(ops: &[Op], table: &HashSet<(i64, i64)>, group: u32, t0: Instant, to: 
 fn summary_line(name: &str, r: &Report, extra: &str) -> String {
     format!(
         "SUMMARY {name}: ops={} acked={} acked_found={} failed_with_sqlstate={:?} (found {}) \
-         unknown_outcome={:?} (found {}) read_errors={:?} read_missing={} max_gap_ms={} (at +{:.2} s) {extra}",
+         unknown_outcome={:?} (found {}: {:?}) read_errors={:?} read_missing={} max_gap_ms={} (at +{:.2} s) {extra}",
         r.total,
         r.acked,
         r.acked_found,
@@ -452,6 +460,7 @@ fn summary_line(name: &str, r: &Report, extra: &str) -> String {
         r.failed_code_found,
         r.unknown,
         r.unknown_found,
+        r.unknown_found_codes,
         r.read_errors,
         r.read_missing,
         r.max_gap.0.as_millis(),
@@ -501,6 +510,11 @@ async fn worker_switchover_under_load() {
         )
     );
     assert_eq!(r.acked, r.acked_found, "acknowledged inserts missing from the table");
+    assert!(
+        !r.unknown_found_codes.contains_key(sqlstate::CONNECTION_FAILURE),
+        "inserts pgferry called rolled back (08006) were committed: {:?}",
+        r.unknown_found_codes
+    );
     assert_eq!(r.read_missing, 0, "acknowledged inserts not read back");
     assert!(
         g1_after > 0,
@@ -583,6 +597,11 @@ async fn worker_leader_crash_under_load() {
         eprintln!("pgferry log tail:\n{}", tail_lines(&ferry.log(), 60));
     }
     assert_eq!(r.acked, r.acked_found, "acknowledged inserts missing from the table");
+    assert!(
+        !r.unknown_found_codes.contains_key(sqlstate::CONNECTION_FAILURE),
+        "inserts pgferry called rolled back (08006) were committed: {:?}",
+        r.unknown_found_codes
+    );
     assert_eq!(r.read_missing, 0, "acknowledged inserts not read back");
     // ttl 10 s: the leader key expires 8.6-10.1 s after the crash
     // (reference §5), the new leader is writable ~0.3 s later, and pgferry
