@@ -113,6 +113,32 @@ pub fn bind_params<'a>(
     Ok(())
 }
 
+/// [`bind_params`] into a caller's array: the number of values, or an
+/// error when the Bind is malformed. More values than `values` holds: all
+/// formats are read and the count returned is `values.len() + 1`, so the
+/// caller can tell and fall back to [`bind_params`].
+pub fn bind_params_into<'a>(
+    rest: &'a [u8],
+    formats: &mut Vec<i16>,
+    values: &mut [Option<&'a [u8]>],
+) -> Result<usize, ProtocolError> {
+    formats.clear();
+    let mut r = Reader::new(rest, "Bind");
+    let nf = r.u16()?;
+    for _ in 0..nf {
+        formats.push(r.i16()?);
+    }
+    let nv = r.u16()? as usize;
+    if nv > values.len() {
+        return Ok(values.len() + 1);
+    }
+    for v in values.iter_mut().take(nv) {
+        let len = r.i32()?;
+        *v = if len < 0 { None } else { Some(r.bytes(len as usize)?) };
+    }
+    Ok(nv)
+}
+
 /// A Parse's declared parameter types (0: inferred).
 pub fn param_types(raw: &[u8]) -> impl Iterator<Item = u32> + '_ {
     raw.get(2..)
@@ -196,5 +222,18 @@ mod bind_params_tests {
         }
         let types = [0u8, 2, 0, 0, 0, 20, 0, 0, 0, 0];
         assert_eq!(param_types(&types).collect::<Vec<_>>(), vec![20, 0]);
+
+        // Into an array: the same values, the same errors.
+        let mut a = [None; 4];
+        assert_eq!(bind_params_into(&body[b.rest_offset..], &mut f, &mut a).unwrap(), 2);
+        assert_eq!(f, vec![1]);
+        assert_eq!(a[..2], [Some(&42i64.to_be_bytes()[..]), None]);
+        for cut in 0..body.len() - b.rest_offset - 2 {
+            let r = bind_params_into(&body[b.rest_offset..b.rest_offset + cut], &mut f, &mut a);
+            assert!(r.is_err(), "cut at {cut}");
+        }
+        // More values than the array holds: says so.
+        let mut one = [None; 1];
+        assert_eq!(bind_params_into(&body[b.rest_offset..], &mut f, &mut one).unwrap(), 2);
     }
 }

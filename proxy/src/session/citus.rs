@@ -527,7 +527,12 @@ fn no_params(body: &[u8], rest: usize) -> bool {
     r.get(at..at + 2) == Some(&[0, 0])
 }
 
-/// The group a Bind's values send a parameter plan to.
+/// Parameters read into arrays on the stack; statements with more go
+/// through vectors.
+const STACK_PARAMS: usize = 16;
+
+/// The group a Bind's values send a parameter plan to. No allocation for
+/// statements of up to [`STACK_PARAMS`] parameters.
 fn bind_target(
     pp: &pgferry_routing::citus::analyze::ParamPlan,
     bind_body: &[u8],
@@ -537,12 +542,28 @@ fn bind_target(
     let Ok(b) = frontend::bind(bind_body) else {
         return Target::Coordinator;
     };
-    let mut values = Vec::new();
-    if frontend::bind_params(&bind_body[b.rest_offset..], formats, &mut values).is_err() {
-        return Target::Coordinator;
-    }
-    let declared: Vec<u32> = frontend::param_types(param_types).collect();
-    match pp.group(&values, formats, &declared) {
+    let rest = &bind_body[b.rest_offset..];
+    let mut values = [None; STACK_PARAMS];
+    let mut declared = [0u32; STACK_PARAMS];
+    let group = match frontend::bind_params_into(rest, formats, &mut values) {
+        Ok(n) if frontend::param_types(param_types).count() <= STACK_PARAMS => {
+            for (d, t) in declared.iter_mut().zip(frontend::param_types(param_types)) {
+                *d = t;
+            }
+            let k = frontend::param_types(param_types).count();
+            pp.group(&values[..n], formats, &declared[..k])
+        }
+        Err(_) => return Target::Coordinator,
+        Ok(_) => {
+            let mut values = Vec::new();
+            if frontend::bind_params(rest, formats, &mut values).is_err() {
+                return Target::Coordinator;
+            }
+            let declared: Vec<u32> = frontend::param_types(param_types).collect();
+            pp.group(&values, formats, &declared)
+        }
+    };
+    match group {
         Some(0) | None => Target::Coordinator,
         Some(g) => Target::Group(g),
     }

@@ -741,4 +741,4 @@ fn literal_text(v: &Val, ty: DistType) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -57,31 +57,17 @@ pub struct Counters {
     pub no_primary: AtomicU64,
 }
 
+/// A plan for one statement text under one search_path (an unqualified
+/// name resolves through it): sessions with different paths each get
+/// theirs, and none evicts another's.
 struct CachedPlan {
     generation: u64,
+    search_path: Option<Box<[String]>>,
     analysis: Arc<Analysis>,
 }
 
-/// Plans are kept per text and search_path (an unqualified name resolves
-/// through it): sessions with different paths each get theirs, and none
-/// evicts another's.
-fn cache_key<'a>(key: &'a [u8], search_path: Option<&[String]>) -> std::borrow::Cow<'a, [u8]> {
-    match search_path {
-        None => std::borrow::Cow::Borrowed(key),
-        Some(path) => {
-            let mut k = Vec::with_capacity(key.len() + 32);
-            k.extend_from_slice(key);
-            k.push(1);
-            for (i, s) in path.iter().enumerate() {
-                if i > 0 {
-                    k.push(2);
-                }
-                k.extend_from_slice(s.as_bytes());
-            }
-            std::borrow::Cow::Owned(k)
-        }
-    }
-}
+/// Search paths kept per text; past this the text's plans start over.
+const PATHS_KEPT: usize = 16;
 
 /// The live Citus state one pgferry shares between sessions.
 pub struct Citus {
@@ -99,7 +85,8 @@ pub struct Citus {
     groups: ArcSwap<BTreeMap<u32, Arc<Member>>>,
     /// Each worker group's active secondaries (`noderole = 'secondary'`).
     secondaries: ArcSwap<BTreeMap<u32, Vec<Arc<Member>>>>,
-    plans: RwLock<HashMap<Box<[u8]>, CachedPlan>>,
+    /// Per text; looked up without allocating.
+    plans: RwLock<HashMap<Box<[u8]>, Vec<CachedPlan>>>,
     pub counters: Counters,
     /// Asks the refresh task for a reload now (a stale-placement error).
     pub refresh_now: tokio::sync::Notify,
@@ -245,25 +232,32 @@ impl Citus {
     }
 
     fn cached(&self, key: &[u8], generation: u64, search_path: Option<&[String]>) -> Option<Arc<Analysis>> {
-        let key = cache_key(key, search_path);
         let plans = self.plans.read().unwrap();
-        let c = plans.get(&*key)?;
+        let c = plans
+            .get(key)?
+            .iter()
+            .find(|c| c.search_path.as_deref() == search_path)?;
         (c.generation == generation).then(|| c.analysis.clone())
     }
 
     fn remember(&self, key: &[u8], generation: u64, search_path: Option<&[String]>, a: Arc<Analysis>) {
-        let key = cache_key(key, search_path);
         let mut plans = self.plans.write().unwrap();
-        if plans.len() >= PLANS_KEPT {
+        if plans.len() >= PLANS_KEPT && !plans.contains_key(key) {
             plans.clear();
         }
-        plans.insert(
-            key.into_owned().into(),
-            CachedPlan {
-                generation,
-                analysis: a,
-            },
-        );
+        let per_path = match plans.get_mut(key) {
+            Some(v) => v,
+            None => plans.entry(key.into()).or_default(),
+        };
+        per_path.retain(|c| c.search_path.as_deref() != search_path);
+        if per_path.len() >= PATHS_KEPT {
+            per_path.clear();
+        }
+        per_path.push(CachedPlan {
+            generation,
+            search_path: search_path.map(Into::into),
+            analysis: a,
+        });
     }
 
     /// Counts a transaction's destination.
@@ -308,5 +302,63 @@ impl Plan {
             Plan::Neutral => Target::Undecided,
             Plan::Params(_) => return None,
         })
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    fn citus() -> Arc<Citus> {
+        let c = Citus::new("app".into(), true, false);
+        let mut snap = analyze::tests::snapshot();
+        snap.loaded_at = Some(std::time::SystemTime::now());
+        c.install(snap);
+        c
+    }
+
+    #[test]
+    fn plans_are_kept_per_text_and_search_path() {
+        let c = citus();
+        let analysed = || c.counters.plans_analysed.load(Relaxed);
+        let sql = b"SELECT * FROM events WHERE tenant_id = $1";
+        let (a, b) = (
+            vec!["public".to_string()],
+            vec!["tenant_acme".to_string(), "public".into()],
+        );
+        c.analysis(sql, Some(&a));
+        c.analysis(sql, Some(&a));
+        assert_eq!(analysed(), 1, "the same text and path: analysed once");
+        c.analysis(sql, Some(&b));
+        c.analysis(sql, None);
+        assert_eq!(analysed(), 3, "another path, and none, each have their own");
+        c.analysis(sql, Some(&a));
+        c.analysis(sql, Some(&b));
+        c.analysis(sql, None);
+        assert_eq!(analysed(), 3, "and none evicted another");
+        // Templates: texts that differ in constants share one analysis,
+        // and each text's own key decides.
+        let t1 = c.analysis(b"SELECT * FROM events WHERE tenant_id = 1", Some(&a));
+        let t2 = c.analysis(b"SELECT * FROM events WHERE tenant_id = 2", Some(&a));
+        assert_eq!(analysed(), 4);
+        assert!(matches!(t1.plan, Plan::Group(_)) && matches!(t2.plan, Plan::Group(_)));
+        // A new snapshot: analysed again.
+        let mut snap = analyze::tests::snapshot();
+        snap.loaded_at = Some(std::time::SystemTime::now());
+        snap.generation = 2;
+        c.install(snap);
+        c.analysis(sql, Some(&a));
+        assert_eq!(analysed(), 5);
+    }
+
+    #[test]
+    fn many_search_paths_for_one_text_stay_bounded() {
+        let c = citus();
+        let sql = b"SELECT * FROM events WHERE tenant_id = $1";
+        for i in 0..100 {
+            c.analysis(sql, Some(&[format!("s{i}")]));
+        }
+        let plans = c.plans.read().unwrap();
+        assert!(plans[&sql[..]].len() <= PATHS_KEPT);
     }
 }

@@ -4,7 +4,7 @@ use crate::citus::metadata::{ShardRange, Table, TableKind};
 /// events (bigint key, 32 uniform shards alternating groups 1 and 2, like
 /// the reference cluster), tenants colocated, countries (reference),
 /// orders in a distributed schema (group 2), accounts with a bigserial id.
-fn snapshot() -> Snapshot {
+pub(crate) fn snapshot() -> Snapshot {
     let mut s = Snapshot {
         generation: 1,
         ..Snapshot::default()
