@@ -12,6 +12,10 @@
 PGFERRY_BUILD_PKGS=(postgresql-15 postgresql-client-15 build-essential pkg-config
     protobuf-compiler libprotobuf-dev libclang-dev openssl ca-certificates curl)
 
+# The quickstart's default (and --citus) mode: etcd and Patroni. patroni
+# depends on python3-etcd, which its etcd3 support imports.
+PGFERRY_PATRONI_PKGS=(etcd-server etcd-client patroni)
+
 # What the test suite adds: etcd and Patroni for failover, PgBouncer for the
 # side-by-side checks, promtool (prometheus), chromium for the status page
 # screenshot, the JDK and pgjdbc for the JDBC batch test, pip for the Python
