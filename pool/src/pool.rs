@@ -6,34 +6,17 @@
 //! The idle stack is LIFO so that a few hot connections serve a light load
 //! and the rest age out through server_idle_timeout.
 
+use crate::addr::NodeAddr;
 use crate::error::PoolError;
 use crate::login::ServerCredentials;
 use crate::server::ServerConn;
 use crate::stats::PoolStats;
 use pgferry_config::PoolSettings;
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-/// A server address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct NodeAddr {
-    pub host: String,
-    pub port: u16,
-}
-
-impl fmt::Display for NodeAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
