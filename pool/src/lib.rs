@@ -9,8 +9,10 @@
 #![forbid(unsafe_code)]
 
 // Module dependencies run one way: addr and wire (leaves) <- login <-
-// server <- pool; error, stats, latency and statements are leaves too.
+// server <- connect <- pool; error, stats, latency and statements are
+// leaves too.
 mod addr;
+pub mod connect;
 mod error;
 pub mod latency;
 mod login;
@@ -21,6 +23,7 @@ pub mod stats;
 mod wire;
 
 pub use addr::NodeAddr;
+pub use connect::{Connect, TcpConnect};
 pub use error::PoolError;
 pub use latency::Latency;
 pub use login::ServerCredentials;

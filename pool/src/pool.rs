@@ -7,6 +7,7 @@
 //! and the rest age out through server_idle_timeout.
 
 use crate::addr::NodeAddr;
+use crate::connect::{Connect, Dial, TcpConnect};
 use crate::error::PoolError;
 use crate::login::ServerCredentials;
 use crate::server::ServerConn;
@@ -54,7 +55,8 @@ pub struct Pool {
     /// ParameterStatus values of the first connection, replayed to clients
     /// at login so that login needs no server round trip.
     startup_params: Mutex<Option<ParamList>>,
-    tls: Arc<pgferry_tls::Connector>,
+    /// Opens new connections: [`TcpConnect`] except in tests.
+    connector: Arc<dyn Connect>,
     /// Every open connection's socket, idle or in use (see `retire`).
     live: Mutex<Vec<Weak<socket2::Socket>>>,
 }
@@ -96,6 +98,7 @@ enum Permit {
 }
 
 impl Pool {
+    /// A pool whose connections go over TCP, with TLS as `tls` asks.
     pub fn new(
         key: PoolKey,
         settings: PoolSettings,
@@ -103,6 +106,19 @@ impl Pool {
         shared_limits: Vec<Arc<Semaphore>>,
         max_message: usize,
         tls: Arc<pgferry_tls::Connector>,
+    ) -> Arc<Pool> {
+        let connector = Arc::new(TcpConnect(tls));
+        Pool::with_connector(key, settings, creds, shared_limits, max_message, connector)
+    }
+
+    /// A pool whose connections `connector` opens (tests: a fake server).
+    pub fn with_connector(
+        key: PoolKey,
+        settings: PoolSettings,
+        creds: ServerCredentials,
+        shared_limits: Vec<Arc<Semaphore>>,
+        max_message: usize,
+        connector: Arc<dyn Connect>,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             permits: Arc::new(Semaphore::new(settings.pool_size)),
@@ -117,7 +133,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             max_message,
             startup_params: Mutex::new(None),
-            tls,
+            connector,
             live: Mutex::new(Vec::new()),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
@@ -247,16 +263,17 @@ impl Pool {
             ("default_transaction_read_only", "on"),
         ];
         let startup = if s.read_only { &startup[..] } else { &startup[..1] };
-        let r = ServerConn::connect(
-            id,
-            self.key.node.clone(),
-            &self.creds,
-            startup,
-            s.server_connect_timeout,
-            self.max_message,
-            &self.tls,
-        )
-        .await;
+        let r = self
+            .connector
+            .connect(Dial {
+                id,
+                addr: &self.key.node,
+                creds: &self.creds,
+                startup,
+                timeout: s.server_connect_timeout,
+                max_message: self.max_message,
+            })
+            .await;
         // A read-write pool never uses a server in recovery: a leader that
         // Patroni demoted (etcd unreachable past retry_timeout) restarts as
         // a replica, and writes sent there would fail with 25006. PostgreSQL
@@ -275,7 +292,9 @@ impl Pool {
                 {
                     let mut live = self.live.lock().unwrap();
                     live.retain(|w| w.strong_count() > 0);
-                    live.push(Arc::downgrade(&c.sever));
+                    if let Some(s) = &c.sever {
+                        live.push(Arc::downgrade(s));
+                    }
                 }
                 let mut sp = self.startup_params.lock().unwrap();
                 if sp.is_none() {
@@ -503,3 +522,6 @@ impl Drop for PooledConn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,7 +6,7 @@ use crate::login::{login, ServerCredentials};
 use crate::statements::ServerStatements;
 use bytes::BytesMut;
 use pgferry_protocol::encode;
-use pgferry_tls::stream::MaybeTls;
+use pgferry_tls::stream::{MaybeTls, ServerStream};
 use pgferry_tls::Connector;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,8 +43,9 @@ pub struct ServerConn {
     pub uses: u64,
     /// A duplicate of the socket, through which the pool can cut the
     /// connection while a session holds it (failover: nothing more may
-    /// reach a demoted primary).
-    pub(crate) sever: Arc<socket2::Socket>,
+    /// reach a demoted primary). None over an in-memory stream (tests),
+    /// which has no socket.
+    pub(crate) sever: Option<Arc<socket2::Socket>>,
 }
 
 impl ServerConn {
@@ -71,24 +72,7 @@ impl ServerConn {
             let _ = sock.set_keepalive(true);
             let sever = Arc::new(sock.try_clone()?);
             let stream = negotiate_tls(stream, &addr.host, tls).await?;
-            let mut wire = Wire::new(stream, max_message);
-            let r = login(&mut wire, creds, startup).await?;
-            let now = Instant::now();
-            Ok::<_, PoolError>(ServerConn {
-                wire,
-                id,
-                addr: addr.clone(),
-                backend_pid: r.backend_pid,
-                backend_key: r.backend_key,
-                params: r.params,
-                settings: Vec::new(),
-                fingerprint: None,
-                statements: ServerStatements::default(),
-                created: now,
-                idle_since: now,
-                uses: 0,
-                sever,
-            })
+            Self::log_in(stream, Some(sever), id, addr.clone(), creds, startup, max_message).await
         };
         if timeout.is_zero() {
             return work.await;
@@ -96,6 +80,51 @@ impl ServerConn {
         tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| PoolError::ConnectTimeout(addr.to_string()))?
+    }
+
+    /// Logs in over a stream that is already open, such as the in-memory
+    /// end of a test's fake server (`MaybeTls::Memory`; see the pool's
+    /// `Connect`). No timeout: the caller sets its own. The connection
+    /// has no socket for `Pool::retire` to cut.
+    pub async fn over_stream(
+        stream: ServerStream,
+        id: u64,
+        addr: Arc<NodeAddr>,
+        creds: &ServerCredentials,
+        startup: &[(&str, &str)],
+        max_message: usize,
+    ) -> Result<ServerConn, PoolError> {
+        Self::log_in(stream, None, id, addr, creds, startup, max_message).await
+    }
+
+    /// The login both kinds of connection share.
+    async fn log_in(
+        stream: ServerStream,
+        sever: Option<Arc<socket2::Socket>>,
+        id: u64,
+        addr: Arc<NodeAddr>,
+        creds: &ServerCredentials,
+        startup: &[(&str, &str)],
+        max_message: usize,
+    ) -> Result<ServerConn, PoolError> {
+        let mut wire = Wire::new(stream, max_message);
+        let r = login(&mut wire, creds, startup).await?;
+        let now = Instant::now();
+        Ok(ServerConn {
+            wire,
+            id,
+            addr,
+            backend_pid: r.backend_pid,
+            backend_key: r.backend_key,
+            params: r.params,
+            settings: Vec::new(),
+            fingerprint: None,
+            statements: ServerStatements::default(),
+            created: now,
+            idle_since: now,
+            uses: 0,
+            sever,
+        })
     }
 
     /// A reported parameter's current value.
@@ -151,11 +180,7 @@ impl ServerConn {
 }
 
 /// SSLRequest and the TLS handshake, as the connector's mode asks.
-pub async fn negotiate_tls(
-    mut tcp: TcpStream,
-    host: &str,
-    tls: &Connector,
-) -> Result<pgferry_tls::stream::ServerStream, PoolError> {
+pub async fn negotiate_tls(mut tcp: TcpStream, host: &str, tls: &Connector) -> Result<ServerStream, PoolError> {
     if !tls.wants_tls() {
         return Ok(MaybeTls::Plain(tcp));
     }
