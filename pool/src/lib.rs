@@ -8,6 +8,11 @@
 
 #![forbid(unsafe_code)]
 
+// Module dependencies run one way: addr and wire (leaves) <- login <-
+// server <- connect <- pool; error, stats, latency and statements are
+// leaves too.
+mod addr;
+pub mod connect;
 mod error;
 pub mod latency;
 mod login;
@@ -15,10 +20,13 @@ pub mod pool;
 pub mod server;
 pub mod statements;
 pub mod stats;
+mod wire;
 
+pub use addr::NodeAddr;
+pub use connect::{Connect, TcpConnect};
 pub use error::PoolError;
 pub use latency::Latency;
 pub use login::ServerCredentials;
-pub use pool::{NodeAddr, Pool, PoolKey, PooledConn};
+pub use pool::{Pool, PoolKey, PooledConn};
 pub use server::ServerConn;
 pub use stats::{Averages, PoolStats};

@@ -5,6 +5,7 @@
 //! credentials, with the SCRAM keys kept so that PBKDF2 runs once a pool.
 
 use crate::error::PoolError;
+use crate::wire::Wire;
 use pgferry_protocol::encode;
 use pgferry_protocol::login::{ClientLogin, Step};
 use pgferry_protocol::scram::{self, ScramKeys};
@@ -120,7 +121,7 @@ pub(crate) struct LoginResult {
 /// Drives the login on an established connection. `startup`: the
 /// StartupMessage's parameters after `user` (`database` and options).
 pub(crate) async fn login(
-    conn: &mut crate::server::Wire,
+    conn: &mut Wire,
     creds: &ServerCredentials,
     startup: &[(&str, &str)],
 ) -> Result<LoginResult, PoolError> {

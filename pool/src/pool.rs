@@ -6,34 +6,18 @@
 //! The idle stack is LIFO so that a few hot connections serve a light load
 //! and the rest age out through server_idle_timeout.
 
+use crate::addr::NodeAddr;
+use crate::connect::{Connect, Dial, TcpConnect};
 use crate::error::PoolError;
 use crate::login::ServerCredentials;
 use crate::server::ServerConn;
 use crate::stats::PoolStats;
 use pgferry_config::PoolSettings;
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-/// A server address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct NodeAddr {
-    pub host: String,
-    pub port: u16,
-}
-
-impl fmt::Display for NodeAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -71,7 +55,8 @@ pub struct Pool {
     /// ParameterStatus values of the first connection, replayed to clients
     /// at login so that login needs no server round trip.
     startup_params: Mutex<Option<ParamList>>,
-    tls: Arc<pgferry_tls::Connector>,
+    /// Opens new connections: [`TcpConnect`] except in tests.
+    connector: Arc<dyn Connect>,
     /// Every open connection's socket, idle or in use (see `retire`).
     live: Mutex<Vec<Weak<socket2::Socket>>>,
 }
@@ -113,6 +98,7 @@ enum Permit {
 }
 
 impl Pool {
+    /// A pool whose connections go over TCP, with TLS as `tls` asks.
     pub fn new(
         key: PoolKey,
         settings: PoolSettings,
@@ -120,6 +106,19 @@ impl Pool {
         shared_limits: Vec<Arc<Semaphore>>,
         max_message: usize,
         tls: Arc<pgferry_tls::Connector>,
+    ) -> Arc<Pool> {
+        let connector = Arc::new(TcpConnect(tls));
+        Pool::with_connector(key, settings, creds, shared_limits, max_message, connector)
+    }
+
+    /// A pool whose connections `connector` opens (tests: a fake server).
+    pub fn with_connector(
+        key: PoolKey,
+        settings: PoolSettings,
+        creds: ServerCredentials,
+        shared_limits: Vec<Arc<Semaphore>>,
+        max_message: usize,
+        connector: Arc<dyn Connect>,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             permits: Arc::new(Semaphore::new(settings.pool_size)),
@@ -134,7 +133,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             max_message,
             startup_params: Mutex::new(None),
-            tls,
+            connector,
             live: Mutex::new(Vec::new()),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
@@ -264,16 +263,17 @@ impl Pool {
             ("default_transaction_read_only", "on"),
         ];
         let startup = if s.read_only { &startup[..] } else { &startup[..1] };
-        let r = ServerConn::connect(
-            id,
-            self.key.node.clone(),
-            &self.creds,
-            startup,
-            s.server_connect_timeout,
-            self.max_message,
-            &self.tls,
-        )
-        .await;
+        let r = self
+            .connector
+            .connect(Dial {
+                id,
+                addr: &self.key.node,
+                creds: &self.creds,
+                startup,
+                timeout: s.server_connect_timeout,
+                max_message: self.max_message,
+            })
+            .await;
         // A read-write pool never uses a server in recovery: a leader that
         // Patroni demoted (etcd unreachable past retry_timeout) restarts as
         // a replica, and writes sent there would fail with 25006. PostgreSQL
@@ -292,7 +292,9 @@ impl Pool {
                 {
                     let mut live = self.live.lock().unwrap();
                     live.retain(|w| w.strong_count() > 0);
-                    live.push(Arc::downgrade(&c.sever));
+                    if let Some(s) = &c.sever {
+                        live.push(Arc::downgrade(s));
+                    }
                 }
                 let mut sp = self.startup_params.lock().unwrap();
                 if sp.is_none() {
@@ -520,3 +522,6 @@ impl Drop for PooledConn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,83 +1,21 @@
 //! One connection to a PostgreSQL server.
 
+use crate::addr::NodeAddr;
 use crate::error::PoolError;
 use crate::login::{login, ServerCredentials};
-use crate::pool::NodeAddr;
 use crate::statements::ServerStatements;
 use bytes::BytesMut;
-use pgferry_protocol::{decode_frame, encode, Frame};
-use pgferry_tls::stream::{MaybeTls, ServerReadHalf, ServerWriteHalf};
+use pgferry_protocol::encode;
+use pgferry_tls::stream::{MaybeTls, ServerStream};
 use pgferry_tls::Connector;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Bytes kept free in a read buffer before each read.
-const READ_CHUNK: usize = 8192;
-
-/// A framed byte stream: the socket's halves plus a read buffer. The halves
-/// are separate so that a session can write to the server while it reads
-/// the server's replies (a pipelined client can fill both directions).
-pub struct Wire {
-    pub rd: ServerReadHalf,
-    pub wr: ServerWriteHalf,
-    pub rbuf: BytesMut,
-    pub max_message: usize,
-}
-
-/// Reads more bytes into `buf`, keeping some room free first. Returns 0 at
-/// end of stream. Cancel safe: bytes are either appended or not read.
-pub async fn fill<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
-    std::future::poll_fn(|cx| poll_fill(rd, cx, buf)).await
-}
-
-/// [`fill`] as a poll function, for a session's event loop.
-pub fn poll_fill<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    cx: &mut std::task::Context<'_>,
-    buf: &mut BytesMut,
-) -> std::task::Poll<std::io::Result<usize>> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-        buf.reserve(READ_CHUNK);
-    }
-    tokio_util::io::poll_read_buf(std::pin::Pin::new(rd), cx, buf)
-}
-
-impl Wire {
-    pub fn new(stream: pgferry_tls::stream::ServerStream, max_message: usize) -> Self {
-        let (rd, wr) = stream.split();
-        Wire {
-            rd,
-            wr,
-            rbuf: BytesMut::new(),
-            max_message,
-        }
-    }
-
-    pub async fn fill(&mut self) -> std::io::Result<usize> {
-        fill(&mut self.rd, &mut self.rbuf).await
-    }
-
-    /// Reads one whole message. Not cancel safe once it has started reading.
-    pub async fn read_frame(&mut self) -> Result<Frame, PoolError> {
-        loop {
-            if let Some(f) = decode_frame(&mut self.rbuf, self.max_message)? {
-                return Ok(f);
-            }
-            if self.fill().await? == 0 {
-                return Err(PoolError::Closed);
-            }
-        }
-    }
-
-    /// Writes and flushes (over TLS, bytes may otherwise wait in the
-    /// TLS layer).
-    pub async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
-        self.wr.write_all(b).await?;
-        self.wr.flush().await
-    }
-}
+// The framed stream lives in its own module (login uses it too); these
+// paths are the ones other crates use.
+pub use crate::wire::{fill, poll_fill, Wire};
 
 /// A logged-in server connection and what pgferry knows of its session.
 pub struct ServerConn {
@@ -105,8 +43,9 @@ pub struct ServerConn {
     pub uses: u64,
     /// A duplicate of the socket, through which the pool can cut the
     /// connection while a session holds it (failover: nothing more may
-    /// reach a demoted primary).
-    pub(crate) sever: Arc<socket2::Socket>,
+    /// reach a demoted primary). None over an in-memory stream (tests),
+    /// which has no socket.
+    pub(crate) sever: Option<Arc<socket2::Socket>>,
 }
 
 impl ServerConn {
@@ -133,24 +72,7 @@ impl ServerConn {
             let _ = sock.set_keepalive(true);
             let sever = Arc::new(sock.try_clone()?);
             let stream = negotiate_tls(stream, &addr.host, tls).await?;
-            let mut wire = Wire::new(stream, max_message);
-            let r = login(&mut wire, creds, startup).await?;
-            let now = Instant::now();
-            Ok::<_, PoolError>(ServerConn {
-                wire,
-                id,
-                addr: addr.clone(),
-                backend_pid: r.backend_pid,
-                backend_key: r.backend_key,
-                params: r.params,
-                settings: Vec::new(),
-                fingerprint: None,
-                statements: ServerStatements::default(),
-                created: now,
-                idle_since: now,
-                uses: 0,
-                sever,
-            })
+            Self::log_in(stream, Some(sever), id, addr.clone(), creds, startup, max_message).await
         };
         if timeout.is_zero() {
             return work.await;
@@ -158,6 +80,51 @@ impl ServerConn {
         tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| PoolError::ConnectTimeout(addr.to_string()))?
+    }
+
+    /// Logs in over a stream that is already open, such as the in-memory
+    /// end of a test's fake server (`MaybeTls::Memory`; see the pool's
+    /// `Connect`). No timeout: the caller sets its own. The connection
+    /// has no socket for `Pool::retire` to cut.
+    pub async fn over_stream(
+        stream: ServerStream,
+        id: u64,
+        addr: Arc<NodeAddr>,
+        creds: &ServerCredentials,
+        startup: &[(&str, &str)],
+        max_message: usize,
+    ) -> Result<ServerConn, PoolError> {
+        Self::log_in(stream, None, id, addr, creds, startup, max_message).await
+    }
+
+    /// The login both kinds of connection share.
+    async fn log_in(
+        stream: ServerStream,
+        sever: Option<Arc<socket2::Socket>>,
+        id: u64,
+        addr: Arc<NodeAddr>,
+        creds: &ServerCredentials,
+        startup: &[(&str, &str)],
+        max_message: usize,
+    ) -> Result<ServerConn, PoolError> {
+        let mut wire = Wire::new(stream, max_message);
+        let r = login(&mut wire, creds, startup).await?;
+        let now = Instant::now();
+        Ok(ServerConn {
+            wire,
+            id,
+            addr,
+            backend_pid: r.backend_pid,
+            backend_key: r.backend_key,
+            params: r.params,
+            settings: Vec::new(),
+            fingerprint: None,
+            statements: ServerStatements::default(),
+            created: now,
+            idle_since: now,
+            uses: 0,
+            sever,
+        })
     }
 
     /// A reported parameter's current value.
@@ -213,11 +180,7 @@ impl ServerConn {
 }
 
 /// SSLRequest and the TLS handshake, as the connector's mode asks.
-pub async fn negotiate_tls(
-    mut tcp: TcpStream,
-    host: &str,
-    tls: &Connector,
-) -> Result<pgferry_tls::stream::ServerStream, PoolError> {
+pub async fn negotiate_tls(mut tcp: TcpStream, host: &str, tls: &Connector) -> Result<ServerStream, PoolError> {
     if !tls.wants_tls() {
         return Ok(MaybeTls::Plain(tcp));
     }

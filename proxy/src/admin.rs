@@ -13,7 +13,7 @@
 
 use crate::clientio::ClientIo;
 use crate::error::ClientError;
-use crate::shared::Shared;
+use crate::shared::{PoolRegistry, Shared};
 use bytes::BytesMut;
 use pgferry_pool::latency::Kind;
 use pgferry_pool::Pool;
@@ -76,10 +76,11 @@ const HELP: &str = "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|V
 /// How long PAUSE and WAIT_CLOSE wait at most (the console stays usable).
 const WAIT_LIMIT: Duration = Duration::from_secs(600);
 
-/// Runs a console session after login until the client leaves.
+/// Runs a console session after login until the client leaves. Takes the
+/// whole shared state: the console reads and operates every part of it.
 pub async fn run(mut io: ClientIo, user: String, admin: bool, shared: Arc<Shared>) -> Result<(), ClientError> {
     tracing::info!(user = %user, admin, "admin console session");
-    let mut drain = shared.drain_tx.subscribe();
+    let mut drain = shared.lifecycle.drain_tx.subscribe();
     loop {
         // A console session between commands ends when pgferry shuts down,
         // like any idle client.
@@ -225,14 +226,14 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
     match verb.as_str() {
         "PAUSE" => {
             at_most(2)?;
-            shared.pause(arg);
+            shared.lifecycle.pause(arg);
             tracing::info!(db = arg.unwrap_or("*"), "PAUSE: holding new transactions");
             // As PgBouncer's: returns once the transactions in flight there
             // (in pools a reload is replacing too) have finished, and closes
             // the server connections, so that PostgreSQL can be restarted.
             let all = || {
-                let mut p = shared.pools();
-                p.extend(shared.retired_pools());
+                let mut p = shared.pools.all();
+                p.extend(shared.pools.retired_pools());
                 p
             };
             if !wait_until(|| busy(arg, all()) == 0).await {
@@ -241,12 +242,12 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
                     "PAUSE: transactions still running after 10 minutes; new ones stay held until RESUME".into(),
                 ));
             }
-            let n = shared.replace_pools(arg, "PAUSE", false);
+            let n = shared.pools.replace_pools(arg, "PAUSE", false);
             tracing::info!(db = arg.unwrap_or("*"), pools = n, "PAUSE: server connections closed");
         }
         "RESUME" => {
             at_most(2)?;
-            if !shared.resume(arg) {
+            if !shared.lifecycle.resume(arg) {
                 return Err((
                     sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
                     "pooler is not paused".into(),
@@ -265,7 +266,7 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
         }
         "RECONNECT" => {
             at_most(2)?;
-            let n = shared.replace_pools(arg, "RECONNECT", false);
+            let n = shared.pools.replace_pools(arg, "RECONNECT", false);
             tracing::info!(
                 db = arg.unwrap_or("*"),
                 pools = n,
@@ -274,15 +275,15 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
         }
         "WAIT_CLOSE" => {
             at_most(2)?;
-            wait_until(|| busy(arg, shared.retired_pools()) == 0).await;
+            wait_until(|| busy(arg, shared.pools.retired_pools()) == 0).await;
         }
         "KILL" => {
             at_most(2)?;
             let db = arg.ok_or_else(syntax)?;
             // New clients of `db` wait until RESUME, as in PgBouncer.
-            shared.pause(Some(db));
+            shared.lifecycle.pause(Some(db));
             let clients = shared.clients.kill(|c| c.database == db);
-            let pools = shared.replace_pools(Some(db), "KILL", true);
+            let pools = shared.pools.replace_pools(Some(db), "KILL", true);
             tracing::warn!(
                 db,
                 clients,
@@ -300,7 +301,7 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
         "SHUTDOWN" => {
             at_most(1)?;
             tracing::warn!("SHUTDOWN from the admin console: graceful shutdown");
-            shared.stop_tx.send_replace(true);
+            shared.lifecycle.stop_tx.send_replace(true);
         }
         "SET" => {
             // SET key = value, SET key TO value, SET key=value.
@@ -316,7 +317,8 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
                 })
                 .ok_or_else(syntax)?;
             shared
-                .set(key, value)
+                .settings
+                .set(key, value, &shared.pools)
                 .map_err(|e| (sqlstate::INVALID_PARAMETER_VALUE, e))?;
             tracing::info!(key, value, "SET");
         }
@@ -327,7 +329,7 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
             ))
         }
     }
-    shared.event(format!("console ({user}): {text}"));
+    shared.obs.event(format!("console ({user}): {text}"));
     encode::command_complete(out, &verb);
     Ok(())
 }
@@ -343,7 +345,7 @@ fn table(out: &mut BytesMut, columns: &[&str], rows: &[Vec<String>]) {
 }
 
 fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
-    let pools = sorted_pools(shared);
+    let pools = sorted_pools(&shared.pools);
     match what {
         "HELP" => {
             encode::notice_response(out, "00000", &format!("Console usage{HELP}"));
@@ -483,7 +485,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             );
         }
         "DATABASES" => {
-            let c = &shared.config();
+            let c = &shared.settings.config();
             let mut rows: Vec<Vec<String>> = Vec::new();
             let topo = shared.router.topology();
             let (host, port) = topo
@@ -510,7 +512,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
                     s.pool_mode.as_str().into(),
                     s.max_db_connections.to_string(),
                     current.to_string(),
-                    u8::from(shared.is_paused(&d.name)).to_string(),
+                    u8::from(shared.lifecycle.is_paused(&d.name)).to_string(),
                     "0".into(),
                 ]);
             }
@@ -535,7 +537,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             );
         }
         "USERS" => {
-            let c = &shared.config();
+            let c = &shared.settings.config();
             let rows: Vec<Vec<String>> = c
                 .users
                 .iter()
@@ -550,14 +552,14 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
         }
         "CONFIG" => {
             let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
-            let rows: Vec<Vec<String>> = crate::reload::settings(&shared.config())
+            let rows: Vec<Vec<String>> = crate::reload::settings(&shared.settings.config())
                 .into_iter()
                 .map(|r| vec![r.key.to_owned(), r.value, r.default, yes_no(r.changeable)])
                 .collect();
             table(out, &["key", "value", "default", "changeable"], &rows);
         }
         "CLIENTS" => {
-            let config = shared.config();
+            let config = shared.settings.config();
             let rows: Vec<Vec<String>> = shared
                 .clients
                 .all()
@@ -706,13 +708,13 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             let free: usize = pools.iter().map(|p| p.idle_count()).sum();
             let n = |v: usize| v.to_string();
             let rows = vec![
-                vec!["databases".into(), n(shared.config().databases.len())],
-                vec!["users".into(), n(shared.config().users.len())],
+                vec!["databases".into(), n(shared.settings.config().databases.len())],
+                vec!["users".into(), n(shared.settings.config().users.len())],
                 vec!["pools".into(), n(pools.len())],
                 vec!["free_clients".into(), "0".into()],
                 vec!["used_clients".into(), n(clients)],
                 // Connections still in startup or authentication.
-                vec!["login_clients".into(), n(shared.pending_logins.count())],
+                vec!["login_clients".into(), n(shared.auth.pending_logins.count())],
                 vec!["free_servers".into(), n(free)],
                 vec!["used_servers".into(), n(servers)],
                 vec!["dns_names".into(), "0".into()],
@@ -722,7 +724,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             ];
             table(out, &["list", "items"], &rows);
         }
-        "CITUS" => show_citus(out, shared),
+        "CITUS" => show_citus(out, &shared.router),
         "TOPOLOGY" => {
             let topo = shared.router.topology();
             let v = &topo.view;
@@ -792,9 +794,9 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
 /// colocation, the groups its shards are on, where statements on it go),
 /// then one row per group (its primary) and one summary row (snapshot age,
 /// refreshes, routed transaction counts).
-fn show_citus(out: &mut BytesMut, shared: &Shared) {
+fn show_citus(out: &mut BytesMut, router: &pgferry_routing::Router) {
     use pgferry_routing::citus::metadata::TableKind;
-    let Some(citus) = shared.router.citus() else {
+    let Some(citus) = router.citus() else {
         table(
             out,
             &["kind", "name", "detail"],
@@ -953,8 +955,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-fn sorted_pools(shared: &Shared) -> Vec<Arc<Pool>> {
-    let mut pools = shared.pools();
+fn sorted_pools(registry: &PoolRegistry) -> Vec<Arc<Pool>> {
+    let mut pools = registry.all();
     pools.sort_by(|a, b| {
         (&a.key.database, &a.key.user, a.key.read_only).cmp(&(&b.key.database, &b.key.user, b.key.read_only))
     });

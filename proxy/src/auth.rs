@@ -10,7 +10,7 @@ use crate::authquery::Lookup;
 use crate::clientio::{ClientIo, MAX_AUTH_MESSAGE};
 use crate::error::ClientError;
 use crate::handshake::TlsInfo;
-use crate::shared::Shared;
+use crate::shared::{AuthState, Settings};
 use crate::userlist::Credential;
 use pgferry_config::HbaMethod;
 use pgferry_pool::NodeAddr;
@@ -63,14 +63,15 @@ pub async fn authenticate(
     io: &mut ClientIo,
     a: &Attempt<'_>,
     method: HbaMethod,
-    shared: &Shared,
+    settings: &Settings,
+    auth: &AuthState,
 ) -> Result<Authenticated, ClientError> {
     let user = a.user;
     let out = match method {
         HbaMethod::Reject => unreachable!("rejected before authentication"),
         HbaMethod::Trust => Authenticated { scram: None },
         HbaMethod::Md5 | HbaMethod::ScramSha256 => {
-            let (cred, expired) = credential(a, shared).await?;
+            let (cred, expired) = credential(a, settings, auth).await?;
             let unusable = if expired { Some("VALID UNTIL has passed") } else { None };
             match (method, &cred) {
                 // md5 needs an md5 hash or a password; with only a SCRAM
@@ -85,7 +86,7 @@ pub async fn authenticate(
                 _ => {
                     let secret = match &cred {
                         Some(Credential::Scram(s)) => Ok(s.clone()),
-                        Some(Credential::Plain(p)) => Ok(shared.plain_secret(user, p).await),
+                        Some(Credential::Plain(p)) => Ok(auth.plain_secret(user, p).await),
                         Some(Credential::Md5(_)) => {
                             Err("only an md5 hash is stored; SCRAM needs a SCRAM secret or a password")
                         }
@@ -95,7 +96,7 @@ pub async fn authenticate(
                         (Ok(_), Some(why)) => Err(why),
                         (s, _) => s,
                     };
-                    scram_exchange(io, user, secret, a.tls, shared).await?
+                    scram_exchange(io, user, secret, a.tls, auth).await?
                 }
             }
         }
@@ -106,11 +107,15 @@ pub async fn authenticate(
 
 /// The user's stored credential and whether it has expired: the users file
 /// first, then auth_query.
-async fn credential(a: &Attempt<'_>, shared: &Shared) -> Result<(Option<Credential>, bool), ClientError> {
-    if let Some(c) = shared.userlist().get(a.user) {
+async fn credential(
+    a: &Attempt<'_>,
+    settings: &Settings,
+    auth: &AuthState,
+) -> Result<(Option<Credential>, bool), ClientError> {
+    if let Some(c) = settings.userlist().get(a.user) {
         return Ok((Some(c.clone()), false));
     }
-    let (Some(q), Some(node)) = (&shared.auth_query, a.node) else {
+    let (Some(q), Some(node)) = (&auth.auth_query, a.node) else {
         return Ok((None, false));
     };
     match q.lookup(node, a.database, a.user).await {
@@ -158,11 +163,11 @@ async fn scram_exchange(
     user: &str,
     secret: Result<Secret, &'static str>,
     tls: Option<&TlsInfo>,
-    shared: &Shared,
+    auth: &AuthState,
 ) -> Result<Authenticated, ClientError> {
     let (secret, unusable) = match secret {
         Ok(s) => (s, None),
-        Err(why) => (Secret::mock(user, &shared.mock_seed), Some(why)),
+        Err(why) => (Secret::mock(user, &auth.mock_seed), Some(why)),
     };
     // On TLS, offer channel binding first, as PostgreSQL does.
     if tls.is_some() {

@@ -13,7 +13,7 @@ use crate::handshake::{handshake, Handshake};
 use crate::params::ClientParams;
 use crate::pending::PendingLogin;
 use crate::session::{Session, SessionInit};
-use crate::shared::Shared;
+use crate::shared::{AuthState, Observability, Settings, Shared};
 use bytes::BytesMut;
 use pgferry_config::{Access, ClientTls, HbaMethod};
 use pgferry_protocol::backend::TxStatus;
@@ -60,7 +60,7 @@ pub fn serve(
             Ok(()) => tracing::debug!("client closed"),
             Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
             Err(e @ ClientError::Auth { .. }) => {
-                shared.counters.auth_failures.fetch_add(1, Relaxed);
+                shared.obs.counters.auth_failures.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, "login failed")
             }
             Err(e) => tracing::info!(error = %e, "client closed with error"),
@@ -81,7 +81,7 @@ async fn start(
     pending: PendingLogin,
 ) -> Result<Option<SessionFuture>, ClientError> {
     let mut io = ClientIo::new(stream);
-    let timeout = shared.config().limits.client_login_timeout;
+    let timeout = shared.settings.config().limits.client_login_timeout;
     // 0 means no timeout, as in PgBouncer (a zero deadline would refuse
     // every login, the console's included).
     let login = if timeout.is_zero() {
@@ -154,7 +154,9 @@ async fn start(
     // The session lives in its own box, held once by `run`'s future (see
     // `Session::run`), and that future in another: about 1 KB per idle
     // client together (loadtest/idle-heaptrack.sh).
-    Ok(Some(Box::pin(Box::new(Session::new(shared, init)).run())))
+    Ok(Some(Box::pin(
+        Box::new(Session::new(shared.session.clone(), init)).run(),
+    )))
 }
 
 struct Login {
@@ -186,16 +188,17 @@ async fn login(
     role: Role,
     shared: &Shared,
 ) -> Result<Option<Started>, ClientError> {
+    let (settings, counters) = (&*shared.settings, &shared.obs.counters);
     let (params, tls) = match handshake(io, &shared.tls).await? {
         Handshake::Cancel { pid, key } => {
             // Accepted with or without TLS: libpq sends cancels on a new,
             // plain connection whatever the main one uses.
-            let done = shared.clients.cancel(pid, key, &shared.server_tls).await;
+            let done = shared.clients.cancel(pid, key, &shared.pools.server_tls).await;
             // One line per cancel at INFO would let a cancel flood fill the
             // log: counted here, summed up once per stats_period (lib.rs).
-            shared.counters.cancel_requests.fetch_add(1, Relaxed);
+            counters.cancel_requests.fetch_add(1, Relaxed);
             if done {
-                shared.counters.cancels_forwarded.fetch_add(1, Relaxed);
+                counters.cancels_forwarded.fetch_add(1, Relaxed);
             }
             tracing::debug!(forwarded = done, "cancel request");
             return Ok(None);
@@ -203,10 +206,10 @@ async fn login(
         Handshake::Startup { params, tls } => (params, tls),
     };
     if tls.is_some() {
-        shared.counters.tls_handshakes.fetch_add(1, Relaxed);
+        counters.tls_handshakes.fetch_add(1, Relaxed);
     }
     if tls.is_none() && shared.tls.mode() == ClientTls::Require {
-        shared.counters.auth_failures_tls.fetch_add(1, Relaxed);
+        counters.auth_failures_tls.fetch_add(1, Relaxed);
         return Err(ClientError::refused(
             sqlstate::INVALID_AUTHORIZATION,
             "pgferry requires TLS: connect with sslmode=require (or verify-ca / verify-full)",
@@ -232,7 +235,7 @@ async fn login(
     if crate::admin::is_console(&database) {
         return console_login(io, peer, tls.as_ref(), &user, &database, shared).await;
     }
-    if !shared.config().pool.auto_database && shared.config().database(&database).is_none() {
+    if !settings.config().pool.auto_database && settings.config().database(&database).is_none() {
         return Err(ClientError::refused(
             sqlstate::INVALID_CATALOG_NAME,
             format!("no such database: {database}"),
@@ -256,7 +259,7 @@ async fn login(
         ));
     }
 
-    let access = shared.config().user(&user).map(|u| u.access).unwrap_or_default();
+    let access = settings.config().user(&user).map(|u| u.access).unwrap_or_default();
     if access == Access::ReadOnlyPort && role == Role::ReadWrite {
         return Err(ClientError::refused(
             sqlstate::INSUFFICIENT_PRIVILEGE,
@@ -273,15 +276,15 @@ async fn login(
         startup.push(("default_transaction_read_only".into(), "on".into()));
     }
 
-    let method = match hba_method(shared, peer, tls.is_some(), &database, &user) {
+    let method = match hba_method(settings, &shared.obs, peer, tls.is_some(), &database, &user) {
         Ok(m) => m,
-        Err(e) => return Err(failed_login(shared, peer, &user, e).await),
+        Err(e) => return Err(failed_login(&shared.auth, &shared.obs, peer, &user, e).await),
     };
     // During a failover there is briefly no leader: wait for one (bounded)
     // rather than fail the login.
     let route = shared
         .router
-        .route_wait(role, shared.failover_hold())
+        .route_wait(role, settings.failover_hold())
         .await
         .ok_or_else(|| {
             ClientError::refused(
@@ -295,13 +298,13 @@ async fn login(
         node: Some(&route.member.addr),
         tls: tls.as_ref(),
     };
-    let auth = match authenticate(io, &attempt, method, shared).await {
+    let auth = match authenticate(io, &attempt, method, settings, &shared.auth).await {
         Ok(a) => a,
-        Err(e @ ClientError::Auth { .. }) => return Err(failed_login(shared, peer, &user, e).await),
+        Err(e @ ClientError::Auth { .. }) => return Err(failed_login(&shared.auth, &shared.obs, peer, &user, e).await),
         Err(e) => return Err(e),
     };
-    let user_permit = shared.user_client_permit(&user)?;
-    let pool = shared.login_pool(&database, &user, &route.member.addr, role)?;
+    let user_permit = shared.auth.user_client_permit(&settings.config(), &user)?;
+    let pool = shared.pools.login_pool(&database, &user, &route.member.addr, role)?;
     if let Some((secret, client_key)) = &auth.scram {
         pool.credentials()
             .learn_scram_keys(&secret.salt, secret.iterations, *client_key, secret.server_key);
@@ -310,7 +313,7 @@ async fn login(
         Ok(b) => b,
         Err(e) => {
             // E.g. a database that does not exist: its pool goes now.
-            shared.forget_if_unused(pool);
+            shared.pools.forget_if_unused(pool);
             return Err(e.into());
         }
     };
@@ -340,7 +343,7 @@ async fn console_login(
     database: &str,
     shared: &Shared,
 ) -> Result<Option<Started>, ClientError> {
-    let auth = &shared.config().auth;
+    let auth = &shared.settings.config().auth;
     let admin = auth.admin_users.iter().any(|u| u == user);
     if !admin && !auth.stats_users.iter().any(|u| u == user) {
         return Err(ClientError::refused(
@@ -348,9 +351,9 @@ async fn console_login(
             format!("user \"{user}\" may not use the admin console (not in admin_users or stats_users)"),
         ));
     }
-    let method = match hba_method(shared, peer, tls.is_some(), database, user) {
+    let method = match hba_method(&shared.settings, &shared.obs, peer, tls.is_some(), database, user) {
         Ok(m) => m,
-        Err(e) => return Err(failed_login(shared, peer, user, e).await),
+        Err(e) => return Err(failed_login(&shared.auth, &shared.obs, peer, user, e).await),
     };
     // Console users come from the users file; auth_query is not asked.
     let attempt = Attempt {
@@ -359,9 +362,9 @@ async fn console_login(
         node: None,
         tls,
     };
-    match authenticate(io, &attempt, method, shared).await {
+    match authenticate(io, &attempt, method, &shared.settings, &shared.auth).await {
         Ok(_) => {}
-        Err(e @ ClientError::Auth { .. }) => return Err(failed_login(shared, peer, user, e).await),
+        Err(e @ ClientError::Auth { .. }) => return Err(failed_login(&shared.auth, &shared.obs, peer, user, e).await),
         Err(e) => return Err(e),
     }
     Ok(Some(Started::Console {
@@ -374,15 +377,16 @@ async fn console_login(
 /// or `auth.method` when there are none. No match, or `reject`, refuses the
 /// login as pg_hba.conf does (and counts as a failed login).
 fn hba_method(
-    shared: &Shared,
+    settings: &Settings,
+    obs: &Observability,
     peer: SocketAddr,
     tls: bool,
     database: &str,
     user: &str,
 ) -> Result<HbaMethod, ClientError> {
-    let rules = &shared.config().hba;
+    let rules = &settings.config().hba;
     if rules.is_empty() {
-        return Ok(shared.config().auth.method);
+        return Ok(settings.config().auth.method);
     }
     let method = rules
         .iter()
@@ -401,7 +405,7 @@ fn hba_method(
                 peer.ip()
             );
             tracing::warn!(user, reason = %msg, "login refused");
-            shared.counters.auth_failures_hba.fetch_add(1, Relaxed);
+            obs.counters.auth_failures_hba.fetch_add(1, Relaxed);
             Err(ClientError::refused(sqlstate::INVALID_AUTHORIZATION, msg))
         }
         Some(m) => Ok(m),
@@ -412,10 +416,16 @@ fn hba_method(
 /// failed too often (see `throttle.rs`), holds the answer back for
 /// `auth_failure_delay`: guessing slows down while nobody is refused.
 /// Returns `e`, to be sent to the client after the wait.
-async fn failed_login(shared: &Shared, peer: SocketAddr, user: &str, e: ClientError) -> ClientError {
-    let delay = shared.throttle.record_failure(peer.ip(), user);
+async fn failed_login(
+    auth: &AuthState,
+    obs: &Observability,
+    peer: SocketAddr,
+    user: &str,
+    e: ClientError,
+) -> ClientError {
+    let delay = auth.throttle.record_failure(peer.ip(), user);
     if !delay.is_zero() {
-        shared.counters.auth_failures_delayed.fetch_add(1, Relaxed);
+        obs.counters.auth_failures_delayed.fetch_add(1, Relaxed);
         tracing::debug!(user, ?delay, "failed login answered late");
         tokio::time::sleep(delay).await;
     }

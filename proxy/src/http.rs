@@ -8,9 +8,11 @@
 //! Every value is computed at request time from the same counters the
 //! admin console reads.
 
-use crate::shared::Shared;
+use crate::clients::ClientRegistry;
+use crate::shared::{Observability, PoolRegistry};
 use pgferry_pool::latency::{Kind, BUCKETS_US};
 use pgferry_pool::Pool;
+use pgferry_routing::Router;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -21,8 +23,17 @@ use tokio::sync::watch;
 
 const MAX_REQUEST: usize = 8192;
 
+/// What the endpoints read: counters and events, the pools, the topology,
+/// and the clients (for the servers they hold).
+pub struct View {
+    pub obs: Arc<Observability>,
+    pub pools: Arc<PoolRegistry>,
+    pub router: Router,
+    pub clients: Arc<ClientRegistry>,
+}
+
 /// Serves until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, view: Arc<View>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -32,14 +43,14 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let shared = shared.clone();
+        let view = view.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, &shared)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, &view)).await;
         });
     }
 }
 
-async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn handle(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -54,10 +65,14 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics(shared)),
+        ("GET" | "HEAD", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics(&view.obs, &view.pools, &view.router),
+        ),
         ("GET" | "HEAD", "/health") => ("200 OK", "text/plain", "ok\n".to_owned()),
         ("GET" | "HEAD", "/ready") => {
-            if shared.router.topology().primary.is_some() {
+            if view.router.topology().primary.is_some() {
                 ("200 OK", "text/plain", "ready: a leader is confirmed\n".to_owned())
             } else {
                 (
@@ -67,7 +82,7 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 )
             }
         }
-        ("GET" | "HEAD", "/") => ("200 OK", "text/html; charset=utf-8", status_page(shared)),
+        ("GET" | "HEAD", "/") => ("200 OK", "text/html; charset=utf-8", status_page(view)),
         ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned()),
     };
@@ -83,8 +98,8 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     stream.shutdown().await
 }
 
-fn pools(shared: &Shared) -> Vec<Arc<Pool>> {
-    let mut p = shared.pools();
+fn pools(registry: &PoolRegistry) -> Vec<Arc<Pool>> {
+    let mut p = registry.all();
     p.sort_by(|a, b| {
         (
             &a.key.database,
@@ -109,9 +124,9 @@ fn label(v: &str) -> String {
     v.replace('\\', r"\\").replace('"', "\\\"").replace('\n', r"\n")
 }
 
-fn metrics(shared: &Shared) -> String {
+fn metrics(obs: &Observability, registry: &PoolRegistry, router: &Router) -> String {
     let mut m = String::with_capacity(8192);
-    let pools = pools(shared);
+    let pools = pools(registry);
     let pool_labels = |p: &Pool| {
         format!(
             "database=\"{}\",user=\"{}\",node=\"{}\",port=\"{}\"",
@@ -228,7 +243,7 @@ fn metrics(shared: &Shared) -> String {
             let _ = writeln!(m, "{name}_count{{{labels}}} {}", buckets[BUCKETS_US.len()]);
         }
     }
-    let c = &shared.counters;
+    let c = &obs.counters;
     let _ = writeln!(
         m,
         "# HELP pgferry_connections_accepted_total Client connections accepted, by port.\n\
@@ -274,7 +289,7 @@ fn metrics(shared: &Shared) -> String {
         c.cancels_forwarded.load(Relaxed),
         c.cancel_requests.load(Relaxed).saturating_sub(c.cancels_forwarded.load(Relaxed))
     );
-    if let Some(citus) = shared.router.citus() {
+    if let Some(citus) = router.citus() {
         let c = &citus.counters;
         let snap = citus.snapshot();
         let age = snap
@@ -311,7 +326,7 @@ fn metrics(shared: &Shared) -> String {
             snap.tables.len(),
         );
     }
-    let topo = shared.router.topology();
+    let topo = router.topology();
     let v = &topo.view;
     let _ = writeln!(
         m,
@@ -393,9 +408,9 @@ fn html(v: &str) -> String {
         .replace('"', "&quot;")
 }
 
-fn status_page(shared: &Shared) -> String {
+fn status_page(view: &View) -> String {
     let mut h = String::with_capacity(8192);
-    let topo = shared.router.topology();
+    let topo = view.router.topology();
     let v = &topo.view;
     let leader = match (&v.leader, v.leader_confirmed) {
         (Some(l), true) => format!("{} (confirmed writable)", html(l)),
@@ -422,7 +437,7 @@ fn status_page(shared: &Shared) -> String {
          <th class=l>port</th><th>clients active</th><th>clients waiting</th><th>servers active</th>\
          <th>servers idle</th><th>transactions</th><th>wait ms total</th><th class=l>mode</th></tr>",
     );
-    for p in pools(shared) {
+    for p in pools(&view.pools) {
         let s = &p.stats;
         let waiting = s.cl_waiting.load(Relaxed);
         let _ = write!(
@@ -461,7 +476,7 @@ fn status_page(shared: &Shared) -> String {
             if m.serving_reads { "yes" } else { "no" }
         );
     }
-    if let Some(citus) = shared.router.citus() {
+    if let Some(citus) = view.router.citus() {
         let snap = citus.snapshot();
         let c = &citus.counters;
         let age = snap
@@ -487,7 +502,7 @@ fn status_page(shared: &Shared) -> String {
             c.any_node.load(Relaxed),
         );
         h.push_str("</table><table id=\"citus-groups\"><tr><th>group</th><th class=l>leader</th></tr>");
-        for (g, m) in shared.router.group_leaders() {
+        for (g, m) in view.router.group_leaders() {
             let _ = write!(h, "<tr><td>{g}</td><td class=l>{}</td></tr>", html(&m.addr.to_string()));
         }
         if let Some(e) = citus.last_error.lock().unwrap().as_ref() {
@@ -500,7 +515,7 @@ fn status_page(shared: &Shared) -> String {
          <th>p50</th><th>p95</th><th>p99</th><th>p99.9</th><th>max</th></tr>",
     );
     let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
-    for p in pools(shared) {
+    for p in pools(&view.pools) {
         for kind in Kind::ALL {
             let l = p.latency.percentiles(kind);
             let _ = write!(
@@ -526,7 +541,7 @@ fn status_page(shared: &Shared) -> String {
          <th>age s</th></tr>",
     );
     let mut servers: Vec<(u64, String)> = Vec::new();
-    for e in shared.clients.all() {
+    for e in view.clients.all() {
         if let Some(t) = e.row().server {
             servers.push((
                 t.server,
@@ -544,7 +559,7 @@ fn status_page(shared: &Shared) -> String {
             ));
         }
     }
-    for p in pools(shared) {
+    for p in pools(&view.pools) {
         for (id, pid, age, _idle, _uses) in p.idle_snapshot() {
             servers.push((
                 id,
@@ -566,7 +581,7 @@ fn status_page(shared: &Shared) -> String {
     h.push_str(
         "</table><h2>Recent events</h2><table id=\"events\"><tr><th class=l>time (UTC)</th><th class=l>event</th></tr>",
     );
-    for (t, what) in shared.events().iter().rev() {
+    for (t, what) in view.obs.events().iter().rev() {
         let _ = write!(
             h,
             "<tr><td class=l>{}</td><td class=l>{}</td></tr>",
@@ -574,7 +589,7 @@ fn status_page(shared: &Shared) -> String {
             html(what)
         );
     }
-    let c = &shared.counters;
+    let c = &view.obs.counters;
     let _ = write!(
         h,
         "</table><h2>Listeners</h2><table><tr><th class=l>accepted rw</th><th class=l>accepted ro</th>\

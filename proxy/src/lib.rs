@@ -1,8 +1,9 @@
 //! pgferry: a PostgreSQL wire-protocol proxy and transaction pooler.
 //!
-//! `run` starts the listeners over a [`Shared`] state; each accepted client
-//! runs in its own task through `client::serve`: handshake, authentication,
-//! login, then the [`session`] state machine.
+//! `run` starts the listeners over a [`Shared`] state (split into narrow
+//! handles, see [`shared`]); each accepted client runs in its own task
+//! through `client::serve`: handshake, authentication, login, then the
+//! [`session`] state machine.
 
 #![deny(unsafe_code)]
 
@@ -109,7 +110,8 @@ pub async fn run(
     let shared = Arc::new(Shared::new(config.clone(), config_path, users, router, tls, server_tls));
     if let Some((citus, login, interval)) = citus {
         tracing::info!(database = %citus.database, routing = citus.enabled, "citus: reading metadata from the coordinator");
-        let weak = Arc::downgrade(&shared);
+        let (pools, obs) = (Arc::downgrade(&shared.pools), Arc::downgrade(&shared.obs));
+        let router = shared.router.clone();
         tokio::spawn(pgferry_routing::citus::refresh::run(
             citus,
             shared.router.clone(),
@@ -118,39 +120,49 @@ pub async fn run(
             move || {
                 // Worker primaries changed: pools on nodes that left are
                 // retired, sessions re-check their routes.
-                if let Some(shared) = weak.upgrade() {
-                    shared.router.touch();
-                    shared.apply_topology();
+                if let (Some(pools), Some(obs)) = (pools.upgrade(), obs.upgrade()) {
+                    router.touch();
+                    pools.apply_topology(&router, &obs);
                 }
             },
         ));
     }
     // One stop signal for the listeners: the caller's (SIGTERM) or SHUTDOWN.
-    let stop = shared.stop_tx.subscribe();
+    let stop = shared.lifecycle.stop_tx.subscribe();
     {
-        let shared = shared.clone();
+        let lifecycle = shared.lifecycle.clone();
         tokio::spawn(async move {
             if shutdown.wait_for(|s| *s).await.is_ok() {
-                shared.stop_tx.send_replace(true);
+                lifecycle.stop_tx.send_replace(true);
             }
         });
     }
     let shutdown = stop;
-    tokio::spawn(follow_topology(shared.clone()));
+    tokio::spawn(follow_topology(
+        shared.router.clone(),
+        shared.pools.clone(),
+        shared.obs.clone(),
+    ));
     if config.http.enabled {
         // The status endpoints matter less than the proxy: a port that
         // cannot be bound is logged, not fatal.
         match listener::bind(config.http.listen, 128, config.listen.reuse_port) {
             Ok(l) => {
                 tracing::info!(addr = %config.http.listen, "HTTP: /metrics /health /ready /");
-                tokio::spawn(http::serve(l, shared.clone(), shutdown.clone()));
+                let view = http::View {
+                    obs: shared.obs.clone(),
+                    pools: shared.pools.clone(),
+                    router: shared.router.clone(),
+                    clients: shared.clients.clone(),
+                };
+                tokio::spawn(http::serve(l, Arc::new(view), shutdown.clone()));
             }
             Err(e) => tracing::error!(addr = %config.http.listen, error = %e, "HTTP listener not started"),
         }
     }
     tokio::spawn(reload_on_sighup(shared.clone()));
-    tokio::spawn(sweep_auto_pools(shared.clone()));
-    tokio::spawn(report_cancels(shared.clone()));
+    tokio::spawn(sweep_auto_pools(shared.pools.clone()));
+    tokio::spawn(report_cancels(shared.obs.clone(), shared.settings.clone()));
     let slots = Arc::new(Semaphore::new(config.limits.max_client_conn));
     let mut listeners = vec![(config.listen.rw, Role::ReadWrite)];
     if let Some(ro) = config.listen.ro {
@@ -174,7 +186,7 @@ pub async fn run(
     }
     // Graceful shutdown: idle clients get 57P01 now, the others at the end
     // of their transaction; wait for them (bounded), then close the pools.
-    shared.start_draining();
+    shared.lifecycle.start_draining(&shared.obs, &shared.clients);
     let total = config.limits.max_client_conn as u32;
     let timeout = config.runtime.shutdown_timeout;
     tracing::info!(clients = total as usize - slots.available_permits(), timeout = ?timeout, "shutting down: closing clients at transaction boundaries");
@@ -185,39 +197,40 @@ pub async fn run(
             "shutdown_timeout reached; closing the remaining clients"
         ),
     }
-    for p in shared.pools() {
+    for p in shared.pools.all() {
         p.shut_down("pgferry shutting down");
     }
     Ok(())
 }
 
-/// Applies every topology change to the pools (see `Shared::apply_topology`).
-async fn follow_topology(shared: Arc<Shared>) {
-    let mut rx = shared.router.subscribe();
-    let mut last = topology_summary(&shared);
-    shared.event(format!("started: {last}"));
-    let leader = |s: &Shared| s.router.topology().primary.as_ref().map(|p| p.addr.clone());
-    let mut last_leader = leader(&shared);
+/// Applies every topology change to the pools (see
+/// `PoolRegistry::apply_topology`).
+async fn follow_topology(router: Router, pools: Arc<shared::PoolRegistry>, obs: Arc<shared::Observability>) {
+    let mut rx = router.subscribe();
+    let mut last = topology_summary(&router);
+    obs.event(format!("started: {last}"));
+    let leader = |r: &Router| r.topology().primary.as_ref().map(|p| p.addr.clone());
+    let mut last_leader = leader(&router);
     while rx.changed().await.is_ok() {
-        shared.apply_topology();
-        let now_leader = leader(&shared);
+        pools.apply_topology(&router, &obs);
+        let now_leader = leader(&router);
         if now_leader.is_some() && now_leader != last_leader {
-            shared.counters.leader_changes.fetch_add(1, Relaxed);
+            obs.counters.leader_changes.fetch_add(1, Relaxed);
         }
         if now_leader.is_some() {
             last_leader = now_leader;
         }
-        let now = topology_summary(&shared);
+        let now = topology_summary(&router);
         if now != last {
-            shared.event(format!("topology: {now}"));
+            obs.event(format!("topology: {now}"));
             last = now;
         }
     }
 }
 
 /// "leader 10.0.0.1:5432; replicas serving reads: 10.0.0.2:5432".
-fn topology_summary(shared: &Shared) -> String {
-    let t = shared.router.topology();
+fn topology_summary(router: &Router) -> String {
+    let t = router.topology();
     let leader = t
         .primary
         .as_ref()
@@ -234,26 +247,27 @@ fn topology_summary(shared: &Shared) -> String {
     )
 }
 
-/// Frees unused pools of unlisted databases (see `Shared::sweep_auto_pools`).
-async fn sweep_auto_pools(shared: Arc<Shared>) {
+/// Frees unused pools of unlisted databases (see
+/// `PoolRegistry::sweep_auto_pools`).
+async fn sweep_auto_pools(pools: Arc<shared::PoolRegistry>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        shared.sweep_auto_pools();
+        pools.sweep_auto_pools();
     }
 }
 
 /// One INFO line per stats_period with the cancel requests of that period
 /// (each one is logged at DEBUG only): a flood of cancels costs a line.
-async fn report_cancels(shared: Arc<Shared>) {
-    let c = &shared.counters;
+async fn report_cancels(obs: Arc<shared::Observability>, settings: Arc<shared::Settings>) {
+    let c = &obs.counters;
     let (mut requests, mut forwarded) = (0, 0);
     loop {
-        tokio::time::sleep(shared.config().runtime.stats_period).await;
+        tokio::time::sleep(settings.config().runtime.stats_period).await;
         let (r, f) = (c.cancel_requests.load(Relaxed), c.cancels_forwarded.load(Relaxed));
         if r != requests {
-            let period = shared.config().runtime.stats_period;
+            let period = settings.config().runtime.stats_period;
             tracing::info!(
                 requests = r - requests,
                 forwarded = f - forwarded,
@@ -277,19 +291,19 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
     }
 }
 
-/// Re-reads the configuration, users and TLS files (see `Shared::reload`),
+/// Re-reads the configuration, users and TLS files (see `Settings::reload`),
 /// and logs the outcome. Connections already established keep their TLS
 /// session; clients stay connected.
 pub(crate) async fn reload(shared: &Shared, why: &str) -> Result<(), String> {
     match shared.reload().await {
         Ok(restart) if restart.is_empty() => {
             tracing::info!("{why}: configuration, users and TLS files reloaded");
-            shared.event(format!("{why}: configuration reloaded"));
+            shared.obs.event(format!("{why}: configuration reloaded"));
             Ok(())
         }
         Ok(restart) => {
             tracing::warn!(needs_restart = ?restart, "{why}: configuration reloaded; these changed settings keep their running values until a restart");
-            shared.event(format!(
+            shared.obs.event(format!(
                 "{why}: configuration reloaded; needs a restart: {}",
                 restart.join(", ")
             ));
@@ -297,7 +311,7 @@ pub(crate) async fn reload(shared: &Shared, why: &str) -> Result<(), String> {
         }
         Err(e) => {
             tracing::error!(error = %e, "{why}: reload refused; the running configuration stays");
-            shared.event(format!("{why}: reload refused: {e}"));
+            shared.obs.event(format!("{why}: reload refused: {e}"));
             Err(e)
         }
     }

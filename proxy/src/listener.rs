@@ -75,7 +75,7 @@ async fn drain_queue(listener: &TcpListener, role: Role, shared: &Arc<Shared>, s
 /// costs only a FATAL: no TLS, no authentication), else starts its task.
 fn admit(stream: TcpStream, peer: SocketAddr, role: Role, shared: &Arc<Shared>, slots: &Arc<Semaphore>) {
     let _ = stream.set_nodelay(true);
-    let c = &shared.counters;
+    let c = &shared.obs.counters;
     match role {
         Role::ReadWrite => &c.accepted_rw,
         Role::ReadOnly => &c.accepted_ro,
@@ -90,7 +90,7 @@ fn admit(stream: TcpStream, peer: SocketAddr, role: Role, shared: &Arc<Shared>, 
             "too many clients: max_client_conn reached",
         );
     };
-    let pending = match shared.pending_logins.try_admit(peer.ip()) {
+    let pending = match shared.auth.pending_logins.try_admit(peer.ip()) {
         Ok(p) => p,
         Err(Full::Total) => {
             c.refused_pending_logins.fetch_add(1, Relaxed);

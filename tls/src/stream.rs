@@ -4,12 +4,16 @@
 //! can use `try_read` on them to keep idle clients' buffers small); TLS
 //! streams split through `tokio::io::split`, as one TLS state serves both
 //! directions.
+//!
+//! A third kind, an in-memory pipe, lets tests put a fake server behind a
+//! real connection. It is its own variant rather than a boxed stream, so
+//! that real sockets pay no dynamic dispatch on reads and writes.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -21,6 +25,8 @@ pub type ServerStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 pub enum MaybeTls<T> {
     Plain(TcpStream),
     Tls(Box<T>),
+    /// One end of `tokio::io::duplex` (tests: a fake peer on the other).
+    Memory(DuplexStream),
     /// Left behind while the socket is being upgraded to TLS.
     Closed,
 }
@@ -28,11 +34,13 @@ pub enum MaybeTls<T> {
 pub enum ReadHalf<T> {
     Plain(OwnedReadHalf),
     Tls(tokio::io::ReadHalf<T>),
+    Memory(tokio::io::ReadHalf<DuplexStream>),
 }
 
 pub enum WriteHalf<T> {
     Plain(OwnedWriteHalf),
     Tls(tokio::io::WriteHalf<T>),
+    Memory(tokio::io::WriteHalf<DuplexStream>),
 }
 
 fn closed() -> io::Error {
@@ -54,6 +62,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> MaybeTls<T> {
                 let (r, w) = tokio::io::split(*s);
                 (ReadHalf::Tls(r), WriteHalf::Tls(w))
             }
+            MaybeTls::Memory(s) => {
+                let (r, w) = tokio::io::split(s);
+                (ReadHalf::Memory(r), WriteHalf::Memory(w))
+            }
             MaybeTls::Closed => unreachable!("a closed stream is never split"),
         }
     }
@@ -64,6 +76,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<T> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            MaybeTls::Memory(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Closed => Poll::Ready(Err(closed())),
         }
     }
@@ -74,6 +87,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            MaybeTls::Memory(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Closed => Poll::Ready(Err(closed())),
         }
     }
@@ -81,6 +95,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            MaybeTls::Memory(s) => Pin::new(s).poll_flush(cx),
             MaybeTls::Closed => Poll::Ready(Err(closed())),
         }
     }
@@ -88,6 +103,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            MaybeTls::Memory(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Closed => Poll::Ready(Ok(())),
         }
     }
@@ -114,6 +130,11 @@ impl<T: AsyncRead + Unpin> ReadHalf<T> {
                 let mut buf = ReadBuf::new(&mut probe);
                 !Pin::new(r).poll_read(&mut cx, &mut buf).is_pending()
             }
+            ReadHalf::Memory(r) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let mut buf = ReadBuf::new(&mut probe);
+                !Pin::new(r).poll_read(&mut cx, &mut buf).is_pending()
+            }
         }
     }
 }
@@ -123,6 +144,7 @@ impl<T: AsyncRead> AsyncRead for ReadHalf<T> {
         match self.get_mut() {
             ReadHalf::Plain(r) => Pin::new(r).poll_read(cx, buf),
             ReadHalf::Tls(r) => Pin::new(r).poll_read(cx, buf),
+            ReadHalf::Memory(r) => Pin::new(r).poll_read(cx, buf),
         }
     }
 }
@@ -144,6 +166,10 @@ impl<T: AsyncWrite> WriteHalf<T> {
                 let _ = Pin::new(&mut *w).poll_write(&mut cx, b);
                 let _ = Pin::new(w).poll_flush(&mut cx);
             }
+            WriteHalf::Memory(w) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let _ = Pin::new(w).poll_write(&mut cx, b);
+            }
         }
     }
 }
@@ -153,18 +179,21 @@ impl<T: AsyncWrite> AsyncWrite for WriteHalf<T> {
         match self.get_mut() {
             WriteHalf::Plain(w) => Pin::new(w).poll_write(cx, buf),
             WriteHalf::Tls(w) => Pin::new(w).poll_write(cx, buf),
+            WriteHalf::Memory(w) => Pin::new(w).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Plain(w) => Pin::new(w).poll_flush(cx),
             WriteHalf::Tls(w) => Pin::new(w).poll_flush(cx),
+            WriteHalf::Memory(w) => Pin::new(w).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Plain(w) => Pin::new(w).poll_shutdown(cx),
             WriteHalf::Tls(w) => Pin::new(w).poll_shutdown(cx),
+            WriteHalf::Memory(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
     fn poll_write_vectored(
@@ -175,12 +204,14 @@ impl<T: AsyncWrite> AsyncWrite for WriteHalf<T> {
         match self.get_mut() {
             WriteHalf::Plain(w) => Pin::new(w).poll_write_vectored(cx, bufs),
             WriteHalf::Tls(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            WriteHalf::Memory(w) => Pin::new(w).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             WriteHalf::Plain(w) => w.is_write_vectored(),
             WriteHalf::Tls(w) => w.is_write_vectored(),
+            WriteHalf::Memory(w) => w.is_write_vectored(),
         }
     }
 }

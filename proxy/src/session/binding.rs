@@ -12,7 +12,7 @@ impl Session {
     /// client's future (memory per idle client). Err carries a connection
     /// that was checked out but needs its settings synced, if any.
     pub(super) fn bind_now(&mut self) -> Result<PooledConn, Option<PooledConn>> {
-        if self.shared.any_paused.load(Relaxed)
+        if self.shared.lifecycle.any_paused.load(Relaxed)
             || self.route_stale()
             || self.rebalance_due()
             || self.pending_begin.is_some()
@@ -73,14 +73,14 @@ impl Session {
     /// client's. `conn` is one already checked out that only needs the sync.
     pub(super) async fn bind_server_slow(&mut self, conn: Option<PooledConn>) -> Result<(), PoolError> {
         let asked = Instant::now();
-        let hold_until = asked + self.shared.failover_hold();
+        let hold_until = asked + self.shared.settings.failover_hold();
         let mut given = conn;
         let mut retries = 0;
         loop {
             let mut conn = match given.take() {
                 Some(c) => c,
                 None => {
-                    if self.shared.any_paused.load(Relaxed) {
+                    if self.shared.lifecycle.any_paused.load(Relaxed) {
                         self.wait_unpaused().await?;
                     }
                     if self.route_stale() || self.rebalance {
@@ -127,7 +127,7 @@ impl Session {
     /// PAUSE: new transactions wait (bounded like any wait for a server)
     /// until RESUME.
     pub(super) async fn wait_unpaused(&self) -> Result<(), PoolError> {
-        let paused = self.shared.wait_unpaused(&self.pool.key.database);
+        let paused = self.shared.lifecycle.wait_unpaused(&self.pool.key.database);
         let wait = self.pool.settings.query_wait_timeout;
         if wait.is_zero() {
             paused.await;
@@ -150,7 +150,7 @@ impl Session {
     }
 
     pub(super) async fn checkout_or_hold_inner(&mut self) -> Result<PooledConn, PoolError> {
-        let hold = self.shared.failover_hold();
+        let hold = self.shared.settings.failover_hold();
         let deadline = Instant::now() + hold;
         let mut topology = self.shared.router.subscribe();
         let mut logged = false;
@@ -220,6 +220,7 @@ impl Session {
                     let key = &self.pool.key;
                     let pool = self
                         .shared
+                        .pools
                         .pool(&key.database, &key.user, &self.route.member.addr, role);
                     pool.credentials().adopt(self.pool.credentials());
                     let route = Route::claim(self.route.member.clone(), role);
@@ -229,7 +230,7 @@ impl Session {
                 return Ok(());
             }
         }
-        let hold = self.shared.failover_hold();
+        let hold = self.shared.settings.failover_hold();
         let route = match candidate {
             Some(c) => c,
             None => router.route_wait(role, hold).await.ok_or_else(|| {
@@ -240,7 +241,10 @@ impl Session {
             })?,
         };
         let key = &self.pool.key;
-        let pool = self.shared.pool(&key.database, &key.user, &route.member.addr, role);
+        let pool = self
+            .shared
+            .pools
+            .pool(&key.database, &key.user, &route.member.addr, role);
         pool.credentials().adopt(self.pool.credentials());
         tracing::info!(client = self.id, from = %self.route.member.addr, to = %route.member.addr, port = role.as_str(), "session moved to a new server");
         if let Some(c) = self.citus.as_mut() {

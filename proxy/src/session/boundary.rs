@@ -147,7 +147,7 @@ impl Session {
                 server: conn.id,
                 server_created: conn.created,
             };
-            let tls = self.shared.server_tls.clone();
+            let tls = self.shared.pools.server_tls.clone();
             tokio::spawn(async move {
                 let _ = crate::clients::send_cancel(&t, &tls).await;
             });

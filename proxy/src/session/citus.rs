@@ -126,7 +126,7 @@ impl Session {
     /// the transaction, as the coordinator's are held, until the topology
     /// names a new leader, for up to failover_hold_timeout.
     pub(super) async fn hold_for_group(&mut self, g: u32) -> Result<(), PoolError> {
-        let hold = self.shared.failover_hold();
+        let hold = self.shared.settings.failover_hold();
         let deadline = Instant::now() + hold;
         let mut topology = self.shared.router.subscribe();
         self.client.entry.set_waiting(true);
@@ -396,6 +396,7 @@ impl Session {
                 let key = &self.pool.key;
                 let p = self
                     .shared
+                    .pools
                     .pool(&key.database, &key.user, &route.member.addr, route.role);
                 p.credentials().adopt(self.pool.credentials());
                 cr.pools.push(p.clone());
@@ -420,7 +421,10 @@ impl Session {
             return RouteStep::NeedHome;
         };
         let key = &self.pool.key;
-        let pool = self.shared.pool(&key.database, &key.user, &route.member.addr, role);
+        let pool = self
+            .shared
+            .pools
+            .pool(&key.database, &key.user, &route.member.addr, role);
         pool.credentials().adopt(self.pool.credentials());
         if let Some(cr) = self.citus.as_mut() {
             cr.on_group = None;

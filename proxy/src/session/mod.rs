@@ -21,19 +21,19 @@ mod server;
 
 use crate::clients::{CancelTarget, Signal};
 use crate::params::{self, ClientParams};
-use crate::shared::Shared;
+use crate::shared::{Lifecycle, PoolRegistry, Settings};
 use crate::ClientError;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pgferry_config::{PoolMode, SessionStatePolicy};
 use pgferry_pool::latency::Kind as LatencyKind;
-use pgferry_pool::statements::Statement;
+use pgferry_pool::statements::{Statement, StatementRegistry};
 use pgferry_pool::{Pool, PoolError, PooledConn, ServerConn};
 use pgferry_protocol::backend::{self, TxStatus};
 use pgferry_protocol::encode::{self, Severity};
 use pgferry_protocol::replies::{Fate, Received, Replies, Reply, Request};
 use pgferry_protocol::sql::{self, Pin};
 use pgferry_protocol::{decode_frame, frontend, sqlstate, Frame, ProtocolError};
-use pgferry_routing::{Role, Route};
+use pgferry_routing::{Role, Route, Router};
 use pgferry_tls::stream::{ClientReadHalf, ClientWriteHalf};
 use std::collections::HashMap;
 use std::future::Future;
@@ -117,8 +117,18 @@ pub struct SessionInit {
     pub user_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// The shared-state handles sessions use. One per process, shared by
+/// every session (one pointer per client, however many handles).
+pub struct Handles {
+    pub settings: Arc<Settings>,
+    pub pools: Arc<PoolRegistry>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub router: Router,
+    pub statements: Arc<StatementRegistry>,
+}
+
 pub struct Session {
-    shared: Arc<Shared>,
+    shared: Arc<Handles>,
     id: u64,
     rd: ClientReadHalf,
     wr: ClientWriteHalf,
@@ -200,7 +210,7 @@ struct Timer {
 }
 
 impl Session {
-    pub fn new(shared: Arc<Shared>, init: SessionInit) -> Self {
+    pub fn new(shared: Arc<Handles>, init: SessionInit) -> Self {
         let settings = &init.pool.settings;
         let mode = settings.pool_mode;
         let citus = shared
@@ -220,10 +230,9 @@ impl Session {
             read_only: init.read_only,
             mode,
             rewrite: mode == PoolMode::Transaction && settings.max_prepared_statements > 0,
-            policy: shared.config().pool.session_state,
-            shared: shared.clone(),
+            policy: shared.settings.config().pool.session_state,
             max_prepared: settings.max_prepared_statements,
-            max_message: shared.config().limits.max_message_size,
+            max_message: shared.settings.config().limits.max_message_size,
             pool: init.pool,
             route: init.route,
             route_gen: shared.router.generation(),
@@ -251,6 +260,7 @@ impl Session {
             citus,
             pending_begin: None,
             deferred_failed: false,
+            shared,
         }
     }
 
@@ -296,8 +306,8 @@ impl Session {
             // so a boundary alone is not proof it is done. One that keeps
             // working is closed at a boundary once half of shutdown_timeout
             // has passed.
-            if let Some(age) = self.shared.drain_age() {
-                if age >= self.shared.config().runtime.shutdown_timeout / 2 && self.between_transactions() {
+            if let Some(age) = self.shared.lifecycle.drain_age() {
+                if age >= self.shared.settings.config().runtime.shutdown_timeout / 2 && self.between_transactions() {
                     return Err(shutting_down());
                 }
             }
@@ -413,7 +423,11 @@ impl Session {
         // (waiting for the client), once.
         let wake_on_drain =
             (self.server.is_none() || self.mode == PoolMode::Session) && self.to_client.is_empty() && !self.drain_seen;
-        if let Poll::Ready(signal) = self.client.entry.poll_signal(cx, wake_on_drain, self.shared.draining()) {
+        if let Poll::Ready(signal) = self
+            .client
+            .entry
+            .poll_signal(cx, wake_on_drain, self.shared.lifecycle.draining())
+        {
             return Poll::Ready(match signal {
                 Signal::Killed => Event::Killed,
                 Signal::Drain => {
@@ -467,13 +481,13 @@ impl Session {
 
     /// The idle timeout that applies now, if any.
     fn idle_timeout(&self) -> Option<(Duration, &'static str, &'static str)> {
-        if self.shared.drain_age().is_some() && self.between_transactions() {
+        if self.shared.lifecycle.drain_age().is_some() && self.between_transactions() {
             return Some((DRAIN_GRACE, sqlstate::ADMIN_SHUTDOWN, SHUTTING_DOWN));
         }
         if self.replies.pending() || !self.to_client.is_empty() {
             return None;
         }
-        let l = &self.shared.config().limits;
+        let l = &self.shared.settings.config().limits;
         // An open extended-protocol group holds its server like a
         // transaction block does.
         let in_transaction = !self.replies.releasable();

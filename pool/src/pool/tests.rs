@@ -1,0 +1,304 @@
+//! The pool against a fake PostgreSQL server: each connection the pool
+//! opens is one end of an in-memory pipe (through the `Connect` seam),
+//! and the fake speaks the real protocol bytes on the other.
+
+use super::*;
+use crate::connect::{Connect, Connecting, Dial};
+use bytes::BytesMut;
+use pgferry_protocol::backend::TxStatus;
+use pgferry_protocol::encode::{self, Severity};
+use pgferry_protocol::startup::{decode_startup, StartupPacket};
+use pgferry_protocol::{decode_frame, frontend, Frame};
+use pgferry_tls::stream::MaybeTls;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::oneshot;
+
+/// How the fake answers a login.
+#[derive(Clone, Copy)]
+enum Login {
+    /// AuthenticationOk straight away.
+    Trust,
+    /// Asks for a cleartext password; anything else than this one gets
+    /// FATAL 28P01, as PostgreSQL answers.
+    Password(&'static str),
+    /// Logs in, but reports in_hot_standby = on (a demoted leader).
+    Standby,
+}
+
+/// A fake server. Connection n (from 1) gets backend pid 1000 + n.
+struct Fake {
+    login: Login,
+    opened: AtomicU64,
+    /// The startup parameters of each connection, in order.
+    startups: Mutex<Vec<Vec<(String, String)>>>,
+    /// Per live connection (by pid): closes the server's end when sent
+    /// a sender, which is answered once that end is gone.
+    kill: Mutex<HashMap<u32, oneshot::Sender<oneshot::Sender<()>>>>,
+}
+
+impl Fake {
+    fn new(login: Login) -> Arc<Fake> {
+        Arc::new(Fake {
+            login,
+            opened: AtomicU64::new(0),
+            startups: Mutex::default(),
+            kill: Mutex::default(),
+        })
+    }
+
+    fn opened(&self) -> u64 {
+        self.opened.load(Relaxed)
+    }
+
+    /// The server ends connection `pid` as a shutdown does: FATAL 57P01,
+    /// then closes. Returns once its end is closed.
+    async fn terminate(&self, pid: u32) {
+        let kill = self.kill.lock().unwrap().remove(&pid).expect("a live connection");
+        let (done, closed) = oneshot::channel();
+        kill.send(done).expect("the connection's task is running");
+        closed.await.expect("the server end closes");
+    }
+
+    async fn serve(self: Arc<Fake>, mut s: DuplexStream, pid: u32) {
+        let mut buf = BytesMut::new();
+        let params = loop {
+            match decode_startup(&mut buf).expect("a valid startup packet") {
+                Some(StartupPacket::Startup { params, .. }) => break params,
+                Some(p) => panic!("unexpected startup packet {p:?}"),
+                None if s.read_buf(&mut buf).await.unwrap() == 0 => return,
+                None => {}
+            }
+        };
+        self.startups.lock().unwrap().push(params);
+        let mut out = BytesMut::new();
+        if let Login::Password(want) = self.login {
+            encode::auth_cleartext(&mut out);
+            s.write_all(&out).await.unwrap();
+            out.clear();
+            let Some(f) = read_frame(&mut s, &mut buf).await else {
+                return;
+            };
+            assert_eq!(f.tag, frontend::PASSWORD);
+            if f.body() != format!("{want}\0").as_bytes() {
+                encode::error_response(
+                    &mut out,
+                    Severity::Fatal,
+                    "28P01",
+                    "password authentication failed for user",
+                );
+                let _ = s.write_all(&out).await;
+                return;
+            }
+        }
+        encode::auth_ok(&mut out);
+        encode::parameter_status(&mut out, "server_version", "15.0 (fake)");
+        let standby = matches!(self.login, Login::Standby);
+        encode::parameter_status(&mut out, "in_hot_standby", if standby { "on" } else { "off" });
+        encode::backend_key_data(&mut out, pid, pid * 7);
+        encode::ready_for_query(&mut out, TxStatus::Idle);
+        s.write_all(&out).await.unwrap();
+        let (kill, mut killed) = oneshot::channel();
+        self.kill.lock().unwrap().insert(pid, kill);
+        loop {
+            tokio::select! {
+                f = read_frame(&mut s, &mut buf) => match f {
+                    Some(f) if f.tag != frontend::TERMINATE => {}
+                    _ => return,
+                },
+                done = &mut killed => {
+                    out.clear();
+                    encode::error_response(&mut out, Severity::Fatal, "57P01", "terminating connection due to administrator command");
+                    let _ = s.write_all(&out).await;
+                    drop(s);
+                    if let Ok(done) = done {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The next whole message from the client; None once it has closed.
+async fn read_frame(s: &mut DuplexStream, buf: &mut BytesMut) -> Option<Frame> {
+    loop {
+        if let Some(f) = decode_frame(buf, 1 << 20).expect("a valid frame") {
+            return Some(f);
+        }
+        if s.read_buf(buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+/// Every connection the pool asks for is a new pipe to `Fake::serve`.
+impl Connect for Arc<Fake> {
+    fn connect<'a>(&'a self, d: Dial<'a>) -> Connecting<'a> {
+        Box::pin(async move {
+            let pid = 1000 + self.opened.fetch_add(1, Relaxed) as u32 + 1;
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(self.clone().serve(theirs, pid));
+            ServerConn::over_stream(
+                MaybeTls::Memory(ours),
+                d.id,
+                d.addr.clone(),
+                d.creds,
+                d.startup,
+                d.max_message,
+            )
+            .await
+        })
+    }
+}
+
+fn settings(pool_size: usize, query_wait_timeout: Duration) -> PoolSettings {
+    let c = pgferry_config::Config::from_toml(
+        "[topology]\nsource = \"static\"\nprimary = \"127.0.0.1:5432\"\n[auth]\nmethod = \"trust\"\n",
+    )
+    .unwrap();
+    let mut s = c.pool_settings("app", "app");
+    s.pool_size = pool_size;
+    s.min_pool_size = 0;
+    s.reserve_pool_size = 0;
+    s.query_wait_timeout = query_wait_timeout;
+    s
+}
+
+fn pool_of(fake: &Arc<Fake>, settings: PoolSettings, password: Option<&str>, read_only: bool) -> Arc<Pool> {
+    let key = PoolKey {
+        database: "app".into(),
+        user: "app".into(),
+        node: Arc::new(NodeAddr {
+            host: "fake".into(),
+            port: 5432,
+        }),
+        read_only,
+    };
+    let creds = ServerCredentials::new("app", password.map(str::to_owned));
+    Pool::with_connector(key, settings, creds, Vec::new(), 1 << 20, Arc::new(fake.clone()))
+}
+
+/// Waits (bounded) until `done` holds.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn checkout_logs_in_and_checkin_keeps_the_connection() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(2, WAIT), None, false);
+    let c = pool.checkout().await.expect("the fake logs us in");
+    assert_eq!((c.backend_pid, c.backend_key), (1001, 7007));
+    assert_eq!(c.param("server_version"), Some("15.0 (fake)"));
+    let startup = fake.startups.lock().unwrap()[0].clone();
+    assert!(startup.contains(&("user".into(), "app".into())), "{startup:?}");
+    assert!(startup.contains(&("database".into(), "app".into())), "{startup:?}");
+    assert_eq!(pool.stats.sv_active.load(Relaxed), 1);
+    assert_eq!(pool.stats.servers_opened.load(Relaxed), 1);
+    let id = c.id;
+    c.checkin();
+    assert_eq!((pool.stats.sv_active.load(Relaxed), pool.idle_count()), (0, 1));
+    // The idle connection serves the next checkout: no second login.
+    let again = pool.try_checkout().expect("the idle connection");
+    assert_eq!(again.id, id);
+    assert_eq!(fake.opened(), 1);
+    again.checkin();
+    let params = pool.startup_params().await.unwrap();
+    assert!(params.contains(&("server_version".into(), "15.0 (fake)".into())));
+}
+
+#[tokio::test]
+async fn a_refused_login_is_the_servers_error() {
+    let fake = Fake::new(Login::Password("right"));
+    let wrong = pool_of(&fake, settings(2, WAIT), Some("wrong"), false);
+    let e = wrong.checkout().await.err().expect("the fake refuses the password");
+    assert!(matches!(&e, PoolError::Server { code, .. } if code == "28P01"), "{e:?}");
+    assert!(!e.server_unavailable(), "a wrong password is not worth waiting for");
+    assert_eq!(wrong.stats.server_errors.load(Relaxed), 1);
+    assert_eq!(
+        (wrong.stats.sv_active.load(Relaxed), wrong.stats.sv_login.load(Relaxed)),
+        (0, 0)
+    );
+    // No password at all: refused before anything is sent.
+    let none = pool_of(&fake, settings(2, WAIT), None, false);
+    let e = none.checkout().await.err().expect("no password to give");
+    assert!(matches!(e, PoolError::Auth(_)), "{e:?}");
+    let right = pool_of(&fake, settings(2, WAIT), Some("right"), false);
+    right.checkout().await.expect("the right password logs in").checkin();
+}
+
+#[tokio::test]
+async fn a_server_in_recovery_serves_reads_only() {
+    let fake = Fake::new(Login::Standby);
+    let rw = pool_of(&fake, settings(2, WAIT), None, false);
+    let e = rw.checkout().await.err().expect("a standby is no leader");
+    assert!(matches!(e, PoolError::InRecovery(_)), "{e:?}");
+    assert!(e.server_unavailable());
+    let ro = pool_of(&fake, settings(2, WAIT), None, true);
+    ro.checkout()
+        .await
+        .expect("a standby serves the read-only port")
+        .checkin();
+}
+
+#[tokio::test]
+async fn pool_size_bounds_checkouts_and_a_waiter_gets_the_returned_connection() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(1, WAIT), None, false);
+    let first = pool.checkout().await.unwrap();
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let c = pool.checkout().await?;
+            let id = c.id;
+            c.checkin();
+            Ok::<_, PoolError>(id)
+        })
+    };
+    until("the second checkout waits", || pool.stats.cl_waiting.load(Relaxed) == 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "pool_size = 1 allows one connection in use");
+    assert_eq!(fake.opened(), 1);
+    let id = first.id;
+    first.checkin();
+    let got = tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap().unwrap();
+    assert_eq!(got, id, "the waiter gets the connection given back");
+    assert_eq!(fake.opened(), 1);
+    assert_eq!(pool.stats.cl_waiting.load(Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_waiter_gives_up_after_query_wait_timeout() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(1, Duration::from_millis(100)), None, false);
+    let held = pool.checkout().await.unwrap();
+    let e = pool.checkout().await.err().expect("no connection within 100 ms");
+    assert!(matches!(e, PoolError::WaitTimeout), "{e:?}");
+    assert_eq!(pool.stats.wait_timeouts.load(Relaxed), 1);
+    held.checkin();
+}
+
+#[tokio::test]
+async fn a_connection_the_server_closed_while_idle_is_not_handed_out() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(2, WAIT), None, false);
+    let c = pool.checkout().await.unwrap();
+    let (id, pid) = (c.id, c.backend_pid);
+    c.checkin();
+    fake.terminate(pid).await;
+    let c = pool.checkout().await.expect("a new connection");
+    assert_ne!(c.id, id, "the closed connection was handed out");
+    assert_eq!(c.backend_pid, 1002);
+    assert_eq!(fake.opened(), 2);
+    assert_eq!(pool.stats.servers_closed.load(Relaxed), 1);
+    c.checkin();
+}
