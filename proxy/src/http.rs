@@ -30,6 +30,7 @@ pub struct View {
     pub pools: Arc<PoolRegistry>,
     pub router: Router,
     pub clients: Arc<ClientRegistry>,
+    pub tls: Arc<pgferry_tls::Acceptor>,
 }
 
 /// Serves until `shutdown` turns true.
@@ -68,7 +69,7 @@ async fn handle(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
         ("GET" | "HEAD", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics(&view.obs, &view.pools, &view.router),
+            metrics(&view.obs, &view.pools, &view.router, &view.tls),
         ),
         ("GET" | "HEAD", "/health") => ("200 OK", "text/plain", "ok\n".to_owned()),
         ("GET" | "HEAD", "/ready") => {
@@ -124,7 +125,7 @@ fn label(v: &str) -> String {
     v.replace('\\', r"\\").replace('"', "\\\"").replace('\n', r"\n")
 }
 
-fn metrics(obs: &Observability, registry: &PoolRegistry, router: &Router) -> String {
+fn metrics(obs: &Observability, registry: &PoolRegistry, router: &Router, tls: &pgferry_tls::Acceptor) -> String {
     let mut m = String::with_capacity(8192);
     let pools = pools(registry);
     let pool_labels = |p: &Pool| {
@@ -379,6 +380,41 @@ fn metrics(obs: &Observability, registry: &PoolRegistry, router: &Router) -> Str
             label(&mem.name),
             mem.lag.unwrap_or(0)
         );
+    }
+    let _ = writeln!(
+        m,
+        "# HELP pgferry_member_lag_seconds How long ago the leader passed a member's WAL position.\n# TYPE pgferry_member_lag_seconds gauge"
+    );
+    for mem in &v.members {
+        if let Some(t) = mem.lag_time {
+            let _ = writeln!(
+                m,
+                "pgferry_member_lag_seconds{{member=\"{}\"}} {:.3}",
+                label(&mem.name),
+                t.as_secs_f64()
+            );
+        }
+    }
+    // Citus worker groups: 1 while the group has a leader to route to.
+    let _ = writeln!(
+        m,
+        "# HELP pgferry_citus_group_leader 1 while a Citus worker group has a leader, 0 while it has none (a failover).\n\
+         # TYPE pgferry_citus_group_leader gauge"
+    );
+    for (g, leader, _) in &v.workers {
+        let _ = writeln!(
+            m,
+            "pgferry_citus_group_leader{{group=\"{g}\"}} {}",
+            u8::from(leader.is_some())
+        );
+    }
+    let _ = writeln!(
+        m,
+        "# HELP pgferry_tls_cert_not_after_seconds When the listeners' certificate expires (Unix time; absent without TLS).\n\
+         # TYPE pgferry_tls_cert_not_after_seconds gauge"
+    );
+    if let Some(t) = tls.current().and_then(|t| t.not_after) {
+        let _ = writeln!(m, "pgferry_tls_cert_not_after_seconds {t}");
     }
     let (rss, fds) = process_stats();
     let _ = writeln!(

@@ -77,7 +77,7 @@ pub async fn run(
     let config = Arc::new(config);
     let users = load_userlist(&config)?;
     let (mut router, publisher) = Router::new(Topology::from_config(&config)?, config.pool.ro_fallback_to_primary);
-    let tls = pgferry_tls::Acceptor::new(&config.tls)?;
+    let tls = Arc::new(pgferry_tls::Acceptor::new(&config.tls)?);
     let server_tls = Arc::new(pgferry_tls::Connector::new(&config.tls)?);
     let login = |user: &str, password: &Option<String>, dbname: &str| pgferry_routing::confirm::CheckLogin {
         user: user.to_owned(),
@@ -154,6 +154,7 @@ pub async fn run(
                     pools: shared.pools.clone(),
                     router: shared.router.clone(),
                     clients: shared.clients.clone(),
+                    tls: shared.tls.clone(),
                 };
                 tokio::spawn(http::serve(l, Arc::new(view), shutdown.clone()));
             }

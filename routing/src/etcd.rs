@@ -492,6 +492,7 @@ impl Watcher {
                 state: m.state.clone(),
                 // The leader has no lag (and shows none).
                 lag: assessment.and_then(|a| a.lag),
+                lag_time: assessment.and_then(|a| a.lag_time),
                 serving_reads: eligible,
             });
         }

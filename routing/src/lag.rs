@@ -21,8 +21,11 @@ pub const SLACK: Duration = Duration::from_secs(1);
 /// Patroni's default `loop_wait`, until its `config` key is read.
 pub const DEFAULT_LOOP_WAIT: Duration = Duration::from_secs(10);
 /// Leader samples kept: enough to bracket any replica sample still in use
-/// (one loop old at most, see [`estimate`]).
-const HISTORY: usize = 16;
+/// (one loop old at most, see [`estimate`]), and to say how long ago the
+/// leader passed a replica's position over a minute or more (at most one
+/// sample per loop while WAL moves; older than that, the lag in time shown
+/// is a lower bound).
+const HISTORY: usize = 64;
 
 /// A WAL position and when pgferry saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +99,26 @@ impl LeaderHistory {
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }
+
+    /// When the leader first went past `pos`, interpolated between its
+    /// samples (the earliest sample if it was already past then: the lag
+    /// seen is a lower bound). None: not past it, as far as pgferry saw.
+    pub fn passed_at(&self, pos: u64) -> Option<Instant> {
+        let mut before: Option<Sample> = None;
+        for s in &self.samples {
+            if s.pos > pos {
+                return Some(match before {
+                    Some(a) if s.pos > a.pos && s.at > a.at => {
+                        let frac = (pos - a.pos) as f64 / (s.pos - a.pos) as f64;
+                        a.at + s.at.duration_since(a.at).mul_f64(frac)
+                    }
+                    _ => s.at,
+                });
+            }
+            before = Some(*s);
+        }
+        None
+    }
 }
 
 /// Bytes a replica is behind the leader, from its last position change
@@ -121,6 +144,28 @@ pub fn estimate(leader: &LeaderHistory, replica: Sample, now: Instant, loop_wait
         leader.at(t)?
     };
     Some(leader_pos.saturating_sub(replica.pos))
+}
+
+/// How long a replica is behind, in time: from when the leader first went
+/// past the replica's position to the moment [`estimate`] compares at.
+/// Zero when the leader had not gone past it; None while the leader's
+/// position is unknown. This is what "10 s behind" means to an operator:
+/// the replica shows the database as it was that long ago.
+pub fn estimate_seconds(
+    leader: &LeaderHistory,
+    replica: Sample,
+    now: Instant,
+    loop_wait: Duration,
+) -> Option<Duration> {
+    if leader.is_empty() {
+        return None;
+    }
+    let vouched = now.checked_sub(loop_wait + SLACK).unwrap_or(replica.at);
+    let t = replica.at.max(vouched);
+    Some(match leader.passed_at(replica.pos) {
+        Some(p) if p < t => t.duration_since(p),
+        _ => Duration::ZERO,
+    })
 }
 
 /// The read set's hysteresis marks.
@@ -182,6 +227,8 @@ impl Gate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Assessment {
     pub lag: Option<u64>,
+    /// The same in time (see [`estimate_seconds`]).
+    pub lag_time: Option<Duration>,
     pub serving: bool,
 }
 
@@ -220,6 +267,7 @@ impl LagTracker {
                     m.name.clone(),
                     Assessment {
                         lag: None,
+                        lag_time: None,
                         serving: false,
                     },
                 );
@@ -235,7 +283,8 @@ impl LagTracker {
             let sync = g.sync_standbys.contains(&m.name);
             let lag = estimate(&self.leader, r.last, now, loop_wait, sync);
             let serving = r.gate.update(lag, now, &marks);
-            out.insert(m.name.clone(), Assessment { lag, serving });
+            let lag_time = estimate_seconds(&self.leader, r.last, now, loop_wait);
+            out.insert(m.name.clone(), Assessment { lag, lag_time, serving });
         }
         out
     }
@@ -244,6 +293,32 @@ impl LagTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lag_in_time_is_how_long_ago_the_leader_passed_the_replica() {
+        let t0 = Instant::now();
+        // 10 MB/s, samples every 2 s.
+        let h = busy_leader(t0, 60_000);
+        // A replica at 100 MB (the leader passed it at 10 s), seen at 60 s.
+        let stuck = s(t0, 20_000, 100 * MB);
+        let now = t0 + Duration::from_secs(60);
+        let lag = estimate_seconds(&h, stuck, now, LOOP).unwrap();
+        // Compared at now - (loop_wait + SLACK) = 57 s: 47 s behind.
+        assert_eq!(lag.as_millis(), 47_000);
+        // Between samples: at 105 MB the leader passed at 10.5 s.
+        let mid = s(t0, 59_000, 105 * MB);
+        assert_eq!(estimate_seconds(&h, mid, now, LOOP).unwrap().as_millis(), 48_500);
+        // Caught up, or ahead of what pgferry has seen: zero.
+        let current = s(t0, 60_000, 600 * MB);
+        assert_eq!(estimate_seconds(&h, current, now, LOOP), Some(Duration::ZERO));
+        let ahead = s(t0, 60_000, 700 * MB);
+        assert_eq!(estimate_seconds(&h, ahead, now, LOOP), Some(Duration::ZERO));
+        // A position written between the leader's samples is not behind.
+        let fresh = s(t0, 59_500, 595 * MB);
+        assert_eq!(estimate_seconds(&h, fresh, now, LOOP), Some(Duration::ZERO));
+        // Unknown leader: unknown.
+        assert_eq!(estimate_seconds(&LeaderHistory::default(), stuck, now, LOOP), None);
+    }
 
     const MB: u64 = 1 << 20;
     const LOOP: Duration = Duration::from_secs(2);

@@ -124,6 +124,8 @@ pub struct MemberView {
     pub state: String,
     /// Bytes behind the leader.
     pub lag: Option<u64>,
+    /// How long ago the leader passed this member's position.
+    pub lag_time: Option<std::time::Duration>,
     /// Takes new read-only sessions.
     pub serving_reads: bool,
 }
@@ -190,6 +192,7 @@ impl Topology {
                             role: role.into(),
                             state: "configured".into(),
                             lag: None,
+                            lag_time: None,
                             serving_reads: role == "standby",
                         })
                         .collect(),

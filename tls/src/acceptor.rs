@@ -15,6 +15,8 @@ pub struct Termination {
     pub config: Arc<rustls::ServerConfig>,
     /// tls-server-end-point data of our certificate, for SCRAM-SHA-256-PLUS.
     pub end_point: Arc<[u8]>,
+    /// When the certificate expires (Unix seconds), for the expiry alert.
+    pub not_after: Option<i64>,
 }
 
 impl Termination {
@@ -42,6 +44,9 @@ impl Termination {
             None => builder.with_no_client_auth(),
         };
         let end_point = crate::endpoint::server_end_point(&chain[0]).into();
+        let not_after = x509_parser::parse_x509_certificate(&chain[0])
+            .ok()
+            .map(|(_, c)| c.validity().not_after.timestamp());
         let mut config = builder.with_single_cert(chain, key)?;
         // Clients that offer ALPN must offer "postgresql" (PostgreSQL 17
         // does the same); direct TLS additionally requires it.
@@ -49,6 +54,7 @@ impl Termination {
         Ok(Some(Termination {
             config: Arc::new(config),
             end_point,
+            not_after,
         }))
     }
 }

@@ -41,7 +41,7 @@ pub struct Shared {
     pub obs: Arc<Observability>,
     pub router: Router,
     /// TLS termination for both listeners (reloadable).
-    pub tls: pgferry_tls::Acceptor,
+    pub tls: Arc<pgferry_tls::Acceptor>,
     pub clients: Arc<ClientRegistry>,
     pub statements: Arc<StatementRegistry>,
     pub next_client_id: AtomicU64,
@@ -56,7 +56,7 @@ impl Shared {
         config_path: Option<std::path::PathBuf>,
         userlist: Userlist,
         router: Router,
-        tls: pgferry_tls::Acceptor,
+        tls: Arc<pgferry_tls::Acceptor>,
         server_tls: Arc<pgferry_tls::Connector>,
     ) -> Self {
         let auth = Arc::new(AuthState::new(&config, &userlist, &server_tls));
