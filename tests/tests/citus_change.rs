@@ -247,6 +247,13 @@ async fn shard_moves_and_rebalancing_lose_nothing() {
         !d.contains_key(&w3),
         "transactions still reach the removed worker: {d:?}"
     );
+    // Leaving the Citus primaries is not a demotion: the pools on it drain
+    // (running transactions finish), nothing is cut.
+    let log = ferry.log();
+    assert!(
+        log.contains("node left the Citus worker primaries") && !log.contains("read-write pool retired"),
+        "the removed worker's pools were cut, not drained:\n{log}"
+    );
 
     let (acked, errors, reads) = load.finish().await;
     let found: i64 = cluster

@@ -276,6 +276,19 @@ impl PoolRegistry {
                 ));
                 tracing::info!(node = %p.key.node, db = %p.key.database, user = %p.key.user, "read-write pool draining: switchover announced; running transactions may finish");
                 self.draining_pools.lock().unwrap().push(p.clone());
+            } else if only_in_citus_metadata(&topology, &p.key.node) {
+                // A Citus worker known from pg_dist_node alone left the
+                // primaries (drained and removed, or moved by
+                // citus_update_node): nothing says it was demoted, and a
+                // demoted server ends its sessions itself. Running
+                // transactions finish (Citus forwards them); new ones go
+                // elsewhere.
+                p.shut_down("node is no longer a Citus worker primary");
+                obs.event(format!(
+                    "read-write pool {}/{} on {} draining: no longer a Citus worker primary",
+                    p.key.database, p.key.user, p.key.node
+                ));
+                tracing::info!(node = %p.key.node, db = %p.key.database, user = %p.key.user, "read-write pool draining: node left the Citus worker primaries; running transactions may finish");
             } else {
                 let cut = p.retire("node is no longer the leader");
                 obs.event(format!(
@@ -287,6 +300,14 @@ impl PoolRegistry {
         }
         self.pools.lock().unwrap().retain(|_, p| !p.is_closed());
     }
+}
+
+/// `node` is known only from Citus's `pg_dist_node` (not a member the
+/// topology source follows, and the source does not follow worker groups):
+/// its leaving says nothing about a demotion.
+fn only_in_citus_metadata(topology: &pgferry_routing::Topology, node: &NodeAddr) -> bool {
+    let addr = node.to_string();
+    topology.groups.is_none() && !topology.view.members.iter().any(|m| m.addr == addr)
 }
 
 /// Whether `p` serves a database not listed in [[database]].
