@@ -465,6 +465,9 @@ pub struct EtcdTopology {
     /// etcd authentication.
     pub etcd_user: Option<String>,
     pub etcd_password: Option<String>,
+    /// The password read from a file instead (Docker/Swarm secrets).
+    #[serde(default)]
+    pub etcd_password_file: Option<PathBuf>,
     /// CA bundle for https:// endpoints.
     pub etcd_ca_file: Option<PathBuf>,
     /// Role and password for pgferry's control connections (the
@@ -472,6 +475,8 @@ pub struct EtcdTopology {
     /// there). Needs only LOGIN and CONNECT on `check_dbname`.
     pub check_user: String,
     pub check_password: Option<String>,
+    #[serde(default)]
+    pub check_password_file: Option<PathBuf>,
     #[serde(default = "d_check_dbname")]
     pub check_dbname: String,
     /// New transactions on the read-write port wait this long for a
@@ -505,6 +510,8 @@ pub struct Citus {
     /// pg_dist_* catalogs are readable by any role).
     pub user: String,
     pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// How often the metadata fingerprint is checked (a cheap query); the
     /// whole snapshot is reloaded only when it changed.
     #[serde(default = "d_citus_refresh", with = "duration")]
@@ -567,6 +574,9 @@ pub struct UserConfig {
     pub server_user: Option<String>,
     /// Password for server logins (default: the users_file entry, if it is plaintext).
     pub server_password: Option<String>,
+    /// The server password read from a file instead (Docker/Swarm secrets).
+    #[serde(default)]
+    pub server_password_file: Option<PathBuf>,
     /// Client connections of this user at once, at most; more get 53300.
     pub max_client_connections: Option<usize>,
     #[serde(default)]
@@ -800,9 +810,43 @@ impl HbaRule {
 
 impl Config {
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let c: Config = toml::from_str(text)?;
+        let mut c: Config = toml::from_str(text)?;
         c.validate().map_err(ConfigError::Invalid)?;
+        c.read_secret_files()?;
         Ok(c)
+    }
+
+    /// Fills each password given as `*_file` from its file (a Docker or
+    /// Swarm secret, a mounted Kubernetes secret): the content up to a
+    /// trailing line break. Setting both a password and its file is an
+    /// error, as is a file that cannot be read.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        fn fill(what: &str, value: &mut Option<String>, file: &Option<PathBuf>) -> Result<(), ConfigError> {
+            let Some(path) = file else { return Ok(()) };
+            if value.is_some() {
+                return Err(ConfigError::Invalid(vec![format!(
+                    "{what} and {what}_file are both set"
+                )]));
+            }
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            *value = Some(text.trim_end_matches(['\n', '\r']).to_owned());
+            Ok(())
+        }
+        if let Topology::Etcd(e) = &mut self.topology {
+            fill("topology.etcd_password", &mut e.etcd_password, &e.etcd_password_file)?;
+            fill("topology.check_password", &mut e.check_password, &e.check_password_file)?;
+        }
+        if let Some(c) = &mut self.citus {
+            fill("citus.password", &mut c.password, &c.password_file)?;
+        }
+        for u in &mut self.users {
+            let what = format!("user \"{}\" server_password", u.name);
+            fill(&what, &mut u.server_password, &u.server_password_file)?;
+        }
+        Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -995,6 +1039,36 @@ mod tests {
     use super::*;
 
     const MIN: &str = "[topology]\nsource = \"static\"\nprimary = \"127.0.0.1:5432\"\n[auth]\nmethod = \"trust\"\n";
+
+    #[test]
+    fn passwords_can_come_from_files() {
+        let dir = std::env::temp_dir().join(format!("pgferry-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (server, citus) = (dir.join("server"), dir.join("citus"));
+        std::fs::write(&server, "s3cret\n").unwrap();
+        std::fs::write(&citus, "c1tus").unwrap();
+        let text = format!(
+            "[topology]\nsource = \"static\"\nprimary = \"127.0.0.1:5432\"\n[auth]\nmethod = \"trust\"\n\
+             [[user]]\nname = \"app\"\nserver_password_file = {server:?}\n\
+             [citus]\ndatabase = \"app\"\nuser = \"app\"\npassword_file = {citus:?}\n"
+        );
+        let c = Config::from_toml(&text).unwrap();
+        assert_eq!(
+            c.user("app").unwrap().server_password.as_deref(),
+            Some("s3cret"),
+            "trailing newline dropped"
+        );
+        assert_eq!(c.citus.as_ref().unwrap().password.as_deref(), Some("c1tus"));
+        // Both at once: refused.
+        let both = text.replace("name = \"app\"\n", "name = \"app\"\nserver_password = \"x\"\n");
+        let e = Config::from_toml(&both).unwrap_err().to_string();
+        assert!(e.contains("server_password_file are both set"), "{e}");
+        // A file that cannot be read: refused, naming it.
+        std::fs::remove_file(&citus).unwrap();
+        let e = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(e.contains("cannot read") && e.contains("citus"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {
