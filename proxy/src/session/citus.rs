@@ -445,15 +445,18 @@ impl Session {
 /// Whether a query text starts with BEGIN, START, COMMIT, END, ROLLBACK or
 /// ABORT (after blanks): a cheap filter before the real parse decides.
 fn starts_like_tx_control(sql: &[u8]) -> bool {
-    let word: Vec<u8> = sql
-        .iter()
-        .skip_while(|b| b.is_ascii_whitespace())
-        .take_while(|b| b.is_ascii_alphabetic())
-        .take(9)
-        .map(u8::to_ascii_uppercase)
-        .collect();
+    // Runs for every lone simple query between transactions: no allocation.
+    let mut word = [0u8; 9];
+    let mut n = 0;
+    for &b in sql.iter().skip_while(|b| b.is_ascii_whitespace()) {
+        if !b.is_ascii_alphabetic() || n == word.len() {
+            break;
+        }
+        word[n] = b.to_ascii_uppercase();
+        n += 1;
+    }
     matches!(
-        word.as_slice(),
+        &word[..n],
         b"BEGIN" | b"START" | b"COMMIT" | b"END" | b"ROLLBACK" | b"ABORT"
     )
 }
@@ -549,13 +552,13 @@ fn bind_target(
     let rest = &bind_body[b.rest_offset..];
     let mut values = [None; STACK_PARAMS];
     let mut declared = [0u32; STACK_PARAMS];
+    let types = frontend::param_types(param_types).count();
     let group = match frontend::bind_params_into(rest, formats, &mut values) {
-        Ok(n) if frontend::param_types(param_types).count() <= STACK_PARAMS => {
+        Ok(n) if types <= STACK_PARAMS => {
             for (d, t) in declared.iter_mut().zip(frontend::param_types(param_types)) {
                 *d = t;
             }
-            let k = frontend::param_types(param_types).count();
-            pp.group(&values[..n], formats, &declared[..k])
+            pp.group(&values[..n], formats, &declared[..types])
         }
         Err(_) => return Target::Coordinator,
         Ok(_) => {
@@ -577,25 +580,17 @@ fn bind_target(
 /// (before the next Parse or Sync).
 fn peek_bind<'a>(buf: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     let mut at = 0;
-    while buf.len() >= at + 5 {
-        let tag = buf[at];
-        let len = u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize;
-        let end = at.checked_add(1 + len)?;
-        if len < 4 || end > buf.len() {
-            return None;
-        }
-        let body = &buf[at + 5..end];
+    loop {
+        let (tag, body, end) = next_message(buf, at)?;
         match tag {
             frontend::BIND => {
                 let b = frontend::bind(body).ok()?;
                 return (b.statement == name).then_some(body);
             }
-            frontend::DESCRIBE | frontend::FLUSH => {}
+            frontend::DESCRIBE | frontend::FLUSH => at = end,
             _ => return None,
         }
-        at = end;
     }
-    None
 }
 
 /// Parses a search_path value: comma-separated names, double-quoted ones
