@@ -27,6 +27,8 @@ PGFERRY_TEST_PKGS=(pgbouncer etcd-server etcd-client patroni haproxy python3-pip
 missing_pkgs() {
     local pkg
     for pkg in "$@"; do
-        dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || echo "$pkg"
+        # (dpkg-query, not dpkg -s | grep -q: under pipefail, grep's early
+        # exit can fail the pipe and call an installed package missing)
+        [ "$(dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null)" = "install ok installed" ] || echo "$pkg"
     done
 }

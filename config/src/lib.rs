@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod env;
+
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,8 @@ pub enum ConfigError {
     Parse(#[from] toml::de::Error),
     #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
     Invalid(Vec<String>),
+    #[error("{path}: {source}")]
+    Environment { path: PathBuf, source: env::ExpandError },
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -849,10 +853,18 @@ impl Config {
         Ok(())
     }
 
+    /// Reads, fills `${NAME}` references from the environment (see
+    /// [`env::expand`]), parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
+        })?;
+        let text = env::expand(&text, |name| std::env::var(name).ok()).map_err(|source| {
+            ConfigError::Environment {
+                path: path.into(),
+                source,
+            }
         })?;
         Self::from_toml(&text)
     }

@@ -1,0 +1,245 @@
+#!/usr/bin/env bash
+# CI's container step: builds the images, brings the compose stack up (etcd
+# x3, Citus coordinator + 2 worker groups under Patroni, pgferry x2,
+# Prometheus), and checks it as an operator would:
+#   - a write and a read through pgferry (read-write port, then a replica
+#     through the read-only port), SHOW CITUS;
+#   - the images' HEALTHCHECKs, Prometheus scraping both pgferrys with the
+#     alert rules loaded;
+#   - a Patroni switchover of the coordinator group and of a worker group
+#     while pgbench writes through pgferry: 0 failed, every row there;
+#   - a restarted node does not initialise again; pgferry drains on SIGTERM;
+#   - the PostgreSQL image refuses wrong Citus/Patroni settings before it
+#     starts anything;
+# then takes it all down. Prints each step's time; the whole within 10 min.
+#
+# Env: KEEP=1 leaves the stack up; PGFERRY_BIN as for build.sh.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+T0=$SECONDS
+PATH=/usr/lib/postgresql/15/bin:$PATH
+say() { printf '== compose check [%3ds]: %s\n' $((SECONDS - T0)) "$*" >&2; }
+die() {
+    echo "compose check: FAILED: $*" >&2
+    exit 1
+}
+
+# 1. Tools: podman, buildah, runc, debootstrap from Debian; podman-compose
+#    1.6 from PyPI (Debian's 1.0.3 always makes a bridge network).
+pkgs=()
+for p in podman buildah runc debootstrap python3-venv; do
+    [ "$(dpkg-query -W -f '${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || pkgs+=("$p")
+done
+if [ ${#pkgs[@]} -gt 0 ]; then
+    say "apt-get install ${pkgs[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}" >/dev/null
+fi
+. "$ROOT/deploy/containers/podman-env.sh"
+VENV=$PGFERRY_PODMAN_DIR/venv
+if [ ! -x "$VENV/bin/podman-compose" ]; then
+    say "podman-compose 1.6.0 into $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q 'podman-compose==1.6.0'
+fi
+PC=("$VENV/bin/podman-compose" -f "$HERE/compose.yaml" -p pgferry-check)
+
+# 2. Images and secrets.
+say "building images"
+"$ROOT/deploy/containers/build.sh" all >/var/tmp/pgferry-build.log 2>&1 \
+    || { tail -n 30 /var/tmp/pgferry-build.log >&2; die "image build (log: /var/tmp/pgferry-build.log)"; }
+grep '== build.sh: localhost/' /var/tmp/pgferry-build.log | sed 's/^== build.sh: /   image /' >&2
+"$HERE/make-secrets.sh" >/dev/null
+
+# 3. Ports: the compose defaults moved by one offset until all are free.
+PORT_VARS=(ETCD1_PORT=12379 ETCD1_PEER_PORT=12380 ETCD2_PORT=12479 ETCD2_PEER_PORT=12480
+    ETCD3_PORT=12579 ETCD3_PEER_PORT=12580
+    COORD1_PORT=15432 COORD1_REST_PORT=18001 COORD2_PORT=15433 COORD2_REST_PORT=18002
+    W1A_PORT=15442 W1A_REST_PORT=18011 W1B_PORT=15443 W1B_REST_PORT=18012
+    W2A_PORT=15452 W2A_REST_PORT=18021 W2B_PORT=15453 W2B_REST_PORT=18022
+    PGFERRY1_RW_PORT=16432 PGFERRY1_RO_PORT=16433 PGFERRY1_HTTP_PORT=18404
+    PGFERRY2_RW_PORT=16442 PGFERRY2_RO_PORT=16443 PGFERRY2_HTTP_PORT=18414
+    PROMETHEUS_PORT=19090)
+in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+offset=""
+for try in 0 100 200 300 400 500 600 700 800 900; do
+    busy=no
+    for kv in "${PORT_VARS[@]}"; do
+        if in_use $((${kv#*=} + try)); then busy=yes; break; fi
+    done
+    if [ $busy = no ]; then offset=$try; break; fi
+done
+[ -n "$offset" ] || die "no free set of ports (tried offsets 0..900 from compose.yaml's defaults)"
+for kv in "${PORT_VARS[@]}"; do export "${kv%=*}=$((${kv#*=} + offset))"; done
+export PATRONI_SCOPE=seed-check
+say "ports: compose defaults + $offset"
+
+down() {
+    if [ -n "${KEEP:-}" ]; then
+        say "KEEP=1: the stack stays up (${PC[*]} down -v)"
+        return
+    fi
+    "${PC[@]}" down -v -t 10 >/dev/null 2>&1 || true
+}
+trap 'status=$?; if [ $status != 0 ]; then for c in coord1 coord2 w1a pgferry1; do echo "--- $c" >&2; podman logs --tail 30 pgferry-check_${c}_1 2>&1 | cut -c1-300 >&2 || true; done; fi; down' EXIT
+"${PC[@]}" down -v -t 5 >/dev/null 2>&1 || true
+
+# 4. Up, and the first write through pgferry.
+say "compose up"
+up_at=$SECONDS
+"${PC[@]}" up -d >/var/tmp/pgferry-compose-up.log 2>&1 || { cat /var/tmp/pgferry-compose-up.log >&2; die "compose up"; }
+export PGPASSWORD
+PGPASSWORD=$(cat "$HERE/secrets/app_password")
+ferry() { # PORT SQL...
+    local port=$1
+    shift
+    psql -X -A -t -q -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$port user=app dbname=app sslmode=require connect_timeout=5" "$@"
+}
+declare -A ready
+for _ in $(seq 1 120); do
+    for m in COORD1 COORD2 W1A W1B W2A W2B; do
+        port_var=${m}_PORT
+        if [ -z "${ready[$m]:-}" ] && pg_isready -q -h 127.0.0.1 -p "${!port_var}" -t 1; then
+            ready[$m]=$((SECONDS - up_at))
+        fi
+    done
+    workers=$(ferry "$PGFERRY1_RW_PORT" -c "SELECT count(*) FROM pg_dist_node WHERE noderole = 'primary' AND groupid > 0" 2>/dev/null || true)
+    [ "$workers" = 2 ] && [ ${#ready[@]} = 6 ] && break
+    sleep 1
+done
+[ "${workers:-}" = 2 ] || die "the coordinator never listed both worker groups through pgferry"
+say "stack ready: a query through pgferry after $((SECONDS - up_at)) s; PostgreSQL members accepting connections after (s): $(for m in "${!ready[@]}"; do printf '%s=%s ' "${m,,}" "${ready[$m]}"; done)"
+for m in "${!ready[@]}"; do
+    [ "${ready[$m]}" -le 60 ] || die "${m,,} took ${ready[$m]} s to start (PR-001: 60 s)"
+done
+
+# 5. Write and read.
+ferry "$PGFERRY1_RW_PORT" <<'SQL'
+CREATE TABLE events (tenant_id bigint, id bigserial, v text);
+SELECT create_distributed_table('events', 'tenant_id');
+INSERT INTO events (tenant_id, v) SELECT g % 50, 'seed' FROM generate_series(1, 1000) g;
+SQL
+[ "$(ferry "$PGFERRY1_RW_PORT" -c 'SELECT count(*) FROM events')" = 1000 ] || die "write through pgferry1"
+[ "$(ferry "$PGFERRY1_RW_PORT" -c 'SELECT count(*) FROM events WHERE tenant_id = 7')" = 20 ] || die "keyed read through pgferry1"
+for _ in $(seq 1 50); do
+    replica=$(ferry "$PGFERRY2_RO_PORT" -c 'SELECT pg_is_in_recovery(), count(*) FROM events' 2>/dev/null || true)
+    [ "$replica" = "t|1000" ] && break
+    sleep 0.2
+done
+[ "$replica" = "t|1000" ] || die "read through pgferry2's read-only port: got '$replica', want a replica with 1000 rows"
+routed=$(psql -X -A -t "host=127.0.0.1 port=$PGFERRY1_RW_PORT user=app dbname=pgbouncer sslmode=require" -c 'SHOW CITUS' | grep -c '^table|public.events|hash|tenant_id|32' || true)
+[ "$routed" = 1 ] || die "SHOW CITUS on pgferry1 does not list public.events (32 hash shards)"
+say "write (1000 rows, distributed) and reads (keyed, replica via the read-only port) through pgferry: ok"
+
+# 6. Health checks and Prometheus.
+# (podman here has no systemd to run HEALTHCHECKs on a timer: run them; a
+# check may fail now and then, as Docker's retries allow, but not 3 in a row)
+for c in pgferry1 pgferry2 coord1 w1a etcd1; do
+    fails=0
+    until podman healthcheck run "pgferry-check_${c}_1" >/dev/null 2>&1; do
+        fails=$((fails + 1))
+        [ $fails -lt 3 ] || die "HEALTHCHECK of $c failed 3 times: $(podman inspect --format '{{json .State.Health}}' "pgferry-check_${c}_1")"
+        sleep 1
+    done
+done
+for _ in $(seq 1 60); do
+    up=$(curl -s "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query?query=sum(up%7Bjob%3D%22pgferry%22%7D)" \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")' 2>/dev/null || true)
+    [ "$up" = 2 ] && break
+    sleep 1
+done
+[ "$up" = 2 ] || die "Prometheus does not scrape both pgferrys (sum(up) = '${up:-none}')"
+curl -s "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/rules" | grep -q '"name":"PgferryLeaderMissing"' \
+    || die "Prometheus has not loaded pgferry's alert rules"
+metrics=$(curl -s "http://127.0.0.1:$PGFERRY1_HTTP_PORT/metrics")
+grep -q '^pgferry_topology_leader_confirmed 1' <<<"$metrics" || die "pgferry1's /metrics has no confirmed coordinator leader"
+leaders=$(grep -c '^pgferry_citus_group_leader{group="[0-9]"} 1' <<<"$metrics" || true)
+[ "$leaders" = 2 ] || die "pgferry1's /metrics shows $leaders Citus worker group leaders, want 2"
+say "healthchecks healthy; Prometheus scrapes 2 pgferrys, alert rules loaded; /metrics: coordinator and 2 worker group leaders"
+
+# 7. Switchovers under load: the coordinator group, then worker group 1.
+patronictl() { podman exec "pgferry-check_$1_1" patronictl -c /var/lib/postgresql/data/patroni.yml "${@:2}"; }
+leader_of() { # GROUP -> member name
+    patronictl coord1 list -f json 2>/dev/null \
+        | python3 -c "import json,sys; print(next((m['Member'] for m in json.load(sys.stdin) if m['Group']==$1 and m['Role']=='Leader'), ''))"
+}
+other() { # GROUP LEADER -> the group's other member
+    case "$1:$2" in
+        0:coord1) echo coord2 ;; 0:coord2) echo coord1 ;;
+        1:w1a) echo w1b ;; 1:w1b) echo w1a ;;
+        *) return 1 ;;
+    esac
+}
+before=$(ferry "$PGFERRY1_RW_PORT" -c 'SELECT count(*) FROM events')
+script=$(mktemp)
+cat >"$script" <<'EOF'
+\set t random(1, 50)
+INSERT INTO events (tenant_id, v) VALUES (:t, 'bench');
+EOF
+say "pgbench: 4 clients inserting through pgferry1 for 24 s; switchovers at 4 s (coordinator) and 14 s (worker group 1)"
+pgbench -n -c 4 -j 2 -T 24 -P 4 -f "$script" \
+    "host=127.0.0.1 port=$PGFERRY1_RW_PORT user=app dbname=app sslmode=require" >/var/tmp/pgferry-compose-pgbench.log 2>&1 &
+bench=$!
+for step in "4 0" "10 1"; do
+    read -r wait group <<<"$step"
+    sleep "$wait"
+    from=$(leader_of "$group")
+    to=$(other "$group" "$from") || die "group $group has no known leader ($from)"
+    t=$SECONDS
+    patronictl coord1 switchover --group "$group" --leader "$from" --candidate "$to" --force >/var/tmp/pgferry-switchover-$group.log 2>&1 \
+        || { cat /var/tmp/pgferry-switchover-$group.log >&2; die "patronictl switchover (group $group)"; }
+    for _ in $(seq 1 100); do
+        [ "$(leader_of "$group")" = "$to" ] && break
+        sleep 0.2
+    done
+    [ "$(leader_of "$group")" = "$to" ] || die "group $group: $to did not become leader"
+    say "group $group: switchover $from -> $to done in $((SECONDS - t)) s"
+done
+status=0
+wait "$bench" || status=$?
+rm -f "$script"
+after=$(ferry "$PGFERRY1_RW_PORT" -c 'SELECT count(*) FROM events')
+failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' /var/tmp/pgferry-compose-pgbench.log)
+processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' /var/tmp/pgferry-compose-pgbench.log)
+grep -E '^progress|^latency|^tps' /var/tmp/pgferry-compose-pgbench.log | sed 's/^/   /' >&2
+say "pgbench: exit $status, ${processed:-?} transactions, ${failed:-?} failed; rows added $((after - before))"
+[ "$status" = 0 ] && [ "${failed:-1}" = 0 ] && [ "$((after - before))" = "${processed:-x}" ] \
+    || die "the switchovers were not a non-event for the client (log: /var/tmp/pgferry-compose-pgbench.log)"
+
+# 8. A restarted node starts without initialising again; pgferry drains.
+podman restart -t 30 pgferry-check_w2b_1 >/dev/null
+for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p "$W2B_PORT" -t 1 && break; sleep 0.5; done
+pg_isready -q -h 127.0.0.1 -p "$W2B_PORT" || die "w2b did not come back after a restart"
+# podman logs holds both runs: one "trying to bootstrap" (the first start's
+# basebackup) and no second.
+boots=$(podman logs pgferry-check_w2b_1 2>&1 | grep -c 'trying to bootstrap' || true)
+[ "$boots" = 1 ] || die "w2b: $boots bootstraps in its log, want 1 (the first start only)"
+t=$SECONDS
+podman stop -t 40 pgferry-check_pgferry2_1 >/dev/null
+code=$(podman inspect --format '{{.State.ExitCode}}' pgferry-check_pgferry2_1)
+[ "$code" = 0 ] || die "pgferry2 exited $code on SIGTERM (want a drained, clean exit)"
+podman logs pgferry-check_pgferry2_1 2>&1 | grep -q 'SIGTERM: graceful shutdown' || die "pgferry2's log has no graceful shutdown"
+say "w2b restarted as a member (no new initialisation); pgferry2 drained and exited 0 in $((SECONDS - t)) s"
+
+# 9. The PostgreSQL image refuses wrong settings before starting anything.
+refuse() { # WANT-IN-MESSAGE ENV...
+    local want=$1 out code=0
+    shift
+    podman volume rm -f pgferry-check-refuse >/dev/null 2>&1 || true
+    out=$(timeout 60 podman run --rm -v pgferry-check-refuse:/var/lib/postgresql/data \
+        -e POSTGRES_PASSWORD=x -e REPLICATION_PASSWORD=x -e POSTGRES_DB=app "$@" \
+        localhost/pgferry-postgres 2>&1 | grep -v systemd) || code=$?
+    echo "$out" | grep -q "FATAL: .*$want" || die "wrong settings ($*) were not refused with '$want': $out"
+    leftovers=$(podman run --rm -v pgferry-check-refuse:/d --entrypoint ls localhost/pgferry-postgres -A /d 2>/dev/null | grep -v systemd || true)
+    [ -z "$leftovers" ] || die "a refused start left files behind: $leftovers"
+    podman volume rm -f pgferry-check-refuse >/dev/null 2>&1 || true
+}
+refuse "PATRONI_ETCD3_HOSTS" -e CITUS_ENABLE=true -e PATRONI_ENABLE=true -e PATRONI_SCOPE=x -e CITUS_GROUP=0
+refuse "CITUS_GROUP 1 or more" -e CITUS_ENABLE=true -e CITUS_ROLE=worker -e CITUS_GROUP=0 \
+    -e PATRONI_ENABLE=true -e PATRONI_SCOPE=x -e PATRONI_ETCD3_HOSTS=127.0.0.1:$ETCD1_PORT
+refuse "answered within 3s" -e CITUS_ENABLE=true -e CITUS_GROUP=0 -e PATRONI_ENABLE=true \
+    -e PATRONI_SCOPE=x -e PATRONI_ETCD3_HOSTS=127.0.0.1:1 -e DCS_WAIT=3
+refuse "POSTGRES_PASSWORD" -e POSTGRES_PASSWORD= -e CITUS_ENABLE=true
+say "misconfigured Citus/Patroni refused with a clear error, nothing left behind"
+
+say "all checks passed in $((SECONDS - T0)) s; taking the stack down"
