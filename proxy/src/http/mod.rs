@@ -1,29 +1,25 @@
 //! The HTTP listener (default 127.0.0.1:8404): `/metrics` in the Prometheus
 //! text format, `/health` (the process is up), `/ready` (a leader is
-//! confirmed for the read-write port), and `/`, a plain HTML status page
-//! that refreshes itself.
+//! confirmed for the read-write port), and `/`, an HTML status page that
+//! refreshes itself.
 //!
-//! A few GET requests a second at most: a minimal HTTP/1.1 responder (one
-//! request per connection, bounded request size and time) is all it needs.
-//! Every value is computed at request time from the same counters the
-//! admin console reads.
+//! - [`server`]: hyper's HTTP/1 connections, bounded in number, size and time.
+//! - [`routes`]: which path answers what.
+//! - [`metrics`], [`page`]: the bodies, computed at request time from the
+//!   same counters the admin console reads.
 
 mod metrics;
 mod page;
+mod routes;
+mod server;
 
 use crate::clients::ClientRegistry;
 use crate::shared::{Observability, PoolRegistry};
-use metrics::metrics;
-use page::status_page;
 use pgferry_pool::Pool;
 use pgferry_routing::Router;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-const MAX_REQUEST: usize = 8192;
 
 /// What the endpoints read: counters and events, the pools, the topology,
 /// and the clients (for the servers they hold).
@@ -35,70 +31,14 @@ pub struct View {
     pub tls: Arc<pgferry_tls::Acceptor>,
 }
 
-/// Serves until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, view: Arc<View>, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let view = view.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, &view)).await;
-        });
-    }
+/// What a request handler reads.
+struct State {
+    view: Arc<View>,
 }
 
-async fn handle(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() + n > MAX_REQUEST {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let line = String::from_utf8_lossy(buf.split(|b| *b == b'\r').next().unwrap_or_default()).into_owned();
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics(&view.obs, &view.pools, &view.router, &view.tls),
-        ),
-        ("GET" | "HEAD", "/health") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET" | "HEAD", "/ready") => {
-            if view.router.topology().primary.is_some() {
-                ("200 OK", "text/plain", "ready: a leader is confirmed\n".to_owned())
-            } else {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready: no confirmed leader\n".to_owned(),
-                )
-            }
-        }
-        ("GET" | "HEAD", "/") => ("200 OK", "text/html; charset=utf-8", status_page(view)),
-        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned()),
-    };
-    let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if method != "HEAD" {
-        out.extend_from_slice(body.as_bytes());
-    }
-    stream.write_all(&out).await?;
-    stream.shutdown().await
+/// Serves HTTP until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, view: Arc<View>, shutdown: watch::Receiver<bool>) {
+    server::serve(listener, Arc::new(State { view }), shutdown).await;
 }
 
 fn pools(registry: &PoolRegistry) -> Vec<Arc<Pool>> {
@@ -122,10 +62,18 @@ fn pools(registry: &PoolRegistry) -> Vec<Arc<Pool>> {
     p
 }
 
-/// Escapes text for HTML, in content and in quoted attributes.
+/// Escapes text for HTML and SVG, in content and in quoted attributes.
 fn html(v: &str) -> String {
-    v.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
