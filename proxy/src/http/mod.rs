@@ -1,13 +1,16 @@
 //! The HTTP listener (default 127.0.0.1:8404): `/metrics` in the Prometheus
 //! text format, `/health` (the process is up), `/ready` (a leader is
 //! confirmed for the read-write port), and `/`, an HTML status page that
-//! refreshes itself.
+//! refreshes itself, with charts of the last 15 minutes.
 //!
 //! - [`server`]: hyper's HTTP/1 connections, bounded in number, size and time.
 //! - [`routes`]: which path answers what.
 //! - [`metrics`], [`page`]: the bodies, computed at request time from the
 //!   same counters the admin console reads.
+//! - [`history`]: the samples behind the charts; [`charts`]: inline SVG.
 
+mod charts;
+mod history;
 mod metrics;
 mod page;
 mod routes;
@@ -15,9 +18,11 @@ mod server;
 
 use crate::clients::ClientRegistry;
 use crate::shared::{Observability, PoolRegistry};
+use history::History;
 use pgferry_pool::Pool;
 use pgferry_routing::Router;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -31,14 +36,18 @@ pub struct View {
     pub tls: Arc<pgferry_tls::Acceptor>,
 }
 
-/// What a request handler reads.
+/// What a request handler reads: the view and the charts' history.
 struct State {
     view: Arc<View>,
+    history: Arc<Mutex<History>>,
 }
 
-/// Serves HTTP until `shutdown` turns true.
+/// Samples the history for the charts and serves HTTP, until `shutdown`
+/// turns true.
 pub async fn serve(listener: TcpListener, view: Arc<View>, shutdown: watch::Receiver<bool>) {
-    server::serve(listener, Arc::new(State { view }), shutdown).await;
+    let history = Arc::new(Mutex::new(History::new(Instant::now())));
+    tokio::spawn(history::sample_every(view.clone(), history.clone(), shutdown.clone()));
+    server::serve(listener, Arc::new(State { view, history }), shutdown).await;
 }
 
 fn pools(registry: &PoolRegistry) -> Vec<Arc<Pool>> {

@@ -1,12 +1,15 @@
-//! `/`: the HTML status page (tables of current numbers), refreshing
-//! itself every 5 s.
+//! `/`: the HTML status page (tables of current numbers, and charts of
+//! the last 15 minutes), refreshing itself every 5 s.
 
+use super::charts::{self, Line, LineChart, Moment};
+use super::history::{History, PoolPoint, PoolSeries, SLOTS};
 use super::{html, pools, View};
 use pgferry_pool::latency::Kind;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Mutex;
 
-pub(super) fn status_page(view: &View) -> String {
+pub(super) fn status_page(view: &View, history: &Mutex<History>) -> String {
     let mut h = String::with_capacity(8192);
     let topo = view.router.topology();
     let v = &topo.view;
@@ -22,7 +25,7 @@ pub(super) fn status_page(view: &View) -> String {
          body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse;margin-bottom:1.5em}}\
          th,td{{border:1px solid #999;padding:2px 8px;text-align:right}}th{{background:#ddd}}\
          td.l,th.l{{text-align:left}}#pools th{{background:#1f4e79;color:#fff}}.bad{{background:#f99}}\
-         .ok{{background:#9f9}}</style></head><body>\
+         .ok{{background:#9f9}}.charts{{display:flex;flex-wrap:wrap;gap:8px;margin-bottom:1.5em}}</style></head><body>\
          <h1>pgferry {}</h1><p>topology source: {} &middot; leader: {} &middot; etcd revision {} &middot; \
          page refreshes every 5 s</p>",
         env!("CARGO_PKG_VERSION"),
@@ -57,6 +60,7 @@ pub(super) fn status_page(view: &View) -> String {
         );
     }
     h.push_str("</table>");
+    charts_section(&mut h, history);
     h.push_str(
         "<h2>Topology</h2><table id=\"topology\"><tr><th class=l>member</th><th class=l>address</th>\
          <th class=l>role</th><th class=l>state</th><th>lag bytes</th><th class=l>reads</th></tr>",
@@ -201,4 +205,93 @@ pub(super) fn status_page(view: &View) -> String {
         c.auth_failures_delayed.load(Relaxed)
     );
     h
+}
+
+/// Lines drawn per chart at most (the busiest pools); more would not be
+/// told apart.
+const MAX_LINES: usize = 8;
+
+/// "Last 15 minutes": a chart per pool metric and the topology timeline.
+fn charts_section(h: &mut String, history: &Mutex<History>) {
+    // Held while drawing only (the sampler waits meanwhile). A poisoned
+    // lock (a panic while sampling) still holds valid rings: draw them.
+    let history = &*history.lock().unwrap_or_else(|e| e.into_inner());
+    h.push_str("<h2>Last 15 minutes</h2><div class=\"charts\">");
+    let mut series = history.pools();
+    let hidden = series.len().saturating_sub(MAX_LINES);
+    if hidden > 0 {
+        // The busiest pools by transactions over the window, then by label
+        // again so that colours follow names.
+        let total = |s: &PoolSeries| s.points.iter().map(|p| p.tps).sum::<f64>();
+        series.sort_by(|a, b| total(b).total_cmp(&total(a)));
+        series.truncate(MAX_LINES);
+        series.sort_by(|a, b| a.label.cmp(&b.label));
+    }
+    let hidden = hidden + history.untracked;
+    type Metric = fn(&PoolPoint) -> Option<f64>;
+    let metrics: [(&str, &str, &str, Metric); 4] = [
+        (
+            "chart-tps",
+            "Transactions/s per pool",
+            "no pool yet: a sample every 5 s",
+            |p| Some(p.tps),
+        ),
+        (
+            "chart-p99",
+            "p99 query latency per pool, ms (each 5 s, from the histogram buckets)",
+            "no query answered in the last 15 min",
+            |p| p.p99_ms,
+        ),
+        (
+            "chart-waiting",
+            "Clients waiting for a server connection",
+            "no pool yet: a sample every 5 s",
+            |p| Some(p.waiting as f64),
+        ),
+        (
+            "chart-servers",
+            "Server connections per pool (active + idle)",
+            "no pool yet: a sample every 5 s",
+            |p| Some(p.servers as f64),
+        ),
+    ];
+    for (id, title, empty, value) in metrics {
+        let lines: Vec<Line> = series
+            .iter()
+            .map(|s| Line {
+                label: &s.label,
+                points: s
+                    .points
+                    .iter()
+                    .filter_map(|p| Some((history.slot(p.tick)?, value(p))))
+                    .collect(),
+            })
+            .collect();
+        charts::line_chart(
+            h,
+            &LineChart {
+                id,
+                title,
+                empty,
+                slots: SLOTS,
+                lines: &lines,
+                hidden,
+            },
+        );
+    }
+    let moments: Vec<Moment> = history
+        .topology
+        .iter()
+        .filter_map(|t| {
+            Some(Moment {
+                slot: history.slot(t.tick)?,
+                at: t.at,
+                leader: t.leader.as_deref(),
+                replicas: &t.replicas,
+                failover: t.failover,
+            })
+        })
+        .collect();
+    charts::timeline(h, "chart-topology", SLOTS, &moments);
+    h.push_str("</div>");
 }

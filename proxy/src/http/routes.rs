@@ -66,7 +66,11 @@ pub(super) fn respond(state: &State, method: &Method, path: &str) -> Response<Fu
             TEXT,
             "not ready: no confirmed leader\n",
         ),
-        Route::Status => response(StatusCode::OK, "text/html; charset=utf-8", page::status_page(view)),
+        Route::Status => response(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            page::status_page(view, &state.history),
+        ),
     }
 }
 
