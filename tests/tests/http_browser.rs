@@ -1,8 +1,9 @@
 //! The HTTP listener checked by real consumers: `/metrics` by Prometheus's
 //! own linter (`promtool check metrics`, Debian's `prometheus` package), and
 //! the status page rendered by headless Chromium (Debian's `chromium`): the
-//! screenshot must show the pools table's header band, and the rendered DOM
-//! must list the pool's database and user.
+//! screenshot must show the pools table's header band and, under it, the
+//! charts painted in their colours; the rendered DOM must list the pool's
+//! database and user, and hold the charts with a line per pool.
 
 mod common;
 
@@ -19,6 +20,19 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 /// The background of the pools table's header cells (`#pools th` in the
 /// status page's inline CSS).
 const POOLS_HEADER_RGB: [u8; 3] = [0x1f, 0x4e, 0x79];
+/// The charts' colour of the second pool by name (`app/app rw`), and the
+/// timeline's leader colour (`PALETTE[1]` and `LEADER` in
+/// proxy/src/http/charts.rs).
+const SECOND_LINE_RGB: [u8; 3] = [0x2c, 0xa0, 0x2c];
+const LEADER_RGB: [u8; 3] = [0x6a, 0x3d, 0x9a];
+/// The charts on the page.
+const CHARTS: [&str; 5] = [
+    "chart-tps",
+    "chart-p99",
+    "chart-waiting",
+    "chart-servers",
+    "chart-topology",
+];
 
 /// A ferry with pools in use: three transactions on the read-write port and
 /// one on the read-only port (both clients stay connected), and one failed
@@ -217,10 +231,56 @@ fn table_rows(dom: &str, id: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Pixels of `img` with exactly the colour `rgb`, per row.
+fn colour_per_row(img: &[u8], info: &png::OutputInfo, rgb: [u8; 3]) -> Vec<usize> {
+    let channels = if info.color_type == png::ColorType::Rgba { 4 } else { 3 };
+    (0..info.height as usize)
+        .map(|y| {
+            let row = &img[y * info.line_size..][..info.width as usize * channels];
+            row.chunks_exact(channels).filter(|px| px[..3] == rgb).count()
+        })
+        .collect()
+}
+
+/// The serialized `<svg id="{id}" ...>...</svg>` element in `dom`.
+fn svg<'a>(dom: &'a str, id: &str) -> &'a str {
+    let start = dom
+        .find(&format!("<svg id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no svg #{id} in the DOM:\n{dom}"));
+    let svg = &dom[start..];
+    &svg[..svg.find("</svg>").unwrap() + 6]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_screenshot_shows_pools() {
-    let (f, _clients) = busy_ferry().await;
-    let url = format!("http://127.0.0.1:{}/", http_port(&f));
+    let (f, mut clients) = busy_ferry().await;
+    let port = http_port(&f);
+    let url = format!("http://127.0.0.1:{port}/");
+    // Traffic for the charts (a transaction every 100 ms), and time for
+    // the history to hold a few 5 s samples of both pools.
+    let rw = clients.remove(0);
+    let traffic = tokio::spawn(async move {
+        while rw.simple_query("SELECT 1").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, page) = get(port, "/").await;
+        let tps = page.find("<svg id=\"chart-tps\"").map_or("", |i| &page[i..]);
+        let tps = &tps[..tps.find("</svg>").unwrap_or(0)];
+        // Both pools drawn, each line at least three samples long.
+        let segments: Vec<usize> = tps
+            .split("<path d=\"")
+            .skip(1)
+            .map(|p| p.split('"').next().unwrap_or("").matches(" L").count())
+            .collect();
+        if segments.len() >= 2 && segments.iter().all(|&n| n >= 2) && page.contains("class=\"leader\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no chart lines after 60 s:\n{page}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // The rendered DOM: the pools table lists the pool (database, user, port).
     let u = url.clone();
@@ -247,6 +307,31 @@ async fn status_page_screenshot_shows_pools() {
             "transactions column of the {port} pool: {pool:?}"
         );
     }
+
+    // The charts: an svg each; the transactions chart has a line per pool,
+    // with the pool's name; the timeline shows the leader.
+    for id in CHARTS {
+        let chart = svg(&dom, id);
+        assert!(!chart.contains("class=\"empty\""), "#{id} is empty:\n{chart}");
+    }
+    let tps = svg(&dom, "chart-tps");
+    for port in ["ro", "rw"] {
+        let series = tps
+            .split("<g class=\"series\"")
+            .skip(1)
+            .find(|g| g.contains(&format!("data-label=\"app/app {port} ")))
+            .unwrap_or_else(|| panic!("no app/app {port} line in the transactions chart:\n{tps}"));
+        assert!(series.contains("<path d=\"M"), "{series}");
+    }
+    assert!(
+        tps.contains("<title id=\"chart-tps-title\">Transactions/s per pool</title>"),
+        "{tps}"
+    );
+    let topology = svg(&dom, "chart-topology");
+    assert!(
+        topology.contains("<rect class=\"leader\"") && topology.contains(": leader from "),
+        "{topology}"
+    );
 
     // The screenshot: the pools table's header band is really painted.
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("http_browser_status_page.png");
@@ -278,4 +363,22 @@ async fn status_page_screenshot_shows_pools() {
         POOLS_HEADER_RGB[2],
         shot.display()
     );
+    // Under it, the charts: the rw pool's lines and legends, the leader's
+    // bar in the timeline.
+    for (what, rgb, min) in [
+        ("chart lines", SECOND_LINE_RGB, 200),
+        ("timeline leader", LEADER_RGB, 150),
+    ] {
+        let per_row = colour_per_row(&img, &info, rgb);
+        let below: usize = per_row.iter().skip(band[0]).sum();
+        assert!(
+            below >= min,
+            "{what}: {below} pixels of #{:02x}{:02x}{:02x} under the pools table in {} (at least {min})",
+            rgb[0],
+            rgb[1],
+            rgb[2],
+            shot.display()
+        );
+    }
+    traffic.abort();
 }

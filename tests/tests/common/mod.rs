@@ -208,11 +208,12 @@ pub fn http_port(f: &pgferry_tests::Ferry) -> u16 {
     listen.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-/// GET `path`: (status code, body).
+/// GET `path` on a connection of its own: (status code, body).
 pub async fn get(port: u16, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+    // The server keeps connections alive unless told otherwise.
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut out = String::new();
