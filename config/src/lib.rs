@@ -860,11 +860,9 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        let text = env::expand(&text, |name| std::env::var(name).ok()).map_err(|source| {
-            ConfigError::Environment {
-                path: path.into(),
-                source,
-            }
+        let text = env::expand(&text, |name| std::env::var(name).ok()).map_err(|source| ConfigError::Environment {
+            path: path.into(),
+            source,
         })?;
         Self::from_toml(&text)
     }
