@@ -545,6 +545,27 @@ async fn worker_leader_crash_under_load() {
     // leader key), so the clock starts when it returns.
     let old = blocking(|| f.crash_leader(2)).unwrap();
     let kill_at = Instant::now();
+    // Fresh sessions (they start on the coordinator) inserting a group-2
+    // key in the simple protocol at 0, 2, 4, 6 and 8 s after the kill: each
+    // is held until the group has a new leader and runs there.
+    let g2_tenant = *owners.iter().find(|(_, g)| **g == 2).unwrap().0;
+    let probes: Vec<_> = (0..5u64)
+        .map(|i| {
+            let conn_str = ferry.rw_conn_str("app", APP_PASS, PATRONI_CITUS_DB);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2 * i)).await;
+                let (c, conn) = tokio_postgres::connect(&conn_str, tokio_postgres::NoTls).await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                c.batch_execute(&format!(
+                    "INSERT INTO events (tenant_id, id, v) VALUES ({g2_tenant}, {}, 'probe')",
+                    9_000_000 + i
+                ))
+                .await
+            })
+        })
+        .collect();
     let new = blocking(|| f.wait_for_leader(2, Some(&old), Duration::from_secs(40)))
         .unwrap_or_else(|e| panic!("no new leader: {e:#}"));
     let leader_at = Instant::now();
@@ -565,6 +586,15 @@ async fn worker_leader_crash_under_load() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (i, p) in probes.into_iter().enumerate() {
+        if let Err(e) = p.await.unwrap() {
+            panic!(
+                "a new session's group-2 insert {} s after the kill failed instead of being held: {e:?}\n{}",
+                2 * i,
+                tail_lines(&ferry.log(), 80)
+            );
+        }
     }
     let before = blocking(|| xacts_per_port(&ferry));
     let tail_start = Instant::now();
@@ -603,6 +633,24 @@ async fn worker_leader_crash_under_load() {
         r.unknown_found_codes
     );
     assert_eq!(r.read_missing, 0, "acknowledged inserts not read back");
+    // A group-2 insert that began after the kill found the session between
+    // transactions: it is held until the group has a leader again and runs
+    // there. Never an error (it once went to the coordinator, which could
+    // not reach the dead leader either: "connection to the remote node ...
+    // failed"). Those in flight at the kill may fail; 200 ms covers them.
+    let after_kill: Vec<String> = ops
+        .iter()
+        .filter(|o| o.group == 2 && o.start >= kill_at + Duration::from_millis(200))
+        .filter_map(|o| match &o.insert {
+            Outcome::Code(c) | Outcome::Conn(c) => Some(c.clone()),
+            Outcome::Ok => None,
+        })
+        .collect();
+    assert!(
+        after_kill.is_empty(),
+        "group-2 inserts begun after the kill failed instead of being held: {after_kill:?}\n{}",
+        tail_lines(&ferry.log(), 80)
+    );
     // ttl 10 s: the leader key expires 8.6-10.1 s after the crash
     // (reference §5), the new leader is writable ~0.3 s later, and pgferry
     // confirms it with pg_is_in_recovery(); 20 s leaves room for a slow

@@ -287,8 +287,9 @@ $(citus_params | sed 's/^/    /')
 EOF
     chmod 0600 "$STATE_DIR/patroni.yml"
     say "starting Patroni member $PATRONI_NAME of $PATRONI_SCOPE (PostgreSQL $NODE_HOST:$PGPORT, REST :$PATRONI_RESTAPI_PORT${CITUS_GROUP:+, Citus group $CITUS_GROUP})"
-    # Patroni, as PID 1, reaps its children and, on SIGINT/SIGTERM, stops
-    # PostgreSQL and releases the leader key.
+    # Patroni, as PID 1, reaps its children and, on SIGTERM (the image's stop
+    # signal; it ignores SIGINT as PID 1), stops PostgreSQL and releases the
+    # leader key, so that a standby takes over at once.
     exec patroni "$STATE_DIR/patroni.yml"
 fi
 
@@ -373,4 +374,16 @@ else
     write_config
 fi
 say "PostgreSQL on $NODE_HOST:$PGPORT (TLS required for TCP logins)"
-exec postgres -D "$PGDATA"
+# The image's stop signal is SIGTERM (Patroni's). For PostgreSQL alone it
+# would mean a smart shutdown, which waits for every client, pgferry's pooled
+# connections included: forward it as SIGINT, a fast shutdown (open
+# transactions rolled back, a clean checkpoint).
+postgres -D "$PGDATA" &
+pid=$!
+trap 'kill -INT "$pid" 2>/dev/null || true' TERM INT
+while :; do
+    status=0
+    wait "$pid" || status=$?
+    kill -0 "$pid" 2>/dev/null || break
+done
+exit "$status"

@@ -1,9 +1,22 @@
 #!/bin/bash
-# Writes prometheus.yml for PGFERRY_TARGETS, then runs Prometheus.
+# Writes prometheus.yml, then runs Prometheus. pgferry's /metrics endpoints:
+#   PGFERRY_TARGETS  host:port,... (static: compose, VMs)
+#   PGFERRY_DNS_SD   name:port whose DNS A records are the pgferrys
+#                    (Swarm: tasks.pgferry:8404); takes precedence
 set -euo pipefail
-targets=""
-IFS=, read -r -a list <<<"$PGFERRY_TARGETS"
-for t in "${list[@]}"; do targets+="'$t', "; done
+if [ -n "${PGFERRY_DNS_SD:-}" ]; then
+    sd="    dns_sd_configs:
+      - names: ['${PGFERRY_DNS_SD%:*}']
+        type: A
+        port: ${PGFERRY_DNS_SD##*:}
+        refresh_interval: 15s"
+else
+    targets=""
+    IFS=, read -r -a list <<<"$PGFERRY_TARGETS"
+    for t in "${list[@]}"; do targets+="'$t', "; done
+    sd="    static_configs:
+      - targets: [${targets%, }]"
+fi
 cat >/etc/prometheus/prometheus.yml <<YML
 global:
   scrape_interval: 5s
@@ -11,9 +24,9 @@ global:
 rule_files: [/etc/prometheus/rules/*.yml]
 scrape_configs:
   - job_name: pgferry
-    static_configs:
-      - targets: [${targets%, }]
+$sd
 YML
+/usr/bin/promtool check config /etc/prometheus/prometheus.yml >&2
 exec /usr/bin/prometheus --config.file=/etc/prometheus/prometheus.yml \
     --storage.tsdb.path=/var/lib/prometheus --storage.tsdb.retention.time=7d \
     --web.listen-address=0.0.0.0:"$PROMETHEUS_PORT" "$@"

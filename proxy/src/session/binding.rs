@@ -199,8 +199,17 @@ impl Session {
         } else {
             Role::ReadWrite
         };
+        let generation = self.shared.router.generation();
+        // A transaction routed to a Citus worker group belongs there: it
+        // follows the group to its new leader (held while there is none),
+        // never to the coordinator, which cannot reach the old one either.
+        if let Some(g) = self.citus.as_ref().and_then(|c| c.on_group) {
+            if Box::pin(self.follow_group(g)).await? {
+                self.route_gen = generation;
+                return Ok(());
+            }
+        }
         let router = &self.shared.router;
-        let generation = router.generation();
         self.rebalance = false;
         let mut candidate = None;
         // The router decides whether the node still serves this port: the

@@ -95,7 +95,7 @@ impl Session {
     fn route_group_read(&mut self, g: u32) -> RouteStep {
         match self.shared.router.route_group_read(g) {
             Some(route) => {
-                if *route.member.addr != *self.route.member.addr {
+                if *route.member.addr != *self.route.member.addr || self.pool.is_closed() {
                     self.move_to(g, route);
                 }
                 RouteStep::Ready
@@ -107,7 +107,8 @@ impl Session {
     fn route_to_group(&mut self, g: u32) -> RouteStep {
         match self.shared.router.group_leader(g) {
             GroupLeader::Leader(m) => {
-                if *m.addr != *self.route.member.addr {
+                // (A retired pool on the same node: a fresh one.)
+                if *m.addr != *self.route.member.addr || self.pool.is_closed() {
                     self.move_to_group(g, m);
                 }
                 RouteStep::Ready
@@ -120,6 +121,30 @@ impl Session {
                 self.move_home()
             }
         }
+    }
+
+    /// Routes again within worker group `g` after the topology changed
+    /// under a session placed there (its server unreachable, its pool
+    /// retired): true when the session is on the group's leader (a replica,
+    /// read-only) again, after holding while the group had none; false when
+    /// the group is gone from the topology and the port's node takes over.
+    pub(super) async fn follow_group(&mut self, g: u32) -> Result<bool, PoolError> {
+        let from = self.route.member.addr.clone();
+        let step = if self.pool.key.read_only {
+            self.route_group_read(g)
+        } else {
+            self.route_to_group(g)
+        };
+        match step {
+            RouteStep::Ready => {}
+            RouteStep::HoldForGroup(g) => self.hold_for_group(g).await?,
+            RouteStep::NeedHome => return Ok(false),
+        }
+        let on_group = self.citus.as_ref().is_some_and(|c| c.on_group == Some(g));
+        if on_group && *from != *self.route.member.addr {
+            tracing::info!(client = self.id, group = g, from = %from, to = %self.route.member.addr, "session follows its Citus worker group to a new server");
+        }
+        Ok(on_group && !self.pool.is_closed())
     }
 
     /// A worker group is between leaders (a failover or switchover): hold
