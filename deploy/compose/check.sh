@@ -34,6 +34,7 @@ for p in podman buildah runc debootstrap python3-venv; do
 done
 if [ ${#pkgs[@]} -gt 0 ]; then
     say "apt-get install ${pkgs[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}" >/dev/null
 fi
 . "$ROOT/deploy/containers/podman-env.sh"
