@@ -7,14 +7,15 @@
 //! * `${NAME}`: NAME must be set, else the file is refused (a silently empty
 //!   address is worse than an error);
 //! * `${NAME:-default}`: the default when NAME is unset or empty;
-//! * `$$` is a literal `$`; a `$` before anything else stays as it is;
+//! * `$${` is a literal `${`; any other `$` stays as it is (so a `$$` in a
+//!   file written before this existed, a password say, is unchanged);
 //! * comment lines (first non-blank character `#`) are left alone.
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExpandError {
     #[error("line {line}: ${{{name}}} is not set in the environment (give a default: ${{{name}:-value}})")]
     Unset { line: usize, name: String },
-    #[error("line {line}: '{text}' is not ${{NAME}} or ${{NAME:-default}} (write $$ for a literal $)")]
+    #[error("line {line}: '{text}' is not ${{NAME}} or ${{NAME:-default}} (write $${{ for a literal ${{)")]
     Malformed { line: usize, text: String },
 }
 
@@ -44,8 +45,8 @@ fn expand_line(
     while let Some(at) = rest.find('$') {
         out.push_str(&rest[..at]);
         let after = &rest[at + 1..];
-        if let Some(tail) = after.strip_prefix('$') {
-            out.push('$');
+        if let Some(tail) = after.strip_prefix("${") {
+            out.push_str("${");
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
             let malformed = || ExpandError::Malformed {
@@ -129,7 +130,7 @@ mod tests {
 
     #[test]
     fn dollars_escape_and_stray_dollars_stay() {
-        assert_eq!(expand("p = \"a$$b$${PORT}\"", env).unwrap(), "p = \"a$b${PORT}\"");
+        assert_eq!(expand("p = \"a$$b$${PORT}\"", env).unwrap(), "p = \"a$$b${PORT}\"");
         assert_eq!(expand("p = \"cost $5 and $\"", env).unwrap(), "p = \"cost $5 and $\"");
     }
 

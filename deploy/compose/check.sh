@@ -45,12 +45,14 @@ if [ ! -x "$VENV/bin/podman-compose" ]; then
     "$VENV/bin/pip" install -q 'podman-compose==1.6.0'
 fi
 PC=("$VENV/bin/podman-compose" -f "$HERE/compose.yaml" -p pgferry-check)
+LOGS=$PGFERRY_PODMAN_DIR/logs
+mkdir -p "$LOGS"
 
 # 2. Images and secrets.
 say "building images"
-"$ROOT/deploy/containers/build.sh" all >/var/tmp/pgferry-build.log 2>&1 \
-    || { tail -n 30 /var/tmp/pgferry-build.log >&2; die "image build (log: /var/tmp/pgferry-build.log)"; }
-grep '== build.sh: localhost/' /var/tmp/pgferry-build.log | sed 's/^== build.sh: /   image /' >&2
+"$ROOT/deploy/containers/build.sh" all >$LOGS/build.log 2>&1 \
+    || { tail -n 30 $LOGS/build.log >&2; die "image build (log: $LOGS/build.log)"; }
+grep '== build.sh: localhost/' $LOGS/build.log | sed 's/^== build.sh: /   image /' >&2
 "$HERE/make-secrets.sh" >/dev/null
 
 # 3. Ports: the compose defaults moved by one offset until all are free.
@@ -89,7 +91,7 @@ trap 'status=$?; if [ $status != 0 ]; then for c in coord1 coord2 w1a pgferry1; 
 # 4. Up, and the first write through pgferry.
 say "compose up"
 up_at=$SECONDS
-"${PC[@]}" up -d >/var/tmp/pgferry-compose-up.log 2>&1 || { cat /var/tmp/pgferry-compose-up.log >&2; die "compose up"; }
+"${PC[@]}" up -d >$LOGS/compose-up.log 2>&1 || { cat $LOGS/compose-up.log >&2; die "compose up"; }
 export PGPASSWORD
 PGPASSWORD=$(cat "$HERE/secrets/app_password")
 ferry() { # PORT SQL...
@@ -133,7 +135,15 @@ for _ in $(seq 1 50); do
     sleep 0.2
 done
 [ "$replica" = "t|1000" ] || die "read through pgferry2's read-only port: got '$replica', want a replica with 1000 rows"
-routed=$(psql -X -A -t "host=127.0.0.1 port=$PGFERRY1_RW_PORT user=app dbname=pgbouncer sslmode=require" -c 'SHOW CITUS' | grep -c '^table|public.events|hash|tenant_id|32' || true)
+routed=$(PGPASSWORD=$(cat "$HERE/secrets/admin_password") psql -X -A -t "host=127.0.0.1 port=$PGFERRY1_RW_PORT user=admin dbname=pgbouncer sslmode=require" -c 'SHOW CITUS' | grep -c '^table|public.events|hash|tenant_id|32' || true)
+# The application's role is not an admin: the console refuses it.
+if psql -X -A -t "host=127.0.0.1 port=$PGFERRY1_RW_PORT user=app dbname=pgbouncer sslmode=require" -c 'SHOW POOLS' >/dev/null 2>&1; then
+    die "the app role reached the admin console"
+fi
+# Client TLS is required.
+if psql -X -A -t "host=127.0.0.1 port=$PGFERRY1_RW_PORT user=app dbname=app sslmode=disable" -c 'SELECT 1' >/dev/null 2>&1; then
+    die "pgferry took a login without TLS"
+fi
 [ "$routed" = 1 ] || die "SHOW CITUS on pgferry1 does not list public.events (32 hash shards)"
 say "write (1000 rows, distributed) and reads (keyed, replica via the read-only port) through pgferry: ok"
 
@@ -187,7 +197,7 @@ INSERT INTO ledger (tenant_id, v) VALUES (:t, 'bench');
 EOF
 say "pgbench: 4 clients inserting through pgferry1 for 24 s; switchovers at 4 s (coordinator) and 14 s (worker group 1)"
 pgbench -n -c 4 -j 2 -T 24 -P 4 -f "$script" \
-    "host=127.0.0.1 port=$PGFERRY1_RW_PORT user=app dbname=app sslmode=require" >/var/tmp/pgferry-compose-pgbench.log 2>&1 &
+    "host=127.0.0.1 port=$PGFERRY1_RW_PORT user=app dbname=app sslmode=require" >$LOGS/compose-pgbench.log 2>&1 &
 bench=$!
 for step in "4 0" "10 1"; do
     read -r wait group <<<"$step"
@@ -195,8 +205,8 @@ for step in "4 0" "10 1"; do
     from=$(leader_of "$group")
     to=$(other "$group" "$from") || die "group $group has no known leader ($from)"
     t=$SECONDS
-    patronictl coord1 switchover --group "$group" --leader "$from" --candidate "$to" --force >/var/tmp/pgferry-switchover-$group.log 2>&1 \
-        || { cat /var/tmp/pgferry-switchover-$group.log >&2; die "patronictl switchover (group $group)"; }
+    patronictl coord1 switchover --group "$group" --leader "$from" --candidate "$to" --force >$LOGS/switchover-$group.log 2>&1 \
+        || { cat $LOGS/switchover-$group.log >&2; die "patronictl switchover (group $group)"; }
     for _ in $(seq 1 100); do
         [ "$(leader_of "$group")" = "$to" ] && break
         sleep 0.2
@@ -208,12 +218,17 @@ status=0
 wait "$bench" || status=$?
 rm -f "$script"
 after=$(count_rows)
-failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' /var/tmp/pgferry-compose-pgbench.log)
-processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' /var/tmp/pgferry-compose-pgbench.log)
-grep -E '^progress|^latency|^tps' /var/tmp/pgferry-compose-pgbench.log | sed 's/^/   /' >&2
+failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' $LOGS/compose-pgbench.log)
+processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' $LOGS/compose-pgbench.log)
+grep -E '^progress|^latency|^tps' $LOGS/compose-pgbench.log | sed 's/^/   /' >&2
 say "pgbench: exit $status, ${processed:-?} script runs (2 inserts each, routed and via the coordinator), ${failed:-?} failed; rows added $((after - before))"
 [ "$status" = 0 ] && [ "${failed:-1}" = 0 ] && [ "$((after - before))" = "$((2 * ${processed:-0}))" ] \
-    || die "the switchovers were not a non-event for the client (log: /var/tmp/pgferry-compose-pgbench.log)"
+    || die "the switchovers were not a non-event for the client (log: $LOGS/compose-pgbench.log)"
+# ledger's INSERTs belong on the coordinator: held through its switchover,
+# never run on a worker (a worker draws the sequence from its own range,
+# group << 48).
+on_worker=$(ferry "$PGFERRY1_RW_PORT" -c "SELECT count(*) FROM ledger WHERE id >= (1::bigint << 48)")
+[ "$on_worker" = 0 ] || die "$on_worker ledger rows were inserted on a worker (coordinator-bound transactions ran on a worker during the switchover)"
 
 # 8. A graceful stop of the coordinator's leader: Patroni hands the leader
 #    key over at once (no TTL wait), pgferry follows, writes go on; the node
@@ -299,8 +314,8 @@ for f in pgferry_userlist pgferry_cert pgferry_key app_password; do
     mounts+=(-v "$HERE/secrets/$f:/run/secrets/$f:ro")
 done
 podman run --rm "${mounts[@]}" -v "$HERE/pgferry.toml:/etc/pgferry/pgferry.toml:ro" localhost/pgferry \
-    --check-config /etc/pgferry/pgferry.toml >/dev/null 2>/var/tmp/pgferry-swarm-config.log \
-    || { grep -v systemd /var/tmp/pgferry-swarm-config.log >&2; die "pgferry.toml with the Swarm stack's defaults"; }
+    --check-config /etc/pgferry/pgferry.toml >/dev/null 2>$LOGS/swarm-config.log \
+    || { grep -v systemd $LOGS/swarm-config.log >&2; die "pgferry.toml with the Swarm stack's defaults"; }
 if command -v docker >/dev/null 2>&1; then
     docker stack config -c "$ROOT/deploy/swarm/stack.yml" >/dev/null || die "deploy/swarm/stack.yml does not parse"
     say "Swarm stack: pgferry.toml valid with its defaults; stack.yml parses (docker stack config)"

@@ -7,13 +7,16 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 umask 077
 mkdir -p secrets
+chmod 0700 secrets
 pw() { [ -s "secrets/$1" ] || head -c 18 /dev/urandom | base64 | tr -d '/+=' >"secrets/$1"; }
 pw postgres_password
 pw replication_password
 pw app_password
+pw admin_password
 # pgferry's users file: the app role with its plaintext password (pgferry
 # derives the SCRAM secret; server logins use the same password).
-printf '"app" "%s"\n' "$(cat secrets/app_password)" >secrets/pgferry_userlist
+# The admin entry is pgferry's own (the console), not a PostgreSQL role.
+printf '"app" "%s"\n"admin" "%s"\n' "$(cat secrets/app_password)" "$(cat secrets/admin_password)" >secrets/pgferry_userlist
 if [ ! -s secrets/pgferry_cert ]; then
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 825 \
         -subj "/CN=pgferry" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \

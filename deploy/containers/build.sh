@@ -43,8 +43,8 @@ build_base() {
     m=$(mirror)
     rootfs=$(mktemp -d /var/tmp/pgferry-rootfs.XXXXXX)
     say "debootstrap --variant=minbase bookworm from $m"
-    debootstrap --variant=minbase bookworm "$rootfs" "$m" >/var/tmp/pgferry-debootstrap.log 2>&1 \
-        || { tail -n 20 /var/tmp/pgferry-debootstrap.log >&2; die "debootstrap failed"; }
+    debootstrap --variant=minbase bookworm "$rootfs" "$m" >$PGFERRY_PODMAN_DIR/debootstrap.log 2>&1 \
+        || { tail -n 20 $PGFERRY_PODMAN_DIR/debootstrap.log >&2; die "debootstrap failed"; }
     # The host's PostgreSQL comes from bookworm-security (15.20 vs 15.18):
     # the images must match it (Citus here is built against 15.20).
     local sec=${m%/debian*}/debian-security

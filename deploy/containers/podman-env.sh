@@ -7,8 +7,11 @@
 # - default_ulimits at the hard limit (podman's default asks for more);
 # - host networking only, and a CNI config dir with no plugins, so that no
 #   bridge, NAT rule or ip_forward change can be made even by mistake.
-PGFERRY_PODMAN_DIR=${PGFERRY_PODMAN_DIR:-/var/tmp/pgferry-podman}
+# Root's own directory (not /tmp or /var/tmp, where another user could plant
+# a containers.conf naming another runtime).
+PGFERRY_PODMAN_DIR=${PGFERRY_PODMAN_DIR:-/var/lib/pgferry-podman}
 mkdir -p "$PGFERRY_PODMAN_DIR/no-cni"
+chmod 0700 "$PGFERRY_PODMAN_DIR"
 pgferry_nofile=$(ulimit -Hn)
 [ "$pgferry_nofile" = unlimited ] && pgferry_nofile=1048576
 cat >"$PGFERRY_PODMAN_DIR/containers.conf" <<CONF

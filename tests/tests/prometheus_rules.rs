@@ -90,6 +90,8 @@ async fn every_metric_the_rules_use_is_exported() {
     std::fs::write(&c, cert.pem()).unwrap();
     std::fs::write(&k, key.serialize_pem()).unwrap();
     let f = ferry(&format!("[tls]\ncert_file = {c:?}\nkey_file = {k:?}\n"));
+    // One transaction, so that a pool (and its labelled metrics) exists.
+    app(&f).await.simple_query("SELECT 1").await.unwrap();
     let (code, body) = get(http_port(&f), "/metrics").await;
     assert_eq!(code, 200);
     // The Citus metrics other than group leaders exist only where Citus is.
@@ -99,6 +101,11 @@ async fn every_metric_the_rules_use_is_exported() {
     assert!(
         gone.is_empty(),
         "rules or dashboard use metrics pgferry does not export: {gone:?}\n{body}"
+    );
+    let unknown = dashboard_labels_not_exported(&body);
+    assert!(
+        unknown.is_empty(),
+        "the dashboard groups or labels by labels pgferry does not export: {unknown:?}"
     );
     assert!(
         body.contains("\npgferry_tls_cert_not_after_seconds 1930348800\n"),
@@ -187,7 +194,7 @@ fn grafana_dashboard_is_importable_and_its_queries_parse() {
 
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, e) in exprs.iter().enumerate() {
-        let e = e.replace("$instance", ".*");
+        let e = e.replace("$instance", ".*").replace("$__rate_interval", "1m");
         assert!(!e.contains('$'), "an unfilled variable in {e}");
         rules.push_str(&format!(
             "      - record: pgferry:dashboard_query_{i}\n        expr: {}\n",
@@ -199,4 +206,45 @@ fn grafana_dashboard_is_importable_and_its_queries_parse() {
     let out = promtool(&["check", "rules", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);
     assert!(out.contains(&format!("SUCCESS: {} rules found", exprs.len())), "{out}");
+}
+
+/// Labels the dashboard uses (`by (...)`, `{{label}}` in legends) that no
+/// pgferry metric in `body` carries (Prometheus adds instance and job; the
+/// Citus-only ones are checked where Citus runs).
+fn dashboard_labels_not_exported(body: &str) -> BTreeSet<String> {
+    let mut exported: BTreeSet<String> = ["instance", "job", "le"].iter().map(|s| s.to_string()).collect();
+    for line in body.lines().filter(|l| l.starts_with("pgferry_")) {
+        if let Some(labels) = line
+            .split_once('{')
+            .and_then(|(_, r)| r.split_once('}'))
+            .map(|(l, _)| l)
+        {
+            for pair in labels.split("\",") {
+                if let Some((k, _)) = pair.split_once('=') {
+                    exported.insert(k.trim_start_matches(',').to_owned());
+                }
+            }
+        }
+    }
+    let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(DASHBOARD).unwrap()).unwrap();
+    let mut used = BTreeSet::new();
+    for p in d["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            for (i, _) in expr.match_indices("by (") {
+                let inner = &expr[i + 4..];
+                let inner = &inner[..inner.find(')').unwrap()];
+                used.extend(inner.split(',').map(|l| l.trim().to_owned()));
+            }
+            let legend = t["legendFormat"].as_str().unwrap_or_default();
+            for part in legend.split("{{").skip(1) {
+                used.insert(part.split("}}").next().unwrap().trim().to_owned());
+            }
+        }
+    }
+    // group (Citus worker groups) and target (Citus routing) are exported
+    // only in front of Citus.
+    used.into_iter()
+        .filter(|l| !exported.contains(l) && l != "group" && l != "target")
+        .collect()
 }

@@ -69,12 +69,21 @@ POSTGRES_DB=${POSTGRES_DB:-postgres}
 NODE_HOST=${NODE_HOST:-$(hostname)}
 STATE_DIR=$(dirname "$PGDATA")
 TLS_DIR=$STATE_DIR/tls
-MARKER=$PGDATA/pgferry-initialised
+# Present only while a first start is under way (outside PGDATA, which
+# initdb wants empty): finding it at start means that start did not finish.
+INITIALISING=$STATE_DIR/pgferry-initialising
 export PGPASSFILE=$STATE_DIR/pgpass
 
 # --- commands that are not "start" -----------------------------------------
 case "${1:-}" in
     healthcheck)
+        if truthy "${PATRONI_ENABLE:-false}"; then
+            # Patroni's liveness, not pg_isready: a replica still copying
+            # its base backup, or a busy primary, is alive and must not be
+            # restarted by the orchestrator (that would be a failover).
+            exec timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" &&
+                printf "GET /liveness HTTP/1.0\r\n\r\n" >&3 && head -n1 <&3 | grep -q " 200 "' _ "${PATRONI_RESTAPI_PORT:-8008}"
+        fi
         exec pg_isready -q -h 127.0.0.1 -p "$PGPORT" -t 2
         ;;
     post-bootstrap)
@@ -160,7 +169,7 @@ if truthy "${PATRONI_ENABLE:-false}"; then
         IFS=, read -r -a hosts <<<"$PATRONI_ETCD3_HOSTS"
         for hp in "${hosts[@]}"; do
             [[ $hp =~ ^[^:]+:[0-9]+$ ]] || die "PATRONI_ETCD3_HOSTS entry '$hp' is not host:port"
-            if (exec 3<>"/dev/tcp/${hp%:*}/${hp##*:}") 2>/dev/null; then
+            if timeout 2 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "${hp%:*}" "${hp##*:}" 2>/dev/null; then
                 reachable=yes
                 break
             fi
@@ -194,10 +203,12 @@ chmod 0600 "$TLS_DIR/server.key"
 ca_line=""
 [ -s "$TLS_DIR/ca.crt" ] && ca_line="ssl_ca_file = '$TLS_DIR/ca.crt'"
 
-# Node-to-node connections (Citus, pg_rewind) log in with these.
+# Node-to-node connections (Citus, pg_rewind) log in with these (pgpass
+# fields escape \ and :).
+pgpass_field() { local v=${1//\\/\\\\}; printf '%s' "${v//:/\\:}"; }
 {
-    echo "*:*:*:postgres:$SUPERUSER_PASSWORD"
-    if [ -n "${APP_USER:-}" ]; then echo "*:*:*:$APP_USER:$APP_PASSWORD_VALUE"; fi
+    echo "*:*:*:postgres:$(pgpass_field "$SUPERUSER_PASSWORD")"
+    if [ -n "${APP_USER:-}" ]; then echo "*:*:*:$(pgpass_field "$APP_USER"):$(pgpass_field "$APP_PASSWORD_VALUE")"; fi
 } >"$PGPASSFILE"
 chmod 0600 "$PGPASSFILE"
 
@@ -263,10 +274,12 @@ postgresql:
   use_unix_socket: true
   basebackup:
   - checkpoint: fast
+  # The passwords come from PATRONI_*_PASSWORD in Patroni's environment (set
+  # below): never written to this file, never quoted into YAML.
   authentication:
-    superuser: {username: postgres, password: '$SUPERUSER_PASSWORD', sslmode: require}
-    replication: {username: replicator, password: '$REPLICATION_PASSWORD_VALUE', sslmode: require}
-    rewind: {username: postgres, password: '$SUPERUSER_PASSWORD', sslmode: require}
+    superuser: {username: postgres, sslmode: require}
+    replication: {username: replicator, sslmode: require}
+    rewind: {username: postgres, sslmode: require}
   pg_hba:
   - local all all peer
   - hostssl replication replicator 0.0.0.0/0 scram-sha-256
@@ -290,6 +303,9 @@ EOF
     # Patroni, as PID 1, reaps its children and, on SIGTERM (the image's stop
     # signal; it ignores SIGINT as PID 1), stops PostgreSQL and releases the
     # leader key, so that a standby takes over at once.
+    export PATRONI_SUPERUSER_USERNAME=postgres PATRONI_SUPERUSER_PASSWORD=$SUPERUSER_PASSWORD
+    export PATRONI_REPLICATION_USERNAME=replicator PATRONI_REPLICATION_PASSWORD=$REPLICATION_PASSWORD_VALUE
+    export PATRONI_REWIND_USERNAME=postgres PATRONI_REWIND_PASSWORD=$SUPERUSER_PASSWORD
     exec patroni "$STATE_DIR/patroni.yml"
 fi
 
@@ -327,6 +343,7 @@ EOF
 
 first_start() {
     say "first start: initialising $PGDATA"
+    : >"$INITIALISING"
     local pwfile
     pwfile=$(mktemp)
     printf '%s\n' "$SUPERUSER_PASSWORD" >"$pwfile"
@@ -355,18 +372,21 @@ SQL
         fi
     fi
     pg_ctl -D "$PGDATA" -w -t 60 -m fast stop >/dev/null
-    touch "$MARKER"
+    rm -f "$INITIALISING"
     say "initialised (Citus: $CITUS${CITUS_ROLE:+, $CITUS_ROLE})"
 }
 
-if [ -s "$PGDATA/PG_VERSION" ] && [ ! -e "$MARKER" ]; then
-    # A first start that did not finish: nothing was ever served from it.
+if [ -e "$INITIALISING" ]; then
+    # A first start of this entrypoint's that did not finish: nothing was
+    # ever served from it. (Never a directory without that file: a Patroni
+    # member's, a restored backup, a volume from elsewhere.)
     say "removing the unfinished data directory of an interrupted first start"
     pg_ctl -D "$PGDATA" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "${PGDATA:?}"
+    rm -f "$INITIALISING"
 fi
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
-    trap 'pg_ctl -D "$PGDATA" -m immediate stop >/dev/null 2>&1 || true; rm -rf "${PGDATA:?}"; die "first start failed: the data directory was removed, the next start begins again"' ERR
+    trap 'pg_ctl -D "$PGDATA" -m immediate stop >/dev/null 2>&1 || true; rm -rf "${PGDATA:?}"; rm -f "$INITIALISING"; die "first start failed: the data directory was removed, the next start begins again"' ERR
     first_start
     trap - ERR
 else

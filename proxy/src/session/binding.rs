@@ -200,6 +200,7 @@ impl Session {
             Role::ReadWrite
         };
         let generation = self.shared.router.generation();
+        self.rebalance = false;
         // A transaction routed to a Citus worker group belongs there: it
         // follows the group to its new leader (held while there is none),
         // never to the coordinator, which cannot reach the old one either.
@@ -209,12 +210,14 @@ impl Session {
                 return Ok(());
             }
         }
+        // One for the coordinator while it has no primary: wait for one
+        // below, whatever node the session is still on.
+        let want_home = self.citus.as_mut().is_some_and(|c| std::mem::take(&mut c.want_home));
         let router = &self.shared.router;
-        self.rebalance = false;
         let mut candidate = None;
         // The router decides whether the node still serves this port: the
         // coordinator's primary, a Citus worker group's leader, a replica.
-        if router.keeps(role, &self.route.member.addr) {
+        if !want_home && router.keeps(role, &self.route.member.addr) {
             // Read-only sessions also rebalance when the set of replicas
             // changes (one came back) or the counts drifted: move if another
             // replica has clearly fewer read sessions.

@@ -28,6 +28,10 @@ pub(super) struct CitusRoute {
     pub citus: Arc<Citus>,
     /// The group the session's pool is on now (None: the coordinator).
     pub on_group: Option<u32>,
+    /// The transaction belongs on the coordinator, which has no confirmed
+    /// primary now: the slow path must wait for one, not keep the worker
+    /// the session is still on (a worker leader is a node the port keeps).
+    pub want_home: bool,
     /// Pools this session used on worker primaries (a handful), so moving
     /// between groups costs no shared lock.
     pools: Vec<Arc<Pool>>,
@@ -41,6 +45,7 @@ impl CitusRoute {
         CitusRoute {
             citus,
             on_group: None,
+            want_home: false,
             pools: Vec::new(),
             search_path: None,
             formats: Vec::new(),
@@ -429,6 +434,7 @@ impl Session {
             }
         };
         cr.on_group = Some(group);
+        cr.want_home = false;
         self.switch_pool(pool, route);
     }
 
@@ -443,6 +449,10 @@ impl Session {
             Role::ReadWrite
         };
         let Some(route) = self.shared.router.route(role) else {
+            if let Some(cr) = self.citus.as_mut() {
+                cr.on_group = None;
+                cr.want_home = true;
+            }
             return RouteStep::NeedHome;
         };
         let key = &self.pool.key;
@@ -453,6 +463,7 @@ impl Session {
         pool.credentials().adopt(self.pool.credentials());
         if let Some(cr) = self.citus.as_mut() {
             cr.on_group = None;
+            cr.want_home = false;
         }
         self.switch_pool(pool, route);
         RouteStep::Ready
