@@ -13,7 +13,11 @@
 #   SCALE=10                pgbench -i scale
 #   CLIENTS="16 100 1000"   client counts ("" = no throughput runs, e.g. idle only)
 #   WORKLOADS="select-simple select-extended select-prepared write"  ("" = none)
-#   PGBENCH_MODES="simple extended prepared"   pgbench -S -M modes ("" = skip pgbench)
+#   PGBENCH_MODES="simple extended prepared"   pgbench -S -M modes ("" = skip pgbench);
+#                           "tpcb" adds pgbench's default TPC-B-like script (-M simple)
+#   SYSCALLS=0              1: count each proxy's system calls, context switches and
+#                           CPU migrations per pgbench transaction (perf stat on its
+#                           pid for the run; needs linux-perf): syscalls=, cs=, migr=
 #   DURATION=10 WARMUP=2 ROUNDS=3              seconds / rounds per measurement
 #   IDLE_CLIENTS=10000 HOLD=10                 idle-memory test ("0" = skip)
 #   MAX_CONNECTIONS=300     PostgreSQL max_connections; the direct target is
@@ -495,18 +499,39 @@ for clients in $CLIENTS; do
     done
     for mode in $PGBENCH_MODES; do
         log ""
-        log "## pgbench -S -M $mode clients=$clients"
+        case $mode in
+            tpcb) script=(-M simple) ;;
+            *) script=(-S -M "$mode") ;;
+        esac
+        log "## pgbench ${script[*]} clients=$clients"
         for t in "${tg[@]}"; do
             pid=${PID[$t]:-}
             before=0
             [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+            perf_pid=
+            if [ "${SYSCALLS:-0}" = 1 ] && [ -n "$pid" ]; then
+                perf stat -x, -e raw_syscalls:sys_enter,context-switches,cpu-migrations -p "$pid" \
+                    -o "$TMP/perf-stat.txt" &
+                perf_pid=$!
+            fi
             out=$TMP/pgbench.out
             # pgbench's -T includes its connection phase, which runs PBKDF2
             # per SCRAM login (about 7 s for 1000 clients here): allow for it.
             sslmode=${PGSSLMODE:-prefer}
             case $t in *-tls) sslmode=require ;; esac
-            PGSSLMODE=$sslmode run "$PG_BIN/pgbench" -n -S -M "$mode" -c "$clients" -j 2 -T "$((DURATION + (clients + 99) / 100))" \
+            PGSSLMODE=$sslmode run "$PG_BIN/pgbench" -n "${script[@]}" -c "$clients" -j 2 -T "$((DURATION + (clients + 99) / 100))" \
                 -h 127.0.0.1 -p "${PORT[$t]}" -U "$BENCH_USER" "$BENCH_DB" >"$out" || true
+            sys=
+            if [ -n "$perf_pid" ]; then
+                kill -INT "$perf_pid" 2>/dev/null || true
+                wait "$perf_pid" 2>/dev/null || true
+                n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -1)
+                if [ -n "$n" ] && [ "$n" -gt 0 ]; then
+                    sys=$(awk -F, -v n="$n" '$3 == "raw_syscalls:sys_enter" { s = $1 } $3 == "context-switches" { c = $1 }
+                        $3 == "cpu-migrations" { m = $1 } END { printf " syscalls=%.2f/txn cs=%.2f/txn migr=%.3f/txn", s / n, c / n, m / n }' \
+                        "$TMP/perf-stat.txt")
+                fi
+            fi
             cat "$out"
             tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
             lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
@@ -518,7 +543,7 @@ for clients in $CLIENTS; do
             fi
             aborted=
             grep -q "Run was aborted" "$out" && aborted=" aborted(see errors above)"
-            log "pgbench target=$t clients=$clients mode=$mode tps=${tps:-failed} latency_avg=${lat:--}ms cpu=${cpu}us/txn$aborted"
+            log "pgbench target=$t clients=$clients mode=$mode tps=${tps:-failed} latency_avg=${lat:--}ms cpu=${cpu}us/txn$sys$aborted"
         done
     done
 done
