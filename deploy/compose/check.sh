@@ -26,6 +26,13 @@ die() {
     exit 1
 }
 
+# The seed stack is a Citus formation: without a Citus build for the image
+# (Debian has no package; ../shared/citus/ here) there is nothing to check.
+if [ -z "${CITUS_TARBALL:-}" ] && ! ls "$ROOT"/../shared/citus/citus-*-pg15-debian12-amd64.tar.xz >/dev/null 2>&1; then
+    say "SKIPPED: no Citus build for the PostgreSQL image (../shared/citus/ or CITUS_TARBALL)"
+    exit 0
+fi
+
 # 1. Tools: podman, buildah, runc, debootstrap from Debian; podman-compose
 #    1.6 from PyPI (Debian's 1.0.3 always makes a bridge network).
 pkgs=()

@@ -18,8 +18,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 /// Connections served at once: a few operators and a Prometheus scraper
-/// need far fewer. Further ones wait in the listen backlog.
+/// need far fewer. Further ones are closed at once.
 const MAX_CONNECTIONS: usize = 64;
+/// Of those, kept for the host itself (127.0.0.1, ::1): the container's or
+/// the service manager's health check is answered even while others hold
+/// every other slot, so that nobody can get pgferry restarted by filling
+/// its status port.
+const LOCAL_RESERVE: usize = 8;
 /// Time to receive a request's head, from the connection's start or the
 /// previous response: slow clients (slowloris) and idle keep-alive
 /// connections are closed after it.
@@ -37,7 +42,8 @@ const GRACE: Duration = Duration::from_secs(5);
 
 /// Accepts and serves connections until `shutdown` turns true.
 pub(super) async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS - LOCAL_RESERVE));
+    let local_slots = Arc::new(Semaphore::new(LOCAL_RESERVE));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .keep_alive(true)
@@ -46,23 +52,36 @@ pub(super) async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown
         .max_headers(MAX_HEADERS)
         .max_buf_size(MAX_BUF);
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p,
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
-        let Ok(permit) = permit else { return };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shutdown.wait_for(|s| *s) => return,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors, most likely: let some close.
                 tracing::debug!(error = %e, "HTTP accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let local = match peer.ip() {
+            std::net::IpAddr::V4(a) => a == std::net::Ipv4Addr::LOCALHOST,
+            std::net::IpAddr::V6(a) => a.is_loopback(),
+        };
+        let permit = slots.clone().try_acquire_owned().or_else(|e| {
+            if local {
+                local_slots.clone().try_acquire_owned()
+            } else {
+                Err(e)
+            }
+        });
+        let Ok(permit) = permit else {
+            // Full: closed at once rather than left in the backlog, where
+            // a flood would hold the health check up too.
+            tracing::debug!(%peer, "HTTP connection refused: every slot is taken");
+            drop(stream);
+            continue;
         };
         let service = {
             let state = state.clone();
