@@ -32,6 +32,9 @@
 #                           same run: A/B of two versions with the same config
 #   PG_BIN=/usr/lib/postgresql/15/bin  PGBOUNCER=/usr/sbin/pgbouncer  RUN_AS=postgres
 #   PGFERRY_WORKERS=0       pgferry's [runtime] worker_threads (0 = one per core)
+#   PGFERRY_BASE_WORKERS    worker_threads of "pgferry-base" (default PGFERRY_WORKERS):
+#                           with PGFERRY_BASE_BIN set to the same binary, an A/B of
+#                           runtime shapes in one run
 #   KEEP_TMP=1              keep the temporary directory (data, configs, logs)
 #   CONNECT_CLIENTS=""      client counts for the connect workload (connect,
 #                           authenticate, SELECT 1, Terminate per transaction);
@@ -320,7 +323,7 @@ backlog = 4096
 max_client_conn = 12000
 
 [runtime]
-worker_threads = $PGFERRY_WORKERS
+worker_threads = ${START_WORKERS:-$PGFERRY_WORKERS}
 
 [auth]
 method = "scram-sha-256"
@@ -372,7 +375,8 @@ PGFERRY_BASE_OK=0
 if [ -n "${PGFERRY_BASE_BIN:-}" ]; then
     cp "$PGFERRY_BASE_BIN" "$TMP/pgferry-base"
     PGFERRY_BASE_PORT=$(free_port)
-    START_BIN="$TMP/pgferry-base" START_FROM="$PGFERRY_BASE_BIN" start_pgferry pgferry-base "$PGFERRY_BASE_PORT"
+    START_BIN="$TMP/pgferry-base" START_FROM="$PGFERRY_BASE_BIN" START_WORKERS=${PGFERRY_BASE_WORKERS:-$PGFERRY_WORKERS} \
+        start_pgferry pgferry-base "$PGFERRY_BASE_PORT"
     PGFERRY_BASE_PID=$STARTED_PID
     PGFERRY_BASE_OK=$STARTED_OK
 fi
