@@ -71,6 +71,11 @@ PORT_VARS=(ETCD1_PORT=12379 ETCD1_PEER_PORT=12380 ETCD2_PORT=12479 ETCD2_PEER_PO
     PGFERRY1_RW_PORT=16432 PGFERRY1_RO_PORT=16433 PGFERRY1_HTTP_PORT=18404
     PGFERRY2_RW_PORT=16442 PGFERRY2_RO_PORT=16443 PGFERRY2_HTTP_PORT=18414
     PROMETHEUS_PORT=19090)
+# pod ARGS...: a podman call whose output only matters when it fails.
+pod() {
+    local out
+    out=$(podman "$@" 2>&1) || die "podman $*: $(grep -v systemd <<<"$out")"
+}
 in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 offset=""
 for try in 0 100 200 300 400 500 600 700 800 900; do
@@ -92,7 +97,8 @@ down() {
     fi
     "${PC[@]}" down -v -t 10 >/dev/null 2>&1 || true
 }
-trap 'status=$?; if [ $status != 0 ]; then for c in coord1 coord2 w1a pgferry1; do echo "--- $c" >&2; podman logs --tail 30 pgferry-check_${c}_1 2>&1 | cut -c1-300 >&2 || true; done; fi; down' EXIT
+bench=
+trap 'status=$?; [ -z "$bench" ] || kill "$bench" 2>/dev/null || true; if [ $status != 0 ]; then for c in coord1 coord2 w1a pgferry1; do echo "--- $c" >&2; podman logs --tail 30 pgferry-check_${c}_1 2>&1 | cut -c1-300 >&2 || true; done; fi; down' EXIT
 "${PC[@]}" down -v -t 5 >/dev/null 2>&1 || true
 
 # 4. Up, and the first write through pgferry.
@@ -223,6 +229,7 @@ for step in "4 0" "10 1"; do
 done
 status=0
 wait "$bench" || status=$?
+bench=
 rm -f "$script"
 after=$(count_rows)
 failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' $LOGS/compose-pgbench.log)
@@ -242,8 +249,20 @@ on_worker=$(ferry "$PGFERRY1_RW_PORT" -c "SELECT count(*) FROM ledger WHERE id >
 #    starts again as a replica and is not initialised a second time.
 old=$(leader_of 0)
 new=$(other 0 "$old")
+# With synchronous_mode only the synchronous standby may take over: after
+# the switchover above, wait until the demoted member is that again (what
+# an operator checks before stopping a leader: patronictl list).
+role_of() { # MEMBER -> its Role in patronictl list
+    patronictl coord1 list -f json 2>/dev/null \
+        | python3 -c "import json,sys; print(next((m['Role'] for m in json.load(sys.stdin) if m['Member']=='$1'), ''))"
+}
+for _ in $(seq 1 120); do
+    [ "$(role_of "$new")" = "Sync Standby" ] && break
+    sleep 0.5
+done
+[ "$(role_of "$new")" = "Sync Standby" ] || die "$new did not become the coordinator's synchronous standby"
 t=$SECONDS
-podman stop -t 30 "pgferry-check_${old}_1" >/dev/null 2>&1
+pod stop -t 30 "pgferry-check_${old}_1"
 stopped=$((SECONDS - t))
 code=$(podman inspect --format '{{.State.ExitCode}}' "pgferry-check_${old}_1")
 [ "$code" = 0 ] || die "$old exited $code when stopped (want a clean Patroni shutdown)"
@@ -256,7 +275,7 @@ done
 ferry "$PGFERRY1_RW_PORT" -c "INSERT INTO events (tenant_id, v) VALUES (1, 'after the stop')" >/dev/null \
     || die "a write through pgferry after the coordinator leader stopped"
 taken=$((SECONDS - t))
-podman start "pgferry-check_${old}_1" >/dev/null 2>&1
+pod start "pgferry-check_${old}_1"
 port_var=${old^^}_PORT
 for _ in $(seq 1 120); do pg_isready -q -h 127.0.0.1 -p "${!port_var}" -t 1 && break; sleep 0.5; done
 pg_isready -q -h 127.0.0.1 -p "${!port_var}" || die "$old did not come back after its stop"
@@ -276,17 +295,17 @@ key=$(ferry "$PGFERRY1_RW_PORT" -c "SELECT t FROM generate_series(1, 50) t
     WHERE (SELECT groupid FROM pg_dist_placement WHERE shardid = get_shard_id_for_distribution_column('events', t)) = 2 LIMIT 1")
 [ -n "$key" ] || die "no tenant key on worker group 2"
 t=$SECONDS
-podman kill -s KILL "pgferry-check_${dead}_1" >/dev/null 2>&1
+pod kill -s KILL "pgferry-check_${dead}_1"
 ferry "$PGFERRY1_RW_PORT" -c "INSERT INTO events (tenant_id, v) VALUES ($key, 'after the worker crash')" >/dev/null \
     || die "a write to worker group 2 after its leader was killed"
 held=$((SECONDS - t))
 now=$(leader_of 2)
 [ -n "$now" ] && [ "$now" != "$dead" ] || die "group 2 has no new leader ($now) after $dead was killed"
-podman start "pgferry-check_${dead}_1" >/dev/null 2>&1
+pod start "pgferry-check_${dead}_1"
 say "worker failure: $dead killed; a write to group 2 through pgferry held and done after ${held} s, on the new leader $now"
 
 t=$SECONDS
-podman stop -t 40 pgferry-check_pgferry2_1 >/dev/null
+pod stop -t 40 pgferry-check_pgferry2_1
 code=$(podman inspect --format '{{.State.ExitCode}}' pgferry-check_pgferry2_1)
 [ "$code" = 0 ] || die "pgferry2 exited $code on SIGTERM (want a drained, clean exit)"
 podman logs pgferry-check_pgferry2_1 2>&1 | grep -q 'SIGTERM: graceful shutdown' || die "pgferry2's log has no graceful shutdown"

@@ -5,6 +5,7 @@
 #                    (Swarm: tasks.pgferry:8404); takes precedence
 set -euo pipefail
 if [ -n "${PGFERRY_DNS_SD:-}" ]; then
+    [[ $PGFERRY_DNS_SD =~ ^[^:]+:[0-9]+$ ]] || { echo "PGFERRY_DNS_SD='$PGFERRY_DNS_SD': want name:port (tasks.pgferry:8404)" >&2; exit 1; }
     sd="    dns_sd_configs:
       - names: ['${PGFERRY_DNS_SD%:*}']
         type: A
