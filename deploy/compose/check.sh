@@ -308,7 +308,13 @@ t=$SECONDS
 pod stop -t 40 pgferry-check_pgferry2_1
 code=$(podman inspect --format '{{.State.ExitCode}}' pgferry-check_pgferry2_1)
 [ "$code" = 0 ] || die "pgferry2 exited $code on SIGTERM (want a drained, clean exit)"
-podman logs pgferry-check_pgferry2_1 2>&1 | grep -q 'SIGTERM: graceful shutdown' || die "pgferry2's log has no graceful shutdown"
+# (conmon may write a stopped container's last log lines a moment later)
+for _ in $(seq 1 25); do
+    podman logs pgferry-check_pgferry2_1 2>&1 | grep -q 'SIGTERM: graceful shutdown' && break
+    sleep 0.2
+done
+podman logs pgferry-check_pgferry2_1 2>&1 | grep -q 'SIGTERM: graceful shutdown' \
+    || die "pgferry2's log has no graceful shutdown: $(podman logs --tail 5 pgferry-check_pgferry2_1 2>&1 | grep -v systemd)"
 say "pgferry2 drained and exited 0 in $((SECONDS - t)) s on SIGTERM"
 
 # 9. The PostgreSQL image refuses wrong settings before starting anything.
