@@ -188,9 +188,17 @@ say "healthchecks healthy; Prometheus scrapes 2 pgferrys, alert rules loaded; /m
 
 # 7. Switchovers under load: the coordinator group, then worker group 1.
 patronictl() { podman exec "pgferry-check_$1_1" patronictl -c /var/lib/postgresql/data/patroni.yml "${@:2}"; }
+# The cluster as any running member sees it: the member we stop below may be
+# coord1 (it depends on which member won the first election).
+cluster_json() {
+    local m
+    for m in coord1 coord2 w1a w1b w2a w2b; do
+        patronictl "$m" list -f json 2>/dev/null && return 0
+    done
+    echo '[]'
+}
 leader_of() { # GROUP -> member name
-    patronictl coord1 list -f json 2>/dev/null \
-        | python3 -c "import json,sys; print(next((m['Member'] for m in json.load(sys.stdin) if m['Group']==$1 and m['Role']=='Leader'), ''))"
+    cluster_json | python3 -c "import json,sys; print(next((m['Member'] for m in json.load(sys.stdin) if m['Group']==$1 and m['Role']=='Leader'), ''))"
 }
 other() { # GROUP LEADER -> the group's other member
     case "$1:$2" in
@@ -253,8 +261,7 @@ new=$(other 0 "$old")
 # the switchover above, wait until the demoted member is that again (what
 # an operator checks before stopping a leader: patronictl list).
 role_of() { # MEMBER -> its Role in patronictl list
-    patronictl coord1 list -f json 2>/dev/null \
-        | python3 -c "import json,sys; print(next((m['Role'] for m in json.load(sys.stdin) if m['Member']=='$1'), ''))"
+    cluster_json | python3 -c "import json,sys; print(next((m['Role'] for m in json.load(sys.stdin) if m['Member']=='$1'), ''))"
 }
 for _ in $(seq 1 120); do
     [ "$(role_of "$new")" = "Sync Standby" ] && break
