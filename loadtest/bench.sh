@@ -23,6 +23,18 @@
 #   MAX_CONNECTIONS=300     PostgreSQL max_connections; the direct target is
 #                           skipped for client counts it cannot take
 #   TARGETS="direct pgbouncer pgferry"         which targets to measure
+#   RATE=0                  loadtest workloads run open loop at RATE transactions
+#                           per second per client (0 = closed loop, as fast as
+#                           each client can); with RATE latency counts from the
+#                           scheduled start. 10,000 clients at 1/s:
+#                           CLIENTS=10000 RATE=1 WORKLOADS=select-simple PGBENCH_MODES=""
+#   SOAK=0                  seconds of a soak after everything else (0 = none):
+#                           SOAK_CLIENTS=10000 connections to each SOAK_TARGETS
+#                           (default pgferry), SOAK_ACTIVE=0.2 of them at RATE (default
+#                           1) transactions per second, the rest idle, SOAK_RECONNECT=0.01
+#                           of the connections replaced per second, sampled every
+#                           SOAK_SAMPLE=30 s after SOAK_WARMUP=300 s of warm-up; fails
+#                           on any error, RSS growth over 5% or descriptor growth
 #   RESULTS=loadtest/results/bench-<utc time>.txt
 #   PGFERRY_BIN             default: ${CARGO_TARGET_DIR:-target}/release/pgferry
 #                           (built with cargo build --release -p pgferry-proxy if missing)
@@ -195,6 +207,8 @@ wait_port() {
 
 # utime+stime of a process, in clock ticks.
 cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# utime alone: the user-space share (the proxy's own code and runtime).
+user_ticks() { awk '{ sub(/.*\) /, ""); print $12 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 log "# pgferry benchmark $(date -u +%FT%TZ) on $(uname -srm), $(nproc) cores, $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
 log "# POOL=$POOL SCALE=$SCALE CLIENTS='$CLIENTS' WORKLOADS='$WORKLOADS' PGBENCH_MODES='$PGBENCH_MODES'"
@@ -469,6 +483,10 @@ fi
 log "# direct is skipped above $DIRECT_MAX clients (max_connections=$MAX_CONNECTIONS minus 3 reserved and all pools)"
 
 LT_COMMON=(--user "$BENCH_USER" --password "$BENCH_PASSWORD" --dbname "$BENCH_DB" --scale "$SCALE")
+LT_RATE=()
+if [ "${RATE:-0}" != 0 ]; then
+    LT_RATE=(--rate "$RATE")
+fi
 if [ -n "$TLS_GROUPS" ]; then
     LT_COMMON+=(--tls-groups "$TLS_GROUPS")
 fi
@@ -499,7 +517,7 @@ for clients in $CLIENTS; do
         log ""
         log "## pgferry-loadtest workload=$workload clients=$clients"
         run "$LOADTEST_BIN" "${args[@]}" "${LT_COMMON[@]}" --clients "$clients" --workload "$workload" \
-            --duration "${DURATION}s" --warmup "${WARMUP}s" --rounds "$ROUNDS" --json || log "# (exit status $?)"
+            --duration "${DURATION}s" --warmup "${WARMUP}s" --rounds "$ROUNDS" "${LT_RATE[@]}" --json || log "# (exit status $?)"
     done
     for mode in $PGBENCH_MODES; do
         log ""
@@ -511,7 +529,7 @@ for clients in $CLIENTS; do
         for t in "${tg[@]}"; do
             pid=${PID[$t]:-}
             before=0
-            [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+            [ -n "$pid" ] && before=$(cpu_ticks "$pid") && before_user=$(user_ticks "$pid")
             perf_pid=
             if [ "${SYSCALLS:-0}" = 1 ] && [ -n "$pid" ]; then
                 perf stat -x, -e raw_syscalls:sys_enter,context-switches,cpu-migrations -p "$pid" \
@@ -541,13 +559,16 @@ for clients in $CLIENTS; do
             lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
             txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -1)
             cpu=-
+            user=
             if [ -n "$pid" ] && [ -n "$txns" ] && [ "$txns" -gt 0 ]; then
                 cpu=$(awk -v a="$before" -v b="$(cpu_ticks "$pid")" -v n="$txns" -v hz="$(getconf CLK_TCK)" \
                     'BEGIN { printf "%.1f", (b - a) * 1e6 / hz / n }')
+                user=$(awk -v a="$before_user" -v b="$(user_ticks "$pid")" -v n="$txns" -v hz="$(getconf CLK_TCK)" \
+                    'BEGIN { printf " user=%.1fus/txn", (b - a) * 1e6 / hz / n }')
             fi
             aborted=
             grep -q "Run was aborted" "$out" && aborted=" aborted(see errors above)"
-            log "pgbench target=$t clients=$clients mode=$mode tps=${tps:-failed} latency_avg=${lat:--}ms cpu=${cpu}us/txn$sys$aborted"
+            log "pgbench target=$t clients=$clients mode=$mode tps=${tps:-failed} latency_avg=${lat:--}ms cpu=${cpu}us/txn$user$sys$aborted"
         done
     done
 done
@@ -563,8 +584,22 @@ for clients in $CONNECT_CLIENTS; do
         --duration "${DURATION}s" --warmup "${WARMUP}s" --rounds "$ROUNDS" --json || log "# (exit status $?)"
 done
 
+# ---- soak -------------------------------------------------------------------
+if [ "${SOAK:-0}" -gt 0 ]; then
+    for t in ${SOAK_TARGETS:-pgferry}; do
+        read -r -a tg <<<"$(targets_for "${SOAK_CLIENTS:-10000}" "$t")"
+        [ "${#tg[@]}" -gt 0 ] || { log "# soak: $t cannot take ${SOAK_CLIENTS:-10000} clients"; continue; }
+        mapfile -t args < <(target_args "$t")
+        log ""
+        log "## soak target=$t seconds=$SOAK"
+        run "$LOADTEST_BIN" "${args[@]}" "${LT_COMMON[@]}" --clients "${SOAK_CLIENTS:-10000}" --workload select-simple \
+            --soak "${SOAK}s" --warmup "${SOAK_WARMUP:-300}s" --sample "${SOAK_SAMPLE:-30}s" --rate "${RATE:-1}" \
+            --active-fraction "${SOAK_ACTIVE:-0.2}" --reconnect-rate "${SOAK_RECONNECT:-0.01}" || log "# (exit status $?)"
+    done
+fi
+
 log ""
 log "## summary"
-grep -E '^(summary|target |direct |haproxy |pgbouncer(-tls)? |pgferry(-tls|-base)? |tls target=|pgbench target=|idle target=.*(process|connected)=)' "$RESULTS" | tee -a "$RESULTS.summary" >/dev/null || true
+grep -E '^(summary|target |direct |haproxy |pgbouncer(-tls)? |pgferry(-tls|-base)? |tls target=|pgbench target=|idle target=.*(process|connected)=|soak (summary|passed)|pgferry-loadtest: soak)' "$RESULTS" | tee -a "$RESULTS.summary" >/dev/null || true
 cat "$RESULTS.summary" | tee -a "$RESULTS"
 rm -f "$RESULTS.summary"

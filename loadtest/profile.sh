@@ -4,7 +4,8 @@
 # middle of it, then prints the top symbols (self time). BENCHMARKS.md quotes it.
 #
 # Usage (root, like bench.sh): loadtest/profile.sh
-# Environment: WORKLOAD=select-simple CLIENTS=16 SECONDS_=8 TOP=25, PGFERRY_BIN.
+# Environment: WORKLOAD=select-simple CLIENTS=16 SECONDS_=8 TOP=25, PGFERRY_BIN,
+# EVENT=cpu-clock (cpu-clock:u: user space only, the proxy's own code).
 # Needs Debian's linux-perf package.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,7 +19,7 @@ for _ in $(seq 600); do grep -q "^## pgferry-loadtest" "$DIR/bench.txt" 2>/dev/n
 sleep 5 # past connection setup and warm-up
 pid=$(pgrep -f "/pgferry --config" | head -1)
 echo "# workload ${WORKLOAD:-select-simple}, ${CLIENTS:-16} clients; pgferry pid $pid, ${SECONDS_:-8} s of samples"
-perf record -F 1999 -g -p "$pid" -o "$DIR/perf.data" -- sleep "${SECONDS_:-8}" 2>/dev/null >/dev/null
+perf record -e "${EVENT:-cpu-clock}" -F 1999 -g -p "$pid" -o "$DIR/perf.data" -- sleep "${SECONDS_:-8}" 2>/dev/null >/dev/null
 wait "$bench" || true
 perf report -i "$DIR/perf.data" --no-children --sort symbol --stdio 2>/dev/null |
     grep -E '^ +[0-9.]+%' | head -"${TOP:-25}" | sed 's/ *- *- *$//'

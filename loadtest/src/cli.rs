@@ -78,6 +78,33 @@ pub struct Args {
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     pub think: Duration,
 
+    /// Open loop: each client starts a transaction every 1/RATE seconds
+    /// (its first at a random phase), whatever the previous one took.
+    /// Latency counts from the scheduled start, so a stall shows in full
+    /// (no coordinated omission). 0 = closed loop (with --think).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+
+    /// Soak mode: run this long with --clients connections, of which
+    /// --active-fraction send --rate transactions per second and the rest
+    /// sit idle; every connection is replaced at --reconnect-rate per second
+    /// on average. Prints a sample of throughput, latency, errors and each
+    /// --pid process's RSS, descriptors and CPU every --sample.
+    #[arg(long, value_parser = parse_duration)]
+    pub soak: Option<Duration>,
+
+    /// Soak: the share of clients that send transactions.
+    #[arg(long, default_value_t = 0.2)]
+    pub active_fraction: f64,
+
+    /// Soak: the share of connections closed and opened again per second.
+    #[arg(long, default_value_t = 0.01)]
+    pub reconnect_rate: f64,
+
+    /// Soak: the interval between two samples.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub sample: Duration,
+
     /// pgbench scale factor (accounts = scale * 100000, tellers = scale * 10,
     /// branches = scale). Default: counted from pgbench_branches.
     #[arg(long)]
@@ -272,6 +299,15 @@ impl Args {
         }
         if self.rounds == 0 {
             bail!("--rounds must be at least 1");
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+            bail!("--rate must be a number of transactions per second, 0 or more");
+        }
+        if !(0.0..=1.0).contains(&self.active_fraction) || !(0.0..1.0).contains(&self.reconnect_rate) {
+            bail!("--active-fraction must be within 0..=1 and --reconnect-rate within 0..1");
+        }
+        if self.soak.is_some() && (self.targets.len() != 1 || self.sample.is_zero()) {
+            bail!("--soak loads one --target, sampled every --sample (> 0)");
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ mod conn;
 mod idle;
 mod procfs;
 mod round;
+mod soak;
 mod stats;
 mod tls;
 mod workload;
@@ -53,6 +54,10 @@ async fn run(args: Args) -> Result<()> {
     }
     let tls = args.tls_connector()?;
     let params: Vec<_> = args.targets.iter().map(|t| args.conn_params(t, tls.as_ref())).collect();
+    if let Some(d) = args.soak {
+        let scale = scale(&args, &params).await?;
+        return soak::run(&args, d, scale).await;
+    }
     describe_tls(&args, &params).await;
     let scale = scale(&args, &params).await?;
     let settings = Settings {
@@ -62,6 +67,7 @@ async fn run(args: Args) -> Result<()> {
         warmup: args.warmup,
         duration: args.duration,
         think: args.think,
+        rate: args.rate,
         connect_concurrency: args.connect_concurrency,
     };
     let n = args.targets.len();

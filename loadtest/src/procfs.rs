@@ -87,3 +87,9 @@ mod tests {
         cpu_micros(me).unwrap();
     }
 }
+
+/// Open file descriptors of a process (entries of /proc/PID/fd).
+pub fn fd_count(pid: u32) -> Result<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).with_context(|| format!("reading /proc/{pid}/fd"))?;
+    Ok(dir.count() as u64)
+}

@@ -28,7 +28,31 @@ pub struct Settings {
     pub warmup: Duration,
     pub duration: Duration,
     pub think: Duration,
+    /// Transactions per second per client, open loop; 0 = closed loop.
+    pub rate: f64,
     pub connect_concurrency: usize,
+}
+
+/// When a client sends its transactions.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// As soon as the previous one ended, plus a pause.
+    Closed(Duration),
+    /// Every `period`, from a random phase; latency counts from the
+    /// scheduled start.
+    Open { period: Duration },
+}
+
+impl Pace {
+    pub fn new(think: Duration, rate: f64) -> Pace {
+        if rate > 0.0 {
+            Pace::Open {
+                period: Duration::from_secs_f64(1.0 / rate),
+            }
+        } else {
+            Pace::Closed(think)
+        }
+    }
 }
 
 /// Opens `n` connections, at most `concurrency` handshakes at a time, and
@@ -77,7 +101,7 @@ pub async fn connect_all(
     conns
 }
 
-fn seed(round: usize, client: usize) -> u64 {
+pub fn seed(round: usize, client: usize) -> u64 {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -112,7 +136,8 @@ pub async fn run(
         for (i, conn) in conns.into_iter().enumerate() {
             let (params, recorder) = (params.clone(), recorder.clone());
             let gen = Generator::new(settings.kind, settings.scale, seed(round, i));
-            tasks.spawn(client(i, conn, gen, params, recorder, settings.think));
+            let pace = Pace::new(settings.think, settings.rate);
+            tasks.spawn(client(i, conn, gen, params, recorder, pace));
         }
     }
 
@@ -169,10 +194,14 @@ async fn client(
     mut gen: Generator,
     params: Arc<ConnParams>,
     recorder: Arc<Recorder>,
-    think: Duration,
+    pace: Pace,
 ) {
     let rollback = workload::rollback();
     let mut conn = Some(conn);
+    let mut next = match pace {
+        Pace::Open { period } => Instant::now() + period.mul_f64(gen.fraction()),
+        Pace::Closed(_) => Instant::now(),
+    };
     while recorder.phase() != PHASE_STOP {
         let Some(c) = conn.as_mut() else {
             tokio::time::sleep(RECONNECT_DELAY).await;
@@ -182,8 +211,16 @@ async fn client(
             }
             continue;
         };
+        let start = match pace {
+            Pace::Open { period } => {
+                tokio::time::sleep_until(next.into()).await;
+                let at = next;
+                next += period;
+                at
+            }
+            Pace::Closed(_) => Instant::now(),
+        };
         let request = gen.next_request();
-        let start = Instant::now();
         match c.exchange(request).await {
             Ok(reply) if !reply.error => recorder.success(id, start.elapsed()),
             Ok(reply) => {
@@ -197,8 +234,10 @@ async fn client(
                 conn = None;
             }
         }
-        if !think.is_zero() {
-            tokio::time::sleep(think).await;
+        if let Pace::Closed(think) = pace {
+            if !think.is_zero() {
+                tokio::time::sleep(think).await;
+            }
         }
     }
     if let Some(c) = conn {
@@ -206,7 +245,7 @@ async fn client(
     }
 }
 
-async fn reconnect(params: &ConnParams, gen: &Generator) -> Result<Conn> {
+pub async fn reconnect(params: &ConnParams, gen: &Generator) -> Result<Conn> {
     let mut c = Conn::connect(params).await?;
     if let Some(s) = gen.connection_setup() {
         c.exchange(&s).await?;

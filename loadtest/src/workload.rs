@@ -118,6 +118,12 @@ impl Rng {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
+    /// Uniform in `[0, 1)`.
+    #[inline]
+    pub fn fraction(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// Uniform in `1..=n`.
     #[inline]
     pub fn between_1_and(&mut self, n: u64) -> i64 {
@@ -169,6 +175,11 @@ impl Generator {
             encode::sync(&mut b);
             b.to_vec()
         })
+    }
+
+    /// Uniform in `[0, 1)`, from this client's generator.
+    pub fn fraction(&mut self) -> f64 {
+        self.rng.fraction()
     }
 
     /// The bytes of the next transaction.
