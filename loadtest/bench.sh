@@ -47,6 +47,7 @@
 #   PGFERRY_BASE_WORKERS    worker_threads of "pgferry-base" (default PGFERRY_WORKERS):
 #                           with PGFERRY_BASE_BIN set to the same binary, an A/B of
 #                           runtime shapes in one run
+#   PGFERRY_ENV, PGFERRY_BASE_ENV  extra NAME=VALUE environment of pgferry / pgferry-base
 #   KEEP_TMP=1              keep the temporary directory (data, configs, logs)
 #   CONNECT_CLIENTS=""      client counts for the connect workload (connect,
 #                           authenticate, SELECT 1, Terminate per transaction);
@@ -359,7 +360,8 @@ EOF
         chown "$RUN_AS" "$TMP/$name.toml"
         log "# $name.toml:"; tee -a "$RESULTS" <"$TMP/$name.toml"
         log "+ $bin --config $TMP/$name.toml (as $RUN_AS; binary copied from ${START_FROM:-$PGFERRY_BIN})"
-        PGFERRY_LOG=${PGFERRY_LOG:-warn} "${AS_USER[@]}" "$bin" --config "$TMP/$name.toml" >"$TMP/$name.log" 2>&1 &
+        # shellcheck disable=SC2086 # START_ENV: NAME=VALUE words
+        env ${START_ENV:-} PGFERRY_LOG=${PGFERRY_LOG:-warn} "${AS_USER[@]}" "$bin" --config "$TMP/$name.toml" >"$TMP/$name.log" 2>&1 &
         STARTED_PID=$!
         case $extra in *"[tls]"*) sslmode=require ;; esac
         if ! wait_port "$port" "$STARTED_PID"; then
@@ -380,7 +382,7 @@ EOF
 }
 
 PGFERRY_PORT=$(free_port)
-start_pgferry pgferry "$PGFERRY_PORT"
+START_ENV=${PGFERRY_ENV:-} start_pgferry pgferry "$PGFERRY_PORT"
 PGFERRY_PID=$STARTED_PID
 PGFERRY_OK=$STARTED_OK
 
@@ -389,7 +391,7 @@ PGFERRY_BASE_OK=0
 if [ -n "${PGFERRY_BASE_BIN:-}" ]; then
     cp "$PGFERRY_BASE_BIN" "$TMP/pgferry-base"
     PGFERRY_BASE_PORT=$(free_port)
-    START_BIN="$TMP/pgferry-base" START_FROM="$PGFERRY_BASE_BIN" START_WORKERS=${PGFERRY_BASE_WORKERS:-$PGFERRY_WORKERS} \
+    START_ENV=${PGFERRY_BASE_ENV:-} START_BIN="$TMP/pgferry-base" START_FROM="$PGFERRY_BASE_BIN" START_WORKERS=${PGFERRY_BASE_WORKERS:-$PGFERRY_WORKERS} \
         start_pgferry pgferry-base "$PGFERRY_BASE_PORT"
     PGFERRY_BASE_PID=$STARTED_PID
     PGFERRY_BASE_OK=$STARTED_OK

@@ -218,8 +218,9 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
-    /// Tokio worker threads; 0 = one per CPU core. On a small machine shared
-    /// with PostgreSQL, 1 saves the cost of waking threads on each other.
+    /// Tokio worker threads; 0 = one per CPU core. 1 = a single event loop
+    /// (tokio's current-thread scheduler): the least CPU per transaction,
+    /// for a small machine shared with PostgreSQL.
     #[serde(default)]
     pub worker_threads: usize,
     /// On SIGTERM: how long clients in a transaction may take to finish

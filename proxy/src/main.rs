@@ -41,10 +41,19 @@ fn main() -> anyhow::Result<()> {
     let config = pgferry_config::Config::load(&path).with_context(|| format!("loading {}", path.display()))?;
     raise_nofile_limit();
 
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.runtime.worker_threads > 0 {
-        rt.worker_threads(config.runtime.worker_threads);
-    }
+    // One thread: tokio's current-thread scheduler, one event loop like
+    // PgBouncer's. A one-worker multi-thread runtime would still pay for
+    // work stealing and cross-thread wake-ups on every request: measured
+    // 7-16% more CPU per transaction (BENCHMARKS.md, session 10).
+    let mut rt = match config.runtime.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
     let rt = rt.enable_all().build()?;
     rt.block_on(async {
         let (tx, rx) = tokio::sync::watch::channel(false);

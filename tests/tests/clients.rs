@@ -60,13 +60,16 @@ fn pgbench(f: &pgferry_tests::Ferry, args: &[&str]) -> String {
     text
 }
 
-#[test]
-fn pgbench_in_all_query_modes_has_no_failures() {
+/// pgbench's tables are shared by the tests below: one at a time.
+static PGBENCH_TABLES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn pgbench_all_modes(extra_toml: &str) {
+    let _tables = PGBENCH_TABLES.lock().unwrap_or_else(|e| e.into_inner());
     let cluster = shared_cluster();
     cluster
         .psql_primary("app", "GRANT ALL ON SCHEMA public TO app")
         .unwrap();
-    let f = ferry("[pool]\npool_size = 3\n");
+    let f = ferry(&format!("[pool]\npool_size = 3\n{extra_toml}"));
     pgbench(&f, &["-i", "-s", "1", "-q"]);
     for mode in ["simple", "extended", "prepared"] {
         // More clients than server connections, on two threads.
@@ -82,6 +85,18 @@ fn pgbench_in_all_query_modes_has_no_failures() {
     }
     let out = pgbench(&f, &["-n", "-S", "-M", "prepared", "-c", "12", "-j", "2", "-t", "300"]);
     assert!(out.contains("number of failed transactions: 0 (0.000%)"), "{out}");
+}
+
+#[test]
+fn pgbench_in_all_query_modes_has_no_failures() {
+    pgbench_all_modes("");
+}
+
+/// `worker_threads = 1` runs pgferry on tokio's current-thread scheduler (a
+/// different event loop from the default's): the same workloads must pass.
+#[test]
+fn pgbench_on_the_single_threaded_runtime() {
+    pgbench_all_modes("[runtime]\nworker_threads = 1\n");
 }
 
 fn python(script: &str, port: u16) {
