@@ -218,11 +218,12 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
-    /// Tokio worker threads; 0 = one per CPU core. 1 = a single event loop
-    /// (tokio's current-thread scheduler): the least CPU per transaction,
-    /// for a small machine shared with PostgreSQL.
+    /// Threads that serve clients; 0 = one per CPU core.
     #[serde(default)]
     pub worker_threads: usize,
+    /// How those threads share the clients (see `Scheduler`).
+    #[serde(default)]
+    pub scheduler: Scheduler,
     /// On SIGTERM: how long clients in a transaction may take to finish
     /// before pgferry exits anyway (idle clients are closed at once).
     #[serde(default = "d_shutdown_timeout", with = "duration")]
@@ -241,10 +242,38 @@ fn d_stats_period() -> Duration {
     Duration::from_secs(60)
 }
 
+/// How client sessions are spread over threads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// One event loop per thread (tokio's current-thread scheduler on
+    /// each), all accepting on the same listening sockets: a client's
+    /// session stays on the thread that accepted it, server connections go
+    /// preferably to sessions of the loop that opened them. No work
+    /// stealing and no cross-thread wake-ups per request.
+    #[default]
+    ThreadPerCore,
+    /// tokio's multi-thread scheduler: one runtime, tasks move between
+    /// worker threads (work stealing).
+    WorkStealing,
+}
+
+impl Runtime {
+    /// The number of client-serving threads: `worker_threads`, or one per
+    /// CPU core when it is 0.
+    pub fn threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 impl Default for Runtime {
     fn default() -> Self {
         Runtime {
             worker_threads: 0,
+            scheduler: Scheduler::default(),
             shutdown_timeout: d_shutdown_timeout(),
             stats_period: d_stats_period(),
         }

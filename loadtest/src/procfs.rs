@@ -62,6 +62,12 @@ pub fn raise_nofile_limit() -> Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX).context("raising RLIMIT_NOFILE")
 }
 
+/// Open file descriptors of a process (entries of /proc/PID/fd).
+pub fn fd_count(pid: u32) -> Result<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).with_context(|| format!("reading /proc/{pid}/fd"))?;
+    Ok(dir.count() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,10 +92,4 @@ mod tests {
         assert!(rss_kib(me).unwrap() > 0);
         cpu_micros(me).unwrap();
     }
-}
-
-/// Open file descriptors of a process (entries of /proc/PID/fd).
-pub fn fd_count(pid: u32) -> Result<u64> {
-    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).with_context(|| format!("reading /proc/{pid}/fd"))?;
-    Ok(dir.count() as u64)
 }

@@ -190,7 +190,9 @@ pub async fn run(args: &Args, duration: Duration, scale: Scale) -> Result<()> {
         last = now;
     }
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(Duration::from_secs(30), async { while tasks.join_next().await.is_some() {} });
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        while tasks.join_next().await.is_some() {}
+    });
     if drained.await.is_err() {
         tasks.abort_all();
     }

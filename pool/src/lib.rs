@@ -12,6 +12,7 @@
 // server <- connect <- pool; error, stats, latency and statements are
 // leaves too.
 mod addr;
+pub mod affinity;
 pub mod connect;
 mod error;
 pub mod latency;

@@ -230,8 +230,19 @@ impl Pool {
     }
 
     fn pop_idle(&self) -> Option<Box<ServerConn>> {
+        let here = crate::affinity::current();
         loop {
-            let mut c = self.idle.lock().unwrap().pop()?;
+            let mut c = {
+                let mut idle = self.idle.lock().unwrap();
+                // The most recently used connection of this event loop,
+                // else the most recent of any (the stack is at most
+                // pool_size long).
+                let i = idle
+                    .iter()
+                    .rposition(|c| c.home == here)
+                    .or(idle.len().checked_sub(1))?;
+                idle.remove(i)
+            };
             // An idle connection may have been closed by the server (a
             // shutdown sends FATAL to idle sessions): never hand one out.
             // The check asks the reactor first and makes a syscall only

@@ -46,6 +46,8 @@ pub struct ServerConn {
     /// reach a demoted primary). None over an in-memory stream (tests),
     /// which has no socket.
     pub(crate) sever: Option<Arc<socket2::Socket>>,
+    /// The event loop whose reactor registered the socket (`affinity`).
+    pub home: u16,
 }
 
 impl ServerConn {
@@ -124,6 +126,7 @@ impl ServerConn {
             idle_since: now,
             uses: 0,
             sever,
+            home: crate::affinity::current(),
         })
     }
 

@@ -47,6 +47,8 @@ pub enum StartError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start event loop {id}: {source}")]
+    EventLoop { id: u16, source: std::io::Error },
 }
 
 /// Says why a port may be in use, and what shares one on purpose.
@@ -57,6 +59,49 @@ fn in_use_hint(e: &std::io::Error) -> &'static str {
         }
         _ => "",
     }
+}
+
+/// One more event loop (thread per core): accepts on its duplicates of the
+/// listening sockets; the sessions it accepts run here to their end.
+fn event_loop(
+    id: u16,
+    listeners: Vec<(std::net::TcpListener, Role)>,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+    done: tokio::sync::oneshot::Sender<()>,
+) {
+    pgferry_pool::affinity::set_current(id);
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(event_loop = id, error = %e, "event loop not started");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let mut tasks = Vec::new();
+        for (l, role) in listeners {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => tasks.push(tokio::spawn(listener::accept_loop(
+                    l,
+                    role,
+                    shared.clone(),
+                    slots.clone(),
+                    shutdown.clone(),
+                ))),
+                Err(e) => tracing::error!(event_loop = id, error = %e, "listener not registered"),
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = done.send(());
+        // The sessions accepted here, and the server sockets this loop's
+        // reactor watches (other loops' sessions may hold some), need the
+        // loop until the process exits: the main loop decides when.
+        std::future::pending::<()>().await
+    });
 }
 
 /// Loads what the configuration points at (the users file).
@@ -169,11 +214,38 @@ pub async fn run(
     if let Some(ro) = config.listen.ro {
         listeners.push((ro, Role::ReadOnly));
     }
-    let mut tasks = Vec::new();
+    let mut bound = Vec::new();
     for (addr, role) in listeners {
-        let l = listener::bind(addr, config.listen.backlog, config.listen.reuse_port)
+        let l = listener::bind_std(addr, config.listen.backlog, config.listen.reuse_port)
             .map_err(|source| StartError::Listen { addr, source })?;
         tracing::info!(%addr, port = role.as_str(), "listening");
+        bound.push((l, role));
+    }
+    // Thread per core: every other event loop gets its own thread and
+    // duplicates of the listening sockets; this thread is loop 0.
+    let loops = match config.runtime.scheduler {
+        pgferry_config::Scheduler::ThreadPerCore => config.runtime.threads().clamp(1, u16::MAX as usize) as u16,
+        pgferry_config::Scheduler::WorkStealing => 1,
+    };
+    let mut others = Vec::new();
+    for id in 1..loops {
+        let mut mine = Vec::new();
+        for (l, role) in &bound {
+            let dup = l.try_clone().map_err(|source| StartError::EventLoop { id, source })?;
+            mine.push((dup, *role));
+        }
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let (shared, slots, shutdown) = (shared.clone(), slots.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name(format!("pgferry-loop-{id}"))
+            .spawn(move || event_loop(id, mine, shared, slots, shutdown, done_tx))
+            .map_err(|source| StartError::EventLoop { id, source })?;
+        others.push(done);
+    }
+    tracing::info!(event_loops = loops, scheduler = ?config.runtime.scheduler, "serving clients");
+    let mut tasks = Vec::new();
+    for (l, role) in bound {
+        let l = tokio::net::TcpListener::from_std(l).map_err(|source| StartError::EventLoop { id: 0, source })?;
         tasks.push(tokio::spawn(listener::accept_loop(
             l,
             role,
@@ -184,6 +256,9 @@ pub async fn run(
     }
     for t in tasks {
         let _ = t.await;
+    }
+    for done in others {
+        let _ = done.await;
     }
     // Graceful shutdown: idle clients get 57P01 now, the others at the end
     // of their transaction; wait for them (bounded), then close the pools.

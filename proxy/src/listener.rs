@@ -18,6 +18,12 @@ use tokio::sync::{watch, Semaphore};
 /// can then bind the same ports and take over while this one drains (a
 /// rolling restart). Without it a port in use is an error (EADDRINUSE).
 pub fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr, backlog, reuse_port)?)
+}
+
+/// A non-blocking listening socket, not yet registered with a runtime: each
+/// event loop registers its own duplicate (`try_clone`) and accepts from it.
+pub fn bind_std(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv6() {
         socket2::Domain::IPV6
     } else {
@@ -29,7 +35,7 @@ pub fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(backlog.min(i32::MAX as u32) as i32)?;
-    TcpListener::from_std(s.into())
+    Ok(s.into())
 }
 
 /// Accepts until `shutdown` turns true. `slots` caps clients across listeners.

@@ -41,14 +41,12 @@ fn main() -> anyhow::Result<()> {
     let config = pgferry_config::Config::load(&path).with_context(|| format!("loading {}", path.display()))?;
     raise_nofile_limit();
 
-    // One thread: tokio's current-thread scheduler, one event loop like
-    // PgBouncer's. A one-worker multi-thread runtime would still pay for
-    // work stealing and cross-thread wake-ups on every request: measured
-    // 7-16% more CPU per transaction (BENCHMARKS.md, session 10).
-    let mut rt = match config.runtime.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
+    // Thread per core: this thread runs one event loop (tokio's
+    // current-thread scheduler) and `run` starts the others. Work stealing:
+    // one multi-thread runtime. BENCHMARKS.md (session 10) compares them.
+    let mut rt = match (config.runtime.scheduler, config.runtime.threads()) {
+        (pgferry_config::Scheduler::ThreadPerCore, _) | (_, 1) => tokio::runtime::Builder::new_current_thread(),
+        (pgferry_config::Scheduler::WorkStealing, n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(n);
             b

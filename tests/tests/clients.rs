@@ -63,7 +63,7 @@ fn pgbench(f: &pgferry_tests::Ferry, args: &[&str]) -> String {
 /// pgbench's tables are shared by the tests below: one at a time.
 static PGBENCH_TABLES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn pgbench_all_modes(extra_toml: &str) {
+fn pgbench_all_modes(extra_toml: &str, runtime: &str) {
     let _tables = PGBENCH_TABLES.lock().unwrap_or_else(|e| e.into_inner());
     let cluster = shared_cluster();
     cluster
@@ -85,18 +85,44 @@ fn pgbench_all_modes(extra_toml: &str) {
     }
     let out = pgbench(&f, &["-n", "-S", "-M", "prepared", "-c", "12", "-j", "2", "-t", "300"]);
     assert!(out.contains("number of failed transactions: 0 (0.000%)"), "{out}");
+    let log = f.log();
+    assert!(log.contains(runtime), "pgferry did not start {runtime:?}:\n{log}");
 }
 
 #[test]
 fn pgbench_in_all_query_modes_has_no_failures() {
-    pgbench_all_modes("");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    pgbench_all_modes("", &format!("event_loops={cores} scheduler=ThreadPerCore"));
 }
 
-/// `worker_threads = 1` runs pgferry on tokio's current-thread scheduler (a
-/// different event loop from the default's): the same workloads must pass.
+/// Thread per core with more loops than cores: three server connections
+/// serve sessions on four event loops, so connections opened by one loop's
+/// reactor are used by sessions on the others (the fallback of checkout's
+/// affinity), and one loop's clients wait for another loop's checkin.
 #[test]
-fn pgbench_on_the_single_threaded_runtime() {
-    pgbench_all_modes("[runtime]\nworker_threads = 1\n");
+fn pgbench_on_four_event_loops() {
+    pgbench_all_modes(
+        "[runtime]\nworker_threads = 4\n",
+        "event_loops=4 scheduler=ThreadPerCore",
+    );
+}
+
+/// tokio's work-stealing scheduler, the other `[runtime] scheduler`.
+#[test]
+fn pgbench_on_the_work_stealing_runtime() {
+    pgbench_all_modes(
+        "[runtime]\nscheduler = \"work-stealing\"\n",
+        "event_loops=1 scheduler=WorkStealing",
+    );
+}
+
+/// One thread: a single current-thread event loop.
+#[test]
+fn pgbench_on_one_thread() {
+    pgbench_all_modes(
+        "[runtime]\nworker_threads = 1\n",
+        "event_loops=1 scheduler=ThreadPerCore",
+    );
 }
 
 fn python(script: &str, port: u16) {

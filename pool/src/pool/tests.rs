@@ -302,3 +302,37 @@ async fn a_connection_the_server_closed_while_idle_is_not_handed_out() {
     assert_eq!(pool.stats.servers_closed.load(Relaxed), 1);
     c.checkin();
 }
+
+/// Thread per core: checkout takes a connection made on the caller's own
+/// event loop when one is idle (even below the top of the stack), else the
+/// most recently used of any loop.
+#[tokio::test]
+async fn checkout_prefers_a_connection_of_the_callers_event_loop() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(3, WAIT), None, false);
+    crate::affinity::set_current(1);
+    let on_1 = pool.checkout().await.unwrap();
+    crate::affinity::set_current(2);
+    let on_2a = pool.checkout().await.unwrap();
+    let on_2b = pool.checkout().await.unwrap();
+    assert_eq!((on_1.home, on_2a.home, on_2b.home), (1, 2, 2));
+    let (id_1, id_2a, id_2b) = (on_1.id, on_2a.id, on_2b.id);
+    // Idle stack, bottom to top: loop 1's, then loop 2's two.
+    on_1.checkin();
+    on_2a.checkin();
+    on_2b.checkin();
+    crate::affinity::set_current(1);
+    let c = pool.try_checkout().expect("idle connections");
+    assert_eq!(c.id, id_1, "loop 1 gets the connection its own reactor watches");
+    // Loop 1 has none left: it falls back to the top of the stack.
+    let d = pool.try_checkout().expect("idle connections");
+    assert_eq!(d.id, id_2b, "then the most recently used of another loop");
+    crate::affinity::set_current(2);
+    let e = pool.try_checkout().expect("the last idle connection");
+    assert_eq!(e.id, id_2a);
+    assert_eq!(fake.opened(), 3);
+    for c in [c, d, e] {
+        c.checkin();
+    }
+    crate::affinity::set_current(0);
+}
