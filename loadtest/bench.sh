@@ -44,6 +44,9 @@
 #                           same run: A/B of two versions with the same config
 #   PG_BIN=/usr/lib/postgresql/15/bin  PGBOUNCER=/usr/sbin/pgbouncer  RUN_AS=postgres
 #   PGFERRY_WORKERS=0       pgferry's [runtime] worker_threads (0 = one per core)
+#   PGFERRY_SCHEDULER       pgferry's [runtime] scheduler: thread-per-core or work-stealing
+#                           ("" = the binary's default, which a binary older than the setting needs);
+#                           PGFERRY_BASE_SCHEDULER: pgferry-base's (default PGFERRY_SCHEDULER)
 #   PGFERRY_BASE_WORKERS    worker_threads of "pgferry-base" (default PGFERRY_WORKERS):
 #                           with PGFERRY_BASE_BIN set to the same binary, an A/B of
 #                           runtime shapes in one run
@@ -88,6 +91,7 @@ fi
 CONNECT_CLIENTS=${CONNECT_CLIENTS-""}
 POOL=${POOL:-20}
 PGFERRY_WORKERS=${PGFERRY_WORKERS:-0}
+PGFERRY_SCHEDULER=${PGFERRY_SCHEDULER:-}
 SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS-"16 100 1000"}
 WORKLOADS=${WORKLOADS-"select-simple select-extended select-prepared write"}
@@ -328,6 +332,10 @@ start_pgferry() {
         STARTED_OK=0
         echo "no binary at $bin" >"$TMP/$name.log"
     else
+        sched_line=
+        if [ -n "${START_SCHEDULER:-}" ]; then
+            sched_line="scheduler = \"$START_SCHEDULER\""
+        fi
         cat >"$TMP/$name.toml" <<EOF
 [listen]
 rw = "127.0.0.1:$port"
@@ -339,6 +347,7 @@ max_client_conn = 12000
 
 [runtime]
 worker_threads = ${START_WORKERS:-$PGFERRY_WORKERS}
+$sched_line
 
 [auth]
 method = "scram-sha-256"
@@ -382,7 +391,7 @@ EOF
 }
 
 PGFERRY_PORT=$(free_port)
-START_ENV=${PGFERRY_ENV:-} start_pgferry pgferry "$PGFERRY_PORT"
+START_ENV=${PGFERRY_ENV:-} START_SCHEDULER=$PGFERRY_SCHEDULER start_pgferry pgferry "$PGFERRY_PORT"
 PGFERRY_PID=$STARTED_PID
 PGFERRY_OK=$STARTED_OK
 
@@ -392,6 +401,7 @@ if [ -n "${PGFERRY_BASE_BIN:-}" ]; then
     cp "$PGFERRY_BASE_BIN" "$TMP/pgferry-base"
     PGFERRY_BASE_PORT=$(free_port)
     START_ENV=${PGFERRY_BASE_ENV:-} START_BIN="$TMP/pgferry-base" START_FROM="$PGFERRY_BASE_BIN" START_WORKERS=${PGFERRY_BASE_WORKERS:-$PGFERRY_WORKERS} \
+        START_SCHEDULER=${PGFERRY_BASE_SCHEDULER:-$PGFERRY_SCHEDULER} \
         start_pgferry pgferry-base "$PGFERRY_BASE_PORT"
     PGFERRY_BASE_PID=$STARTED_PID
     PGFERRY_BASE_OK=$STARTED_OK

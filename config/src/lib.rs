@@ -242,20 +242,23 @@ fn d_stats_period() -> Duration {
     Duration::from_secs(60)
 }
 
-/// How client sessions are spread over threads.
+/// How client sessions are spread over threads. With one thread both are
+/// the same single event loop (tokio's current-thread scheduler).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheduler {
-    /// One event loop per thread (tokio's current-thread scheduler on
-    /// each), all accepting on the same listening sockets: a client's
-    /// session stays on the thread that accepted it, server connections go
-    /// preferably to sessions of the loop that opened them. No work
-    /// stealing and no cross-thread wake-ups per request.
-    #[default]
-    ThreadPerCore,
     /// tokio's multi-thread scheduler: one runtime, tasks move between
     /// worker threads (work stealing).
+    #[default]
     WorkStealing,
+    /// One event loop per thread (tokio's current-thread scheduler on
+    /// each), all accepting on the same listening sockets: a client's
+    /// session stays on the thread that accepted it; server connections
+    /// are shared and go preferably to sessions of the loop that opened
+    /// them. Measured on 2 cores (BENCHMARKS.md, session 10) it cost more
+    /// CPU per transaction than work stealing: sessions use other loops'
+    /// server connections, and each such request crosses threads.
+    ThreadPerCore,
 }
 
 impl Runtime {

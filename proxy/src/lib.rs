@@ -242,7 +242,17 @@ pub async fn run(
             .map_err(|source| StartError::EventLoop { id, source })?;
         others.push(done);
     }
-    tracing::info!(event_loops = loops, scheduler = ?config.runtime.scheduler, "serving clients");
+    tracing::info!(
+        event_loops = loops,
+        scheduler = ?config.runtime.scheduler,
+        threads = config.runtime.threads(),
+        runtime = match (config.runtime.scheduler, config.runtime.threads()) {
+            (pgferry_config::Scheduler::ThreadPerCore, _) => "a current-thread event loop per thread",
+            (_, 1) => "one current-thread event loop",
+            _ => "tokio's multi-thread runtime",
+        },
+        "serving clients"
+    );
     let mut tasks = Vec::new();
     for (l, role) in bound {
         let l = tokio::net::TcpListener::from_std(l).map_err(|source| StartError::EventLoop { id: 0, source })?;

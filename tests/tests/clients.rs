@@ -92,7 +92,7 @@ fn pgbench_all_modes(extra_toml: &str, runtime: &str) {
 #[test]
 fn pgbench_in_all_query_modes_has_no_failures() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    pgbench_all_modes("", &format!("event_loops={cores} scheduler=ThreadPerCore"));
+    pgbench_all_modes("", &format!("event_loops=1 scheduler=WorkStealing threads={cores}"));
 }
 
 /// Thread per core with more loops than cores: three server connections
@@ -102,17 +102,18 @@ fn pgbench_in_all_query_modes_has_no_failures() {
 #[test]
 fn pgbench_on_four_event_loops() {
     pgbench_all_modes(
-        "[runtime]\nworker_threads = 4\n",
-        "event_loops=4 scheduler=ThreadPerCore",
+        "[runtime]\nworker_threads = 4\nscheduler = \"thread-per-core\"\n",
+        "event_loops=4 scheduler=ThreadPerCore threads=4",
     );
 }
 
-/// tokio's work-stealing scheduler, the other `[runtime] scheduler`.
+/// tokio's work-stealing scheduler (the default) on two worker threads,
+/// whatever the machine's cores.
 #[test]
 fn pgbench_on_the_work_stealing_runtime() {
     pgbench_all_modes(
-        "[runtime]\nscheduler = \"work-stealing\"\n",
-        "event_loops=1 scheduler=WorkStealing",
+        "[runtime]\nworker_threads = 2\nscheduler = \"work-stealing\"\n",
+        "event_loops=1 scheduler=WorkStealing threads=2",
     );
 }
 
@@ -121,7 +122,7 @@ fn pgbench_on_the_work_stealing_runtime() {
 fn pgbench_on_one_thread() {
     pgbench_all_modes(
         "[runtime]\nworker_threads = 1\n",
-        "event_loops=1 scheduler=ThreadPerCore",
+        "event_loops=1 scheduler=WorkStealing threads=1",
     );
 }
 
