@@ -31,6 +31,10 @@ pub async fn run(args: &Args, clients: usize) -> Result<()> {
     Ok(())
 }
 
+fn cpu_all(args: &Args) -> Vec<Option<u64>> {
+    args.pids.iter().map(|(_, pid)| procfs::cpu_micros(*pid).ok()).collect()
+}
+
 fn rss_all(args: &Args) -> Vec<Option<u64>> {
     args.pids.iter().map(|(_, pid)| procfs::rss_kib(*pid).ok()).collect()
 }
@@ -48,9 +52,11 @@ async fn run_target(
 ) -> Result<()> {
     let recorder = Recorder::default();
     let before = rss_all(args);
+    let cpu_before = cpu_all(args);
     let start = Instant::now();
     let conns = connect_all(params, clients, args.connect_concurrency, Some(select1), &recorder).await;
     let connect_secs = start.elapsed().as_secs_f64();
+    let cpu_after = cpu_all(args);
     let connected = conns.len();
     println!(
         "idle target={} clients={} connected={} connect_time={:.2}s rate={:.0}/s hold={:?}",
@@ -66,6 +72,19 @@ async fn run_target(
     }
     tokio::time::sleep(args.hold).await;
     let held = rss_all(args);
+    // CPU per login: what each process spent while the connections were
+    // made (startup, SCRAM, the first SELECT 1), per connection.
+    for ((name, pid), (c0, c1)) in args.pids.iter().zip(cpu_before.iter().zip(&cpu_after)) {
+        if let (Some(c0), Some(c1)) = (c0, c1) {
+            if connected > 0 && c1 > c0 {
+                println!(
+                    "idle target={} process={name} pid={pid} cpu_per_login={:.1}us",
+                    target.name,
+                    (c1 - c0) as f64 / connected as f64
+                );
+            }
+        }
+    }
     for (((name, pid), b), h) in args.pids.iter().zip(&before).zip(&held) {
         let (Some(b), Some(h)) = (b, h) else {
             println!("idle target={} process={name} pid={pid}: RSS not readable", target.name);
