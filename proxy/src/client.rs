@@ -47,15 +47,24 @@ pub fn serve(
     slot: OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send {
     let id = shared.next_client_id.fetch_add(1, Relaxed);
-    let span = tracing::info_span!("client", id, %peer, port = role.as_str());
     async move {
+        // The span (client id, address, port) prefixes the login's log
+        // lines. The session does not run inside it: entering a span on
+        // every poll, and an open span per idle client in the subscriber's
+        // registry, cost CPU per request and memory per client; the
+        // session's own lines carry client = id instead.
+        let span = tracing::info_span!("client", id, %peer, port = role.as_str());
         // Login runs in its own box, freed once it completes.
-        let started = Box::pin(start(stream, id, peer, role, shared.clone(), pending)).await;
+        let started = Box::pin(start(stream, id, peer, role, shared.clone(), pending))
+            .instrument(span)
+            .await;
         let r = match started {
             Ok(Some(session)) => session.await,
             Ok(None) => Ok(()),
             Err(e) => Err(e),
         };
+        let span = tracing::info_span!("client", id, %peer, port = role.as_str());
+        let _in = span.enter();
         match &r {
             Ok(()) => tracing::debug!("client closed"),
             Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
@@ -67,7 +76,6 @@ pub fn serve(
         }
         drop(slot);
     }
-    .instrument(span)
 }
 
 /// Runs the startup phase; returns the session to run, or None when the
