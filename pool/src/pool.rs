@@ -234,13 +234,23 @@ impl Pool {
         loop {
             let mut c = {
                 let mut idle = self.idle.lock().unwrap();
-                // The most recently used connection of this event loop,
-                // else the most recent of any (the stack is at most
-                // pool_size long).
-                let i = idle
-                    .iter()
-                    .rposition(|c| c.home == here)
-                    .or(idle.len().checked_sub(1))?;
+                // The most recently used connection of this event loop (the
+                // stack is at most pool_size long). Without one, a new
+                // connection on this loop while the pool has room, so that
+                // each loop comes to own its connections; at pool_size, the
+                // most recent of another loop's.
+                let i = match idle.iter().rposition(|c| c.home == here) {
+                    Some(i) => i,
+                    None if idle.is_empty() => return None,
+                    None => {
+                        let opened =
+                            idle.len() + self.stats.sv_active.load(Relaxed) + self.stats.sv_login.load(Relaxed);
+                        if opened < self.settings.pool_size {
+                            return None;
+                        }
+                        idle.len() - 1
+                    }
+                };
                 idle.remove(i)
             };
             // An idle connection may have been closed by the server (a

@@ -324,7 +324,8 @@ async fn checkout_prefers_a_connection_of_the_callers_event_loop() {
     crate::affinity::set_current(1);
     let c = pool.try_checkout().expect("idle connections");
     assert_eq!(c.id, id_1, "loop 1 gets the connection its own reactor watches");
-    // Loop 1 has none left: it falls back to the top of the stack.
+    // Loop 1 has none left and the pool is full (3 of 3): it falls back
+    // to the top of the stack.
     let d = pool.try_checkout().expect("idle connections");
     assert_eq!(d.id, id_2b, "then the most recently used of another loop");
     crate::affinity::set_current(2);
@@ -334,5 +335,31 @@ async fn checkout_prefers_a_connection_of_the_callers_event_loop() {
     for c in [c, d, e] {
         c.checkin();
     }
+    crate::affinity::set_current(0);
+}
+
+/// Below pool_size, a loop without an idle connection of its own opens one
+/// rather than borrow another loop's: each loop comes to own connections.
+#[tokio::test]
+async fn a_loop_opens_its_own_connection_while_the_pool_has_room() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(3, WAIT), None, false);
+    crate::affinity::set_current(2);
+    let on_2 = pool.checkout().await.unwrap();
+    let id_2 = on_2.id;
+    on_2.checkin();
+    crate::affinity::set_current(1);
+    assert!(
+        pool.try_checkout().is_none(),
+        "the fast path does not hand loop 1 loop 2's connection while there is room"
+    );
+    let on_1 = pool.checkout().await.unwrap();
+    assert_eq!((on_1.home, fake.opened()), (1, 2), "a new connection, opened on loop 1");
+    assert_ne!(on_1.id, id_2);
+    on_1.checkin();
+    crate::affinity::set_current(2);
+    let again = pool.try_checkout().expect("loop 2's own idle connection");
+    assert_eq!(again.id, id_2);
+    again.checkin();
     crate::affinity::set_current(0);
 }
