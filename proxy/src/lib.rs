@@ -200,8 +200,24 @@ pub async fn run(
                     router: shared.router.clone(),
                     clients: shared.clients.clone(),
                     tls: shared.tls.clone(),
+                    lifecycle: shared.lifecycle.clone(),
                 };
-                tokio::spawn(http::serve(l, Arc::new(view), shutdown.clone()));
+                // With reuse_port (a rolling restart: the next pgferry
+                // binds beside this one) the endpoints serve through the
+                // drain to the process's end: /health stays up, /ready
+                // turns 503, /metrics shows the clients leaving. Without
+                // it the port is given up at SIGTERM, as the client ports
+                // are, so that a successor can bind it.
+                let (keep, never) = watch::channel(false);
+                let stop = if config.listen.reuse_port {
+                    never
+                } else {
+                    shutdown.clone()
+                };
+                tokio::spawn(async move {
+                    let _keep = keep;
+                    http::serve(l, Arc::new(view), stop).await
+                });
             }
             Err(e) => tracing::error!(addr = %config.http.listen, error = %e, "HTTP listener not started"),
         }

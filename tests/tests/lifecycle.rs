@@ -29,13 +29,26 @@ fn rand_suffix() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_idle_clients_and_lets_transactions_finish() {
-    let mut f = Ferry::start(&config("")).unwrap();
+    // reuse_port: the HTTP endpoints serve through the drain.
+    let mut f = Ferry::start(&config("[listen]\nreuse_port = true\n")).unwrap();
     let idle = app(&f).await;
     let busy = app(&f).await;
     busy.batch_execute("BEGIN").await.unwrap();
     busy.simple_query("SELECT 1").await.unwrap();
+    let http = http_port(&f);
+    assert_eq!(get(http, "/ready").await.0, 200);
     f.signal(libc::SIGTERM).unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // While it drains, the HTTP endpoints answer: not ready (no new
+    // clients), but alive, and the metrics still come (with reuse_port,
+    // as in a rolling restart).
+    let (code, body) = get(http, "/ready").await;
+    assert_eq!(
+        (code, body.as_str()),
+        (503, "not ready: pgferry is shutting down (draining)\n")
+    );
+    assert_eq!(get(http, "/health").await, (200, "ok: draining\n".to_owned()));
+    assert_eq!(get(http, "/metrics").await.0, 200);
     // The idle client was told why it was closed.
     let e = idle.simple_query("SELECT 1").await.unwrap_err();
     assert!(

@@ -34,6 +34,8 @@ pub struct View {
     pub router: Router,
     pub clients: Arc<ClientRegistry>,
     pub tls: Arc<pgferry_tls::Acceptor>,
+    /// Draining (SIGTERM): /ready says so, /health does not.
+    pub lifecycle: Arc<crate::shared::Lifecycle>,
 }
 
 /// What a request handler reads: the view and the charts' history.

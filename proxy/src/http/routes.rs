@@ -57,7 +57,16 @@ pub(super) fn respond(state: &State, method: &Method, path: &str) -> Response<Fu
             "text/plain; version=0.0.4; charset=utf-8",
             metrics::metrics(&view.obs, &view.pools, &view.router, &view.tls),
         ),
+        Route::Health if view.lifecycle.draining().load(std::sync::atomic::Ordering::Relaxed) => {
+            response(StatusCode::OK, TEXT, "ok: draining\n")
+        }
         Route::Health => response(StatusCode::OK, TEXT, "ok\n"),
+        // Load balancers stop sending new clients to a pgferry that drains.
+        Route::Ready if view.lifecycle.draining().load(std::sync::atomic::Ordering::Relaxed) => response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "not ready: pgferry is shutting down (draining)\n",
+        ),
         Route::Ready if view.router.topology().primary.is_some() => {
             response(StatusCode::OK, TEXT, "ready: a leader is confirmed\n")
         }
