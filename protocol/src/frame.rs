@@ -98,6 +98,21 @@ pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>,
     Ok(Some(Frame { tag, bytes }))
 }
 
+/// [`decode_frame`] for a buffer that is refilled from empty (a client's
+/// requests): when `buf` holds exactly one whole message, the message takes
+/// the buffer itself instead of a split of it, which would allocate the
+/// shared header that `split_to` needs. `buf` is left empty, without
+/// capacity.
+pub fn decode_frame_take(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, ProtocolError> {
+    match peek_header(buf, max_len)? {
+        Some((tag, total)) if total == buf.len() => Ok(Some(Frame {
+            tag,
+            bytes: std::mem::take(buf).freeze(),
+        })),
+        _ => decode_frame(buf, max_len),
+    }
+}
+
 /// A cursor over a message body with the few readers the protocol needs.
 pub struct Reader<'a> {
     buf: &'a [u8],
@@ -190,6 +205,33 @@ mod tests {
         v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
         v.extend_from_slice(body);
         v
+    }
+
+    #[test]
+    fn decode_frame_take_takes_a_lone_message_and_splits_otherwise() {
+        // One whole message: it takes the buffer, which is left empty.
+        let one = msg(b'Q', b"SELECT 1\0");
+        let mut b = BytesMut::from(&one[..]);
+        let f = decode_frame_take(&mut b, 1 << 20).unwrap().unwrap();
+        assert_eq!((f.tag, &f.bytes[..]), (b'Q', &one[..]));
+        assert_eq!((b.len(), b.capacity()), (0, 0));
+        // Two messages and a partial third: the same frames as decode_frame.
+        let mut wire = msg(b'P', b"\0SELECT 2\0\0\0");
+        wire.extend(msg(b'S', b""));
+        wire.extend(&msg(b'Q', b"SELECT 3\0")[..4]);
+        let (mut a, mut c) = (BytesMut::from(&wire[..]), BytesMut::from(&wire[..]));
+        for _ in 0..3 {
+            let x = decode_frame_take(&mut a, 1 << 20).unwrap().map(|f| (f.tag, f.bytes));
+            let y = decode_frame(&mut c, 1 << 20).unwrap().map(|f| (f.tag, f.bytes));
+            assert_eq!(x, y);
+        }
+        assert_eq!(a, c, "the partial message stays buffered");
+        // Errors are decode_frame's.
+        let mut bad = BytesMut::from(&[b'Q', 0, 0, 0, 3][..]);
+        assert_eq!(
+            decode_frame_take(&mut bad, 1 << 20),
+            Err(ProtocolError::LengthTooSmall(3))
+        );
     }
 
     #[test]

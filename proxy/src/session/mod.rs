@@ -30,6 +30,7 @@ use pgferry_pool::statements::{Statement, StatementRegistry};
 use pgferry_pool::{Pool, PoolError, PooledConn, ServerConn};
 use pgferry_protocol::backend::{self, TxStatus};
 use pgferry_protocol::encode::{self, Severity};
+use pgferry_protocol::frame::decode_frame_take;
 use pgferry_protocol::replies::{Fate, Received, Replies, Reply, Request};
 use pgferry_protocol::sql::{self, Pin};
 use pgferry_protocol::{decode_frame, frontend, sqlstate, Frame, ProtocolError};
@@ -514,7 +515,7 @@ impl Session {
     /// synchronous: a message that needs a server gets one bound first, here,
     /// which keeps this future (and so every client's memory) small.
     async fn on_client_data(&mut self) -> Result<Flow, ClientError> {
-        while let Some(frame) = decode_frame(&mut self.rbuf, self.max_message)? {
+        while let Some(frame) = decode_frame_take(&mut self.rbuf, self.max_message)? {
             if !frontend::is_known(frame.tag) {
                 return Err(ProtocolError::UnexpectedTag(frame.tag as char).into());
             }

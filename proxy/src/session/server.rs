@@ -3,10 +3,21 @@
 
 use super::*;
 
+/// The most to_client reserves at a transaction's first reply.
+const TO_CLIENT_FIRST: usize = 8192;
+
 impl Session {
     // ---- server → client ----
 
     pub(super) fn on_server_data(&mut self) {
+        // The replies go to to_client, which a client between transactions
+        // holds empty and without capacity: room for what was read, at
+        // once, instead of growing it reply by reply.
+        if let Some(srv) = self.server.as_deref() {
+            if self.to_client.capacity() == 0 {
+                self.to_client.reserve(srv.wire.rbuf.len().min(TO_CLIENT_FIRST));
+            }
+        }
         loop {
             let Some(srv) = self.server.as_deref_mut() else {
                 return;

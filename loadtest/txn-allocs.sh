@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Allocations per transaction: runs one pgbench mode through pgferry under
+# heaptrack (bench.sh does the setup), then prints pgferry's allocation calls
+# divided by pgbench's transactions, in total and by call site. Counts, not
+# time: heaptrack slows pgferry down, the calls per transaction stay.
+# BENCHMARKS.md quotes it.
+#
+# Usage (root, like bench.sh): loadtest/txn-allocs.sh
+# Environment: MODE=simple (a bench.sh PGBENCH_MODES word: simple, extended,
+# prepared, tpcb), CLIENTS=16, DURATION=10, SITES=15 (call sites shown),
+# PGFERRY_BIN (default target/release/pgferry). Needs Debian's heaptrack.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+command -v heaptrack >/dev/null && command -v heaptrack_print >/dev/null ||
+    { echo "txn-allocs.sh: apt-get install heaptrack" >&2; exit 1; }
+BIN=${PGFERRY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/pgferry}
+[ -x "$BIN" ] || (cd "$REPO" && cargo build --release -p pgferry-proxy)
+DIR=$(mktemp -d /tmp/pgferry-allocs.XXXXXX)
+chmod 777 "$DIR" # bench.sh runs pgferry as an unprivileged user
+cp "$BIN" "$DIR/pgferry-real"
+# As in idle-heaptrack.sh: heaptrack writes its data when the program exits;
+# the wrapper turns bench.sh's SIGTERM into SIGINT (pgferry exits at once).
+cat >"$DIR/pgferry" <<WRAP
+#!/usr/bin/env bash
+heaptrack -o $DIR/trace $DIR/pgferry-real "\$@" &
+trap 'pkill -INT -f "$DIR/pgferry-real"; wait \$!; exit 0' TERM INT
+wait \$!
+WRAP
+chmod 755 "$DIR/pgferry" "$DIR/pgferry-real"
+TARGETS=pgferry CLIENTS=${CLIENTS:-16} WORKLOADS="" PGBENCH_MODES=${MODE:-simple} IDLE_CLIENTS=0 \
+    DURATION=${DURATION:-10} PGFERRY_BIN="$DIR/pgferry" RESULTS="$DIR/bench.txt" \
+    "$REPO/loadtest/bench.sh" >"$DIR/bench.out" 2>&1
+for _ in $(seq 100); do [ -s "$DIR/trace.zst" ] && ! pgrep -f "$DIR/pgferry-real" >/dev/null && break; sleep 0.2; done
+txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$DIR/bench.txt" | head -1)
+[ -n "$txns" ] && [ "$txns" -gt 0 ] || { echo "txn-allocs.sh: no pgbench result (see $DIR)" >&2; exit 1; }
+echo "# pgbench -M ${MODE:-simple}, ${CLIENTS:-16} clients: $txns transactions through pgferry ($BIN)"
+{
+    heaptrack_print -f "$DIR/trace.zst" -m 0 --print-peaks 0 --print-allocators 1 --print-temporary 0 \
+        --print-leaks 0 --peak-limit "${SITES:-15}" 2>/dev/null
+    heaptrack_print -f "$DIR/trace.zst" 2>/dev/null | grep -E "^calls to allocation functions:"
+} | awk -v n="$txns" '
+    function num(s,   v) { v = s + 0; if (s ~ /K$/) v *= 1e3; else if (s ~ /M$/) v *= 1e6; else if (s ~ /G$/) v *= 1e9; return v }
+    /^calls to allocation functions:/ { printf "all sites: %.2f allocations per transaction\n", $5 / n; next }
+    / calls to allocation functions with / { if (hdr != "") print hdr; hdr = sprintf("%7.2f/txn:", num($1) / n); k = 0; next }
+    /at (proxy|pool|protocol|tls|routing|config)\/src/ && k < 2 { hdr = hdr " " $2; k++ }
+    END { if (hdr != "") print hdr }'
+rm -rf "$DIR"
