@@ -762,17 +762,22 @@ if [ "$BACKGROUND" = yes ]; then
     # As the invoking user (it reads .run/, which may be root's).
     # A simple command, so that $! is pgferry itself (setsid execs it).
     cd "$RUN"
-    setsid "$PGFERRY" --config "$RUN/pgferry.toml" >>"$BASE/pgferry.log" 2>&1 </dev/null &
+    # RUST_LIB_BACKTRACE=0: a startup error is its one line, not a backtrace.
+    RUST_LIB_BACKTRACE=0 setsid "$PGFERRY" --config "$RUN/pgferry.toml" >>"$BASE/pgferry.log" 2>&1 </dev/null &
     echo $! >"$BASE/pgferry.pid"
     for _ in $(seq 1 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$PGFERRY_RW_PORT") 2>/dev/null && break
         alive "$BASE/pgferry.pid" || break
         sleep 0.1
     done
-    alive "$BASE/pgferry.pid" || { tail -n 20 "$BASE/pgferry.log" >&2; die "pgferry did not start"; }
+    alive "$BASE/pgferry.pid" || {
+        grep -E '^Error|ERROR' "$BASE/pgferry.log" | tail -n 5 >&2 || true
+        tail -n 20 "$BASE/pgferry.log" >&2
+        die "pgferry did not start"
+    }
     say "pgferry runs in the background (pid $(cat "$BASE/pgferry.pid"), log $BASE/pgferry.log)"
     exit 0
 fi
 say "pgferry runs in the foreground: Ctrl-C stops it (deploy/quickstart.sh stop stops the rest)"
 cd "$RUN"
-exec "$PGFERRY" --config "$RUN/pgferry.toml"
+RUST_LIB_BACKTRACE=0 exec "$PGFERRY" --config "$RUN/pgferry.toml"
