@@ -20,6 +20,8 @@
 #                           pid for the run; needs linux-perf): syscalls=, cs=, migr=
 #   DURATION=10 WARMUP=2 ROUNDS=3              seconds / rounds per measurement
 #   IDLE_CLIENTS=10000 HOLD=10                 idle-memory test ("0" = skip)
+#   IDLE_AFTER              seconds after the idle clients closed to read RSS again
+#                           (memory given back; "" = not measured)
 #   MAX_CONNECTIONS=300     PostgreSQL max_connections; the direct target is
 #                           skipped for client counts it cannot take
 #   TARGETS="direct pgbouncer pgferry"         which targets to measure
@@ -515,7 +517,11 @@ if [ "$IDLE_CLIENTS" -gt 0 ]; then
     if [ "${#args[@]}" -gt 0 ]; then
         log ""
         log "## idle clients: $IDLE_CLIENTS"
-        run "$LOADTEST_BIN" "${args[@]}" "${LT_COMMON[@]}" --idle-clients "$IDLE_CLIENTS" --hold "${HOLD}s" --json ||
+        after=()
+        if [ -n "${IDLE_AFTER:-}" ]; then
+            after=(--after "${IDLE_AFTER}s")
+        fi
+        run "$LOADTEST_BIN" "${args[@]}" "${LT_COMMON[@]}" --idle-clients "$IDLE_CLIENTS" --hold "${HOLD}s" "${after[@]}" --json ||
             log "# (exit status $?)"
     fi
 fi

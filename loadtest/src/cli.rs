@@ -128,6 +128,11 @@ pub struct Args {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub hold: Duration,
 
+    /// Idle mode: after the connections are closed, wait this long and
+    /// print each --pid process's RSS again (memory given back).
+    #[arg(long, value_parser = parse_duration)]
+    pub after: Option<Duration>,
+
     /// Runtime worker threads of the generator (1 = single-threaded runtime).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,

@@ -118,5 +118,19 @@ async fn run_target(
         closing.spawn(c.terminate());
     }
     while closing.join_next().await.is_some() {}
+    if let Some(after) = args.after {
+        tokio::time::sleep(after).await;
+        for (((name, pid), b), a) in args.pids.iter().zip(&before).zip(rss_all(args)) {
+            if let (Some(b), Some(a)) = (b, a) {
+                println!(
+                    "idle target={} process={name} pid={pid} rss_before={} rss_{}s_after_close={}",
+                    target.name,
+                    mib(*b),
+                    after.as_secs(),
+                    mib(a)
+                );
+            }
+        }
+    }
     Ok(())
 }

@@ -58,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(trim_heap_every(TRIM_EVERY));
         let mut server = tokio::spawn(pgferry_proxy::run(config, Some(path), rx));
         tokio::select! {
             r = &mut server => return r.context("proxy task")?.map_err(anyhow::Error::from),
@@ -75,6 +76,32 @@ fn main() -> anyhow::Result<()> {
             _ = term.recv() => Ok(()),
         }
     })
+}
+
+/// How often freed heap memory is handed back to the kernel.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// glibc's malloc keeps what a burst freed (thousands of clients leaving, a
+/// stall that piled up requests) and RSS stays at the burst's high-water
+/// mark. `malloc_trim` returns whole free pages to the kernel; it runs off
+/// the event loops, as it walks every arena under its lock.
+async fn trim_heap_every(period: std::time::Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let _ = tokio::task::spawn_blocking(trim_heap).await;
+    }
+}
+
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory of the allocator's own
+    // arenas; it takes their locks and touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// 10k clients need 10k descriptors: lift the soft limit to the hard one.

@@ -15,6 +15,7 @@ async fn ten_thousand_clients_on_twenty_server_connections() {
     pgferry_tests::raise_nofile().expect("raise RLIMIT_NOFILE");
     let f = ferry("[pool]\npool_size = 20\nquery_wait_timeout = \"120s\"\n[limits]\nmax_client_conn = 12000\nclient_login_timeout = \"120s\"\nmax_pending_logins_per_address = 0\n[listen]\nbacklog = 8192\n");
     let conn_str = f.rw_conn_str("app", APP_PASS, "app");
+    let rss_idle = rss_kib(f.pid());
     let errors = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let connected = Arc::new(tokio::sync::Barrier::new(CLIENTS));
@@ -89,5 +90,30 @@ async fn ten_thousand_clients_on_twenty_server_connections() {
         servers.parse::<usize>().unwrap() <= 20,
         "at most pool_size server connections: {servers}"
     );
+    // Once the clients are gone, pgferry gives the memory back (a periodic
+    // malloc_trim; glibc alone would keep RSS at the high-water mark).
+    let rss_held = rss_kib(f.pid());
     drop(held);
+    let deadline = Instant::now() + Duration::from_secs(75);
+    let mut rss = rss_kib(f.pid());
+    while rss > rss_idle + (rss_held - rss_idle) / 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        rss = rss_kib(f.pid());
+    }
+    eprintln!("RSS: {rss_idle} KiB before, {rss_held} KiB with {CLIENTS} clients, {rss} KiB after they left");
+    assert!(
+        rss <= rss_idle + (rss_held - rss_idle) / 2,
+        "memory not given back after the clients left: {rss_idle} KiB before, {rss_held} KiB held, {rss} KiB 75 s after"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line["VmRSS:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap()
 }
