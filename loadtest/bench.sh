@@ -346,6 +346,9 @@ backlog = 4096
 
 [limits]
 max_client_conn = 12000
+# All the load comes from 127.0.0.1: the per-address login guard (a DoS
+# limit PgBouncer does not have) would refuse the connect workload's logins.
+max_pending_logins_per_address = 0
 
 [runtime]
 worker_threads = ${START_WORKERS:-$PGFERRY_WORKERS}
