@@ -10,23 +10,9 @@
 # PEAKS=14 (call sites shown). Needs Debian's heaptrack package.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-command -v heaptrack >/dev/null && command -v heaptrack_print >/dev/null ||
-    { echo "idle-heaptrack.sh: apt-get install heaptrack" >&2; exit 1; }
-BIN=${PGFERRY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/pgferry}
-[ -x "$BIN" ] || (cd "$REPO" && cargo build --release -p pgferry-proxy)
-DIR=$(mktemp -d /tmp/pgferry-heaptrack.XXXXXX)
-chmod 777 "$DIR" # bench.sh runs pgferry as an unprivileged user
-cp "$BIN" "$DIR/pgferry-real"
-# bench.sh starts "pgferry" and stops it with SIGTERM; heaptrack writes its
-# data only when the program exits, so the wrapper turns that into SIGINT
-# (pgferry exits at once).
-cat >"$DIR/pgferry" <<WRAP
-#!/usr/bin/env bash
-heaptrack -o $DIR/trace $DIR/pgferry-real "\$@" &
-trap 'pkill -INT -f "$DIR/pgferry-real"; wait \$!; exit 0' TERM INT
-wait \$!
-WRAP
-chmod 755 "$DIR/pgferry" "$DIR/pgferry-real"
+NAME=idle-heaptrack
+# shellcheck source=loadtest/heaptrack-wrap.sh
+. "$REPO/loadtest/heaptrack-wrap.sh"
 TARGETS=pgferry CLIENTS="" WORKLOADS="" PGBENCH_MODES="" IDLE_CLIENTS=${IDLE_CLIENTS:-10000} HOLD=5 \
     PGFERRY_BIN="$DIR/pgferry" RESULTS="$DIR/bench.txt" "$REPO/loadtest/bench.sh" >"$DIR/bench.out" 2>&1
 for _ in $(seq 50); do [ -s "$DIR/trace.zst" ] && ! pgrep -f "$DIR/pgferry-real" >/dev/null && break; sleep 0.2; done

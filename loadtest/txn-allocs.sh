@@ -11,22 +11,9 @@
 # PGFERRY_BIN (default target/release/pgferry). Needs Debian's heaptrack.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-command -v heaptrack >/dev/null && command -v heaptrack_print >/dev/null ||
-    { echo "txn-allocs.sh: apt-get install heaptrack" >&2; exit 1; }
-BIN=${PGFERRY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/pgferry}
-[ -x "$BIN" ] || (cd "$REPO" && cargo build --release -p pgferry-proxy)
-DIR=$(mktemp -d /tmp/pgferry-allocs.XXXXXX)
-chmod 777 "$DIR" # bench.sh runs pgferry as an unprivileged user
-cp "$BIN" "$DIR/pgferry-real"
-# As in idle-heaptrack.sh: heaptrack writes its data when the program exits;
-# the wrapper turns bench.sh's SIGTERM into SIGINT (pgferry exits at once).
-cat >"$DIR/pgferry" <<WRAP
-#!/usr/bin/env bash
-heaptrack -o $DIR/trace $DIR/pgferry-real "\$@" &
-trap 'pkill -INT -f "$DIR/pgferry-real"; wait \$!; exit 0' TERM INT
-wait \$!
-WRAP
-chmod 755 "$DIR/pgferry" "$DIR/pgferry-real"
+NAME=txn-allocs
+# shellcheck source=loadtest/heaptrack-wrap.sh
+. "$REPO/loadtest/heaptrack-wrap.sh"
 TARGETS=pgferry CLIENTS=${CLIENTS:-16} WORKLOADS="" PGBENCH_MODES=${MODE:-simple} IDLE_CLIENTS=0 \
     DURATION=${DURATION:-10} PGFERRY_BIN="$DIR/pgferry" RESULTS="$DIR/bench.txt" \
     "$REPO/loadtest/bench.sh" >"$DIR/bench.out" 2>&1

@@ -53,18 +53,18 @@ pub fn serve(
         // every poll, and an open span per idle client in the subscriber's
         // registry, cost CPU per request and memory per client; the
         // session's own lines carry client = id instead.
-        let span = tracing::info_span!("client", id, %peer, port = role.as_str());
+        let span = || tracing::info_span!("client", id, %peer, port = role.as_str());
         // Login runs in its own box, freed once it completes.
         let started = Box::pin(start(stream, id, peer, role, shared.clone(), pending))
-            .instrument(span)
+            .instrument(span())
             .await;
         let r = match started {
             Ok(Some(session)) => session.await,
             Ok(None) => Ok(()),
             Err(e) => Err(e),
         };
-        let span = tracing::info_span!("client", id, %peer, port = role.as_str());
-        let _in = span.enter();
+        let closing = span();
+        let _in = closing.enter();
         match &r {
             Ok(()) => tracing::debug!("client closed"),
             Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
