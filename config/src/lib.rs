@@ -232,6 +232,14 @@ pub struct Runtime {
     /// latency window (SHOW LATENCY shows the last one or two periods).
     #[serde(default = "d_stats_period", with = "duration")]
     pub stats_period: Duration,
+    /// A plain-TCP client idle this long between transactions is parked:
+    /// its socket waits in one epoll set shared by the event loop, without
+    /// a task, buffers or reactor registration, and its session is rebuilt
+    /// when it sends again (about a third of the memory of a waiting
+    /// session). 0 = never. TLS clients are never parked (rustls keeps its
+    /// state in the stream).
+    #[serde(default = "d_park_idle_after", with = "duration")]
+    pub park_idle_after: Duration,
 }
 
 fn d_shutdown_timeout() -> Duration {
@@ -240,6 +248,10 @@ fn d_shutdown_timeout() -> Duration {
 
 fn d_stats_period() -> Duration {
     Duration::from_secs(60)
+}
+
+fn d_park_idle_after() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// How client sessions are spread over threads. With one thread both are
@@ -279,6 +291,7 @@ impl Default for Runtime {
             scheduler: Scheduler::default(),
             shutdown_timeout: d_shutdown_timeout(),
             stats_period: d_stats_period(),
+            park_idle_after: d_park_idle_after(),
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::error::ClientError;
 use crate::handshake::{handshake, Handshake};
 use crate::params::ClientParams;
 use crate::pending::PendingLogin;
-use crate::session::{Session, SessionInit};
+use crate::session::{Exit, Session, SessionInit};
 use crate::shared::{AuthState, Observability, Settings, Shared};
 use bytes::BytesMut;
 use pgferry_config::{Access, ClientTls, HbaMethod};
@@ -29,7 +29,13 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-type SessionFuture = Pin<Box<dyn Future<Output = Result<(), ClientError>> + Send>>;
+type ConsoleFuture = Pin<Box<dyn Future<Output = Result<(), ClientError>> + Send>>;
+
+/// What a finished startup leads to.
+enum Begun {
+    Session(Box<Session>),
+    Console(ConsoleFuture),
+}
 
 /// The client's task: its whole life inside its tracing span. `slot` is
 /// the client's max_client_conn place, freed when the task ends.
@@ -59,22 +65,43 @@ pub fn serve(
             .instrument(span())
             .await;
         let r = match started {
-            Ok(Some(session)) => session.await,
+            // Boxed: the session's future is freed when it parks.
+            Ok(Some(Begun::Session(session))) => match Box::pin(session.run()).await {
+                Exit::Closed(r) => r,
+                Exit::Parked(p) => return crate::park::park(p, slot),
+            },
+            Ok(Some(Begun::Console(console))) => console.await,
             Ok(None) => Ok(()),
             Err(e) => Err(e),
         };
-        let closing = span();
-        let _in = closing.enter();
-        match &r {
-            Ok(()) => tracing::debug!("client closed"),
-            Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
-            Err(e @ ClientError::Auth { .. }) => {
-                shared.obs.counters.auth_failures.fetch_add(1, Relaxed);
-                tracing::warn!(error = %e, "login failed")
-            }
-            Err(e) => tracing::info!(error = %e, "client closed with error"),
+        if matches!(r, Err(ClientError::Auth { .. })) {
+            shared.obs.counters.auth_failures.fetch_add(1, Relaxed);
         }
+        log_close(&span(), &r);
         drop(slot);
+    }
+}
+
+/// The task of an unparked client (`park.rs`): the rest of its session,
+/// until it parks again or leaves.
+pub async fn resume(session: Box<Session>, slot: OwnedSemaphorePermit) {
+    let (id, peer, role) = session.who();
+    let r = match Box::pin(session.run()).await {
+        Exit::Closed(r) => r,
+        Exit::Parked(p) => return crate::park::park(p, slot),
+    };
+    log_close(&tracing::info_span!("client", id, %peer, port = role.as_str()), &r);
+    drop(slot);
+}
+
+/// The client's closing line, in its span.
+fn log_close(span: &tracing::Span, r: &Result<(), ClientError>) {
+    let _in = span.enter();
+    match r {
+        Ok(()) => tracing::debug!("client closed"),
+        Err(ClientError::Disconnected) => tracing::debug!("client disconnected"),
+        Err(e @ ClientError::Auth { .. }) => tracing::warn!(error = %e, "login failed"),
+        Err(e) => tracing::info!(error = %e, "client closed with error"),
     }
 }
 
@@ -87,7 +114,7 @@ async fn start(
     role: Role,
     shared: Arc<Shared>,
     pending: PendingLogin,
-) -> Result<Option<SessionFuture>, ClientError> {
+) -> Result<Option<Begun>, ClientError> {
     let mut io = ClientIo::new(stream);
     let timeout = shared.settings.config().limits.client_login_timeout;
     // 0 means no timeout, as in PgBouncer (a zero deadline would refuse
@@ -117,7 +144,9 @@ async fn start(
             encode::backend_key_data(&mut io.wbuf, rand::random(), rand::random());
             encode::ready_for_query(&mut io.wbuf, TxStatus::Idle);
             io.flush().await?;
-            return Ok(Some(Box::pin(crate::admin::run(io, user, admin, shared))));
+            return Ok(Some(Begun::Console(Box::pin(crate::admin::run(
+                io, user, admin, shared,
+            )))));
         }
         Ok(None) => return Ok(None),
         Err(e) => {
@@ -161,10 +190,12 @@ async fn start(
     };
     // The session lives in its own box, held once by `run`'s future (see
     // `Session::run`), and that future in another: about 1 KB per idle
-    // client together (loadtest/idle-heaptrack.sh).
-    Ok(Some(Box::pin(
-        Box::new(Session::new(shared.session.clone(), init)).run(),
-    )))
+    // client together (loadtest/idle-heaptrack.sh), given back when the
+    // client parks.
+    Ok(Some(Begun::Session(Box::new(Session::new(
+        shared.session.clone(),
+        init,
+    )))))
 }
 
 struct Login {

@@ -11,7 +11,7 @@ use pgferry_routing::Role;
 use rand::Rng;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
@@ -60,7 +60,21 @@ pub struct ClientEntry {
     /// The session task, woken by a kill. Registering is a couple of atomic
     /// operations per wait (a `Notify` would take a lock each time).
     kill_waker: AtomicWaker,
+    /// Parking (see `park.rs`): how many idle sweeps in a row found no
+    /// client traffic, or one of the `PARK_*` states.
+    idle: AtomicU8,
 }
+
+/// Sweeps without traffic before a client is asked to park: with sweeps
+/// every `park_idle_after / 2`, it has been idle for 1 to 1.5 times that.
+const PARK_AFTER_SWEEPS: u8 = 3;
+/// The sweeper asked the session to park; it has not answered yet.
+const PARK_ASKED: u8 = 253;
+/// The session could not park (TLS, a server held, ...): not asked again
+/// until the client sends something.
+const PARK_DECLINED: u8 = 254;
+/// The client is parked.
+const PARKED: u8 = 255;
 
 /// The process's reference instant for `waiting_since`.
 fn epoch() -> Instant {
@@ -82,6 +96,8 @@ pub enum Signal {
     Killed,
     /// pgferry started shutting down.
     Drain,
+    /// The client has been idle for `park_idle_after`: park if possible.
+    Park,
 }
 
 /// A snapshot of one client for the console.
@@ -135,6 +151,47 @@ impl ClientEntry {
         self.kill_waker.wake();
     }
 
+    /// The client sent something: it is not idle. One load per read; the
+    /// store only when a sweep counted it idle.
+    pub fn touch(&self) {
+        if self.idle.load(Relaxed) != 0 {
+            self.idle.store(0, Relaxed);
+        }
+    }
+
+    /// The session parked (`true`) or could not (`false`).
+    pub fn parked(&self, parked: bool) {
+        self.idle.store(if parked { PARKED } else { PARK_DECLINED }, Relaxed);
+    }
+
+    pub fn is_parked(&self) -> bool {
+        self.idle.load(Relaxed) == PARKED
+    }
+
+    /// One idle sweep: counts a sweep without traffic, and asks the
+    /// session to park after `PARK_AFTER_SWEEPS` of them. A session that
+    /// sent something in between has reset the count (`touch`), and the
+    /// exchange fails: it is simply not counted this time.
+    fn sweep(&self) -> bool {
+        let n = self.idle.load(Relaxed);
+        if n >= PARK_ASKED {
+            return false;
+        }
+        let next = if n + 1 >= PARK_AFTER_SWEEPS { PARK_ASKED } else { n + 1 };
+        if self.idle.compare_exchange(n, next, Relaxed, Relaxed).is_err() || next != PARK_ASKED {
+            return false;
+        }
+        self.kill_waker.wake();
+        true
+    }
+
+    /// Registers `waker` for this client's signals. Ready when one is
+    /// already due (a parked client is then resumed at once).
+    pub fn register_signal(&self, waker: &std::task::Waker, draining: &AtomicBool) -> bool {
+        let mut cx = Context::from_waker(waker);
+        self.poll_signal(&mut cx, true, draining).is_ready()
+    }
+
     /// Ready when the client is killed, or, if `watch_drain`, when
     /// `draining` is set (checked on every wakeup: `nudge` after setting it).
     /// Otherwise registers the waker, so a kill or a nudge wakes the task.
@@ -144,6 +201,8 @@ impl ClientEntry {
                 Some(Signal::Killed)
             } else if watch_drain && draining.load(Acquire) {
                 Some(Signal::Drain)
+            } else if self.idle.load(Relaxed) == PARK_ASKED {
+                Some(Signal::Park)
             } else {
                 None
             }
@@ -199,6 +258,7 @@ impl ClientRegistry {
                 waiting_since: AtomicU64::new(0),
                 killed: AtomicBool::new(false),
                 kill_waker: AtomicWaker::new(),
+                idle: AtomicU8::new(0),
             });
             map.insert(pid, entry.clone());
             return ClientGuard {
@@ -240,6 +300,13 @@ impl ClientRegistry {
             n += 1;
         }
         n
+    }
+
+    /// One idle sweep over every client (see `ClientEntry::sweep`);
+    /// returns how many were asked to park. A few nanoseconds per client,
+    /// under the registry's lock.
+    pub fn sweep_idle(&self) -> usize {
+        self.map.lock().unwrap().values().filter(|e| e.sweep()).count()
     }
 
     pub fn len(&self) -> usize {

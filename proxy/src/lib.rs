@@ -18,6 +18,7 @@ mod handshake;
 mod http;
 mod listener;
 pub mod params;
+mod park;
 mod pending;
 mod reload;
 mod session;
@@ -223,6 +224,7 @@ pub async fn run(
         }
     }
     tokio::spawn(reload_on_sighup(shared.clone()));
+    tokio::spawn(park::sweep(shared.clone()));
     tokio::spawn(sweep_auto_pools(shared.pools.clone()));
     tokio::spawn(report_cancels(shared.obs.clone(), shared.settings.clone()));
     let slots = Arc::new(Semaphore::new(config.limits.max_client_conn));

@@ -112,6 +112,7 @@ pub fn settings(c: &Config) -> Vec<Setting> {
         ),
         ("stats_period", |c| secs(c.runtime.stats_period), true),
         ("shutdown_timeout", |c| secs(c.runtime.shutdown_timeout), true),
+        ("park_idle_after", |c| secs(c.runtime.park_idle_after), true),
         ("admin_users", |c| c.auth.admin_users.join(","), true),
         ("stats_users", |c| c.auth.stats_users.join(","), true),
     ];
@@ -179,6 +180,7 @@ pub fn set(c: &Config, key: &str, value: &str) -> Result<Config, String> {
         "max_prepared_statements" => n.pool.max_prepared_statements = num()?,
         "stats_period" => n.runtime.stats_period = dur()?.max(Duration::from_secs(1)),
         "shutdown_timeout" => n.runtime.shutdown_timeout = dur()?,
+        "park_idle_after" => n.runtime.park_idle_after = dur()?,
         "admin_users" => n.auth.admin_users = list(),
         "stats_users" => n.auth.stats_users = list(),
         other => {

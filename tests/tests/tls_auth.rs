@@ -497,6 +497,37 @@ async fn certificate_reload_under_load() {
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
+/// TLS clients are never parked (rustls keeps its state in the stream):
+/// idle well past park_idle_after, a TLS client keeps its session, while a
+/// plain one beside it is parked; both go on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_are_not_parked() {
+    let (pki, ca) = Pki::new("park");
+    let (cert, key) = pki.leaf(&ca, "server", "localhost", true);
+    let f = ferry(&tls_toml(&cert, &key, "[runtime]\npark_idle_after = \"200ms\"\n"));
+    let tls = tls_client(f.rw_port, "app", APP_PASS, &pki.ca).await;
+    let plain = app(&f).await;
+    let parked = || async {
+        let (_, body) = get(http_port(&f), "/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix("pgferry_clients_parked "))
+            .map(|v| v.trim().to_owned())
+    };
+    let t = Instant::now();
+    while parked().await.as_deref() != Some("1") {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "plain client not parked\n{}",
+            f.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(parked().await.as_deref(), Some("1"), "only the plain client is parked");
+    assert_eq!(tls.simple_query("SELECT 1").await.unwrap().len(), 3);
+    assert_eq!(plain.simple_query("SELECT 1").await.unwrap().len(), 3);
+}
+
 /// Cancels for a TLS client's query: on a new plain connection (as libpq
 /// sends them) and inside TLS (as tokio-postgres does with sslmode=require).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

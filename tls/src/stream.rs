@@ -154,6 +154,11 @@ impl<T: AsyncWrite> WriteHalf<T> {
         matches!(self, WriteHalf::Tls(_))
     }
 
+    /// A plain TCP socket (not TLS, not an in-memory test pipe).
+    pub fn is_plain(&self) -> bool {
+        matches!(self, WriteHalf::Plain(_))
+    }
+
     /// Writes what the socket takes right now, without waiting (used for
     /// a parting Terminate). Over TLS this may queue the record only.
     pub fn write_now(&mut self, b: &[u8]) {
@@ -214,6 +219,26 @@ impl<T: AsyncWrite> AsyncWrite for WriteHalf<T> {
             WriteHalf::Memory(w) => w.is_write_vectored(),
         }
     }
+}
+
+/// A plain socket's halves joined and taken out of tokio's reactor (a
+/// parked client waits in an epoll set of its own). Only plain sockets can
+/// be parked: a TLS stream's state lives in the stream.
+pub fn into_std<T>(r: ReadHalf<T>, w: WriteHalf<T>) -> io::Result<std::net::TcpStream> {
+    match (r, w) {
+        (ReadHalf::Plain(r), WriteHalf::Plain(w)) => r.reunite(w).map_err(io::Error::other)?.into_std(),
+        _ => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "only plain sockets can be parked",
+        )),
+    }
+}
+
+/// The halves of a socket [`into_std`] took out, registered with the
+/// current runtime's reactor again.
+pub fn from_std<T>(s: std::net::TcpStream) -> io::Result<(ReadHalf<T>, WriteHalf<T>)> {
+    let (r, w) = TcpStream::from_std(s)?.into_split();
+    Ok((ReadHalf::Plain(r), WriteHalf::Plain(w)))
 }
 
 /// Read half of a client's socket.

@@ -139,6 +139,14 @@ pub(super) fn metrics(
         }
     }
     let c = &obs.counters;
+    let (parked, parks) = crate::park::stats();
+    let _ = writeln!(
+        m,
+        "# HELP pgferry_clients_parked Idle clients parked now (no task or buffers; see park_idle_after).\n\
+         # TYPE pgferry_clients_parked gauge\npgferry_clients_parked {parked}\n\
+         # HELP pgferry_client_parks_total Times an idle client was parked.\n\
+         # TYPE pgferry_client_parks_total counter\npgferry_client_parks_total {parks}"
+    );
     let _ = writeln!(
         m,
         "# HELP pgferry_connections_accepted_total Client connections accepted, by port.\n\

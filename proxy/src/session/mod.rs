@@ -81,6 +81,69 @@ enum Flow {
     Terminate,
 }
 
+/// How `main_loop` ended without an error.
+enum End {
+    /// The client left (Terminate or end of file).
+    Closed,
+    /// Idle long enough, and nothing in flight: hand the client to the
+    /// parker (`park.rs`).
+    Park,
+}
+
+/// How a session's task ends. `Parked` is large, and moved once per
+/// parking straight into the parker's table: a box would only add an
+/// allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Exit {
+    Closed(Result<(), ClientError>),
+    /// The client waits parked; its session is rebuilt by `Session::unpark`.
+    Parked(Parked),
+}
+
+/// What of a session outlives parking: the state that spans transactions.
+/// Everything else is empty at a parking point (no server, no buffered
+/// bytes, no request in flight) and is rebuilt on unparking.
+struct Kept {
+    id: u64,
+    pool: Arc<Pool>,
+    route: Route,
+    route_gen: u64,
+    read_only: bool,
+    params: ClientParams,
+    statements: HashMap<Box<[u8]>, Arc<Statement>>,
+    client: crate::clients::ClientGuard,
+    user_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// A parked client: its socket, out of tokio's reactor, and the session
+/// state that spans transactions (a few hundred bytes, against a session's
+/// task, future, buffers and registration).
+pub struct Parked {
+    shared: Arc<Handles>,
+    kept: Kept,
+    citus: Option<Box<citus::CitusRoute>>,
+    /// The idle timeout that was running: when it fires, and what the
+    /// client is told.
+    timeout: Option<(tokio::time::Instant, &'static str, &'static str)>,
+    pub stream: std::net::TcpStream,
+}
+
+impl Parked {
+    pub fn entry(&self) -> &Arc<crate::clients::ClientEntry> {
+        &self.kept.client.entry
+    }
+
+    /// When the client's idle timeout fires, if one applies.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.timeout.map(|t| t.0)
+    }
+
+    /// pgferry's lifecycle: a drain resumes a parked client, to close it.
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.shared.lifecycle
+    }
+}
+
 enum Event {
     ClientRead(std::io::Result<usize>),
     /// Bytes written, or None for a completed flush.
@@ -92,6 +155,8 @@ enum Event {
     /// KILL_CLIENT or KILL db from the console.
     Killed,
     Timeout(&'static str, &'static str),
+    /// Idle for `park_idle_after`: park if nothing is in flight.
+    Park,
 }
 
 static PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
@@ -201,6 +266,8 @@ pub struct Session {
     /// The deferred transaction failed before reaching a server: aborted,
     /// as PostgreSQL would have it, until the client ends it.
     deferred_failed: bool,
+    /// Unparked: the idle timeout keeps the deadline it had when parking.
+    resume_deadline: Option<tokio::time::Instant>,
 }
 
 /// A pending idle timeout and what the client is told when it fires.
@@ -219,33 +286,88 @@ impl Session {
             .citus()
             .filter(|c| c.enabled && mode == PoolMode::Transaction && settings.server_dbname == c.database)
             .map(|c| citus::CitusRoute::new(c.clone()));
-        Session {
+        // Counted once per client, parked or not: SHOW POOLS' cl_active.
+        init.pool.stats.cl_active.fetch_add(1, Relaxed);
+        let kept = Kept {
             id: init.id,
-            rd: init.rd,
-            wr: init.wr,
-            rbuf: init.rbuf,
+            route_gen: shared.router.generation(),
+            pool: init.pool,
+            route: init.route,
+            read_only: init.read_only,
+            params: init.params,
+            statements: HashMap::new(),
+            client: init.client,
+            user_permit: init.user_permit,
+        };
+        Session::assemble(shared, kept, citus, init.rd, init.wr, init.rbuf)
+    }
+
+    /// A parked client's session again, on the current runtime. On error
+    /// the client is gone (its socket closed).
+    pub fn unpark(p: Parked) -> std::io::Result<Box<Session>> {
+        let (rd, wr) = match pgferry_tls::stream::from_std(p.stream) {
+            Ok(halves) => halves,
+            Err(e) => {
+                p.kept.pool.stats.cl_active.fetch_sub(1, Relaxed);
+                return Err(e);
+            }
+        };
+        let mut s = Box::new(Session::assemble(
+            p.shared,
+            p.kept,
+            p.citus.map(|c| *c),
+            rd,
+            wr,
+            BytesMut::new(),
+        ));
+        if let Some((deadline, code, what)) = p.timeout {
+            s.resume_deadline = Some(deadline);
+            s.timer = Some(Timer {
+                sleep: Box::pin(tokio::time::sleep_until(deadline)),
+                code,
+                what,
+            });
+        }
+        Ok(s)
+    }
+
+    fn assemble(
+        shared: Arc<Handles>,
+        kept: Kept,
+        citus: Option<citus::CitusRoute>,
+        rd: ClientReadHalf,
+        wr: ClientWriteHalf,
+        rbuf: BytesMut,
+    ) -> Self {
+        let settings = &kept.pool.settings;
+        let mode = settings.pool_mode;
+        Session {
+            id: kept.id,
+            rd,
+            wr,
+            rbuf,
             to_client: BytesMut::new(),
             to_server: BytesMut::new(),
             client_unflushed: false,
             server_unflushed: false,
-            read_only: init.read_only,
+            read_only: kept.read_only,
             mode,
             rewrite: mode == PoolMode::Transaction && settings.max_prepared_statements > 0,
             policy: shared.settings.config().pool.session_state,
             max_prepared: settings.max_prepared_statements,
             max_message: shared.settings.config().limits.max_message_size,
-            pool: init.pool,
-            route: init.route,
-            route_gen: shared.router.generation(),
+            pool: kept.pool,
+            route: kept.route,
+            route_gen: kept.route_gen,
             rebalance_at: Instant::now() + REBALANCE_EVERY,
             rebalance: false,
             server: None,
             bound_at: Instant::now(),
             query_start: None,
             replies: Replies::new(),
-            statements: HashMap::new(),
+            statements: kept.statements,
             interned: None,
-            params: init.params,
+            params: kept.params,
             pin: None,
             recheck_pin: false,
             capture: Vec::new(),
@@ -254,31 +376,101 @@ impl Session {
             skip_until_sync: false,
             lost_transaction: None,
             server_fatal: None,
-            client: init.client,
-            _user_permit: init.user_permit,
+            client: kept.client,
+            _user_permit: kept.user_permit,
             drain_seen: false,
             timer: None,
             citus,
             pending_begin: None,
             deferred_failed: false,
+            resume_deadline: None,
             shared,
         }
+    }
+
+    /// The client's id, address and port (for the closing log line).
+    pub fn who(&self) -> (u64, std::net::SocketAddr, Role) {
+        let info = &self.client.entry.info;
+        (self.id, info.peer, info.port)
+    }
+
+    /// Nothing in flight, nothing buffered, no server and no state that
+    /// only this task holds: the session can be taken apart into `Parked`
+    /// and rebuilt later without the client seeing a difference.
+    fn parkable(&self) -> bool {
+        self.wr.is_plain()
+            && self.server.is_none()
+            && self.rbuf.is_empty()
+            && self.to_client.is_empty()
+            && self.to_server.is_empty()
+            && !self.client_unflushed
+            && self.replies.releasable()
+            && self.interned.is_none()
+            && self.pin.is_none()
+            && !self.recheck_pin
+            && self.capture.is_empty()
+            && !self.reset_all
+            && !self.forget_server_statements
+            && !self.skip_until_sync
+            && self.lost_transaction.is_none()
+            && self.server_fatal.is_none()
+            && self.pending_begin.is_none()
+            && !self.deferred_failed
+            && !self.drain_seen
+            && self.shared.lifecycle.drain_age().is_none()
+    }
+
+    /// Takes the session apart (see `parkable`); the socket leaves tokio's
+    /// reactor.
+    fn into_parked(self: Box<Self>) -> std::io::Result<Parked> {
+        let s = *self;
+        let timeout = s.timer.as_ref().map(|t| (t.sleep.deadline(), t.code, t.what));
+        let stream = pgferry_tls::stream::into_std(s.rd, s.wr)?;
+        Ok(Parked {
+            kept: Kept {
+                id: s.id,
+                pool: s.pool,
+                route: s.route,
+                route_gen: s.route_gen,
+                read_only: s.read_only,
+                params: s.params,
+                statements: s.statements,
+                client: s.client,
+                user_permit: s._user_permit,
+            },
+            citus: s.citus.map(Box::new),
+            timeout,
+            stream,
+            shared: s.shared,
+        })
     }
 
     /// Runs the session to its end, then returns or discards the server.
     /// Boxed: an `async fn` keeps its by-value arguments twice (the
     /// argument and the body's binding), 700 bytes per client for a session.
-    pub async fn run(mut self: Box<Self>) -> Result<(), ClientError> {
-        self.pool.stats.cl_active.fetch_add(1, Relaxed);
-        let result = self.main_loop().await;
-        if let Err(e) = &result {
-            // Boxed: this rare path's timer and write would otherwise
-            // enlarge every session's future.
-            Box::pin(self.report_fatal(e)).await;
-        }
+    pub async fn run(mut self: Box<Self>) -> Exit {
+        let result = match self.main_loop().await {
+            Ok(End::Park) => {
+                let pool = self.pool.clone();
+                match self.into_parked() {
+                    Ok(p) => return Exit::Parked(p),
+                    Err(e) => {
+                        pool.stats.cl_active.fetch_sub(1, Relaxed);
+                        return Exit::Closed(Err(e.into()));
+                    }
+                }
+            }
+            Ok(End::Closed) => Ok(()),
+            Err(e) => {
+                // Boxed: this rare path's timer and write would otherwise
+                // enlarge every session's future.
+                Box::pin(self.report_fatal(&e)).await;
+                Err(e)
+            }
+        };
         Box::pin(self.release_on_exit()).await;
         self.pool.stats.cl_active.fetch_sub(1, Relaxed);
-        result
+        Exit::Closed(result)
     }
 
     /// Tells the client why its session ends, if it should know.
@@ -297,7 +489,7 @@ impl Session {
         .await;
     }
 
-    async fn main_loop(&mut self) -> Result<(), ClientError> {
+    async fn main_loop(&mut self) -> Result<End, ClientError> {
         loop {
             self.maybe_release().await;
             self.release_idle_buffers();
@@ -333,11 +525,19 @@ impl Session {
                 Event::ClientRead(r) => {
                     let n = r?;
                     if n == 0 {
-                        return Ok(());
+                        return Ok(End::Closed);
                     }
+                    self.client.entry.touch();
                     self.pool.stats.total_received.fetch_add(n as u64, Relaxed);
                     if self.on_client_data().await? == Flow::Terminate {
-                        return Ok(());
+                        return Ok(End::Closed);
+                    }
+                }
+                Event::Park => {
+                    let park = self.parkable();
+                    self.client.entry.parked(park);
+                    if park {
+                        return Ok(End::Park);
                     }
                 }
                 // Woken to re-evaluate: an idle client now gets a short grace
@@ -431,6 +631,7 @@ impl Session {
         {
             return Poll::Ready(match signal {
                 Signal::Killed => Event::Killed,
+                Signal::Park => Event::Park,
                 Signal::Drain => {
                     self.drain_seen = true;
                     Event::Drain
@@ -453,7 +654,11 @@ impl Session {
             self.timer = None;
             return;
         };
-        let deadline = tokio::time::Instant::now() + d;
+        // An unparked session keeps the deadline it parked with.
+        let deadline = self
+            .resume_deadline
+            .take()
+            .unwrap_or_else(|| tokio::time::Instant::now() + d);
         match &mut self.timer {
             Some(t) => {
                 t.sleep.as_mut().reset(deadline);
