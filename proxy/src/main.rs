@@ -78,6 +78,10 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// How often freed heap memory is handed back to the kernel.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 

@@ -27,7 +27,6 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Wake, Waker};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -51,6 +50,8 @@ const TIMEOUT_CHECK: Duration = Duration::from_secs(1);
 
 /// One event loop's parked clients.
 struct Parker {
+    /// Its place in `PARKERS`.
+    number: usize,
     epoll: AsyncFd<OwnedFd>,
     slots: Mutex<Slots>,
     /// Clients signalled (KILL, drain) since the watcher last looked.
@@ -141,23 +142,46 @@ impl Slots {
     }
 }
 
-/// Wakes the parker for one client: what a parked client's registry entry
-/// calls on KILL or drain, in place of its (ended) task's waker.
-struct SlotWaker {
-    parker: Weak<Parker>,
-    key: Key,
-}
+/// Every parker made (one per event loop), so that a waker can name its
+/// parker by number: a parked client's waker is then a plain word, with no
+/// allocation per client.
+static PARKERS: Mutex<Vec<Weak<Parker>>> = Mutex::new(Vec::new());
 
-impl Wake for SlotWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
+/// A parked client's waker: what its registry entry calls on KILL or a
+/// drain, in place of its (ended) task's waker. Its data word is the
+/// parker's number (16 bits), and the client's index (24 bits) and
+/// generation (low 24 bits) in it; `signal` checks the generation against
+/// the slot's, so a stale wake-up resumes nobody.
+#[allow(unsafe_code)]
+mod slot_waker {
+    use super::{Key, PARKERS};
+    use std::task::{RawWaker, RawWakerVTable, Waker};
+
+    const VTABLE: RawWakerVTable = RawWakerVTable::new(clone, wake, wake, drop);
+
+    pub fn new(parker: usize, key: Key) -> Option<Waker> {
+        if parker >= 1 << 16 || key.index >= 1 << 24 {
+            return None;
+        }
+        let word = parker << 48 | (key.index as usize) << 24 | (key.gen as usize & 0xff_ffff);
+        // SAFETY: the data is a plain integer, never dereferenced; the
+        // vtable's functions only decode it.
+        Some(unsafe { Waker::from_raw(RawWaker::new(word as *const (), &VTABLE)) })
     }
 
-    fn wake_by_ref(self: &Arc<Self>) {
-        if let Some(p) = self.parker.upgrade() {
-            p.signal(self.key);
+    fn clone(data: *const ()) -> RawWaker {
+        RawWaker::new(data, &VTABLE)
+    }
+
+    fn wake(data: *const ()) {
+        let word = data as usize;
+        let parker = PARKERS.lock().unwrap().get(word >> 48).and_then(|w| w.upgrade());
+        if let Some(p) = parker {
+            p.signal_masked((word >> 24) as u32 & 0xff_ffff, word as u32 & 0xff_ffff);
         }
     }
+
+    fn drop(_: *const ()) {}
 }
 
 thread_local! {
@@ -174,7 +198,7 @@ fn current() -> io::Result<Arc<Parker>> {
                 return Ok(p.clone());
             }
         }
-        let p = Arc::new(Parker::new()?);
+        let p = Parker::new()?;
         let task = tokio::spawn(watch(p.clone()));
         *cell = Some((p.clone(), task));
         Ok(p)
@@ -199,12 +223,14 @@ pub fn park(p: Parked, slot: OwnedSemaphorePermit) {
     PARKS.fetch_add(1, Relaxed);
     // Signals first: from here on a KILL or a drain resumes the client,
     // and one that came just before is seen by the registration's check.
-    let waker = Waker::from(Arc::new(SlotWaker {
-        parker: Arc::downgrade(&parker),
-        key,
-    }));
-    if entry.register_signal(&waker, lifecycle.draining()) {
-        parker.signal(key);
+    match slot_waker::new(parker.number, key) {
+        Some(waker) => {
+            if entry.register_signal(&waker, lifecycle.draining()) {
+                parker.signal(key);
+            }
+        }
+        // Beyond 16 million parked clients on one loop: not parked.
+        None => parker.signal(key),
     }
     // Then the socket, level-triggered: bytes that arrived before this call
     // are reported at once.
@@ -225,13 +251,33 @@ fn resume(p: Parked, slot: OwnedSemaphorePermit) {
 }
 
 impl Parker {
-    fn new() -> io::Result<Parker> {
-        Ok(Parker {
-            epoll: epoll::register(epoll::create()?)?,
+    fn new() -> io::Result<Arc<Parker>> {
+        let epoll = epoll::register(epoll::create()?)?;
+        let mut all = PARKERS.lock().unwrap();
+        // A parker whose runtime is gone leaves its number free.
+        let number = all.iter().position(|w| w.strong_count() == 0).unwrap_or(all.len());
+        let p = Arc::new(Parker {
+            number,
+            epoll,
             slots: Mutex::new(Slots::default()),
             signalled: Mutex::new(Vec::new()),
             notify: Notify::new(),
-        })
+        });
+        if number == all.len() {
+            all.push(Arc::downgrade(&p));
+        } else {
+            all[number] = Arc::downgrade(&p);
+        }
+        Ok(p)
+    }
+
+    /// `signal` from a waker, which carries the low 24 bits of the
+    /// generation only.
+    fn signal_masked(&self, index: u32, gen24: u32) {
+        let gen = self.slots.lock().unwrap().entries.get(index as usize).map(|s| s.gen);
+        if let Some(gen) = gen.filter(|g| g & 0xff_ffff == gen24) {
+            self.signal(Key { index, gen });
+        }
     }
 
     fn signal(&self, key: Key) {
@@ -412,5 +458,20 @@ mod tests {
         ] {
             assert_eq!(Key::from_u64(k.to_u64()), k);
         }
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn print_sizes() {
+        eprintln!(
+            "Parked {} Slot {} ClientEntry {} ClientParams {} Session {}",
+            std::mem::size_of::<crate::session::Parked>(),
+            std::mem::size_of::<super::Slot>(),
+            std::mem::size_of::<crate::clients::ClientEntry>(),
+            std::mem::size_of::<crate::params::ClientParams>(),
+            std::mem::size_of::<crate::session::Session>(),
+        );
     }
 }

@@ -100,6 +100,9 @@ pub enum Exit {
     Parked(Parked),
 }
 
+/// A client's named statements, by the client's names.
+type Statements = HashMap<Box<[u8]>, Arc<Statement>>;
+
 /// What of a session outlives parking: the state that spans transactions.
 /// Everything else is empty at a parking point (no server, no buffered
 /// bytes, no request in flight) and is rebuilt on unparking.
@@ -110,7 +113,8 @@ struct Kept {
     route_gen: u64,
     read_only: bool,
     params: ClientParams,
-    statements: HashMap<Box<[u8]>, Arc<Statement>>,
+    /// Boxed: most clients have none, and a parked client's size counts.
+    statements: Option<Box<Statements>>,
     client: crate::clients::ClientGuard,
     user_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -122,9 +126,8 @@ pub struct Parked {
     shared: Arc<Handles>,
     kept: Kept,
     citus: Option<Box<citus::CitusRoute>>,
-    /// The idle timeout that was running: when it fires, and what the
-    /// client is told.
-    timeout: Option<(tokio::time::Instant, &'static str, &'static str)>,
+    /// When the idle timeout that was running fires.
+    deadline: Option<tokio::time::Instant>,
     pub stream: std::net::TcpStream,
 }
 
@@ -135,7 +138,7 @@ impl Parked {
 
     /// When the client's idle timeout fires, if one applies.
     pub fn deadline(&self) -> Option<tokio::time::Instant> {
-        self.timeout.map(|t| t.0)
+        self.deadline
     }
 
     /// pgferry's lifecycle: a drain resumes a parked client, to close it.
@@ -229,7 +232,7 @@ pub struct Session {
     /// What the bound server still owes, and where it is in the protocol.
     replies: Replies<Effect>,
     /// The client's named statements.
-    statements: HashMap<Box<[u8]>, Arc<Statement>>,
+    statements: Statements,
     /// The registry entry of the Parse being handled, held from
     /// `needs_server`'s decision to `on_parse`: in between, the last other
     /// client using it could drop it, and `on_parse` would find a new,
@@ -295,7 +298,7 @@ impl Session {
             route: init.route,
             read_only: init.read_only,
             params: init.params,
-            statements: HashMap::new(),
+            statements: None,
             client: init.client,
             user_permit: init.user_permit,
         };
@@ -320,14 +323,7 @@ impl Session {
             wr,
             BytesMut::new(),
         ));
-        if let Some((deadline, code, what)) = p.timeout {
-            s.resume_deadline = Some(deadline);
-            s.timer = Some(Timer {
-                sleep: Box::pin(tokio::time::sleep_until(deadline)),
-                code,
-                what,
-            });
-        }
+        s.resume_deadline = p.deadline;
         Ok(s)
     }
 
@@ -365,7 +361,7 @@ impl Session {
             bound_at: Instant::now(),
             query_start: None,
             replies: Replies::new(),
-            statements: kept.statements,
+            statements: kept.statements.map(|b| *b).unwrap_or_default(),
             interned: None,
             params: kept.params,
             pin: None,
@@ -424,7 +420,7 @@ impl Session {
     /// reactor.
     fn into_parked(self: Box<Self>) -> std::io::Result<Parked> {
         let s = *self;
-        let timeout = s.timer.as_ref().map(|t| (t.sleep.deadline(), t.code, t.what));
+        let deadline = s.timer.as_ref().map(|t| t.sleep.deadline());
         let stream = pgferry_tls::stream::into_std(s.rd, s.wr)?;
         Ok(Parked {
             kept: Kept {
@@ -434,12 +430,12 @@ impl Session {
                 route_gen: s.route_gen,
                 read_only: s.read_only,
                 params: s.params,
-                statements: s.statements,
+                statements: (!s.statements.is_empty()).then(|| Box::new(s.statements)),
                 client: s.client,
                 user_permit: s._user_permit,
             },
             citus: s.citus.map(Box::new),
-            timeout,
+            deadline,
             stream,
             shared: s.shared,
         })
@@ -650,15 +646,13 @@ impl Session {
     /// now; drops it when none applies (the default), so that clients
     /// without timeouts hold no timer.
     fn arm_timer(&mut self) {
+        // An unparked session keeps the deadline it parked with.
+        let resumed = self.resume_deadline.take();
         let Some((d, code, what)) = self.idle_timeout() else {
             self.timer = None;
             return;
         };
-        // An unparked session keeps the deadline it parked with.
-        let deadline = self
-            .resume_deadline
-            .take()
-            .unwrap_or_else(|| tokio::time::Instant::now() + d);
+        let deadline = resumed.unwrap_or_else(|| tokio::time::Instant::now() + d);
         match &mut self.timer {
             Some(t) => {
                 t.sleep.as_mut().reset(deadline);
