@@ -281,12 +281,14 @@ impl<P> Replies<P> {
         )
     }
 
-    /// Frees the queue's memory when nothing is queued (idle clients).
-    pub fn release_memory(&mut self) {
-        if self.slots.is_empty() && self.slots.capacity() > 0 {
+    /// Frees the queue's memory when nothing is queued and it holds room
+    /// for more than `keep` entries (what the next transaction likely
+    /// needs stays: no allocation for it).
+    pub fn release_memory(&mut self, keep: usize) {
+        if self.slots.is_empty() && self.slots.capacity() > keep {
             self.slots = VecDeque::new();
         }
-        if self.fates.is_empty() && self.fates.capacity() > 0 {
+        if self.fates.is_empty() && self.fates.capacity() > keep {
             self.fates = Vec::new();
         }
     }

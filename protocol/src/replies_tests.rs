@@ -952,3 +952,27 @@ fn driver_shapes() {
         }
     }
 }
+
+#[test]
+fn release_memory_keeps_a_small_queue_and_frees_a_large_one() {
+    let mut r = R::new();
+    send(&mut r, &[Query]);
+    feed(&mut r, &[frame(b'C', b"SELECT 1\0"), z(b'I')]);
+    r.release_memory(8);
+    let kept = r.slots.capacity();
+    assert!(kept > 0 && kept <= 8, "a point query's queue stays: {kept}");
+    // A long pipeline's queue goes once it is answered.
+    for _ in 0..100 {
+        send(&mut r, &[Parse, Bind, Execute]);
+    }
+    send(&mut r, &[Sync]);
+    let mut replies = Vec::new();
+    for _ in 0..100 {
+        replies.extend([frame(b'1', b""), frame(b'2', b""), frame(b'C', b"SELECT 1\0")]);
+    }
+    replies.push(z(b'I'));
+    feed(&mut r, &replies);
+    assert!(r.slots.capacity() > 8);
+    r.release_memory(8);
+    assert_eq!(r.slots.capacity(), 0);
+}

@@ -42,6 +42,9 @@ pub fn stats() -> (usize, u64) {
     (PARKED.load(Relaxed), PARKS.load(Relaxed))
 }
 
+/// Generations are 24-bit (see `slot_waker`).
+const GEN_MASK: u32 = 0xff_ffff;
+
 /// Ready sockets taken per `epoll_wait`.
 const BATCH: usize = 256;
 /// How often parked clients' idle timeouts are checked (PgBouncer checks
@@ -80,25 +83,53 @@ impl Key {
     }
 }
 
+/// A parked client, as the table sees it.
+type Client = (Parked, OwnedSemaphorePermit);
+
+/// What the table needs to know of an entry: when its idle timeout fires.
+trait Deadline {
+    fn deadline(&self) -> Option<tokio::time::Instant>;
+}
+
+impl Deadline for Client {
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.0.deadline()
+    }
+}
+
 /// The parked clients, stored inline (one allocation for all of them).
-#[derive(Default)]
-struct Slots {
-    entries: Vec<Slot>,
+struct Slots<T = Client> {
+    entries: Vec<Slot<T>>,
     free: Vec<u32>,
+    /// Generations only go up, even when the table is emptied: an old key
+    /// never matches a later client.
+    next_gen: u32,
     parked: usize,
     /// Parked clients with an idle timeout running.
     timed: usize,
 }
 
-struct Slot {
+struct Slot<T> {
     gen: u32,
-    client: Option<(Parked, OwnedSemaphorePermit)>,
+    client: Option<T>,
 }
 
-impl Slots {
-    fn insert(&mut self, p: Parked, slot: OwnedSemaphorePermit) -> Key {
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Slots {
+            entries: Vec::new(),
+            free: Vec::new(),
+            next_gen: 0,
+            parked: 0,
+            timed: 0,
+        }
+    }
+}
+
+impl<T: Deadline> Slots<T> {
+    fn insert(&mut self, client: T) -> Key {
         self.parked += 1;
-        self.timed += p.deadline().is_some() as usize;
+        self.timed += client.deadline().is_some() as usize;
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -106,34 +137,47 @@ impl Slots {
                 (self.entries.len() - 1) as u32
             }
         };
+        // 24 bits: what a waker's word has room for.
+        self.next_gen = (self.next_gen + 1) & GEN_MASK;
         let s = &mut self.entries[index as usize];
-        s.gen = s.gen.wrapping_add(1);
-        s.client = Some((p, slot));
+        s.gen = self.next_gen;
+        s.client = Some(client);
         Key { index, gen: s.gen }
     }
 
-    fn take(&mut self, key: Key) -> Option<(Parked, OwnedSemaphorePermit)> {
+    /// The client under `key`, unless it was taken already (a stale key).
+    fn take(&mut self, key: Key) -> Option<T> {
         let s = self.entries.get_mut(key.index as usize)?;
         if s.gen != key.gen {
             return None;
         }
         let c = s.client.take()?;
         self.parked -= 1;
-        self.timed -= c.0.deadline().is_some() as usize;
+        self.timed -= c.deadline().is_some() as usize;
         self.free.push(key.index);
         if self.parked == 0 {
             // Everyone left: give the table's memory back.
-            *self = Slots::default();
+            *self = Slots {
+                next_gen: self.next_gen,
+                ..Slots::default()
+            };
         }
         Some(c)
     }
 
+    /// Every parked client.
+    fn keys(&self) -> Vec<Key> {
+        self.keys_where(|_| true)
+    }
+
     /// Clients whose idle timeout has passed.
     fn expired(&self, now: tokio::time::Instant) -> Vec<Key> {
-        self.entries
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.client.as_ref().and_then(|c| c.0.deadline()).is_some_and(|d| d <= now))
+        self.keys_where(|c| c.deadline().is_some_and(|d| d <= now))
+    }
+
+    fn keys_where(&self, f: impl Fn(&T) -> bool) -> Vec<Key> {
+        (self.entries.iter().enumerate())
+            .filter(|(_, s)| s.client.as_ref().is_some_and(&f))
             .map(|(i, s)| Key {
                 index: i as u32,
                 gen: s.gen,
@@ -149,12 +193,12 @@ static PARKERS: Mutex<Vec<Weak<Parker>>> = Mutex::new(Vec::new());
 
 /// A parked client's waker: what its registry entry calls on KILL or a
 /// drain, in place of its (ended) task's waker. Its data word is the
-/// parker's number (16 bits), and the client's index (24 bits) and
-/// generation (low 24 bits) in it; `signal` checks the generation against
-/// the slot's, so a stale wake-up resumes nobody.
+/// parker's number (16 bits), and the client's index and generation (24
+/// bits each) in it; the watcher checks the generation against the slot's,
+/// so a stale wake-up resumes nobody.
 #[allow(unsafe_code)]
 mod slot_waker {
-    use super::{Key, PARKERS};
+    use super::{Key, GEN_MASK, PARKERS};
     use std::task::{RawWaker, RawWakerVTable, Waker};
 
     const VTABLE: RawWakerVTable = RawWakerVTable::new(clone, wake, wake, drop);
@@ -163,7 +207,7 @@ mod slot_waker {
         if parker >= 1 << 16 || key.index >= 1 << 24 {
             return None;
         }
-        let word = parker << 48 | (key.index as usize) << 24 | (key.gen as usize & 0xff_ffff);
+        let word = parker << 48 | (key.index as usize) << 24 | key.gen as usize;
         // SAFETY: the data is a plain integer, never dereferenced; the
         // vtable's functions only decode it.
         Some(unsafe { Waker::from_raw(RawWaker::new(word as *const (), &VTABLE)) })
@@ -177,7 +221,13 @@ mod slot_waker {
         let word = data as usize;
         let parker = PARKERS.lock().unwrap().get(word >> 48).and_then(|w| w.upgrade());
         if let Some(p) = parker {
-            p.signal_masked((word >> 24) as u32 & 0xff_ffff, word as u32 & 0xff_ffff);
+            // No lock of the parker's table here: `park` holds it while it
+            // registers this waker, and a concurrent wake-up may run right
+            // there. The watcher checks the generation.
+            p.signal(Key {
+                index: (word >> 24) as u32 & 0xff_ffff,
+                gen: word as u32 & GEN_MASK,
+            });
         }
     }
 
@@ -218,24 +268,28 @@ pub fn park(p: Parked, slot: OwnedSemaphorePermit) {
     let fd = p.stream.as_raw_fd();
     let entry = p.entry().clone();
     let lifecycle = p.lifecycle().clone();
-    let key = parker.slots.lock().unwrap().insert(p, slot);
     PARKED.fetch_add(1, Relaxed);
     PARKS.fetch_add(1, Relaxed);
-    // Signals first: from here on a KILL or a drain resumes the client,
-    // and one that came just before is seen by the registration's check.
-    match slot_waker::new(parker.number, key) {
-        Some(waker) => {
-            if entry.register_signal(&waker, lifecycle.draining()) {
-                parker.signal(key);
-            }
-        }
-        // Beyond 16 million parked clients on one loop: not parked.
-        None => parker.signal(key),
-    }
-    // Then the socket, level-triggered: bytes that arrived before this call
-    // are reported at once.
-    if let Err(e) = epoll::add(parker.epoll.as_raw_fd(), fd, key.to_u64()) {
+    // All three steps under the table's lock: the watcher (possibly on
+    // another thread) cannot resume the client half-parked, with its
+    // socket not yet in the epoll set or its old waker still registered.
+    let mut slots = parker.slots.lock().unwrap();
+    let key = slots.insert((p, slot));
+    // Signals: from here on a KILL or a drain resumes the client, and one
+    // that came just before is seen by the registration's own check.
+    let signalled = match slot_waker::new(parker.number, key) {
+        Some(waker) => entry.register_signal(&waker, lifecycle.draining()),
+        // Beyond 16 million parked clients on one loop: resumed at once.
+        None => true,
+    };
+    // The socket, level-triggered: bytes that arrived before this call are
+    // reported at once.
+    let added = epoll::add(parker.epoll.as_raw_fd(), fd, key.to_u64());
+    drop(slots);
+    if let Err(e) = &added {
         tracing::warn!(error = %e, "cannot park a client; resumed");
+    }
+    if signalled || added.is_err() {
         parker.signal(key);
     }
 }
@@ -271,15 +325,6 @@ impl Parker {
         Ok(p)
     }
 
-    /// `signal` from a waker, which carries the low 24 bits of the
-    /// generation only.
-    fn signal_masked(&self, index: u32, gen24: u32) {
-        let gen = self.slots.lock().unwrap().entries.get(index as usize).map(|s| s.gen);
-        if let Some(gen) = gen.filter(|g| g & 0xff_ffff == gen24) {
-            self.signal(Key { index, gen });
-        }
-    }
-
     fn signal(&self, key: Key) {
         self.signalled.lock().unwrap().push(key);
         self.notify.notify_one();
@@ -311,16 +356,7 @@ impl Parker {
     /// next client to park makes a new parker.
     fn fail(&self, e: io::Error) {
         tracing::error!(error = %e, "parked clients' epoll failed; resuming them all");
-        let keys: Vec<Key> = {
-            let slots = self.slots.lock().unwrap();
-            (slots.entries.iter().enumerate())
-                .filter(|(_, s)| s.client.is_some())
-                .map(|(i, s)| Key {
-                    index: i as u32,
-                    gen: s.gen,
-                })
-                .collect()
-        };
+        let keys = self.slots.lock().unwrap().keys();
         for key in keys {
             self.wake(key);
         }
@@ -446,6 +482,62 @@ pub async fn sweep(shared: Arc<Shared>) {
 mod tests {
     use super::*;
 
+    /// A stand-in client: its deadline, if any.
+    struct Fake(Option<tokio::time::Instant>);
+
+    impl Deadline for Fake {
+        fn deadline(&self) -> Option<tokio::time::Instant> {
+            self.0
+        }
+    }
+
+    #[test]
+    fn a_key_takes_its_client_once_and_stale_keys_take_nothing() {
+        let mut t = Slots::<Fake>::default();
+        let a = t.insert(Fake(None));
+        let b = t.insert(Fake(None));
+        assert_ne!(a, b);
+        assert!(t.take(a).is_some());
+        assert!(t.take(a).is_none(), "taken twice");
+        // The freed place is reused under a new generation: the old key
+        // (a wake-up for the client that left) does not reach the new one.
+        let c = t.insert(Fake(None));
+        assert_eq!(c.index, a.index);
+        assert_ne!(c.gen, a.gen);
+        assert!(t.take(a).is_none());
+        assert!(t.take(Key { index: 99, gen: 1 }).is_none(), "no such place");
+        assert_eq!(t.keys(), vec![c, b]);
+        assert!(t.take(b).is_some() && t.take(c).is_some());
+        assert_eq!((t.parked, t.entries.capacity()), (0, 0), "empty table freed");
+        // Generations go on after the table was emptied.
+        let d = t.insert(Fake(None));
+        assert!(d.gen > c.gen && t.take(c).is_none());
+    }
+
+    #[test]
+    fn generations_fit_a_wakers_24_bits() {
+        let mut t = Slots::<Fake>::default();
+        t.next_gen = GEN_MASK - 1;
+        let a = t.insert(Fake(None));
+        let b = t.insert(Fake(None));
+        assert_eq!((a.gen, b.gen), (GEN_MASK, 0));
+        assert!(t.take(a).is_some() && t.take(b).is_some());
+    }
+
+    #[test]
+    fn expired_lists_only_clients_past_their_deadline() {
+        let now = tokio::time::Instant::now();
+        let mut t = Slots::<Fake>::default();
+        let early = t.insert(Fake(Some(now - Duration::from_secs(1))));
+        let _later = t.insert(Fake(Some(now + Duration::from_secs(60))));
+        let _none = t.insert(Fake(None));
+        assert_eq!(t.timed, 2);
+        assert_eq!(t.expired(now), vec![early]);
+        t.take(early).unwrap();
+        assert_eq!(t.timed, 1);
+        assert!(t.expired(now).is_empty());
+    }
+
     #[test]
     fn keys_round_trip_through_the_epoll_word() {
         for k in [
@@ -462,16 +554,12 @@ mod tests {
 }
 
 #[cfg(test)]
-mod size_probe {
+mod size {
+    /// What a parked client costs in the parker's table (besides its
+    /// registry entry and parameters): kept small on purpose.
     #[test]
-    fn print_sizes() {
-        eprintln!(
-            "Parked {} Slot {} ClientEntry {} ClientParams {} Session {}",
-            std::mem::size_of::<crate::session::Parked>(),
-            std::mem::size_of::<super::Slot>(),
-            std::mem::size_of::<crate::clients::ClientEntry>(),
-            std::mem::size_of::<crate::params::ClientParams>(),
-            std::mem::size_of::<crate::session::Session>(),
-        );
+    fn a_parked_client_takes_at_most_256_bytes_in_the_table() {
+        let slot = std::mem::size_of::<super::Slot<super::Client>>();
+        assert!(slot <= 256, "Slot is {slot} bytes");
     }
 }

@@ -48,6 +48,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 /// Stop reading from one side while this much is waiting to be written to
 /// the other: backpressure instead of unbounded buffering.
 const HIGH_WATER: usize = 256 * 1024;
+/// Buffer capacity a client keeps between transactions (see
+/// `release_idle_buffers`).
+const KEEP_BETWEEN_TRANSACTIONS: usize = 2048;
+/// Reply-queue capacity kept between transactions (a pipeline of a few
+/// requests).
+const KEEP_QUEUED: usize = 8;
 /// Stop reading a client with this many requests waiting for replies.
 const MAX_QUEUED_REQUESTS: usize = 32 * 1024;
 /// Bound on pgferry's own short queries (sync, capture, reset).
@@ -554,24 +560,23 @@ impl Session {
         }
     }
 
-    /// A client between transactions holds no buffer memory: with thousands
-    /// of mostly idle clients, what each once read or received (up to 64 KiB
-    /// apiece) would otherwise stay allocated. The next request allocates
-    /// what it needs again: a few small allocations per transaction, which
-    /// BENCHMARKS.md measured as no cost in CPU per transaction.
+    /// Between transactions a client keeps small buffers (what a point
+    /// query needs) for its next transaction, which then allocates nothing
+    /// for them; larger ones (up to 64 KiB for a big result) are freed, and
+    /// a client idle for `park_idle_after` is parked, which frees them all.
     fn release_idle_buffers(&mut self) {
         if self.server.is_some() || self.replies.pending() || self.client_unflushed {
             return;
         }
-        // `capacity()` does not show what an advanced or split buffer still
-        // holds, so an empty buffer is replaced outright (free when it holds
-        // nothing).
         for buf in [&mut self.rbuf, &mut self.to_client, &mut self.to_server] {
-            if buf.is_empty() {
+            // `capacity()` of an advanced buffer hides what it consumed;
+            // `try_reclaim` rewinds it over its whole allocation without
+            // allocating, and succeeds only if that is larger than kept.
+            if buf.is_empty() && buf.try_reclaim(KEEP_BETWEEN_TRANSACTIONS + 1) {
                 *buf = BytesMut::new();
             }
         }
-        self.replies.release_memory();
+        self.replies.release_memory(KEEP_QUEUED);
     }
 
     /// Waits for the next thing to do. The future holds only `&mut self`:
