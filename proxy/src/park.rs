@@ -516,8 +516,10 @@ mod tests {
 
     #[test]
     fn generations_fit_a_wakers_24_bits() {
-        let mut t = Slots::<Fake>::default();
-        t.next_gen = GEN_MASK - 1;
+        let mut t = Slots::<Fake> {
+            next_gen: GEN_MASK - 1,
+            ..Default::default()
+        };
         let a = t.insert(Fake(None));
         let b = t.insert(Fake(None));
         assert_eq!((a.gen, b.gen), (GEN_MASK, 0));
