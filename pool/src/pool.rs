@@ -406,15 +406,15 @@ impl Pool {
             .collect()
     }
 
-    fn checkin(&self, mut c: Box<ServerConn>) {
+    fn checkin(&self, mut c: Box<ServerConn>, now: Instant) {
         let s = &self.settings;
         if self.closed.load(Relaxed) {
             return self.close(c, "pool closed");
         }
-        if !s.server_lifetime.is_zero() && c.created.elapsed() > s.server_lifetime {
+        if !s.server_lifetime.is_zero() && now.saturating_duration_since(c.created) > s.server_lifetime {
             return self.close(c, "server_lifetime reached");
         }
-        c.idle_since = Instant::now();
+        c.idle_since = now;
         c.uses += 1;
         self.idle.lock().unwrap().push(c);
     }
@@ -466,7 +466,7 @@ impl Pool {
                 break;
             }
             match self.connect().await {
-                Ok(c) => self.checkin(c),
+                Ok(c) => self.checkin(c, Instant::now()),
                 Err(_) => break,
             }
         }
@@ -507,10 +507,15 @@ impl PooledConn {
         &self.pool
     }
 
-    pub fn checkin(mut self) {
+    pub fn checkin(self) {
+        self.checkin_at(Instant::now());
+    }
+
+    /// `checkin` with the caller's clock reading.
+    pub fn checkin_at(mut self, now: Instant) {
         if let Some(c) = self.conn.take() {
             self.pool.stats.sv_active.fetch_sub(1, Relaxed);
-            self.pool.checkin(c);
+            self.pool.checkin(c, now);
         }
     }
 

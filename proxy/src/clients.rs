@@ -109,12 +109,17 @@ pub struct ClientRow {
 }
 
 impl ClientEntry {
-    pub fn set_target(&self, t: Option<CancelTarget>) {
+    /// Links the client to the server running its queries (`since`: when
+    /// it got it).
+    pub fn set_target(&self, t: CancelTarget, since: Instant) {
         let mut l = self.link.lock().unwrap();
-        if t.is_some() {
-            l.since = Instant::now();
-        }
-        l.target = t;
+        l.since = since;
+        l.target = Some(t);
+    }
+
+    /// The client has no server now.
+    pub fn clear_target(&self) {
+        self.link.lock().unwrap().target = None;
     }
 
     pub fn set_waiting(&self, waiting: bool) {

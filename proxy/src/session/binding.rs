@@ -49,16 +49,19 @@ impl Session {
     /// client started waiting for it; None when it did not wait (the fast
     /// path: one clock read, a zero wait recorded).
     pub(super) fn attach(&mut self, conn: PooledConn, asked: Option<Instant>) {
-        self.client.entry.set_target(Some(CancelTarget {
-            addr: conn.addr.clone(),
-            pid: conn.backend_pid,
-            key: conn.backend_key,
-            server: conn.id,
-            server_created: conn.created,
-        }));
+        self.bound_at = self.now();
+        self.client.entry.set_target(
+            CancelTarget {
+                addr: conn.addr.clone(),
+                pid: conn.backend_pid,
+                key: conn.backend_key,
+                server: conn.id,
+                server_created: conn.created,
+            },
+            self.bound_at,
+        );
         self.server = Some(conn);
         self.server_unflushed = false;
-        self.bound_at = Instant::now();
         let waited = asked.map_or(Duration::ZERO, |a| self.bound_at.saturating_duration_since(a));
         self.pool
             .stats
@@ -119,6 +122,8 @@ impl Session {
                     Err(e) => return Err(e),
                 }
             }
+            // Time passed while waiting: a fresh reading.
+            self.clock = None;
             self.attach(conn, Some(asked));
             return Ok(());
         }

@@ -21,23 +21,29 @@ impl Session {
             || self.forget_server_statements
             || !self.capture.is_empty()
             || (self.pin.is_some() && self.recheck_pin);
-        if work && Box::pin(self.end_of_transaction(&mut conn)).await.is_err() {
-            self.client.entry.set_target(None);
-            conn.discard("internal query failed");
-            return;
+        if work {
+            let done = Box::pin(self.end_of_transaction(&mut conn)).await;
+            // Time passed while the internal query ran: a fresh reading.
+            self.clock = None;
+            if done.is_err() {
+                self.client.entry.clear_target();
+                conn.discard("internal query failed");
+                return;
+            }
         }
         if self.pin.is_some() {
             self.server = Some(conn);
             return;
         }
-        self.client.entry.set_target(None);
+        self.client.entry.clear_target();
+        let now = self.now();
+        let took = now.saturating_duration_since(self.bound_at);
         let stats = &self.pool.stats;
-        let took = self.bound_at.elapsed();
         stats.total_xact_count.fetch_add(1, Relaxed);
         stats.total_xact_time.fetch_add(took.as_micros() as u64, Relaxed);
         self.pool.latency.record(LatencyKind::Xact, took);
         tracing::trace!(client = self.id, "server released");
-        conn.checkin();
+        conn.checkin_at(now);
         shrink_if_large(&mut self.rbuf);
         shrink_if_large(&mut self.to_client);
         shrink_if_large(&mut self.to_server);
@@ -133,7 +139,7 @@ impl Session {
     /// The client is gone: leave the server clean for the next client, or
     /// close it.
     pub(super) async fn release_on_exit(&mut self) {
-        self.client.entry.set_target(None);
+        self.client.entry.clear_target();
         let Some(mut conn) = self.server.take() else {
             return;
         };

@@ -195,7 +195,7 @@ impl Session {
     /// Notes a client request written to the server, its reply forwarded.
     pub(super) fn expect_forwarded(&mut self, req: Request) {
         if self.query_start.is_none() {
-            self.query_start = Some(Instant::now());
+            self.query_start = Some(self.now());
         }
         self.replies.sent(req, Reply::Forward, None);
     }
@@ -326,7 +326,7 @@ impl Session {
                 self.replies.sent(Request::Execute, Reply::ReplaceError(b), None);
             }
             if self.query_start.is_none() {
-                self.query_start = Some(Instant::now());
+                self.query_start = Some(self.now());
             }
             return;
         }

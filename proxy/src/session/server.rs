@@ -114,7 +114,7 @@ impl Session {
     /// A client request got its ReadyForQuery: one query, as PgBouncer
     /// counts them. Pipelined requests are timed from the previous reply.
     pub(super) fn query_done(&mut self) {
-        let now = Instant::now();
+        let now = self.now();
         if let Some(start) = self.query_start.take() {
             let d = now.saturating_duration_since(start);
             self.pool.stats.total_query_count.fetch_add(1, Relaxed);
@@ -137,7 +137,7 @@ impl Session {
         };
         tracing::warn!(client = self.id, server = conn.id, error = %e, "server connection lost");
         conn.discard("connection lost");
-        self.client.entry.set_target(None);
+        self.client.entry.clear_target();
         // Say "rolled back" only when it is certain: nothing that could
         // have committed was in flight.
         let fatal = self.server_fatal.take().map(|b| *b);
