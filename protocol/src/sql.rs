@@ -258,6 +258,67 @@ fn setting_name<'a>(first: Tok<'a>, lx: &mut Lexer<'a>) -> Option<String> {
 
 /// Scans SQL text and reports its effects on session state.
 pub fn scan(sql: &[u8]) -> Effects {
+    scan_fast(sql).unwrap_or_else(|| scan_all(sql))
+}
+
+/// Statements whose first word starts something `scan_all` looks into.
+const SPECIAL_FIRST_WORDS: [&[u8]; 11] = [
+    b"set",
+    b"reset",
+    b"listen",
+    b"unlisten",
+    b"close",
+    b"drop",
+    b"declare",
+    b"prepare",
+    b"deallocate",
+    b"discard",
+    b"create",
+];
+
+/// The common case without the lexer: one statement whose first word is
+/// none of `SPECIAL_FIRST_WORDS`, in a text where no word can start with
+/// "pg_" or "set_" (the functions `function_effects` looks for). Such a
+/// statement has no effect; anything else (or anything unsure: a leading
+/// comment, a semicolon before the end) returns None and is lexed.
+fn scan_fast(sql: &[u8]) -> Option<Effects> {
+    let start = sql.iter().position(|c| !c.is_ascii_whitespace())?;
+    let word_len = sql[start..]
+        .iter()
+        .position(|c| !c.is_ascii_alphabetic())
+        .unwrap_or(sql.len() - start);
+    // The lexer's first word must be exactly this one: letters only, not
+    // followed by another identifier character.
+    if word_len == 0 || sql.get(start + word_len).is_some_and(|&c| is_ident_cont(c)) {
+        return None;
+    }
+    let word = &sql[start..start + word_len];
+    if SPECIAL_FIRST_WORDS.iter().any(|k| word.eq_ignore_ascii_case(k)) {
+        return None;
+    }
+    // One statement: semicolons only at the end.
+    let end = sql.iter().rposition(|c| !c.is_ascii_whitespace() && *c != b';')? + 1;
+    if sql[..end].contains(&b';') {
+        return None;
+    }
+    // No "pg_" or "set_" anywhere, quoted or not (a superset of the
+    // function names that matter).
+    for (i, _) in sql.iter().enumerate().filter(|(_, &c)| c == b'_') {
+        let before = &sql[..i];
+        if before.len() >= 2 && before[i - 2..].eq_ignore_ascii_case(b"pg")
+            || before.len() >= 3 && before[i - 3..].eq_ignore_ascii_case(b"set")
+        {
+            return None;
+        }
+    }
+    Some(Effects {
+        statements: 1,
+        ..Effects::default()
+    })
+}
+
+/// What `scan` finds, by lexing every statement.
+fn scan_all(sql: &[u8]) -> Effects {
     let mut fx = Effects::default();
     let mut lx = Lexer { s: sql, i: 0 };
     loop {
@@ -437,6 +498,33 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn the_fast_path_takes_plain_statements_only() {
+        for plain in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "  update pgbench_branches set bbalance = bbalance + 1 where bid = 3;  ",
+            "INSERT INTO t VALUES ('a;b'::text)",
+        ] {
+            // The quoted semicolon sends the last one to the lexer.
+            let fast = scan_fast(plain.as_bytes());
+            assert_eq!(fast.is_some(), !plain.contains("'a;b'"), "{plain}");
+            assert_eq!(scan(plain.as_bytes()).statements, 1);
+        }
+        for lexed in [
+            "SET x = 1",
+            "select pg_advisory_lock(1)",
+            "select SET_CONFIG('a', 'b', false)",
+            "/* c */ LISTEN x",
+            "SELECT 1; LISTEN x",
+            "select$1",
+            "",
+            "   ",
+        ] {
+            assert_eq!(scan_fast(lexed.as_bytes()), None, "{lexed}");
+        }
+        assert_eq!(scan(b"select pg_advisory_lock(1)").pin, Some(Pin::AdvisoryLock));
+    }
+
+    #[test]
     fn plain_queries_have_no_effects() {
         let fx = scan(b"SELECT * FROM t WHERE a = 'LISTEN x; SET y = 1' -- LISTEN\n/* PREPARE /* nested */ */");
         assert_eq!(fx.pin, None);
@@ -507,6 +595,22 @@ mod tests {
         #[test]
         fn never_panics_on_sqlish(s in "[a-zA-Z$'\"; ()/*\\-\n.E&]{0,80}") {
             let _ = scan(s.as_bytes());
+        }
+
+        /// The shortcut agrees with the lexer whenever it answers, on text
+        /// built from the words and punctuation that matter.
+        #[test]
+        fn the_fast_path_agrees_with_the_lexer(parts in proptest::collection::vec(prop_oneof![
+            Just("SELECT"), Just("select"), Just("set"), Just("SET"), Just("listen"), Just("Create"),
+            Just("temp"), Just("prepare"), Just("discard"), Just("all"), Just("pg_advisory_lock"),
+            Just("PG_ADVISORY_LOCK"), Just("set_config"), Just("pgbench_accounts"), Just("offset_x"),
+            Just("x"), Just("1"), Just("$1"), Just("$$"), Just("'"), Just("\""), Just(";"), Just("("),
+            Just(")"), Just(" "), Just("\n"), Just("--"), Just("/*"), Just("*/"), Just("_"), Just("é"),
+        ], 0..12)) {
+            let text = parts.concat();
+            if let Some(fast) = scan_fast(text.as_bytes()) {
+                prop_assert_eq!(fast, scan_all(text.as_bytes()), "{:?}", text);
+            }
         }
     }
 }
