@@ -10,9 +10,10 @@
 //!   exposition format requires, for /metrics (Prometheus computes rates
 //!   and quantiles itself).
 //!
-//! Recording takes one uncontended lock per observation; the buckets are
-//! relaxed atomics.
+//! Both are kept per thread (`shard`): recording takes the thread's own
+//! lock, uncontended, and adds to its own buckets; readers merge.
 
+use crate::shard::{self, Padded, SHARDS};
 use hdrhistogram::Histogram;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -65,12 +66,20 @@ pub struct Percentiles {
 struct Window {
     current: [Histogram<u32>; 3],
     previous: [Histogram<u32>; 3],
-    started: Instant,
+}
+
+/// One thread's part. Its window (six histograms, ~84 KiB) is made at the
+/// thread's first observation: a pool used from two threads holds two.
+#[derive(Default)]
+struct Shard {
+    series: [Series; 3],
+    window: Mutex<Option<Box<Window>>>,
 }
 
 pub struct Latency {
-    series: [Series; 3],
-    window: Mutex<Window>,
+    shards: [Padded<Shard>; SHARDS],
+    /// When the current period began.
+    started: Mutex<Instant>,
 }
 
 /// Longest value tracked exactly, in microseconds; longer ones count as this.
@@ -85,41 +94,51 @@ fn histogram() -> Histogram<u32> {
 impl Default for Latency {
     fn default() -> Self {
         Latency {
-            series: Default::default(),
-            window: Mutex::new(Window {
-                current: [histogram(), histogram(), histogram()],
-                previous: [histogram(), histogram(), histogram()],
-                started: Instant::now(),
-            }),
+            shards: Default::default(),
+            started: Mutex::new(Instant::now()),
         }
+    }
+}
+
+impl Window {
+    fn new() -> Box<Window> {
+        Box::new(Window {
+            current: [histogram(), histogram(), histogram()],
+            previous: [histogram(), histogram(), histogram()],
+        })
     }
 }
 
 impl Latency {
     pub fn record(&self, kind: Kind, d: Duration) {
         let us = d.as_micros().min(u64::MAX as u128) as u64;
-        let s = &self.series[kind as usize];
+        let shard = &self.shards[shard::current()].0;
+        let s = &shard.series[kind as usize];
         let i = BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(BUCKETS_US.len());
         s.counts[i].fetch_add(1, Relaxed);
         s.sum_us.fetch_add(us, Relaxed);
-        self.window.lock().unwrap().current[kind as usize].saturating_record(us.clamp(1, HIGHEST_US));
+        shard.window.lock().unwrap().get_or_insert_with(Window::new).current[kind as usize]
+            .saturating_record(us.clamp(1, HIGHEST_US));
     }
 
     /// Starts a new window once `period` has passed: the current one
     /// becomes the previous one. Returns the length of the period that
     /// ended. Called by the pool's housekeeping tick.
     pub fn rotate(&self, period: Duration) -> Option<Duration> {
-        let mut w = self.window.lock().unwrap();
-        let elapsed = w.started.elapsed();
+        let mut started = self.started.lock().unwrap();
+        let elapsed = started.elapsed();
         if elapsed < period {
             return None;
         }
-        let w = &mut *w;
-        std::mem::swap(&mut w.previous, &mut w.current);
-        for h in &mut w.current {
-            h.reset();
+        for shard in &self.shards {
+            if let Some(w) = shard.0.window.lock().unwrap().as_deref_mut() {
+                std::mem::swap(&mut w.previous, &mut w.current);
+                for h in &mut w.current {
+                    h.reset();
+                }
+            }
         }
-        w.started = Instant::now();
+        *started = Instant::now();
         Some(elapsed)
     }
 
@@ -131,24 +150,32 @@ impl Latency {
     /// Cumulative counts per bucket (the last is +Inf, i.e. the total),
     /// and the sum in microseconds, over the process's life.
     pub fn buckets(&self, kind: Kind) -> ([u64; BUCKETS_US.len() + 1], u64) {
-        let s = &self.series[kind as usize];
         let mut out = [0u64; BUCKETS_US.len() + 1];
+        let mut sum = 0;
+        for shard in &self.shards {
+            let s = &shard.0.series[kind as usize];
+            for (o, c) in out.iter_mut().zip(&s.counts) {
+                *o += c.load(Relaxed);
+            }
+            sum += s.sum_us.load(Relaxed);
+        }
         let mut acc = 0;
-        for (o, c) in out.iter_mut().zip(&s.counts) {
-            acc += c.load(Relaxed);
+        for o in &mut out {
+            acc += *o;
             *o = acc;
         }
-        (out, s.sum_us.load(Relaxed))
+        (out, sum)
     }
 
     /// Percentiles over the windows of several pools (per database).
     pub fn merged_percentiles(pools: &[&Latency], kind: Kind) -> Percentiles {
         let mut h = histogram();
-        for l in pools {
-            let w = l.window.lock().unwrap();
-            // Same bounds everywhere, so adding cannot fail on range.
-            let _ = h.add(&w.previous[kind as usize]);
-            let _ = h.add(&w.current[kind as usize]);
+        for shard in pools.iter().flat_map(|l| &l.shards) {
+            if let Some(w) = shard.0.window.lock().unwrap().as_deref() {
+                // Same bounds everywhere, so adding cannot fail on range.
+                let _ = h.add(&w.previous[kind as usize]);
+                let _ = h.add(&w.current[kind as usize]);
+            }
         }
         if h.is_empty() {
             return Percentiles::default();
@@ -174,7 +201,10 @@ mod tests {
         for i in 1..=1000u64 {
             l.record(Kind::Query, Duration::from_micros(i * 10));
         }
-        l.record(Kind::Xact, Duration::from_secs(100));
+        // From another thread: its own shard, the same totals.
+        std::thread::scope(|t| {
+            t.spawn(|| l.record(Kind::Xact, Duration::from_secs(100)));
+        });
         let (b, sum) = l.buckets(Kind::Query);
         assert_eq!(b[0], 10, "10..=100 us");
         assert_eq!(b[BUCKETS_US.len()], 1000);

@@ -19,6 +19,7 @@ pub mod latency;
 mod login;
 pub mod pool;
 pub mod server;
+pub mod shard;
 pub mod statements;
 pub mod stats;
 mod wire;

@@ -1,6 +1,7 @@
 //! Counters of one pool. Written with relaxed atomics on the hot path and
 //! read as snapshots by the admin console and /metrics.
 
+use crate::shard::{self, Padded, SHARDS};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -15,16 +16,8 @@ pub struct PoolStats {
     pub sv_active: AtomicUsize,
     /// Server connections being established.
     pub sv_login: AtomicUsize,
-    pub total_xact_count: AtomicU64,
-    /// Requests answered by a ReadyForQuery (a simple query string or an
-    /// extended-protocol Sync), as PgBouncer counts them.
-    pub total_query_count: AtomicU64,
-    pub total_received: AtomicU64,
-    pub total_sent: AtomicU64,
-    /// Microseconds.
-    pub total_xact_time: AtomicU64,
-    pub total_query_time: AtomicU64,
-    pub total_wait_time: AtomicU64,
+    /// PgBouncer's totals (see `Total`), per thread (`shard`).
+    totals: [Padded<[AtomicU64; 7]>; SHARDS],
     /// Server connections opened and closed over the pool's life.
     pub servers_opened: AtomicU64,
     pub servers_closed: AtomicU64,
@@ -49,24 +42,41 @@ pub struct Averages {
     pub wait_time: u64,
 }
 
+/// PgBouncer's totals, in its order (SHOW STATS' total_* columns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Total {
+    XactCount = 0,
+    /// Requests answered by a ReadyForQuery (a simple query string or an
+    /// extended-protocol Sync), as PgBouncer counts them.
+    QueryCount,
+    Received,
+    Sent,
+    /// Microseconds, as the other times.
+    XactTime,
+    QueryTime,
+    WaitTime,
+}
+
 impl PoolStats {
-    pub fn add(counter: &AtomicU64, v: u64) {
-        counter.fetch_add(v, Relaxed);
+    /// Adds to a total, in the calling thread's shard.
+    pub fn add(&self, t: Total, v: u64) {
+        self.totals[shard::current()].0[t as usize].fetch_add(v, Relaxed);
+    }
+
+    pub fn total(&self, t: Total) -> u64 {
+        self.totals.iter().map(|s| s.0[t as usize].load(Relaxed)).sum()
     }
 
     /// xact count, query count, bytes received, bytes sent, xact time,
     /// query time, wait time (microseconds): PgBouncer's order.
     pub fn totals(&self) -> [u64; 7] {
-        [
-            &self.total_xact_count,
-            &self.total_query_count,
-            &self.total_received,
-            &self.total_sent,
-            &self.total_xact_time,
-            &self.total_query_time,
-            &self.total_wait_time,
-        ]
-        .map(|c| c.load(Relaxed))
+        let mut out = [0; 7];
+        for s in &self.totals {
+            for (o, c) in out.iter_mut().zip(&s.0) {
+                *o += c.load(Relaxed);
+            }
+        }
+        out
     }
 
     /// Ends a stats period of length `elapsed`: its averages replace the
@@ -102,12 +112,18 @@ mod tests {
     #[test]
     fn averages_cover_the_last_period_only() {
         let s = PoolStats::default();
-        s.total_xact_count.store(100, Relaxed);
-        s.total_xact_time.store(100_000, Relaxed);
+        s.add(Total::XactCount, 100);
+        s.add(Total::XactTime, 100_000);
         s.end_period(Duration::from_secs(10));
-        s.total_xact_count.store(150, Relaxed);
-        s.total_xact_time.store(200_000, Relaxed);
-        s.total_query_count.store(40, Relaxed);
+        // Another thread's additions count too.
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                s.add(Total::XactCount, 50);
+                s.add(Total::XactTime, 100_000);
+            });
+        });
+        s.add(Total::QueryCount, 40);
+        assert_eq!(s.total(Total::XactCount), 150);
         s.end_period(Duration::from_secs(10));
         let a = s.averages();
         assert_eq!(

@@ -970,19 +970,8 @@ fn per_database(pools: &[Arc<Pool>]) -> BTreeMap<String, [u64; 7]> {
     for p in pools {
         let s = &p.stats;
         let t = m.entry(p.key.database.clone()).or_default();
-        for (i, v) in [
-            &s.total_xact_count,
-            &s.total_query_count,
-            &s.total_received,
-            &s.total_sent,
-            &s.total_xact_time,
-            &s.total_query_time,
-            &s.total_wait_time,
-        ]
-        .iter()
-        .enumerate()
-        {
-            t[i] += v.load(Relaxed);
+        for (t, v) in t.iter_mut().zip(s.totals()) {
+            *t += v;
         }
     }
     m

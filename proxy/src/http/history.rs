@@ -9,6 +9,7 @@
 
 use super::View;
 use pgferry_pool::latency::{Kind, BUCKETS_US};
+use pgferry_pool::stats::Total;
 use pgferry_pool::PoolKey;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -275,7 +276,7 @@ impl History {
         let pools = view.pools.all();
         let readings = pools.iter().map(|p| PoolReading {
             key: &p.key,
-            xacts: p.stats.total_xact_count.load(Relaxed),
+            xacts: p.stats.total(Total::XactCount),
             query_buckets: p.latency.buckets(Kind::Query).0,
             waiting: p.stats.cl_waiting.load(Relaxed) as u64,
             servers: (p.stats.sv_active.load(Relaxed) + p.idle_count()) as u64,

@@ -4,6 +4,7 @@
 use super::pools;
 use crate::shared::{Observability, PoolRegistry};
 use pgferry_pool::latency::{Kind, BUCKETS_US};
+use pgferry_pool::stats::Total;
 use pgferry_pool::Pool;
 use pgferry_routing::Router;
 use std::fmt::Write as _;
@@ -61,25 +62,25 @@ pub(super) fn metrics(
             |p| p.stats.sv_login.load(Relaxed) as f64,
         ),
         ("pgferry_pool_transactions_total", "counter", "Transactions run.", |p| {
-            p.stats.total_xact_count.load(Relaxed) as f64
+            p.stats.total(Total::XactCount) as f64
         }),
         (
             "pgferry_pool_queries_total",
             "counter",
             "Requests answered by ReadyForQuery (a simple query string or a Sync).",
-            |p| p.stats.total_query_count.load(Relaxed) as f64,
+            |p| p.stats.total(Total::QueryCount) as f64,
         ),
         (
             "pgferry_pool_received_bytes_total",
             "counter",
             "Bytes received from clients.",
-            |p| p.stats.total_received.load(Relaxed) as f64,
+            |p| p.stats.total(Total::Received) as f64,
         ),
         (
             "pgferry_pool_sent_bytes_total",
             "counter",
             "Bytes sent to clients.",
-            |p| p.stats.total_sent.load(Relaxed) as f64,
+            |p| p.stats.total(Total::Sent) as f64,
         ),
         (
             "pgferry_pool_servers_opened_total",

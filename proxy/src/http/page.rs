@@ -5,6 +5,7 @@ use super::charts::{self, Line, LineChart, Moment};
 use super::history::{History, PoolPoint, PoolSeries, SLOTS};
 use super::{html, pools, View};
 use pgferry_pool::latency::Kind;
+use pgferry_pool::stats::Total;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
@@ -54,8 +55,8 @@ pub(super) fn status_page(view: &View, history: &Mutex<History>) -> String {
             waiting,
             s.sv_active.load(Relaxed),
             p.idle_count(),
-            s.total_xact_count.load(Relaxed),
-            s.total_wait_time.load(Relaxed) / 1000,
+            s.total(Total::XactCount),
+            s.total(Total::WaitTime) / 1000,
             p.settings.pool_mode.as_str()
         );
     }

@@ -3,6 +3,7 @@
 //! bringing the connection's settings in line with the client's.
 
 use super::*;
+use pgferry_pool::stats::Total;
 
 impl Session {
     /// Binds a server connection before a request is forwarded, the common
@@ -63,10 +64,7 @@ impl Session {
         self.server = Some(conn);
         self.server_unflushed = false;
         let waited = asked.map_or(Duration::ZERO, |a| self.bound_at.saturating_duration_since(a));
-        self.pool
-            .stats
-            .total_wait_time
-            .fetch_add(waited.as_micros() as u64, Relaxed);
+        self.pool.stats.add(Total::WaitTime, waited.as_micros() as u64);
         self.pool.latency.record(LatencyKind::Wait, waited);
     }
 

@@ -3,6 +3,7 @@
 //! leaving the connection clean when the client goes.
 
 use super::*;
+use pgferry_pool::stats::Total;
 
 impl Session {
     // ---- transaction boundaries ----
@@ -39,8 +40,8 @@ impl Session {
         let now = self.now();
         let took = now.saturating_duration_since(self.bound_at);
         let stats = &self.pool.stats;
-        stats.total_xact_count.fetch_add(1, Relaxed);
-        stats.total_xact_time.fetch_add(took.as_micros() as u64, Relaxed);
+        stats.add(Total::XactCount, 1);
+        stats.add(Total::XactTime, took.as_micros() as u64);
         self.pool.latency.record(LatencyKind::Xact, took);
         tracing::trace!(client = self.id, "server released");
         conn.checkin_at(now);

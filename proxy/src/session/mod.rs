@@ -27,6 +27,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pgferry_config::{PoolMode, SessionStatePolicy};
 use pgferry_pool::latency::Kind as LatencyKind;
 use pgferry_pool::statements::{Statement, StatementRegistry};
+use pgferry_pool::stats::Total;
 use pgferry_pool::{Pool, PoolError, PooledConn, ServerConn};
 use pgferry_protocol::backend::{self, TxStatus};
 use pgferry_protocol::encode::{self, Severity};
@@ -523,7 +524,7 @@ impl Session {
                     Some(n) => {
                         self.to_client.advance(n);
                         self.client_unflushed = self.wr.is_tls();
-                        self.pool.stats.total_sent.fetch_add(n as u64, Relaxed);
+                        self.pool.stats.add(Total::Sent, n as u64);
                     }
                     None => self.client_unflushed = false,
                 },
@@ -542,7 +543,7 @@ impl Session {
                         return Ok(End::Closed);
                     }
                     self.client.entry.touch();
-                    self.pool.stats.total_received.fetch_add(n as u64, Relaxed);
+                    self.pool.stats.add(Total::Received, n as u64);
                     if self.on_client_data().await? == Flow::Terminate {
                         return Ok(End::Closed);
                     }

@@ -2,6 +2,7 @@
 //! client is told when the server connection is lost.
 
 use super::*;
+use pgferry_pool::stats::Total;
 
 /// The most to_client reserves at a transaction's first reply.
 const TO_CLIENT_FIRST: usize = 8192;
@@ -117,11 +118,8 @@ impl Session {
         let now = self.now();
         if let Some(start) = self.query_start.take() {
             let d = now.saturating_duration_since(start);
-            self.pool.stats.total_query_count.fetch_add(1, Relaxed);
-            self.pool
-                .stats
-                .total_query_time
-                .fetch_add(d.as_micros() as u64, Relaxed);
+            self.pool.stats.add(Total::QueryCount, 1);
+            self.pool.stats.add(Total::QueryTime, d.as_micros() as u64);
             self.pool.latency.record(LatencyKind::Query, d);
         }
         if self.replies.pending() {
