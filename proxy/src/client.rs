@@ -65,11 +65,7 @@ pub fn serve(
             .instrument(span())
             .await;
         let r = match started {
-            // Boxed: the session's future is freed when it parks.
-            Ok(Some(Begun::Session(session))) => match Box::pin(session.run()).await {
-                Exit::Closed(r) => r,
-                Exit::Parked(p) => return crate::park::park(p, slot),
-            },
+            Ok(Some(Begun::Session(session))) => return run_session(session, slot).await,
             Ok(Some(Begun::Console(console))) => console.await,
             Ok(None) => Ok(()),
             Err(e) => Err(e),
@@ -82,10 +78,11 @@ pub fn serve(
     }
 }
 
-/// The task of an unparked client (`park.rs`): the rest of its session,
-/// until it parks again or leaves.
-pub async fn resume(session: Box<Session>, slot: OwnedSemaphorePermit) {
+/// A logged-in client's session, until it parks (`park.rs`) or leaves; an
+/// unparked client's new task runs the rest of it here too.
+pub async fn run_session(session: Box<Session>, slot: OwnedSemaphorePermit) {
     let (id, peer, role) = session.who();
+    // Boxed: the session's future is freed when it parks.
     let r = match Box::pin(session.run()).await {
         Exit::Closed(r) => r,
         Exit::Parked(p) => return crate::park::park(p, slot),

@@ -298,7 +298,7 @@ pub fn park(p: Parked, slot: OwnedSemaphorePermit) {
 fn resume(p: Parked, slot: OwnedSemaphorePermit) {
     match Session::unpark(p) {
         Ok(session) => {
-            tokio::spawn(crate::client::resume(session, slot));
+            tokio::spawn(crate::client::run_session(session, slot));
         }
         Err(e) => tracing::warn!(error = %e, "cannot resume a parked client; its connection is closed"),
     }
