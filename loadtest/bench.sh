@@ -47,6 +47,8 @@
 #   PG_BIN=/usr/lib/postgresql/15/bin  PGBOUNCER=/usr/sbin/pgbouncer  RUN_AS=postgres
 #   PGFERRY_WORKERS=0       pgferry's [runtime] worker_threads (0 = one per core)
 #   PGFERRY_SCHEDULER       pgferry's [runtime] scheduler: thread-per-core or work-stealing
+#   PGFERRY_PARK            pgferry's [runtime] park_idle_after (e.g. 0s: no parking;
+#                           default: pgferry's own), PGFERRY_BASE_PARK pgferry-base's
 #                           ("" = the binary's default, which a binary older than the setting needs);
 #                           PGFERRY_BASE_SCHEDULER: pgferry-base's (default PGFERRY_SCHEDULER)
 #   PGFERRY_BASE_WORKERS    worker_threads of "pgferry-base" (default PGFERRY_WORKERS):
@@ -338,6 +340,10 @@ start_pgferry() {
         if [ -n "${START_SCHEDULER:-}" ]; then
             sched_line="scheduler = \"$START_SCHEDULER\""
         fi
+        if [ -n "${START_PARK:-}" ]; then
+            sched_line="$sched_line
+park_idle_after = \"$START_PARK\""
+        fi
         cat >"$TMP/$name.toml" <<EOF
 [listen]
 rw = "127.0.0.1:$port"
@@ -396,7 +402,7 @@ EOF
 }
 
 PGFERRY_PORT=$(free_port)
-START_ENV=${PGFERRY_ENV:-} START_SCHEDULER=$PGFERRY_SCHEDULER start_pgferry pgferry "$PGFERRY_PORT"
+START_ENV=${PGFERRY_ENV:-} START_SCHEDULER=$PGFERRY_SCHEDULER START_PARK=${PGFERRY_PARK:-} start_pgferry pgferry "$PGFERRY_PORT"
 PGFERRY_PID=$STARTED_PID
 PGFERRY_OK=$STARTED_OK
 
@@ -406,7 +412,7 @@ if [ -n "${PGFERRY_BASE_BIN:-}" ]; then
     cp "$PGFERRY_BASE_BIN" "$TMP/pgferry-base"
     PGFERRY_BASE_PORT=$(free_port)
     START_ENV=${PGFERRY_BASE_ENV:-} START_BIN="$TMP/pgferry-base" START_FROM="$PGFERRY_BASE_BIN" START_WORKERS=${PGFERRY_BASE_WORKERS:-$PGFERRY_WORKERS} \
-        START_SCHEDULER=${PGFERRY_BASE_SCHEDULER:-$PGFERRY_SCHEDULER} \
+        START_SCHEDULER=${PGFERRY_BASE_SCHEDULER:-$PGFERRY_SCHEDULER} START_PARK=${PGFERRY_BASE_PARK:-${PGFERRY_PARK:-}} \
         start_pgferry pgferry-base "$PGFERRY_BASE_PORT"
     PGFERRY_BASE_PID=$STARTED_PID
     PGFERRY_BASE_OK=$STARTED_OK

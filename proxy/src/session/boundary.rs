@@ -45,6 +45,10 @@ impl Session {
         self.pool.latency.record(LatencyKind::Xact, took);
         tracing::trace!(client = self.id, "server released");
         conn.checkin_at(now);
+        self.hot = self
+            .released_at
+            .is_some_and(|t| now.saturating_duration_since(t) < HOT_GAP);
+        self.released_at = Some(now);
         shrink_if_large(&mut self.rbuf);
         shrink_if_large(&mut self.to_client);
         shrink_if_large(&mut self.to_server);

@@ -55,6 +55,9 @@ const KEEP_BETWEEN_TRANSACTIONS: usize = 2048;
 /// Reply-queue capacity kept between transactions (a pipeline of a few
 /// requests).
 const KEEP_QUEUED: usize = 8;
+/// A client whose transactions end less than this apart is busy: it keeps
+/// its small buffers between them.
+const HOT_GAP: Duration = Duration::from_millis(100);
 /// Stop reading a client with this many requests waiting for replies.
 const MAX_QUEUED_REQUESTS: usize = 32 * 1024;
 /// Bound on pgferry's own short queries (sync, capture, reset).
@@ -237,6 +240,10 @@ pub struct Session {
     /// transaction's timestamps (bound, sent, answered, released) then cost
     /// two clock reads, not seven.
     clock: Option<Instant>,
+    /// When the server was last given back, and whether the transaction
+    /// before came back within `HOT_GAP` of it (`release_idle_buffers`).
+    released_at: Option<Instant>,
+    hot: bool,
     /// When the oldest request still waiting for a ReadyForQuery was sent
     /// (query time: request to ReadyForQuery).
     query_start: Option<Instant>,
@@ -371,6 +378,8 @@ impl Session {
             server: None,
             bound_at: Instant::now(),
             clock: None,
+            released_at: None,
+            hot: false,
             query_start: None,
             replies: Replies::new(),
             statements: kept.statements.map(|b| *b).unwrap_or_default(),
@@ -573,23 +582,26 @@ impl Session {
         }
     }
 
-    /// Between transactions a client keeps small buffers (what a point
-    /// query needs) for its next transaction, which then allocates nothing
-    /// for them; larger ones (up to 64 KiB for a big result) are freed, and
-    /// a client idle for `park_idle_after` is parked, which frees them all.
+    /// Between transactions a busy client (`hot`) keeps small buffers (what
+    /// a point query needs) for its next transaction, which then allocates
+    /// nothing for them; larger ones (up to 64 KiB for a big result) are
+    /// freed. Any other client keeps none: with thousands of mostly idle
+    /// clients, what each once read or received would otherwise stay
+    /// allocated (and a burst of logins reuses what the first ones freed).
     fn release_idle_buffers(&mut self) {
         if self.server.is_some() || self.replies.pending() || self.client_unflushed {
             return;
         }
+        let keep = if self.hot { KEEP_BETWEEN_TRANSACTIONS } else { 0 };
         for buf in [&mut self.rbuf, &mut self.to_client, &mut self.to_server] {
             // `capacity()` of an advanced buffer hides what it consumed;
             // `try_reclaim` rewinds it over its whole allocation without
             // allocating, and succeeds only if that is larger than kept.
-            if buf.is_empty() && buf.try_reclaim(KEEP_BETWEEN_TRANSACTIONS + 1) {
+            if buf.is_empty() && buf.try_reclaim(keep + 1) {
                 *buf = BytesMut::new();
             }
         }
-        self.replies.release_memory(KEEP_QUEUED);
+        self.replies.release_memory(if self.hot { KEEP_QUEUED } else { 0 });
     }
 
     /// Waits for the next thing to do. The future holds only `&mut self`:
