@@ -235,9 +235,9 @@ pub struct Runtime {
     /// A plain-TCP client idle this long between transactions is parked:
     /// its socket waits in one epoll set shared by the event loop, without
     /// a task, buffers or reactor registration, and its session is rebuilt
-    /// when it sends again (about a third of the memory of a waiting
-    /// session). 0 = never. TLS clients are never parked (rustls keeps its
-    /// state in the stream).
+    /// when it sends again (what it freed serves other sessions; see
+    /// BENCHMARKS.md for what that does to RSS). 0 = never. TLS clients are
+    /// never parked (rustls keeps its state in the stream).
     #[serde(default = "d_park_idle_after", with = "duration")]
     pub park_idle_after: Duration,
 }

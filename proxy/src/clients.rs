@@ -169,10 +169,6 @@ impl ClientEntry {
         self.idle.store(if parked { PARKED } else { PARK_DECLINED }, Relaxed);
     }
 
-    pub fn is_parked(&self) -> bool {
-        self.idle.load(Relaxed) == PARKED
-    }
-
     /// One idle sweep: counts a sweep without traffic, and asks the
     /// session to park after `PARK_AFTER_SWEEPS` of them. A session that
     /// sent something in between has reset the count (`touch`), and the

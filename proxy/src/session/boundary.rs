@@ -49,9 +49,6 @@ impl Session {
             .released_at
             .is_some_and(|t| now.saturating_duration_since(t) < HOT_GAP);
         self.released_at = Some(now);
-        shrink_if_large(&mut self.rbuf);
-        shrink_if_large(&mut self.to_client);
-        shrink_if_large(&mut self.to_server);
     }
 
     /// Bookkeeping when a transaction ends: settings it changed, statements
@@ -206,13 +203,6 @@ impl Session {
             conn.replace_settings(Vec::new());
         }
         conn.checkin();
-    }
-}
-
-/// Gives back a buffer's memory after a large message has passed through.
-fn shrink_if_large(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > 64 * 1024 {
-        *buf = BytesMut::new();
     }
 }
 
