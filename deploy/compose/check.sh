@@ -148,7 +148,14 @@ for _ in $(seq 1 50); do
     sleep 0.2
 done
 [ "$replica" = "t|1000" ] || die "read through pgferry2's read-only port: got '$replica', want a replica with 1000 rows"
-routed=$(PGPASSWORD=$(cat "$HERE/secrets/admin_password") psql -X -A -t "host=127.0.0.1 port=$PGFERRY1_RW_PORT user=admin dbname=pgbouncer sslmode=require" -c 'SHOW CITUS' | grep -c '^table|public.events|hash|tenant_id|32' || true)
+# pgferry sees new Citus metadata at its next fingerprint check
+# (refresh_interval, 2 s by default): a SHOW CITUS right after the
+# create_distributed_table may predate it (failed stop 20's CI), so poll.
+for _ in $(seq 1 40); do
+    routed=$(PGPASSWORD=$(cat "$HERE/secrets/admin_password") psql -X -A -t "host=127.0.0.1 port=$PGFERRY1_RW_PORT user=admin dbname=pgbouncer sslmode=require" -c 'SHOW CITUS' | grep -c '^table|public.events|hash|tenant_id|32' || true)
+    [ "$routed" = 1 ] && break
+    sleep 0.25
+done
 # The application's role is not an admin: the console refuses it.
 if psql -X -A -t "host=127.0.0.1 port=$PGFERRY1_RW_PORT user=app dbname=pgbouncer sslmode=require" -c 'SHOW POOLS' >/dev/null 2>&1; then
     die "the app role reached the admin console"
