@@ -282,7 +282,7 @@ async fn command(out: &mut BytesMut, text: &str, user: &str, admin: bool, shared
             let db = arg.ok_or_else(syntax)?;
             // New clients of `db` wait until RESUME, as in PgBouncer.
             shared.lifecycle.pause(Some(db));
-            let clients = shared.clients.kill(|c| c.database == db);
+            let clients = shared.clients.kill(|c| *c.database == *db);
             let pools = shared.pools.replace_pools(Some(db), "KILL", true);
             tracing::warn!(
                 db,
@@ -363,7 +363,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
             for e in shared.clients.all() {
                 if let Some(waited) = e.row().waiting {
                     let w = maxwait
-                        .entry((e.info.database.clone(), e.info.user.clone()))
+                        .entry((e.info.database.to_string(), e.info.user.to_string()))
                         .or_default();
                     *w = (*w).max(waited);
                 }
@@ -575,8 +575,8 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
                     let wait = row.waiting.unwrap_or_default();
                     vec![
                         "C".into(),
-                        c.user.clone(),
-                        c.database.clone(),
+                        c.user.to_string(),
+                        c.database.to_string(),
                         if waiting { "waiting" } else { "active" }.into(),
                         c.peer.ip().to_string(),
                         c.peer.port().to_string(),
@@ -590,8 +590,8 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
                         c.id.to_string(),
                         row.server.map(|t| t.server.to_string()).unwrap_or_default(),
                         "0".into(),
-                        c.tls.clone(),
-                        c.application_name.clone(),
+                        c.tls.to_string(),
+                        c.application_name.to_string(),
                     ]
                 })
                 .collect();
@@ -607,8 +607,8 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
                 let c = &e.info;
                 rows.push(vec![
                     "S".into(),
-                    c.user.clone(),
-                    c.database.clone(),
+                    c.user.to_string(),
+                    c.database.to_string(),
                     "active".into(),
                     t.addr.host.clone(),
                     t.addr.port.to_string(),
@@ -623,7 +623,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
                     c.id.to_string(),
                     t.pid.to_string(),
                     String::new(),
-                    c.application_name.clone(),
+                    c.application_name.to_string(),
                 ]);
             }
             for p in &pools {

@@ -156,15 +156,17 @@ async fn start(
         }
     };
     let (tls, client_cert) = (login.tls.is_some(), login.tls.as_ref().is_some_and(|t| t.0));
-    let client = shared.clients.register(ClientInfo {
-        id,
-        application_name: login.params.get("application_name").unwrap_or_default().to_owned(),
-        user: login.user.clone(),
-        database: login.database.clone(),
-        peer,
-        port: role,
-        connected: std::time::SystemTime::now(),
-        tls: login.tls.map(|t| t.1).unwrap_or_default(),
+    let client = crate::memory::long_lived(|| {
+        shared.clients.register(ClientInfo {
+            id,
+            application_name: login.params.get("application_name").unwrap_or_default().into(),
+            user: login.user.as_str().into(),
+            database: login.database.as_str().into(),
+            peer,
+            port: role,
+            connected: std::time::SystemTime::now(),
+            tls: login.tls.map(|t| t.1).unwrap_or_default().into(),
+        })
     });
     encode::backend_key_data(&mut io.wbuf, client.entry.pid, client.entry.key);
     encode::ready_for_query(&mut io.wbuf, TxStatus::Idle);
@@ -353,7 +355,8 @@ async fn login(
             return Err(e.into());
         }
     };
-    let client_params = ClientParams::new(base, &startup);
+    // Kept for the client's life, parked or not: in the slab (memory.rs).
+    let client_params = crate::memory::long_lived(|| ClientParams::new(base, &startup));
     for (k, v) in client_params.reported() {
         encode::parameter_status(&mut io.wbuf, k, v);
     }

@@ -19,16 +19,20 @@ use tokio::io::AsyncWriteExt;
 
 /// What a client is, fixed at login.
 #[derive(Debug)]
+///
+/// Strings as `Box<str>` (no spare capacity field): with the rest of the
+/// entry this keeps `Arc<ClientEntry>` in the slab's 256-byte class, and it
+/// is held for every client, idle or not.
 pub struct ClientInfo {
     pub id: u64,
-    pub user: String,
-    pub database: String,
+    pub user: Box<str>,
+    pub database: Box<str>,
     pub peer: SocketAddr,
     pub port: Role,
     pub connected: SystemTime,
     /// "TLSv1.3/TLS13_AES_256_GCM_SHA384"-style, or empty.
-    pub tls: String,
-    pub application_name: String,
+    pub tls: Box<str>,
+    pub application_name: Box<str>,
 }
 
 /// Where a client's query currently runs.
@@ -335,4 +339,14 @@ pub async fn send_cancel(t: &CancelTarget, tls: &pgferry_tls::Connector) -> std:
     tokio::time::timeout(std::time::Duration::from_secs(5), work)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every client holds one entry, parked or not: an `Arc<ClientEntry>`
+    /// (two counters more) must stay within the slab's 256-byte class.
+    #[test]
+    fn entry_fits_its_slab_class() {
+        assert!(std::mem::size_of::<super::ClientEntry>() + 16 <= 256);
+    }
 }

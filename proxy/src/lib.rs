@@ -17,6 +17,7 @@ mod error;
 mod handshake;
 mod http;
 mod listener;
+pub mod memory;
 pub mod params;
 mod park;
 mod pending;

@@ -82,6 +82,12 @@ fn main() -> anyhow::Result<()> {
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The system allocator, with clients' long-lived state in a slab of its own
+/// (see memory.rs: what makes a parked client's memory go back to the kernel).
+#[cfg(not(feature = "mimalloc"))]
+#[global_allocator]
+static ALLOC: pgferry_proxy::memory::Allocator = pgferry_proxy::memory::Allocator;
+
 /// How often freed heap memory is handed back to the kernel.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 

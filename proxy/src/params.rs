@@ -57,7 +57,8 @@ pub struct ClientParams {
     overrides: Vec<(String, String)>,
     /// Unreported settings the client changed, with their current values.
     settings: Vec<(String, String)>,
-    /// Startup values, restored by DISCARD ALL / RESET ALL.
+    /// Startup values of unreported settings, restored by DISCARD ALL /
+    /// RESET ALL.
     startup: Vec<(String, String)>,
     fingerprint: Option<u64>,
 }
@@ -118,8 +119,11 @@ impl ClientParams {
                 p.set(&name, &v);
             } else {
                 pgferry_pool::server::set(&mut p.settings, &name, v);
+                // Only unreported values are restored from here (a reported
+                // one comes back from the server with RESET ALL): a typical
+                // client keeps nothing here.
+                p.startup.push((name, v.clone()));
             }
-            p.startup.push((name, v.clone()));
         }
         // Held for the client's life: no spare capacity (bytes per client).
         p.overrides.shrink_to_fit();
@@ -194,9 +198,7 @@ impl ClientParams {
         self.fingerprint = None;
         self.settings.clear();
         for (k, v) in &self.startup {
-            if find(&self.base, k).is_none() {
-                self.settings.push((k.clone(), v.clone()));
-            }
+            self.settings.push((k.clone(), v.clone()));
         }
     }
 
@@ -307,6 +309,36 @@ mod tests {
             "same value keeps the server's spelling"
         );
         assert_eq!(p.settings, vec![("search_path".to_string(), "a".to_string())]);
+    }
+
+    #[test]
+    fn reset_restores_unreported_startup_values_only() {
+        let mut p = ClientParams::new(
+            base(),
+            &[
+                ("TimeZone".into(), "Europe/Paris".into()),
+                ("search_path".into(), "a".into()),
+            ],
+        );
+        assert_eq!(
+            p.startup,
+            vec![("search_path".to_string(), "a".to_string())],
+            "reported values are not kept"
+        );
+        p.set_setting("search_path", Some("b"));
+        p.set_setting("statement_timeout", Some("5s"));
+        p.set("TimeZone", "UTC");
+        p.reset_settings();
+        assert_eq!(p.settings, vec![("search_path".to_string(), "a".to_string())]);
+        // The reported one is the server's to restore (it reports it).
+        assert_eq!(p.get("TimeZone"), Some("UTC"));
+        let mut q = ClientParams::new(base(), &[("client_encoding".into(), "LATIN1".into())]);
+        assert!(
+            q.startup.is_empty() && q.startup.capacity() == 0,
+            "nothing held for a typical client"
+        );
+        q.reset_settings();
+        assert!(q.settings.is_empty());
     }
 
     #[test]

@@ -249,3 +249,54 @@ async fn clients_park_and_resume_on_every_runtime_shape() {
         }
     }
 }
+
+/// `pgferry_client_state_bytes` from `/metrics`.
+async fn state_bytes(f: &Ferry) -> u64 {
+    let (code, body) = get(http_port(f), "/metrics").await;
+    assert_eq!(code, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("pgferry_client_state_bytes "))
+        .expect("pgferry_client_state_bytes in /metrics")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_long_lived_state_is_in_the_slab_and_leaves_with_them() {
+    // Each client's registry entry and parameters live in the slab
+    // (memory.rs), so that parking frees whole pages: the slab grows with
+    // the clients, and its pages go back once they leave.
+    let f = ferry(FAST_PARKING);
+    let before = state_bytes(&f).await;
+    let mut clients = Vec::new();
+    for _ in 0..300 {
+        clients.push(Raw::login(f.rw_port, "app", APP_PASS).await);
+    }
+    until_parked(&f, 300).await;
+    let held = state_bytes(&f).await;
+    // At least the 256-byte registry entry each (16 per page).
+    assert!(
+        held >= before + 300 / 16 * 4096,
+        "slab {before} -> {held} bytes for 300 clients"
+    );
+    // Dense: under 1 KiB of slab per client.
+    assert!(
+        held - before < 300 * 1024,
+        "slab {before} -> {held} bytes for 300 clients"
+    );
+    drop(clients);
+    until_parked(&f, 0).await;
+    let t = Instant::now();
+    loop {
+        let after = state_bytes(&f).await;
+        if after <= before + 4 * 4096 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "slab {before} -> {held} -> {after} bytes after the clients left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -146,7 +146,10 @@ pub(super) fn metrics(
         "# HELP pgferry_clients_parked Idle clients parked now (no task or buffers; see park_idle_after).\n\
          # TYPE pgferry_clients_parked gauge\npgferry_clients_parked {parked}\n\
          # HELP pgferry_client_parks_total Times an idle client was parked.\n\
-         # TYPE pgferry_client_parks_total counter\npgferry_client_parks_total {parks}"
+         # TYPE pgferry_client_parks_total counter\npgferry_client_parks_total {parks}\n\
+         # HELP pgferry_client_state_bytes Memory of the slab that holds clients' long-lived state (registry entries, parameters).\n\
+         # TYPE pgferry_client_state_bytes gauge\npgferry_client_state_bytes {}",
+        crate::memory::slab_bytes()
     );
     let _ = writeln!(
         m,
