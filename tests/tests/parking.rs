@@ -270,27 +270,29 @@ async fn clients_long_lived_state_is_in_the_slab_and_leaves_with_them() {
     let f = ferry(FAST_PARKING);
     let before = state_bytes(&f).await;
     let mut clients = Vec::new();
-    for _ in 0..300 {
+    for _ in 0..1000 {
         clients.push(Raw::login(f.rw_port, "app", APP_PASS).await);
     }
-    until_parked(&f, 300).await;
+    until_parked(&f, 1000).await;
     let held = state_bytes(&f).await;
-    // At least the 256-byte registry entry each (16 per page).
+    // At least the 256-byte registry entry each (16 per page): 62 pages,
+    // well beyond the 20 that may stay once they leave.
     assert!(
-        held >= before + 300 / 16 * 4096,
-        "slab {before} -> {held} bytes for 300 clients"
+        held >= before + 60 * 4096,
+        "slab {before} -> {held} bytes for 1000 clients"
     );
     // Dense: under 1 KiB of slab per client.
     assert!(
-        held - before < 300 * 1024,
-        "slab {before} -> {held} bytes for 300 clients"
+        held - before < 1000 * 1024,
+        "slab {before} -> {held} bytes for 1000 clients"
     );
     drop(clients);
     until_parked(&f, 0).await;
     let t = Instant::now();
     loop {
         let after = state_bytes(&f).await;
-        if after <= before + 4 * 4096 {
+        // (Up to 16 emptied pages are kept for reuse, see memory.rs.)
+        if after <= before + 20 * 4096 {
             break;
         }
         assert!(
