@@ -55,12 +55,19 @@ pub fn canonical(name: &str) -> String {
 pub struct ClientParams {
     base: Arc<Vec<(String, String)>>,
     overrides: Vec<(String, String)>,
+    /// Boxed: most clients have no unreported settings, and every idle
+    /// client's size counts (a parked one is kept in a table).
+    extra: Option<Box<Extra>>,
+    fingerprint: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Extra {
     /// Unreported settings the client changed, with their current values.
     settings: Vec<(String, String)>,
     /// Startup values of unreported settings, restored by DISCARD ALL /
     /// RESET ALL.
     startup: Vec<(String, String)>,
-    fingerprint: Option<u64>,
 }
 
 /// An order-independent hash of the values that must match between a client
@@ -104,8 +111,7 @@ impl ClientParams {
         let mut p = ClientParams {
             base,
             overrides: Vec::new(),
-            settings: Vec::new(),
-            startup: Vec::new(),
+            extra: None,
             fingerprint: None,
         };
         for (k, v) in startup {
@@ -118,18 +124,25 @@ impl ClientParams {
                 };
                 p.set(&name, &v);
             } else {
-                pgferry_pool::server::set(&mut p.settings, &name, v);
+                let e = p.extra_mut();
+                pgferry_pool::server::set(&mut e.settings, &name, v);
                 // Only unreported values are restored from here (a reported
                 // one comes back from the server with RESET ALL): a typical
                 // client keeps nothing here.
-                p.startup.push((name, v.clone()));
+                e.startup.push((name, v.clone()));
             }
         }
         // Held for the client's life: no spare capacity (bytes per client).
         p.overrides.shrink_to_fit();
-        p.settings.shrink_to_fit();
-        p.startup.shrink_to_fit();
+        if let Some(e) = &mut p.extra {
+            e.settings.shrink_to_fit();
+            e.startup.shrink_to_fit();
+        }
         p
+    }
+
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Default::default)
     }
 
     /// True if the server reports this parameter (it is in the pool's
@@ -146,7 +159,7 @@ impl ClientParams {
     /// first, then the settings it syncs (search_path, unless the server
     /// reports it).
     pub fn value(&self, name: &str) -> Option<&str> {
-        self.get(name).or_else(|| find(&self.settings, name))
+        self.get(name).or_else(|| find(self.settings(), name))
     }
 
     /// The client's fingerprint (see [`server_fingerprint`]).
@@ -156,14 +169,14 @@ impl ClientParams {
         }
         let fp = fingerprint(
             |n| find(&self.overrides, n).or_else(|| find(&self.base, n)),
-            &self.settings,
+            self.settings(),
         );
         self.fingerprint = Some(fp);
         fp
     }
 
     pub fn settings(&self) -> &[(String, String)] {
-        &self.settings
+        self.extra.as_ref().map_or(&[], |e| &e.settings)
     }
 
     /// Records a reported value; returns true if it changed.
@@ -196,17 +209,26 @@ impl ClientParams {
     /// RESET ALL semantics: unreported settings go back to their startup values.
     pub fn reset_settings(&mut self) {
         self.fingerprint = None;
-        self.settings.clear();
-        for (k, v) in &self.startup {
-            self.settings.push((k.clone(), v.clone()));
+        if let Some(e) = &mut self.extra {
+            if e.startup.is_empty() {
+                self.extra = None;
+            } else {
+                let Extra { settings, startup } = &mut **e;
+                settings.clear();
+                settings.extend(startup.iter().cloned());
+            }
         }
     }
 
     pub fn set_setting(&mut self, name: &str, value: Option<&str>) {
         self.fingerprint = None;
         match value {
-            Some(v) => pgferry_pool::server::set(&mut self.settings, name, v),
-            None => self.settings.retain(|(k, _)| k != name),
+            Some(v) => pgferry_pool::server::set(&mut self.extra_mut().settings, name, v),
+            None => {
+                if let Some(e) = &mut self.extra {
+                    e.settings.retain(|(k, _)| k != name);
+                }
+            }
         }
     }
 }
@@ -245,13 +267,13 @@ pub fn sync_sql(client: &ClientParams, server: &ServerConn) -> Option<Vec<u8>> {
             }
         }
     }
-    for (name, want) in &client.settings {
+    for (name, want) in client.settings() {
         if server.setting(name) != Some(want.as_str()) {
             push_set_config(&mut sql, name, want);
         }
     }
     for (name, _) in server.settings() {
-        if find(&client.settings, name).is_none() {
+        if find(client.settings(), name).is_none() {
             sql.extend_from_slice(b"RESET ");
             quote_ident_path(&mut sql, name);
             sql.push(b';');
@@ -308,7 +330,7 @@ mod tests {
             Some("UTF8"),
             "same value keeps the server's spelling"
         );
-        assert_eq!(p.settings, vec![("search_path".to_string(), "a".to_string())]);
+        assert_eq!(p.settings(), [("search_path".to_string(), "a".to_string())]);
     }
 
     #[test]
@@ -321,24 +343,27 @@ mod tests {
             ],
         );
         assert_eq!(
-            p.startup,
-            vec![("search_path".to_string(), "a".to_string())],
+            p.extra.as_ref().unwrap().startup,
+            [("search_path".to_string(), "a".to_string())],
             "reported values are not kept"
         );
         p.set_setting("search_path", Some("b"));
         p.set_setting("statement_timeout", Some("5s"));
         p.set("TimeZone", "UTC");
         p.reset_settings();
-        assert_eq!(p.settings, vec![("search_path".to_string(), "a".to_string())]);
+        assert_eq!(p.settings(), [("search_path".to_string(), "a".to_string())]);
         // The reported one is the server's to restore (it reports it).
         assert_eq!(p.get("TimeZone"), Some("UTC"));
         let mut q = ClientParams::new(base(), &[("client_encoding".into(), "LATIN1".into())]);
-        assert!(
-            q.startup.is_empty() && q.startup.capacity() == 0,
-            "nothing held for a typical client"
-        );
+        assert!(q.extra.is_none(), "nothing held for a typical client");
+        q.set_setting("search_path", Some("x"));
+        assert_eq!(q.value("search_path"), Some("x"));
+        q.set_setting("search_path", None);
+        assert_eq!(q.value("search_path"), None);
+        q.set_setting("search_path", Some("y"));
         q.reset_settings();
-        assert!(q.settings.is_empty());
+        assert!(q.settings().is_empty());
+        assert!(q.extra.is_none(), "RESET ALL with no startup settings holds nothing");
     }
 
     #[test]

@@ -117,7 +117,6 @@ type Statements = HashMap<Box<[u8]>, Arc<Statement>>;
 /// Everything else is empty at a parking point (no server, no buffered
 /// bytes, no request in flight) and is rebuilt on unparking.
 struct Kept {
-    id: u64,
     pool: Arc<Pool>,
     route: Route,
     route_gen: u64,
@@ -309,8 +308,8 @@ impl Session {
             .map(|c| citus::CitusRoute::new(c.clone()));
         // Counted once per client, parked or not: SHOW POOLS' cl_active.
         init.pool.stats.cl_active.fetch_add(1, Relaxed);
+        debug_assert_eq!(init.id, init.client.entry.info.id);
         let kept = Kept {
-            id: init.id,
             route_gen: shared.router.generation(),
             pool: init.pool,
             route: init.route,
@@ -356,7 +355,7 @@ impl Session {
         let settings = &kept.pool.settings;
         let mode = settings.pool_mode;
         Session {
-            id: kept.id,
+            id: kept.client.entry.info.id,
             rd,
             wr,
             rbuf,
@@ -450,7 +449,6 @@ impl Session {
         let stream = pgferry_tls::stream::into_std(s.rd, s.wr)?;
         Ok(Parked {
             kept: Kept {
-                id: s.id,
                 pool: s.pool,
                 route: s.route,
                 route_gen: s.route_gen,
