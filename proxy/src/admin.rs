@@ -13,7 +13,7 @@
 
 use crate::clientio::ClientIo;
 use crate::error::ClientError;
-use crate::shared::{PoolRegistry, Shared};
+use crate::shared::Shared;
 use bytes::BytesMut;
 use pgferry_pool::latency::Kind;
 use pgferry_pool::Pool;
@@ -345,7 +345,7 @@ fn table(out: &mut BytesMut, columns: &[&str], rows: &[Vec<String>]) {
 }
 
 fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> Option<()> {
-    let pools = sorted_pools(&shared.pools);
+    let pools = shared.pools.sorted();
     match what {
         "HELP" => {
             encode::notice_response(out, "00000", &format!("Console usage{HELP}"));
@@ -851,8 +851,7 @@ fn show_citus(out: &mut BytesMut, router: &pgferry_routing::Router) {
     }
     let c = &citus.counters;
     let age = snap
-        .loaded_at
-        .and_then(|t| t.elapsed().ok())
+        .age()
         .map(|d| format!("{:.1}", d.as_secs_f64()))
         .unwrap_or_else(|| "never".into());
     rows.push(vec![
@@ -953,14 +952,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
-}
-
-fn sorted_pools(registry: &PoolRegistry) -> Vec<Arc<Pool>> {
-    let mut pools = registry.all();
-    pools.sort_by(|a, b| {
-        (&a.key.database, &a.key.user, a.key.read_only).cmp(&(&b.key.database, &b.key.user, b.key.read_only))
-    });
-    pools
 }
 
 /// Per database: xact count, query count, bytes in, bytes out, xact time,

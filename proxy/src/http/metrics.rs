@@ -1,7 +1,6 @@
 //! `/metrics`: the Prometheus text format, computed at request time from
 //! the same counters the admin console reads.
 
-use super::pools;
 use crate::shared::{Observability, PoolRegistry};
 use pgferry_pool::latency::{Kind, BUCKETS_US};
 use pgferry_pool::stats::Total;
@@ -22,7 +21,7 @@ pub(super) fn metrics(
     tls: &pgferry_tls::Acceptor,
 ) -> String {
     let mut m = String::with_capacity(8192);
-    let pools = pools(registry);
+    let pools = registry.sorted();
     let pool_labels = |p: &Pool| {
         format!(
             "database=\"{}\",user=\"{}\",node=\"{}\",port=\"{}\"",
@@ -199,10 +198,7 @@ pub(super) fn metrics(
     if let Some(citus) = router.citus() {
         let c = &citus.counters;
         let snap = citus.snapshot();
-        let age = snap
-            .loaded_at
-            .and_then(|t| t.elapsed().ok())
-            .map_or(-1.0, |d| d.as_secs_f64());
+        let age = snap.age().map_or(-1.0, |d| d.as_secs_f64());
         let _ = writeln!(
             m,
             "# HELP pgferry_citus_transactions_total Read-write transactions by where Citus routing sent them.\n\

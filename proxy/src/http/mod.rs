@@ -19,7 +19,6 @@ mod server;
 use crate::clients::ClientRegistry;
 use crate::shared::{Observability, PoolRegistry};
 use history::History;
-use pgferry_pool::Pool;
 use pgferry_routing::Router;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -50,27 +49,6 @@ pub async fn serve(listener: TcpListener, view: Arc<View>, shutdown: watch::Rece
     let history = Arc::new(Mutex::new(History::new(Instant::now())));
     tokio::spawn(history::sample_every(view.clone(), history.clone(), shutdown.clone()));
     server::serve(listener, Arc::new(State { view, history }), shutdown).await;
-}
-
-fn pools(registry: &PoolRegistry) -> Vec<Arc<Pool>> {
-    let mut p = registry.all();
-    p.sort_by(|a, b| {
-        (
-            &a.key.database,
-            &a.key.user,
-            a.key.read_only,
-            &a.key.node.host,
-            a.key.node.port,
-        )
-            .cmp(&(
-                &b.key.database,
-                &b.key.user,
-                b.key.read_only,
-                &b.key.node.host,
-                b.key.node.port,
-            ))
-    });
-    p
 }
 
 /// Escapes text for HTML and SVG, in content and in quoted attributes.

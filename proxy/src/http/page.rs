@@ -3,7 +3,7 @@
 
 use super::charts::{self, Line, LineChart, Moment};
 use super::history::{History, PoolPoint, PoolSeries, SLOTS};
-use super::{html, pools, View};
+use super::{html, View};
 use pgferry_pool::latency::Kind;
 use pgferry_pool::stats::Total;
 use std::fmt::Write as _;
@@ -39,7 +39,7 @@ pub(super) fn status_page(view: &View, history: &Mutex<History>) -> String {
          <th class=l>port</th><th>clients active</th><th>clients waiting</th><th>servers active</th>\
          <th>servers idle</th><th>transactions</th><th>wait ms total</th><th class=l>mode</th></tr>",
     );
-    for p in pools(&view.pools) {
+    for p in view.pools.sorted() {
         let s = &p.stats;
         let waiting = s.cl_waiting.load(Relaxed);
         let _ = write!(
@@ -84,8 +84,7 @@ pub(super) fn status_page(view: &View, history: &Mutex<History>) -> String {
         let snap = citus.snapshot();
         let c = &citus.counters;
         let age = snap
-            .loaded_at
-            .and_then(|t| t.elapsed().ok())
+            .age()
             .map(|d| format!("{:.1} s", d.as_secs_f64()))
             .unwrap_or_else(|| "not loaded".into());
         let _ = write!(
@@ -119,7 +118,7 @@ pub(super) fn status_page(view: &View, history: &Mutex<History>) -> String {
          <th>p50</th><th>p95</th><th>p99</th><th>p99.9</th><th>max</th></tr>",
     );
     let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
-    for p in pools(&view.pools) {
+    for p in view.pools.sorted() {
         for kind in Kind::ALL {
             let l = p.latency.percentiles(kind);
             let _ = write!(
@@ -163,7 +162,7 @@ pub(super) fn status_page(view: &View, history: &Mutex<History>) -> String {
             ));
         }
     }
-    for p in pools(&view.pools) {
+    for p in view.pools.sorted() {
         for (id, pid, age, _idle, _uses) in p.idle_snapshot() {
             servers.push((
                 id,

@@ -224,6 +224,23 @@ impl PoolRegistry {
         self.pools.lock().unwrap().values().cloned().collect()
     }
 
+    /// All pools in the order the console and the status page list them:
+    /// database, user, port, node.
+    pub fn sorted(&self) -> Vec<Arc<Pool>> {
+        let mut p = self.all();
+        p.sort_by(|a, b| {
+            let (a, b) = (&a.key, &b.key);
+            (&a.database, &a.user, a.read_only, &a.node.host, a.node.port).cmp(&(
+                &b.database,
+                &b.user,
+                b.read_only,
+                &b.node.host,
+                b.node.port,
+            ))
+        });
+        p
+    }
+
     /// Applies a topology change to the pools: a node that is no longer
     /// the leader loses its read-write connections at once, in use or not
     /// (nothing more may reach it), except during an announced switchover,

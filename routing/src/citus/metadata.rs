@@ -100,6 +100,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// How long ago it was loaded; None if never (or the clock went back).
+    pub fn age(&self) -> Option<std::time::Duration> {
+        self.loaded_at.and_then(|t| t.elapsed().ok())
+    }
+
     /// The active primary of each group, from `pg_dist_node`, where its
     /// metadata is synced: a worker without Citus metadata has only shard
     /// tables, so a statement naming the distributed table fails there.
