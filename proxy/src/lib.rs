@@ -65,6 +65,31 @@ fn in_use_hint(e: &std::io::Error) -> &'static str {
 
 /// One more event loop (thread per core): accepts on its duplicates of the
 /// listening sockets; the sessions it accepts run here to their end.
+/// Accepts clients on `listeners` from the current event loop until
+/// shutdown (the sessions run on this loop too).
+async fn accept_on(
+    listeners: Vec<(std::net::TcpListener, Role)>,
+    shared: &Arc<Shared>,
+    slots: &Arc<Semaphore>,
+    shutdown: &watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut tasks = Vec::new();
+    for (l, role) in listeners {
+        let l = tokio::net::TcpListener::from_std(l)?;
+        tasks.push(tokio::spawn(listener::accept_loop(
+            l,
+            role,
+            shared.clone(),
+            slots.clone(),
+            shutdown.clone(),
+        )));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
 fn event_loop(
     id: u16,
     listeners: Vec<(std::net::TcpListener, Role)>,
@@ -82,21 +107,8 @@ fn event_loop(
         }
     };
     rt.block_on(async move {
-        let mut tasks = Vec::new();
-        for (l, role) in listeners {
-            match tokio::net::TcpListener::from_std(l) {
-                Ok(l) => tasks.push(tokio::spawn(listener::accept_loop(
-                    l,
-                    role,
-                    shared.clone(),
-                    slots.clone(),
-                    shutdown.clone(),
-                ))),
-                Err(e) => tracing::error!(event_loop = id, error = %e, "listener not registered"),
-            }
-        }
-        for t in tasks {
-            let _ = t.await;
+        if let Err(e) = accept_on(listeners, &shared, &slots, &shutdown).await {
+            tracing::error!(event_loop = id, error = %e, "listener not registered");
         }
         let _ = done.send(());
         // The sessions accepted here, and the server sockets this loop's
@@ -272,20 +284,9 @@ pub async fn run(
         },
         "serving clients"
     );
-    let mut tasks = Vec::new();
-    for (l, role) in bound {
-        let l = tokio::net::TcpListener::from_std(l).map_err(|source| StartError::EventLoop { id: 0, source })?;
-        tasks.push(tokio::spawn(listener::accept_loop(
-            l,
-            role,
-            shared.clone(),
-            slots.clone(),
-            shutdown.clone(),
-        )));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
+    accept_on(bound, &shared, &slots, &shutdown)
+        .await
+        .map_err(|source| StartError::EventLoop { id: 0, source })?;
     for done in others {
         let _ = done.await;
     }
