@@ -74,7 +74,9 @@ impl Session {
     /// client's. `conn` is one already checked out that only needs the sync.
     pub(super) async fn bind_server_slow(&mut self, conn: Option<PooledConn>) -> Result<(), PoolError> {
         let asked = Instant::now();
-        let hold_until = asked + self.shared.settings.failover_hold();
+        // One hold for the whole bind, however many retries it takes.
+        let hold = self.shared.settings.failover_hold();
+        let mut hold_until = asked + hold;
         let mut given = conn;
         let mut retries = 0;
         loop {
@@ -83,13 +85,16 @@ impl Session {
                 None => {
                     if self.shared.lifecycle.any_paused.load(Relaxed) {
                         self.wait_unpaused().await?;
+                        // A PAUSE is the operator's, not a failover: the
+                        // hold starts after it.
+                        hold_until = Instant::now() + hold;
                     }
                     if self.route_stale() || self.rebalance {
                         self.reroute().await?;
                     }
                     // The fast path found no idle connection (or the pool has
                     // just changed): checkout takes an idle one first anyway.
-                    self.checkout_or_hold().await?
+                    self.checkout_or_hold(hold_until).await?
                 }
             };
             if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
@@ -144,17 +149,17 @@ impl Session {
     /// crashed, or is restarting in place), holds the transaction, retrying
     /// and following topology changes, for up to failover_hold_timeout: a
     /// client between transactions sees a pause, not an error, while etcd
-    /// catches up with a dead leader.
-    pub(super) async fn checkout_or_hold(&mut self) -> Result<PooledConn, PoolError> {
+    /// catches up with a dead leader. `deadline`: when the hold that the
+    /// transaction's first attempt started ends (a retry after a server
+    /// lost during the sync does not start a new one).
+    async fn checkout_or_hold(&mut self, deadline: Instant) -> Result<PooledConn, PoolError> {
         self.client.entry.set_waiting(true);
-        let r = self.checkout_or_hold_inner().await;
+        let r = self.checkout_or_hold_inner(deadline).await;
         self.client.entry.set_waiting(false);
         r
     }
 
-    pub(super) async fn checkout_or_hold_inner(&mut self) -> Result<PooledConn, PoolError> {
-        let hold = self.shared.settings.failover_hold();
-        let deadline = Instant::now() + hold;
+    async fn checkout_or_hold_inner(&mut self, deadline: Instant) -> Result<PooledConn, PoolError> {
         let mut topology = self.shared.router.subscribe();
         let mut logged = false;
         loop {
