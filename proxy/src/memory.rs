@@ -35,11 +35,13 @@ const ALIGN: usize = 16;
 /// Address space reserved for the slab (not memory: pages count once used).
 /// 1 GiB is over a million clients' state; past it, the system allocator.
 const RESERVE_PAGES: usize = 1 << 18;
-/// Emptied pages kept for reuse instead of released: giving a page back
-/// costs a TLB shootdown on every core running the process, which clients
-/// connecting and leaving all the time would pay at each login (measured:
-/// ~4% of pgferry's CPU at 16 clients reconnecting). 64 KiB at most.
-const KEEP_EMPTY: usize = 16;
+/// Emptied pages kept for reuse, per size class, instead of released:
+/// giving a page back costs a TLB shootdown on every core running the
+/// process, which clients connecting and leaving all the time would pay at
+/// each login (measured: ~4% of pgferry's CPU at 16 clients reconnecting).
+/// Per class, so that one class's leftovers never make another's churn pay
+/// it. 160 KiB at most.
+const KEEP_EMPTY: usize = 2;
 
 thread_local! {
     static SCOPE: Cell<bool> = const { Cell::new(false) };
@@ -108,7 +110,8 @@ pub struct Slab {
     partial: [u32; CLASSES.len()],
     /// Pages holding objects, or empty and kept (`KEEP_EMPTY`).
     held_pages: usize,
-    empty_pages: usize,
+    /// Per class: held pages with no object on them.
+    empty: [u8; CLASSES.len()],
 }
 
 // SAFETY: the raw pointers name a private mapping that only the owner of the
@@ -146,7 +149,7 @@ impl Slab {
             released: 0,
             partial: [0; CLASSES.len()],
             held_pages: 0,
-            empty_pages: 0,
+            empty: [0; CLASSES.len()],
         })
     }
 
@@ -162,7 +165,7 @@ impl Slab {
 
     /// Held pages with no object on them.
     pub fn empty_pages(&self) -> usize {
-        self.empty_pages
+        self.empty.iter().map(|&n| n as usize).sum()
     }
 
     fn meta(&mut self, page: usize) -> &mut PageMeta {
@@ -233,7 +236,7 @@ impl Slab {
             head => {
                 let page = head as usize - 1;
                 if self.meta(page).used == 0 {
-                    self.empty_pages -= 1;
+                    self.empty[class] -= 1;
                 }
                 page
             }
@@ -269,7 +272,7 @@ impl Slab {
         let m = *self.meta(page);
         let class = m.class as usize - 1;
         let slot = (off % PAGE) / CLASSES[class];
-        if m.used == 1 && self.empty_pages >= KEEP_EMPTY {
+        if m.used == 1 && self.empty[class] as usize >= KEEP_EMPTY {
             // The page's last object: the page goes back to the kernel.
             if m.listed {
                 self.unlink(class, page);
@@ -289,7 +292,7 @@ impl Slab {
             return;
         }
         if m.used == 1 {
-            self.empty_pages += 1;
+            self.empty[class] += 1;
         }
         // SAFETY: the slot is ours again; it holds the free list's link.
         unsafe { self.slot_ptr(page, class, slot).cast::<u16>().write(m.free) };
@@ -497,40 +500,36 @@ mod tests {
         let again = s.alloc(64).unwrap();
         assert_eq!((s.held_pages(), s.empty_pages()), (3, 0));
         unsafe { s.free(again) };
-        // Past KEEP_EMPTY kept pages, an emptied page goes back.
-        let mut pages = Vec::new();
-        for _ in 0..KEEP_EMPTY + 3 {
-            pages.push(s.alloc(512).unwrap());
-            for _ in 1..PAGE / 512 {
-                s.alloc(512).unwrap();
-            }
-        }
-        let held = s.held_pages();
+        // Past KEEP_EMPTY kept pages of a class, an emptied page goes back;
+        // other classes' kept pages do not count.
+        let pages: Vec<*mut u8> = (0..KEEP_EMPTY + 3)
+            .map(|_| {
+                let first = s.alloc(512).unwrap();
+                for _ in 1..PAGE / 512 {
+                    s.alloc(512).unwrap();
+                }
+                first
+            })
+            .collect();
         unsafe {
             s.free(q);
             s.free(small);
         }
-        assert_eq!(s.empty_pages(), 3);
-        assert_eq!(s.held_pages(), held);
-        // Empty the 512-byte pages: KEEP_EMPTY stay, the rest are released.
-        let all: Vec<*mut u8> = pages
-            .iter()
-            .flat_map(|&p| (0..PAGE / 512).map(move |i| unsafe { p.add(i * 512) }))
-            .collect();
-        for p in all {
-            unsafe { s.free(p) };
+        assert_eq!(s.empty_pages(), 3, "two 64-byte pages and a 16-byte one");
+        let held = s.held_pages();
+        for &p in &pages {
+            for i in 0..PAGE / 512 {
+                unsafe { s.free(p.add(i * 512)) };
+            }
         }
-        assert_eq!(s.empty_pages(), KEEP_EMPTY);
-        assert_eq!(s.held_pages(), KEEP_EMPTY);
+        assert_eq!(s.empty_pages(), 3 + KEEP_EMPTY);
+        assert_eq!(s.held_pages(), held - 3);
         // A released page is used again before the region grows, and reads
         // as zeros.
         let top = s.top;
-        for _ in 0..KEEP_EMPTY {
-            s.alloc(200).unwrap();
-        }
-        let p = s.alloc(200).unwrap();
+        let fresh: Vec<_> = (0..3).map(|_| s.alloc(200).unwrap()).collect();
         assert_eq!(s.top, top);
-        assert_eq!(unsafe { *p }, 0);
+        assert!(fresh.iter().all(|&p| unsafe { *p } == 0));
     }
 
     #[test]
@@ -589,12 +588,12 @@ mod tests {
                 pages.len(),
                 "seed {seed}: pages held vs pages with a live object"
             );
-            assert!(s.empty_pages() <= KEEP_EMPTY);
+            assert!(s.empty_pages() <= KEEP_EMPTY * CLASSES.len());
             for (p, _) in live.drain() {
                 unsafe { s.free(p as *mut u8) };
             }
             assert_eq!(s.held_pages(), s.empty_pages());
-            assert!(s.held_pages() <= KEEP_EMPTY);
+            assert!(s.held_pages() <= KEEP_EMPTY * CLASSES.len());
         }
     }
 

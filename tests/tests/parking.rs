@@ -276,7 +276,7 @@ async fn clients_long_lived_state_is_in_the_slab_and_leaves_with_them() {
     until_parked(&f, 1000).await;
     let held = state_bytes(&f).await;
     // At least the 256-byte registry entry each (16 per page): 62 pages,
-    // well beyond the 20 that may stay once they leave.
+    // well beyond the 30 that may stay once they leave.
     assert!(
         held >= before + 60 * 4096,
         "slab {before} -> {held} bytes for 1000 clients"
@@ -291,8 +291,9 @@ async fn clients_long_lived_state_is_in_the_slab_and_leaves_with_them() {
     let t = Instant::now();
     loop {
         let after = state_bytes(&f).await;
-        // (Up to 16 emptied pages are kept for reuse, see memory.rs.)
-        if after <= before + 20 * 4096 {
+        // (Two emptied pages per size class are kept for reuse, see
+        // memory.rs: a handful of classes hold client state.)
+        if after <= before + 30 * 4096 {
             break;
         }
         assert!(
