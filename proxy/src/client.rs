@@ -176,7 +176,6 @@ async fn start(
     // Usually empty by now: do not keep the login buffer's capacity.
     let rbuf = if io.rbuf.is_empty() { BytesMut::new() } else { io.rbuf };
     let init = SessionInit {
-        id,
         rd,
         wr,
         rbuf,

@@ -18,11 +18,11 @@ use std::time::{Instant, SystemTime};
 use tokio::io::AsyncWriteExt;
 
 /// What a client is, fixed at login.
-#[derive(Debug)]
 ///
 /// Strings as `Box<str>` (no spare capacity field): with the rest of the
 /// entry this keeps `Arc<ClientEntry>` in the slab's 256-byte class, and it
 /// is held for every client, idle or not.
+#[derive(Debug)]
 pub struct ClientInfo {
     pub id: u64,
     pub user: Box<str>,

@@ -63,8 +63,6 @@ fn in_use_hint(e: &std::io::Error) -> &'static str {
     }
 }
 
-/// One more event loop (thread per core): accepts on its duplicates of the
-/// listening sockets; the sessions it accepts run here to their end.
 /// Accepts clients on `listeners` from the current event loop until
 /// shutdown (the sessions run on this loop too).
 async fn accept_on(
@@ -90,6 +88,8 @@ async fn accept_on(
     Ok(())
 }
 
+/// One more event loop (thread per core): accepts on its duplicates of the
+/// listening sockets; the sessions it accepts run here to their end.
 fn event_loop(
     id: u16,
     listeners: Vec<(std::net::TcpListener, Role)>,

@@ -181,7 +181,6 @@ static CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 
 /// Everything a session starts with.
 pub struct SessionInit {
-    pub id: u64,
     pub rd: ClientReadHalf,
     pub wr: ClientWriteHalf,
     pub rbuf: BytesMut,
@@ -308,7 +307,6 @@ impl Session {
             .map(|c| citus::CitusRoute::new(c.clone()));
         // Counted once per client, parked or not: SHOW POOLS' cl_active.
         init.pool.stats.cl_active.fetch_add(1, Relaxed);
-        debug_assert_eq!(init.id, init.client.entry.info.id);
         let kept = Kept {
             route_gen: shared.router.generation(),
             pool: init.pool,
