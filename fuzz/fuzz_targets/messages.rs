@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = backend::parameter_status(data);
     let _ = sql::scan(data);
     let secret = scram::Secret::from_password("pw", b"salt", 1);
-    if let Ok((ex, _)) = scram::ServerExchange::start(secret, data, scram::MECHANISM, false) {
+    if let Ok(ex) = scram::ServerExchange::start(secret, data, scram::MECHANISM, false) {
         let _ = ex.finish(data, None);
     }
 });

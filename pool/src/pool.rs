@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolKey {
     pub database: String,
     pub user: String,
@@ -29,6 +29,66 @@ pub struct PoolKey {
     /// its read-write connections are cut while read-only ones may stay.
     pub read_only: bool,
 }
+
+/// A [`PoolKey`] made of borrowed parts: every login looks its pool up,
+/// and building an owned key for that would cost two allocations.
+/// A map keyed by `PoolKey` takes it as `&dyn AsPoolKeyRef`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolKeyRef<'a> {
+    pub database: &'a str,
+    pub user: &'a str,
+    pub node: &'a NodeAddr,
+    pub read_only: bool,
+}
+
+/// What an owned and a borrowed key have in common; hashing and equality
+/// of both go through it, as `Borrow` requires.
+pub trait AsPoolKeyRef {
+    fn key_ref(&self) -> PoolKeyRef<'_>;
+}
+
+impl AsPoolKeyRef for PoolKey {
+    fn key_ref(&self) -> PoolKeyRef<'_> {
+        PoolKeyRef {
+            database: &self.database,
+            user: &self.user,
+            node: &self.node,
+            read_only: self.read_only,
+        }
+    }
+}
+
+impl AsPoolKeyRef for PoolKeyRef<'_> {
+    fn key_ref(&self) -> PoolKeyRef<'_> {
+        *self
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn AsPoolKeyRef + 'a> for PoolKey {
+    fn borrow(&self) -> &(dyn AsPoolKeyRef + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.key_ref().hash(h)
+    }
+}
+
+impl std::hash::Hash for dyn AsPoolKeyRef + '_ {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.key_ref().hash(h)
+    }
+}
+
+impl PartialEq for dyn AsPoolKeyRef + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.key_ref() == other.key_ref()
+    }
+}
+
+impl Eq for dyn AsPoolKeyRef + '_ {}
 
 /// Name/value pairs, shared.
 pub type ParamList = Arc<Vec<(String, String)>>;

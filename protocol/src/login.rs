@@ -295,13 +295,13 @@ mod tests {
         assert_eq!(l.feed(&offer, &mut out).unwrap(), Step::Send);
         let (mechanism, client_first) = initial_response(&sent(&mut out));
         assert_eq!(mechanism, MECHANISM);
-        let (server, server_first) = ServerExchange::start(secret.clone(), &client_first, MECHANISM, false).unwrap();
+        let server = ServerExchange::start(secret.clone(), &client_first, MECHANISM, false).unwrap();
 
-        let server_first = sasl_continue(&server_first);
+        let server_first = sasl_continue(server.server_first());
         assert_eq!(
             l.feed(&server_first, &mut out).unwrap(),
             Step::ScramKeys {
-                salt: secret.salt.clone(),
+                salt: secret.salt.to_vec(),
                 iterations: 4096
             }
         );
@@ -311,7 +311,7 @@ mod tests {
         let verified = server.finish(&sent(&mut out), None).unwrap();
 
         assert_eq!(
-            l.feed(&sasl_final(&verified.server_final), &mut out).unwrap(),
+            l.feed(&sasl_final(verified.server_final()), &mut out).unwrap(),
             Step::Read
         );
         assert_eq!(l.feed(&auth_ok(), &mut out).unwrap(), Step::Read);
@@ -334,8 +334,8 @@ mod tests {
             let mut l = ClientLogin::new("u", None);
             l.feed(&sasl(&[MECHANISM]), out).unwrap();
             let (_, client_first) = initial_response(&sent(out));
-            let (_, server_first) = ServerExchange::start(secret.clone(), &client_first, MECHANISM, false).unwrap();
-            l.feed(&sasl_continue(&server_first), out).unwrap();
+            let server = ServerExchange::start(secret.clone(), &client_first, MECHANISM, false).unwrap();
+            l.feed(&sasl_continue(server.server_first()), out).unwrap();
             l.scram_keys(&keys_from_password("pencil", b"salt", 16), out).unwrap();
             sent(out);
             l

@@ -43,7 +43,7 @@ pub enum ScramError {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret {
     pub iterations: u32,
-    pub salt: Vec<u8>,
+    pub salt: std::sync::Arc<[u8]>,
     pub stored_key: [u8; 32],
     pub server_key: [u8; 32],
 }
@@ -71,7 +71,7 @@ impl Secret {
         }
         Ok(Secret {
             iterations,
-            salt: B64.decode(salt).map_err(|_| ScramError::BadSecret)?,
+            salt: B64.decode(salt).map_err(|_| ScramError::BadSecret)?.into(),
             stored_key: key32(stored)?,
             server_key: key32(server)?,
         })
@@ -83,7 +83,7 @@ impl Secret {
         let client_key = hmac(&salted, b"Client Key");
         Secret {
             iterations,
-            salt: salt.to_vec(),
+            salt: salt.into(),
             stored_key: sha256(&client_key),
             server_key: hmac(&salted, b"Server Key"),
         }
@@ -99,7 +99,7 @@ impl Secret {
         let salt = h.finalize();
         Secret {
             iterations: DEFAULT_ITERATIONS,
-            salt: salt[..16].to_vec(),
+            salt: salt[..16].into(),
             stored_key: [0; 32],
             server_key: [0; 32],
         }
@@ -146,10 +146,11 @@ pub fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 32]
     out
 }
 
-fn nonce() -> String {
+/// Appends a fresh random nonce (base64, no commas) to `out`.
+fn push_nonce(out: &mut String) {
     let mut b = [0u8; NONCE_LEN];
     rand::thread_rng().fill_bytes(&mut b);
-    B64.encode(b)
+    B64.encode_string(b, out);
 }
 
 fn attr(part: &str, name: char) -> Result<&str, ScramError> {
@@ -170,34 +171,54 @@ pub enum ChannelBinding {
 }
 
 /// Server side of one exchange.
+///
+/// One allocation per exchange (this runs for every login): `auth_message`
+/// holds client-first-message-bare and server-first-message from the
+/// start, and `finish` appends client-final-message-without-proof, which
+/// makes the AuthMessage both signatures are computed over.
 pub struct ServerExchange {
     secret: Secret,
-    client_first_bare: String,
-    server_first: String,
-    nonce: String,
-    gs2_header: String,
+    auth_message: String,
+    /// Where server-first-message starts in `auth_message`.
+    server_first_at: usize,
+    /// The combined nonce (the client's, then ours) in `auth_message`.
+    nonce: std::ops::Range<usize>,
     pub binding: ChannelBinding,
+}
+
+impl ChannelBinding {
+    /// The GS2 header the client sent (authzid is always empty), which
+    /// client-final-message's `c=` must repeat.
+    fn gs2_header(self) -> &'static str {
+        match self {
+            ChannelBinding::None => "n,,",
+            ChannelBinding::Supported => "y,,",
+            ChannelBinding::TlsServerEndPoint => "p=tls-server-end-point,,",
+        }
+    }
 }
 
 /// What a successful exchange yields.
 pub struct Verified {
-    /// `server-final-message` to send in AuthenticationSASLFinal.
-    pub server_final: Vec<u8>,
+    /// `server-final-message`: "v=" and the base64 ServerSignature.
+    server_final: [u8; 46],
     /// The client's ClientKey, recovered from its proof.
     pub client_key: [u8; 32],
 }
 
+impl Verified {
+    /// `server-final-message`, for AuthenticationSASLFinal.
+    pub fn server_final(&self) -> &[u8] {
+        &self.server_final
+    }
+}
+
 impl ServerExchange {
-    /// Handles client-first-message and returns the exchange plus the
-    /// server-first-message. `plus_offered` says whether SCRAM-SHA-256-PLUS
-    /// was offered (only on TLS): a client answering "y" then is refused, as
-    /// that means a downgrade (RFC 5802 §6).
-    pub fn start(
-        secret: Secret,
-        client_first: &[u8],
-        mechanism: &str,
-        plus_offered: bool,
-    ) -> Result<(Self, Vec<u8>), ScramError> {
+    /// Handles client-first-message and returns the exchange, whose
+    /// [`server_first`](Self::server_first) is the reply. `plus_offered`
+    /// says whether SCRAM-SHA-256-PLUS was offered (only on TLS): a client
+    /// answering "y" then is refused, as that means a downgrade (RFC 5802 §6).
+    pub fn start(secret: Secret, client_first: &[u8], mechanism: &str, plus_offered: bool) -> Result<Self, ScramError> {
         let msg = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("utf8"))?;
         let (cb, rest) = msg.split_once(',').ok_or(ScramError::Malformed("gs2 header"))?;
         let binding = match cb {
@@ -215,7 +236,6 @@ impl ServerExchange {
         if !authzid.is_empty() {
             return Err(ScramError::Malformed("authzid is not supported"));
         }
-        let gs2_header = format!("{cb},{authzid},");
         let mut parts = bare.split(',');
         let user = parts.next().ok_or(ScramError::Malformed("client-first"))?;
         attr(user, 'n')?; // PostgreSQL ignores it: the startup packet's user counts.
@@ -223,50 +243,78 @@ impl ServerExchange {
         if cnonce.is_empty() || !cnonce.bytes().all(|c| (0x21..=0x7e).contains(&c) && c != b',') {
             return Err(ScramError::Malformed("nonce"));
         }
-        let nonce = format!("{cnonce}{}", self::nonce());
-        let server_first = format!("r={nonce},s={},i={}", B64.encode(&secret.salt), secret.iterations);
-        let out = server_first.clone().into_bytes();
-        Ok((
-            ServerExchange {
-                secret,
-                client_first_bare: bare.to_owned(),
-                server_first,
-                nonce,
-                gs2_header,
-                binding,
-            },
-            out,
-        ))
+        // Room for all three parts: client-final-without-proof repeats the
+        // nonce and a base64 GS2 header (with up to 64 bytes of binding data).
+        let mut m = String::with_capacity(2 * (bare.len() + NONCE_B64) + secret.salt.len() * 4 / 3 + 160);
+        m.push_str(bare);
+        m.push(',');
+        let server_first_at = m.len();
+        m.push_str("r=");
+        let nonce_at = m.len();
+        m.push_str(cnonce);
+        push_nonce(&mut m);
+        let nonce = nonce_at..m.len();
+        m.push_str(",s=");
+        B64.encode_string(&secret.salt, &mut m);
+        m.push_str(",i=");
+        m.push_str(itoa(secret.iterations, &mut [0u8; 10]));
+        Ok(ServerExchange {
+            secret,
+            auth_message: m,
+            server_first_at,
+            nonce,
+            binding,
+        })
+    }
+
+    /// `server-first-message`, for AuthenticationSASLContinue.
+    pub fn server_first(&self) -> &[u8] {
+        &self.auth_message.as_bytes()[self.server_first_at..]
     }
 
     /// Handles client-final-message. `cb_data` is the tls-server-end-point
     /// hash of our certificate when the client asked for binding.
-    pub fn finish(self, client_final: &[u8], cb_data: Option<&[u8]>) -> Result<Verified, ScramError> {
+    pub fn finish(mut self, client_final: &[u8], cb_data: Option<&[u8]>) -> Result<Verified, ScramError> {
         let msg = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("utf8"))?;
         let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Malformed("client-final"))?;
         let mut parts = without_proof.split(',');
         let c = attr(parts.next().ok_or(ScramError::Malformed("client-final"))?, 'c')?;
         let r = attr(parts.next().ok_or(ScramError::Malformed("client-final"))?, 'r')?;
-        let mut expected_cb = self.gs2_header.clone().into_bytes();
-        if self.binding == ChannelBinding::TlsServerEndPoint {
-            expected_cb.extend_from_slice(cb_data.ok_or(ScramError::ChannelBinding)?);
-        }
-        let got_cb = B64.decode(c).map_err(|_| ScramError::Malformed("channel binding"))?;
-        if got_cb != expected_cb {
+        let binding_data = match self.binding {
+            ChannelBinding::TlsServerEndPoint => cb_data.ok_or(ScramError::ChannelBinding)?,
+            _ => &[],
+        };
+        // c= is base64(GS2 header, then the binding data): 24 + 64 bytes at
+        // most for a valid one. A longer one cannot match.
+        let mut got = [0u8; 96];
+        let n = B64.decode_slice(c, &mut got).map_err(|e| match e {
+            base64::DecodeSliceError::OutputSliceTooSmall => ScramError::ChannelBinding,
+            base64::DecodeSliceError::DecodeError(_) => ScramError::Malformed("channel binding"),
+        })?;
+        let header = self.binding.gs2_header().as_bytes();
+        if got[..n].len() != header.len() + binding_data.len()
+            || &got[..header.len()] != header
+            || &got[header.len()..n] != binding_data
+        {
             return Err(ScramError::ChannelBinding);
         }
-        if r != self.nonce {
+        if r != &self.auth_message[self.nonce.clone()] {
             return Err(ScramError::Nonce);
         }
-        let proof = B64.decode(proof).map_err(|_| ScramError::Malformed("proof"))?;
-        if proof.len() != 32 {
+        let mut proof_bytes = [0u8; 48];
+        let n = B64.decode_slice(proof, &mut proof_bytes).map_err(|e| match e {
+            base64::DecodeSliceError::OutputSliceTooSmall => ScramError::InvalidProof,
+            base64::DecodeSliceError::DecodeError(_) => ScramError::Malformed("proof"),
+        })?;
+        if n != 32 {
             return Err(ScramError::InvalidProof);
         }
-        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
-        let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());
+        self.auth_message.push(',');
+        self.auth_message.push_str(without_proof);
+        let client_signature = hmac(&self.secret.stored_key, self.auth_message.as_bytes());
         let mut client_key = [0u8; 32];
         for i in 0..32 {
-            client_key[i] = proof[i] ^ client_signature[i];
+            client_key[i] = proof_bytes[i] ^ client_signature[i];
         }
         // Constant-time comparison of H(ClientKey) with StoredKey.
         let diff = sha256(&client_key)
@@ -276,12 +324,34 @@ impl ServerExchange {
         if diff != 0 {
             return Err(ScramError::InvalidProof);
         }
-        let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
+        let server_signature = hmac(&self.secret.server_key, self.auth_message.as_bytes());
+        let mut server_final = *b"v=--------------------------------------------";
+        let n = B64
+            .encode_slice(server_signature, &mut server_final[2..])
+            .expect("32 bytes are 44 base64 characters");
+        debug_assert_eq!(n, 44);
         Ok(Verified {
-            server_final: format!("v={}", B64.encode(server_signature)).into_bytes(),
+            server_final,
             client_key,
         })
     }
+}
+
+/// Base64 characters of our part of the nonce.
+const NONCE_B64: usize = NONCE_LEN / 3 * 4;
+
+/// `n` in decimal, written into `buf`.
+fn itoa(mut n: u32, buf: &mut [u8; 10]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
 }
 
 /// ClientKey and ServerKey: what the client side of an exchange needs.
@@ -341,7 +411,8 @@ pub struct ClientExchange {
 impl ClientExchange {
     /// Returns the exchange and the client-first-message.
     pub fn start() -> (Self, Vec<u8>) {
-        let bare = format!("n=,r={}", nonce());
+        let mut bare = String::from("n=,r=");
+        push_nonce(&mut bare);
         let first = format!("n,,{bare}").into_bytes();
         (
             ClientExchange {
@@ -425,13 +496,14 @@ mod tests {
         let parsed = Secret::parse(&secret.encode()).unwrap();
         assert!(parsed == secret);
         let (mut client, first) = ClientExchange::start();
-        let (server, server_first) = ServerExchange::start(parsed, &first, MECHANISM, false).unwrap();
+        let server = ServerExchange::start(parsed, &first, MECHANISM, false).unwrap();
+        let server_first = server.server_first().to_vec();
         let sf = parse_server_first(&server_first).unwrap();
         let client_final = client
             .respond(&server_first, &keys_from_password("pencil", &sf.salt, sf.iterations))
             .unwrap();
         let verified = server.finish(&client_final, None).unwrap();
-        client.finish(&verified.server_final).unwrap();
+        client.finish(verified.server_final()).unwrap();
 
         // The recovered ClientKey logs in again without the password.
         let keys = ScramKeys {
@@ -439,8 +511,8 @@ mod tests {
             server_key: secret.server_key,
         };
         let (mut c2, first2) = ClientExchange::start();
-        let (s2, sf2) = ServerExchange::start(secret.clone(), &first2, MECHANISM, false).unwrap();
-        let cf2 = c2.respond(&sf2, &keys).unwrap();
+        let s2 = ServerExchange::start(secret.clone(), &first2, MECHANISM, false).unwrap();
+        let cf2 = c2.respond(s2.server_first(), &keys).unwrap();
         assert!(s2.finish(&cf2, None).is_ok());
     }
 
@@ -448,9 +520,194 @@ mod tests {
     fn wrong_password_fails() {
         let secret = Secret::from_password("pencil", b"salt", 16);
         let (mut client, first) = ClientExchange::start();
-        let (server, sf) = ServerExchange::start(secret, &first, MECHANISM, false).unwrap();
-        let cf = client.respond(&sf, &keys_from_password("nope", b"salt", 16)).unwrap();
+        let server = ServerExchange::start(secret, &first, MECHANISM, false).unwrap();
+        let cf = client
+            .respond(server.server_first(), &keys_from_password("nope", b"salt", 16))
+            .unwrap();
         assert_eq!(server.finish(&cf, None).err(), Some(ScramError::InvalidProof));
+    }
+
+    /// client-final-message for `server` with the given GS2 header part
+    /// (`c=` before base64) and nonce, with a valid proof for "pencil".
+    fn client_final(bare: &str, server: &ServerExchange, secret: &Secret, cb: &[u8], nonce: &str) -> Vec<u8> {
+        let keys = keys_from_password("pencil", &secret.salt, secret.iterations);
+        let without_proof = format!("c={},r={nonce}", B64.encode(cb));
+        let server_first = std::str::from_utf8(server.server_first()).unwrap();
+        let auth = format!("{bare},{server_first},{without_proof}");
+        let sig = hmac(&sha256(&keys.client_key), auth.as_bytes());
+        let proof: Vec<u8> = keys.client_key.iter().zip(sig).map(|(k, s)| k ^ s).collect();
+        format!("{without_proof},p={}", B64.encode(proof)).into_bytes()
+    }
+
+    fn server_nonce(server: &ServerExchange) -> String {
+        let sf = std::str::from_utf8(server.server_first()).unwrap();
+        sf.strip_prefix("r=").unwrap().split(',').next().unwrap().to_owned()
+    }
+
+    #[test]
+    fn server_first_carries_both_nonces_the_salt_and_the_iterations() {
+        let secret = Secret::from_password("pencil", b"0123456789abcdef", 4096);
+        let server = ServerExchange::start(secret, b"n,,n=,r=abc", MECHANISM, false).unwrap();
+        let sf = std::str::from_utf8(server.server_first()).unwrap().to_owned();
+        let (r, rest) = sf.split_once(',').unwrap();
+        assert!(r.starts_with("r=abc") && r.len() == 5 + NONCE_B64, "{sf}");
+        assert!(!r[2..].contains(','));
+        assert_eq!(rest, "s=MDEyMzQ1Njc4OWFiY2RlZg==,i=4096");
+        let again =
+            ServerExchange::start(Secret::from_password("x", b"s", 1), b"n,,n=,r=abc", MECHANISM, false).unwrap();
+        assert_ne!(
+            server_nonce(&again),
+            server_nonce(&server),
+            "a fresh nonce per exchange"
+        );
+        assert!(again.server_first().ends_with(b",s=cw==,i=1"));
+    }
+
+    #[test]
+    fn server_exchange_accepts_a_hand_made_final_message() {
+        let secret = Secret::from_password("pencil", b"salt", 16);
+        let server = ServerExchange::start(secret.clone(), b"n,,n=,r=xyz", MECHANISM, false).unwrap();
+        let nonce = server_nonce(&server);
+        let cf = client_final("n=,r=xyz", &server, &secret, b"n,,", &nonce);
+        let v = server.finish(&cf, None).unwrap();
+        let sig = hmac(
+            &secret.server_key,
+            {
+                let sf = format!("r={nonce},s={},i=16", B64.encode(b"salt"));
+                format!("n=,r=xyz,{sf},c=biws,r={nonce}")
+            }
+            .as_bytes(),
+        );
+        assert_eq!(v.server_final(), format!("v={}", B64.encode(sig)).as_bytes());
+        assert_eq!(v.client_key, keys_from_password("pencil", b"salt", 16).client_key);
+    }
+
+    #[test]
+    fn server_exchange_refuses_what_does_not_match() {
+        let secret = Secret::from_password("pencil", b"salt", 16);
+        let run = |first: &[u8],
+                   mech: &str,
+                   plus: bool,
+                   cb: &[u8],
+                   cb_data: Option<&[u8]>,
+                   tweak: &dyn Fn(Vec<u8>, &str) -> Vec<u8>| {
+            let server = ServerExchange::start(secret.clone(), first, mech, plus)?;
+            let bare = std::str::from_utf8(first)
+                .unwrap()
+                .splitn(3, ',')
+                .nth(2)
+                .unwrap()
+                .to_owned();
+            let nonce = server_nonce(&server);
+            let cf = tweak(client_final(&bare, &server, &secret, cb, &nonce), &nonce);
+            server.finish(&cf, cb_data).map(|v| v.client_key)
+        };
+        let same = |cf: Vec<u8>, _: &str| cf;
+        let hash = [7u8; 32];
+        // Channel binding: the header and the certificate hash must both match.
+        let first_plus = b"p=tls-server-end-point,,n=,r=q";
+        let mut cb = b"p=tls-server-end-point,,".to_vec();
+        cb.extend_from_slice(&hash);
+        assert!(run(first_plus, MECHANISM_PLUS, true, &cb, Some(&hash), &same).is_ok());
+        assert_eq!(
+            run(first_plus, MECHANISM_PLUS, true, &cb, Some(&[8u8; 32]), &same).err(),
+            Some(ScramError::ChannelBinding)
+        );
+        assert_eq!(
+            run(first_plus, MECHANISM_PLUS, true, &cb, None, &same).err(),
+            Some(ScramError::ChannelBinding)
+        );
+        assert_eq!(
+            run(
+                first_plus,
+                MECHANISM_PLUS,
+                true,
+                b"p=tls-server-end-point,,",
+                Some(&hash),
+                &same
+            )
+            .err(),
+            Some(ScramError::ChannelBinding)
+        );
+        assert_eq!(
+            run(first_plus, MECHANISM, true, &cb, Some(&hash), &same).err(),
+            Some(ScramError::ChannelBinding)
+        );
+        assert_eq!(
+            run(b"n,,n=,r=q", MECHANISM, false, b"y,,", None, &same).err(),
+            Some(ScramError::ChannelBinding)
+        );
+        assert!(run(b"y,,n=,r=q", MECHANISM, false, b"y,,", None, &same).is_ok());
+        assert_eq!(
+            run(b"y,,n=,r=q", MECHANISM, true, b"y,,", None, &same).err(),
+            Some(ScramError::ChannelBinding)
+        );
+        // A c= too long to be a valid one, or not base64.
+        let long = vec![b'n'; 200];
+        assert_eq!(
+            run(b"n,,n=,r=q", MECHANISM, false, &long, None, &same).err(),
+            Some(ScramError::ChannelBinding)
+        );
+        let bad_c = |cf: Vec<u8>, _: &str| {
+            let s = String::from_utf8(cf).unwrap();
+            s.replacen("c=biws", "c=b!ws", 1).into_bytes()
+        };
+        assert_eq!(
+            run(b"n,,n=,r=q", MECHANISM, false, b"n,,", None, &bad_c).err(),
+            Some(ScramError::Malformed("channel binding"))
+        );
+        // The nonce must be the combined one.
+        let other_nonce = |cf: Vec<u8>, nonce: &str| {
+            let s = String::from_utf8(cf).unwrap();
+            s.replacen(nonce, &format!("{nonce}x"), 1).into_bytes()
+        };
+        assert_eq!(
+            run(b"n,,n=,r=q", MECHANISM, false, b"n,,", None, &other_nonce).err(),
+            Some(ScramError::Nonce)
+        );
+        // Proofs: wrong length, far too long, not base64, wrong.
+        let proof = |p: &'static str| {
+            move |cf: Vec<u8>, _: &str| {
+                let s = String::from_utf8(cf).unwrap();
+                let (head, _) = s.rsplit_once(",p=").unwrap();
+                format!("{head},p={p}").into_bytes()
+            }
+        };
+        assert_eq!(
+            run(b"n,,n=,r=q", MECHANISM, false, b"n,,", None, &proof("AAAA")).err(),
+            Some(ScramError::InvalidProof)
+        );
+        let huge: &'static str = Box::leak("A".repeat(400).into_boxed_str());
+        assert_eq!(
+            run(b"n,,n=,r=q", MECHANISM, false, b"n,,", None, &proof(huge)).err(),
+            Some(ScramError::InvalidProof)
+        );
+        assert_eq!(
+            run(b"n,,n=,r=q", MECHANISM, false, b"n,,", None, &proof("!!!!")).err(),
+            Some(ScramError::Malformed("proof"))
+        );
+        let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        assert_eq!(
+            run(b"n,,n=,r=q", MECHANISM, false, b"n,,", None, &proof(zero)).err(),
+            Some(ScramError::InvalidProof)
+        );
+        // Malformed first messages.
+        for first in [&b"x,,n=,r=q"[..], b"n,a=b,n=,r=q", b"n,,n=,r=", b"n,,n=", b"n", b"\xff"] {
+            assert!(
+                matches!(
+                    run(first, MECHANISM, false, b"n,,", None, &same).err(),
+                    Some(ScramError::Malformed(_)) | Some(ScramError::Nonce)
+                ),
+                "{first:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn itoa_writes_decimal() {
+        for n in [0, 7, 10, 4096, 99_999, u32::MAX] {
+            assert_eq!(itoa(n, &mut [0; 10]), n.to_string());
+        }
     }
 
     #[test]

@@ -197,13 +197,13 @@ async fn scram_exchange(
     if len < 0 || len as usize != data.len() {
         return Err(pgferry_protocol::ProtocolError::Malformed("SASLInitialResponse").into());
     }
-    let (exchange, server_first) =
+    let exchange =
         ServerExchange::start(secret.clone(), data, mechanism, tls.is_some()).map_err(|e| match is_malformed(&e) {
             true => sasl_violation(format!("malformed SCRAM message: {e}")),
             false => fail(user, format!("SCRAM: {e}")),
         })?;
     let binding = exchange.binding;
-    encode::auth_sasl_continue(&mut io.wbuf, &server_first);
+    encode::auth_sasl_continue(&mut io.wbuf, exchange.server_first());
     io.flush().await?;
 
     let f = io.read_frame(MAX_AUTH_MESSAGE).await?;
@@ -228,7 +228,7 @@ async fn scram_exchange(
         return Err(fail(user, why));
     }
     let verified = verified.map_err(|e| fail(user, format!("SCRAM: {e}")))?;
-    encode::auth_sasl_final(&mut io.wbuf, &verified.server_final);
+    encode::auth_sasl_final(&mut io.wbuf, verified.server_final());
     Ok(Authenticated {
         scram: Some((secret, verified.client_key)),
     })

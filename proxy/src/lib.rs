@@ -88,8 +88,9 @@ async fn accept_on(
     Ok(())
 }
 
-/// One more event loop (thread per core): accepts on its duplicates of the
-/// listening sockets; the sessions it accepts run here to their end.
+/// One more event loop (thread per core): accepts on its own sockets of the
+/// listening groups (`listener::bind_group`); the sessions it accepts run
+/// here to their end.
 fn event_loop(
     id: u16,
     listeners: Vec<(std::net::TcpListener, Role)>,
@@ -245,26 +246,26 @@ pub async fn run(
     if let Some(ro) = config.listen.ro {
         listeners.push((ro, Role::ReadOnly));
     }
-    let mut bound = Vec::new();
-    for (addr, role) in listeners {
-        let l = listener::bind_std(addr, config.listen.backlog, config.listen.reuse_port)
-            .map_err(|source| StartError::Listen { addr, source })?;
-        tracing::info!(%addr, port = role.as_str(), "listening");
-        bound.push((l, role));
-    }
-    // Thread per core: every other event loop gets its own thread and
-    // duplicates of the listening sockets; this thread is loop 0.
+    // Thread per core: every other event loop gets its own thread and its
+    // own listening sockets; this thread is loop 0.
     let loops = match config.runtime.scheduler {
         pgferry_config::Scheduler::ThreadPerCore => config.runtime.threads().clamp(1, u16::MAX as usize) as u16,
         pgferry_config::Scheduler::WorkStealing => 1,
     };
-    let mut others = Vec::new();
-    for id in 1..loops {
-        let mut mine = Vec::new();
-        for (l, role) in &bound {
-            let dup = l.try_clone().map_err(|source| StartError::EventLoop { id, source })?;
-            mine.push((dup, *role));
+    let mut bound = Vec::new();
+    let mut per_loop: Vec<Vec<(std::net::TcpListener, Role)>> = (1..loops).map(|_| Vec::new()).collect();
+    for (addr, role) in listeners {
+        let group = listener::bind_group(addr, config.listen.backlog, config.listen.reuse_port, loops as usize)
+            .map_err(|source| StartError::Listen { addr, source })?;
+        tracing::info!(%addr, port = role.as_str(), sockets = group.len(), "listening");
+        let mut group = group.into_iter();
+        bound.push((group.next().expect("one socket per loop"), role));
+        for (mine, l) in per_loop.iter_mut().zip(group) {
+            mine.push((l, role));
         }
+    }
+    let mut others = Vec::new();
+    for (id, mine) in (1..loops).zip(per_loop) {
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let (shared, slots, shutdown) = (shared.clone(), slots.clone(), shutdown.clone());
         std::thread::Builder::new()

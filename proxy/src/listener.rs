@@ -21,8 +21,39 @@ pub fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result
     TcpListener::from_std(bind_std(addr, backlog, reuse_port)?)
 }
 
-/// A non-blocking listening socket, not yet registered with a runtime: each
-/// event loop registers its own duplicate (`try_clone`) and accepts from it.
+/// `n` non-blocking listening sockets on `addr`, not yet registered with a
+/// runtime: one per event loop (thread per core). With more than one they
+/// form an SO_REUSEPORT group, in which the kernel hands each new
+/// connection to one socket, so one loop wakes for it. (Duplicates of one
+/// socket, registered in every loop, would wake them all for every
+/// connection, and all but one would find nothing to accept.)
+///
+/// The group needs SO_REUSEPORT even when `reuse_port` is off. Then the
+/// port is first bound without it, so a port another process holds is
+/// still an error, as it is with one loop.
+pub fn bind_group(
+    addr: SocketAddr,
+    backlog: u32,
+    reuse_port: bool,
+    n: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    if n <= 1 {
+        return Ok(vec![bind_std(addr, backlog, reuse_port)?]);
+    }
+    if !reuse_port && addr.port() != 0 {
+        drop(bind_std(addr, backlog, false)?);
+    }
+    let first = bind_std(addr, backlog, true)?;
+    // Port 0: the others join the port the first was given.
+    let addr = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..n {
+        group.push(bind_std(addr, backlog, true)?);
+    }
+    Ok(group)
+}
+
+/// A non-blocking listening socket, not yet registered with a runtime.
 pub fn bind_std(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv6() {
         socket2::Domain::IPV6
@@ -141,4 +172,62 @@ fn refuse(stream: tokio::net::TcpStream, code: &'static str, msg: &'static str) 
         })
         .await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::ErrorKind;
+
+    fn local() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    #[test]
+    fn a_group_shares_one_port_and_each_connection_goes_to_one_socket() {
+        let group = bind_group(local(), 128, false, 3).unwrap();
+        assert_eq!(group.len(), 3);
+        let port = group[0].local_addr().unwrap().port();
+        assert!(group.iter().all(|l| l.local_addr().unwrap().port() == port));
+        let mut clients = Vec::new();
+        for _ in 0..30 {
+            clients.push(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut accepted = 0;
+        for l in &group {
+            while l.accept().is_ok() {
+                accepted += 1;
+            }
+        }
+        assert_eq!(
+            accepted,
+            clients.len(),
+            "every connection is queued on exactly one socket"
+        );
+    }
+
+    #[test]
+    fn a_group_does_not_join_a_port_another_process_holds() {
+        let other = std::net::TcpListener::bind(local()).unwrap();
+        let addr = other.local_addr().unwrap();
+        let e = bind_group(addr, 128, false, 2).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AddrInUse);
+        // Nor one that shares its port on purpose, unless told to.
+        let sharing = bind_std(local(), 128, true).unwrap();
+        let addr = sharing.local_addr().unwrap();
+        assert_eq!(
+            bind_group(addr, 128, false, 2).unwrap_err().kind(),
+            ErrorKind::AddrInUse
+        );
+        assert_eq!(
+            bind_group(addr, 128, true, 2).unwrap().len(),
+            2,
+            "reuse_port = true joins (rolling restart)"
+        );
+        // One loop: a plain socket, as before.
+        let one = bind_group(local(), 128, false, 1).unwrap();
+        let addr = one[0].local_addr().unwrap();
+        assert_eq!(bind_std(addr, 128, true).unwrap_err().kind(), ErrorKind::AddrInUse);
+    }
 }

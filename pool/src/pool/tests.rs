@@ -363,3 +363,43 @@ async fn a_loop_opens_its_own_connection_while_the_pool_has_room() {
     again.checkin();
     crate::affinity::set_current(0);
 }
+
+#[test]
+fn a_borrowed_key_finds_exactly_its_pool_key() {
+    let node = |port| NodeAddr { host: "h".into(), port };
+    let owned = |db: &str, user: &str, port, read_only| PoolKey {
+        database: db.into(),
+        user: user.into(),
+        node: Arc::new(node(port)),
+        read_only,
+    };
+    let keys = [
+        owned("a", "u", 1, false),
+        owned("a", "u", 1, true),
+        owned("a", "u", 2, false),
+        owned("a", "v", 1, false),
+        owned("b", "u", 1, false),
+        // Same bytes split differently: must not collide as equal.
+        owned("ab", "", 1, false),
+        owned("", "ab", 1, false),
+    ];
+    let map: HashMap<PoolKey, usize> = keys.iter().cloned().enumerate().map(|(i, k)| (k, i)).collect();
+    for (i, k) in keys.iter().enumerate() {
+        let r = PoolKeyRef {
+            database: &k.database,
+            user: &k.user,
+            node: &k.node,
+            read_only: k.read_only,
+        };
+        assert_eq!(map.get(&r as &dyn AsPoolKeyRef), Some(&i), "{k:?}");
+        assert_eq!(map.get(k), Some(&i));
+    }
+    let n = node(3);
+    let missing = PoolKeyRef {
+        database: "a",
+        user: "u",
+        node: &n,
+        read_only: false,
+    };
+    assert_eq!(map.get(&missing as &dyn AsPoolKeyRef), None);
+}

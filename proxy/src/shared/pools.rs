@@ -4,7 +4,7 @@
 use super::settings::server_password;
 use super::{shared_limit, Limit, Observability, Settings};
 use pgferry_config::Config;
-use pgferry_pool::{NodeAddr, Pool, PoolKey, ServerCredentials};
+use pgferry_pool::{AsPoolKeyRef, NodeAddr, Pool, PoolKey, PoolKeyRef, ServerCredentials};
 use pgferry_routing::{Role, Router};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,11 +44,19 @@ impl PoolRegistry {
     /// The pool for (database, user) on `node` for `role`'s port, created
     /// on first use.
     pub fn pool(&self, database: &str, user: &str, node: &Arc<NodeAddr>, role: Role) -> Arc<Pool> {
-        let key = pool_key(database, user, node, role);
         let mut pools = self.pools.lock().unwrap();
-        if let Some(p) = pools.get(&key).filter(|p| !p.is_closed()) {
+        if let Some(p) = pools
+            .get(&key_ref(database, user, node, role) as &dyn AsPoolKeyRef)
+            .filter(|p| !p.is_closed())
+        {
             return p.clone();
         }
+        let key = PoolKey {
+            database: database.to_owned(),
+            user: user.to_owned(),
+            node: node.clone(),
+            read_only: role == Role::ReadOnly,
+        };
         // The settings are read under the pools lock: `Settings::install` stores a new
         // configuration and then replaces stale pools under the same lock, so
         // a pool made from the configuration it replaced is either replaced
@@ -89,9 +97,10 @@ impl PoolRegistry {
     ) -> Result<Arc<Pool>, crate::ClientError> {
         let config = self.settings.config();
         if config.database(database).is_none() {
-            let key = pool_key(database, user, node, role);
             let mut pools = self.pools.lock().unwrap();
-            let exists = pools.get(&key).is_some_and(|p| !p.is_closed());
+            let exists = pools
+                .get(&key_ref(database, user, node, role) as &dyn AsPoolKeyRef)
+                .is_some_and(|p| !p.is_closed());
             let cap = config.pool.max_auto_pools;
             if !exists && auto_pools(&pools, &config) >= cap {
                 self.evict(
@@ -343,11 +352,12 @@ fn auto_pools(pools: &HashMap<PoolKey, Arc<Pool>>, config: &Config) -> usize {
     pools.values().filter(|p| !p.is_closed() && is_auto(p, config)).count()
 }
 
-fn pool_key(database: &str, user: &str, node: &Arc<NodeAddr>, role: Role) -> PoolKey {
-    PoolKey {
-        database: database.to_owned(),
-        user: user.to_owned(),
-        node: node.clone(),
+/// The key to look a pool up by, borrowed (no allocation per login).
+fn key_ref<'a>(database: &'a str, user: &'a str, node: &'a NodeAddr, role: Role) -> PoolKeyRef<'a> {
+    PoolKeyRef {
+        database,
+        user,
+        node,
         read_only: role == Role::ReadOnly,
     }
 }
