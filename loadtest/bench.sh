@@ -60,6 +60,10 @@
 #                           authenticate, SELECT 1, Terminate per transaction);
 #                           "" = skip
 #   CONNECT_TARGETS=$TARGETS  targets of the connect workload
+#   TOKIO_RELAY_THREADS=1   target "tokio-relay" (add it to TARGETS): loadtest's
+#                           tokio-relay binary, a Tokio TCP relay that parses and
+#                           pools nothing (the floor of a Tokio proxy); 1 thread is
+#                           a current-thread runtime, more a multi-thread one
 #   HAPROXY=/usr/sbin/haproxy  target "haproxy" (add it to TARGETS): HAProxy in
 #                           TCP mode in front of PostgreSQL, one server
 #                           connection per client and no protocol parsing: what
@@ -152,6 +156,7 @@ PGBOUNCER_TLS_PID=
 PGFERRY_TLS_PID=
 PGFERRY_BASE_PID=
 HAPROXY_PID=
+TOKIO_RELAY_PID=
 
 # Stops process $1 (if set and alive): TERM, then KILL after 5 s.
 stop_pid() {
@@ -170,6 +175,7 @@ cleanup() {
     stop_pid "$PGBOUNCER_TLS_PID"
     stop_pid "$PGFERRY_BASE_PID"
     stop_pid "$HAPROXY_PID"
+    stop_pid "$TOKIO_RELAY_PID"
     if [ -f "$PG_DATA/postmaster.pid" ]; then
         as_user "$PG_BIN/pg_ctl" -D "$PG_DATA" -m immediate -w stop >/dev/null 2>&1
     fi
@@ -455,13 +461,28 @@ EOF
     ;;
 esac
 
+# ---- tokio-relay (the floor of a Tokio proxy) --------------------------------
+TOKIO_RELAY_PORT=
+case " $TARGETS " in *" tokio-relay "*)
+    TOKIO_RELAY_BIN=${TOKIO_RELAY_BIN:-$(dirname "$LOADTEST_BIN")/tokio-relay}
+    [ -x "$TOKIO_RELAY_BIN" ] || die "no $TOKIO_RELAY_BIN: cargo build --release -p pgferry-loadtest"
+    cp "$TOKIO_RELAY_BIN" "$TMP/tokio-relay" && chmod 755 "$TMP/tokio-relay"
+    TOKIO_RELAY_PORT=$(free_port)
+    log "# tokio-relay: ${TOKIO_RELAY_THREADS:-1} thread(s), one task and one PostgreSQL connection per client"
+    "${AS_USER[@]}" "$TMP/tokio-relay" "127.0.0.1:$TOKIO_RELAY_PORT" "127.0.0.1:$PG_PORT" "${TOKIO_RELAY_THREADS:-1}" \
+        >"$TMP/tokio-relay.log" 2>&1 &
+    TOKIO_RELAY_PID=$!
+    wait_port "$TOKIO_RELAY_PORT" "$TOKIO_RELAY_PID" || die "tokio-relay did not start: $(tail -5 "$TMP/tokio-relay.log")"
+    ;;
+esac
+
 # ---- targets --------------------------------------------------------------
 declare -A PORT=([direct]=$PG_PORT [pgbouncer]=$PGBOUNCER_PORT [pgferry]=$PGFERRY_PORT
     [pgbouncer-tls]=$PGBOUNCER_TLS_PORT [pgferry-tls]=$PGFERRY_TLS_PORT [pgferry-base]=$PGFERRY_BASE_PORT
-    [haproxy]=$HAPROXY_PORT)
+    [haproxy]=$HAPROXY_PORT [tokio-relay]=$TOKIO_RELAY_PORT)
 declare -A PID=([pgbouncer]=$PGBOUNCER_PID [pgferry]=$PGFERRY_PID
     [pgbouncer-tls]=$PGBOUNCER_TLS_PID [pgferry-tls]=$PGFERRY_TLS_PID [pgferry-base]=$PGFERRY_BASE_PID
-    [haproxy]=$HAPROXY_PID)
+    [haproxy]=$HAPROXY_PID [tokio-relay]=$TOKIO_RELAY_PID)
 # What direct PostgreSQL can take while the poolers hold their pools.
 NPOOLERS=2
 if [ "$TLS" = 1 ]; then NPOOLERS=4; fi
@@ -474,7 +495,7 @@ targets_for() {
     for t in ${2:-$TARGETS}; do
         case $t in
         # HAProxy opens one server connection per client, like direct.
-        direct | haproxy) [ "$1" -le "$DIRECT_MAX" ] || continue ;;
+        direct | haproxy | tokio-relay) [ "$1" -le "$DIRECT_MAX" ] || continue ;;
         pgferry) [ "$PGFERRY_OK" = 1 ] || continue ;;
         pgferry-tls) [ "$PGFERRY_TLS_OK" = 1 ] || continue ;;
         pgferry-base) [ "$PGFERRY_BASE_OK" = 1 ] || continue ;;
@@ -627,6 +648,6 @@ fi
 
 log ""
 log "## summary"
-grep -E '^(summary|target |direct |haproxy |pgbouncer(-tls)? |pgferry(-tls|-base)? |tls target=|pgbench target=|idle target=.*(process|connected)=|soak (summary|passed)|pgferry-loadtest: soak)' "$RESULTS" | tee -a "$RESULTS.summary" >/dev/null || true
+grep -E '^(summary|target |direct |haproxy |pgbouncer(-tls)? |pgferry(-tls|-base)? |tokio-relay |tls target=|pgbench target=|idle target=.*(process|connected)=|soak (summary|passed)|pgferry-loadtest: soak)' "$RESULTS" | tee -a "$RESULTS.summary" >/dev/null || true
 cat "$RESULTS.summary" | tee -a "$RESULTS"
 rm -f "$RESULTS.summary"
