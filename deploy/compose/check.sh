@@ -185,7 +185,7 @@ for _ in $(seq 1 60); do
     sleep 1
 done
 [ "$up" = 2 ] || die "Prometheus does not scrape both pgferrys (sum(up) = '${up:-none}')"
-curl -s "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/rules" | grep -q '"name":"PgferryLeaderMissing"' \
+grep -q '"name":"PgferryLeaderMissing"' <<<"$(curl -s "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/rules")" \
     || die "Prometheus has not loaded pgferry's alert rules"
 metrics=$(curl -s "http://127.0.0.1:$PGFERRY1_HTTP_PORT/metrics")
 grep -q '^pgferry_topology_leader_confirmed 1' <<<"$metrics" || die "pgferry1's /metrics has no confirmed coordinator leader"
@@ -322,15 +322,18 @@ t=$SECONDS
 pod stop -t 40 pgferry-check_pgferry2_1
 code=$(podman inspect --format '{{.State.ExitCode}}' pgferry-check_pgferry2_1)
 [ "$code" = 0 ] || die "pgferry2 exited $code on SIGTERM (want a drained, clean exit)"
-# (conmon may write a stopped container's last log lines a while later: in
-# one CI run, more than 5 s after a pgferry with no clients had logged the
-# line and exited within milliseconds; the failure's own log dump had it)
-for _ in $(seq 1 150); do
-    podman logs pgferry-check_pgferry2_1 2>&1 | grep -q 'SIGTERM: graceful shutdown' && break
+# The log is read into a variable, then searched: `podman logs | grep -q`
+# under pipefail fails whenever grep stops reading before podman has written
+# everything (SIGPIPE), which made this check fail once with the line there.
+# (conmon may also write a stopped container's last lines a moment later.)
+stopped_log=
+for _ in $(seq 1 50); do
+    stopped_log=$(podman logs pgferry-check_pgferry2_1 2>&1)
+    grep -q 'SIGTERM: graceful shutdown' <<<"$stopped_log" && break
     sleep 0.2
 done
-podman logs pgferry-check_pgferry2_1 2>&1 | grep -q 'SIGTERM: graceful shutdown' \
-    || die "pgferry2's log has no graceful shutdown: $(podman logs --tail 5 pgferry-check_pgferry2_1 2>&1 | grep -v systemd)"
+grep -q 'SIGTERM: graceful shutdown' <<<"$stopped_log" \
+    || die "pgferry2's log has no graceful shutdown: $(tail -5 <<<"$stopped_log" | grep -v systemd)"
 say "pgferry2 drained and exited 0 in $((SECONDS - t)) s on SIGTERM"
 
 # 9. The PostgreSQL image refuses wrong settings before starting anything.
@@ -341,7 +344,7 @@ refuse() { # WANT-IN-MESSAGE ENV...
     out=$(timeout 60 podman run --rm -v pgferry-check-refuse:/var/lib/postgresql/data \
         -e POSTGRES_PASSWORD=x -e REPLICATION_PASSWORD=x -e POSTGRES_DB=app "$@" \
         localhost/pgferry-postgres 2>&1 | grep -v systemd) || code=$?
-    echo "$out" | grep -q "FATAL: .*$want" || die "wrong settings ($*) were not refused with '$want': $out"
+    grep -q "FATAL: .*$want" <<<"$out" || die "wrong settings ($*) were not refused with '$want': $out"
     leftovers=$(podman run --rm -v pgferry-check-refuse:/d --entrypoint ls localhost/pgferry-postgres -A /d 2>/dev/null | grep -v systemd || true)
     [ -z "$leftovers" ] || die "a refused start left files behind: $leftovers"
     podman volume rm -f pgferry-check-refuse >/dev/null 2>&1 || true
