@@ -18,6 +18,10 @@ use tokio::net::TcpStream;
 pub use crate::wire::{fill, poll_fill, Wire};
 
 /// A logged-in server connection and what pgferry knows of its session.
+/// How long after its last use an idle connection is judged by the
+/// reactor's readiness alone (see [`ServerConn::is_stale`]).
+pub const TRUST_REACTOR_FOR: Duration = Duration::from_micros(100);
+
 pub struct ServerConn {
     pub wire: Wire,
     /// Process-unique id, for logs and the admin console.
@@ -167,11 +171,31 @@ impl ServerConn {
 
     /// True if an idle connection has been closed by the server or has
     /// sent something unsolicited (a FATAL on shutdown): it must not be reused.
-    pub fn is_stale(&mut self) -> bool {
-        if !self.wire.rbuf.is_empty() {
+    ///
+    /// The reactor's readiness is free to ask but only as fresh as its last
+    /// turn, and a loop under load turns it less often (tokio polls it every
+    /// 61 tasks): a backend whose postmaster was killed sends its FATAL
+    /// right after its last ReadyForQuery, and a new session must not get
+    /// that connection because the reactor had not looked yet. So a
+    /// connection idle for longer than [`TRUST_REACTOR_FOR`] also asks the
+    /// kernel (one `recv(MSG_PEEK)`). Back-to-back reuse under load skips
+    /// the syscall; what it can miss is a server that died in that last
+    /// instant, which no check can tell from one that dies just after it.
+    pub fn is_stale(&mut self, now: Instant) -> bool {
+        if !self.wire.rbuf.is_empty() || self.wire.rd.has_input() {
             return true;
         }
-        self.wire.rd.has_input()
+        now.saturating_duration_since(self.idle_since) >= TRUST_REACTOR_FOR && self.socket_has_input()
+    }
+
+    /// Whether the kernel holds input (or end of stream, or an error) for
+    /// this connection's socket. Never waits: the socket is non-blocking.
+    fn socket_has_input(&self) -> bool {
+        let Some(sock) = &self.sever else {
+            return false;
+        };
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        !matches!(sock.peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Sends Terminate without waiting; used when closing a connection.
@@ -221,5 +245,93 @@ pub fn set(list: &mut Vec<(String, String)>, name: &str, value: &str) {
             }
         }
         None => list.push((name.to_owned(), value.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgferry_protocol::backend::TxStatus;
+    use pgferry_protocol::encode::Severity;
+    use std::io::{Read, Write};
+
+    /// A real TCP server that logs anyone in (trust) and then hands its
+    /// socket back, so a test can make it speak or hang up at will.
+    fn trust_server() -> (u16, std::sync::mpsc::Receiver<std::net::TcpStream>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let mut s = s.unwrap();
+                let mut len = [0u8; 4];
+                s.read_exact(&mut len).unwrap();
+                let mut startup = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+                s.read_exact(&mut startup).unwrap();
+                let mut out = BytesMut::new();
+                encode::auth_ok(&mut out);
+                encode::backend_key_data(&mut out, 42, 7);
+                encode::ready_for_query(&mut out, TxStatus::Idle);
+                s.write_all(&out).unwrap();
+                if tx.send(s).is_err() {
+                    return;
+                }
+            }
+        });
+        (port, rx)
+    }
+
+    async fn connect(port: u16) -> ServerConn {
+        let tls = Connector::new(&pgferry_config::Tls {
+            server_tls: pgferry_config::ServerTls::Disable,
+            ..Default::default()
+        })
+        .unwrap();
+        let addr = Arc::new(NodeAddr {
+            host: "127.0.0.1".into(),
+            port,
+        });
+        let creds = ServerCredentials::new("u", None);
+        ServerConn::connect(
+            1,
+            addr,
+            &creds,
+            &[("database", "d")],
+            Duration::from_secs(5),
+            1 << 20,
+            &tls,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The case the reactor alone gets wrong: the server said FATAL and
+    /// left while this event loop was busy (it never turned its reactor
+    /// since). A connection idle for longer than `TRUST_REACTOR_FOR` is
+    /// still found stale, and a silent one is not.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_the_server_left_is_stale_before_the_reactor_knows() {
+        let (port, sockets) = trust_server();
+        let mut left = connect(port).await;
+        let mut gone = sockets.recv().unwrap();
+        let mut silent = connect(port).await;
+        let _quiet = sockets.recv().unwrap();
+
+        let mut fatal = BytesMut::new();
+        encode::error_response(
+            &mut fatal,
+            Severity::Fatal,
+            "57P01",
+            "terminating connection due to unexpected postmaster exit",
+        );
+        gone.write_all(&fatal).unwrap();
+        drop(gone);
+        // Blocking on purpose: no await, so the reactor cannot turn.
+        std::thread::sleep(Duration::from_millis(50));
+
+        let later = left.idle_since + TRUST_REACTOR_FOR;
+        assert!(left.is_stale(later), "FATAL and EOF are waiting in the socket");
+        assert!(!silent.is_stale(silent.idle_since + TRUST_REACTOR_FOR));
+        assert!(!silent.is_stale(silent.idle_since), "nothing to see either way");
     }
 }
