@@ -218,7 +218,7 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
-    /// Threads that serve clients; 0 = one per CPU core.
+    /// Threads that serve clients; 0 = automatic (see `Runtime::threads`).
     #[serde(default)]
     pub worker_threads: usize,
     /// How those threads share the clients (see `Scheduler`).
@@ -274,13 +274,26 @@ pub enum Scheduler {
 }
 
 impl Runtime {
-    /// The number of client-serving threads: `worker_threads`, or one per
-    /// CPU core when it is 0.
+    /// The number of client-serving threads: `worker_threads`, or when it
+    /// is 0, [`auto_threads`] for this machine's cores.
     pub fn threads(&self) -> usize {
         match self.worker_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => auto_threads(std::thread::available_parallelism().map_or(1, |n| n.get())),
             n => n,
         }
+    }
+}
+
+/// `worker_threads = 0` on a machine with `cores` cores: one event loop on
+/// two cores or fewer, one thread per core above. On two cores the proxy
+/// shares the machine with PostgreSQL or its clients, and one event loop
+/// measured less CPU per transaction and per login than two threads, at
+/// equal or higher throughput (BENCHMARKS.md, session 13).
+pub fn auto_threads(cores: usize) -> usize {
+    if cores <= 2 {
+        1
+    } else {
+        cores
     }
 }
 
@@ -1244,5 +1257,19 @@ mod tests {
         assert_eq!(split_host_port("[::1]:7"), Some(("::1".into(), 7)));
         assert_eq!(split_host_port("db"), Some(("db".into(), 5432)));
         assert_eq!(split_host_port("a:b:c"), None);
+    }
+
+    #[test]
+    fn automatic_threads_are_one_event_loop_on_two_cores_or_fewer() {
+        assert_eq!([1, 2, 3, 4, 16].map(auto_threads), [1, 1, 3, 4, 16]);
+        let r = Runtime::default();
+        assert_eq!(r.worker_threads, 0);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(r.threads(), auto_threads(cores));
+        let two = Runtime {
+            worker_threads: 2,
+            ..Runtime::default()
+        };
+        assert_eq!(two.threads(), 2, "a set worker_threads is kept");
     }
 }

@@ -41,11 +41,11 @@ fn main() -> anyhow::Result<()> {
     let config = pgferry_config::Config::load(&path).with_context(|| format!("loading {}", path.display()))?;
     raise_nofile_limit();
 
-    // One thread: a single event loop (tokio's current-thread scheduler),
-    // measured 7-16% less CPU per transaction than a one-worker
-    // multi-thread runtime. Thread per core: this thread is loop 0 and
-    // `run` starts the others. Otherwise one work-stealing runtime.
-    // BENCHMARKS.md (session 10) compares the three.
+    // One thread (the default on two cores or fewer): a single event loop
+    // (tokio's current-thread scheduler), measured 7-16% less CPU per
+    // transaction than a one-worker multi-thread runtime. Thread per core:
+    // this thread is loop 0 and `run` starts the others. Otherwise one
+    // work-stealing runtime. BENCHMARKS.md (sessions 10 and 13) compares them.
     let mut rt = match (config.runtime.scheduler, config.runtime.threads()) {
         (pgferry_config::Scheduler::ThreadPerCore, _) | (_, 1) => tokio::runtime::Builder::new_current_thread(),
         (pgferry_config::Scheduler::WorkStealing, n) => {

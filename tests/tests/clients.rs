@@ -92,7 +92,8 @@ fn pgbench_all_modes(extra_toml: &str, runtime: &str) {
 #[test]
 fn pgbench_in_all_query_modes_has_no_failures() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    pgbench_all_modes("", &format!("event_loops=1 scheduler=WorkStealing threads={cores}"));
+    let threads = pgferry_config::auto_threads(cores);
+    pgbench_all_modes("", &format!("event_loops=1 scheduler=WorkStealing threads={threads}"));
 }
 
 /// Thread per core with more loops than cores: three server connections
