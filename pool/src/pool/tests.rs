@@ -289,18 +289,23 @@ async fn a_waiter_gives_up_after_query_wait_timeout() {
 
 #[tokio::test]
 async fn a_connection_the_server_closed_while_idle_is_not_handed_out() {
-    let fake = Fake::new(Login::Trust);
-    let pool = pool_of(&fake, settings(2, WAIT), None, false);
-    let c = pool.checkout().await.unwrap();
-    let (id, pid) = (c.id, c.backend_pid);
-    c.checkin();
-    fake.terminate(pid).await;
-    let c = pool.checkout().await.expect("a new connection");
-    assert_ne!(c.id, id, "the closed connection was handed out");
-    assert_eq!(c.backend_pid, 1002);
-    assert_eq!(fake.opened(), 2);
-    assert_eq!(pool.stats.servers_closed.load(Relaxed), 1);
-    c.checkin();
+    // Checked out again at once and after a pause: `is_stale` asks
+    // differently below and above TRUST_REACTOR_FOR.
+    for pause in [Duration::ZERO, 2 * crate::server::TRUST_REACTOR_FOR] {
+        let fake = Fake::new(Login::Trust);
+        let pool = pool_of(&fake, settings(2, WAIT), None, false);
+        let c = pool.checkout().await.unwrap();
+        let (id, pid) = (c.id, c.backend_pid);
+        c.checkin();
+        fake.terminate(pid).await;
+        tokio::time::sleep(pause).await;
+        let c = pool.checkout().await.expect("a new connection");
+        assert_ne!(c.id, id, "the closed connection was handed out after {pause:?}");
+        assert_eq!(c.backend_pid, 1002);
+        assert_eq!(fake.opened(), 2);
+        assert_eq!(pool.stats.servers_closed.load(Relaxed), 1);
+        c.checkin();
+    }
 }
 
 /// Thread per core: checkout takes a connection made on the caller's own

@@ -160,7 +160,10 @@ impl Session {
     }
 
     async fn checkout_or_hold_inner(&mut self, deadline: Instant) -> Result<PooledConn, PoolError> {
-        let mut topology = self.shared.router.subscribe();
+        // Subscribed after the first failure, not before every checkout
+        // (most wait for a busy pool, not a failover); a change between the
+        // failure and the subscription is caught by `route_stale` below.
+        let mut topology = None;
         let mut logged = false;
         loop {
             let err = match self.pool.checkout().await {
@@ -189,7 +192,10 @@ impl Session {
                     cr.citus.refresh_now.notify_one();
                 }
             }
-            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), topology.changed()).await;
+            let topology = topology.get_or_insert_with(|| self.shared.router.subscribe());
+            if !self.route_stale() {
+                let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), topology.changed()).await;
+            }
             if self.route_stale() {
                 self.reroute().await?;
             }
