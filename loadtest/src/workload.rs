@@ -79,21 +79,10 @@ impl Template {
 
 /// Writes `v` in decimal without going through `fmt`.
 pub fn put_int(out: &mut BytesMut, v: i64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = v.unsigned_abs();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
     if v < 0 {
         out.put_u8(b'-');
     }
-    out.put_slice(&digits[i..]);
+    out.put_slice(pgferry_protocol::encode::decimal(v.unsigned_abs(), &mut [0; 20]).as_bytes());
 }
 
 /// xorshift64*: a few instructions per number, plenty for picking rows.

@@ -1,10 +1,16 @@
 //! A pool of server connections for one (database, user, node).
 //!
-//! Waiting is fair: clients queue on a FIFO semaphore whose permits are the
-//! pool's size, and a connection returned to the pool is pushed onto the
-//! idle stack before its permit is released, so the next waiter finds it.
-//! The idle stack is LIFO so that a few hot connections serve a light load
-//! and the rest age out through server_idle_timeout.
+//! Waiting is fair and cheap. Permits (a semaphore of the pool's size)
+//! count the connections open or opening; a client that finds none free
+//! joins the pool's own FIFO queue of waiters. A connection coming back
+//! goes straight to the first waiter, with its permit (nothing goes back
+//! on the idle stack, no second pass through the semaphore), as PgBouncer
+//! hands a released server to the first waiting client; a permit given
+//! back without a connection goes to the first waiter the same way.
+//! query_wait_timeout and reserve_pool_timeout are kept by one sweeper
+//! task per pool, armed for the oldest waiter, rather than by a timer per
+//! wait. The idle stack is LIFO so that a few hot connections serve a light
+//! load and the rest age out through server_idle_timeout.
 
 use crate::addr::NodeAddr;
 use crate::connect::{Connect, Dial, TcpConnect};
@@ -13,11 +19,14 @@ use crate::login::ServerCredentials;
 use crate::server::ServerConn;
 use crate::stats::PoolStats;
 use pgferry_config::PoolSettings;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolKey {
@@ -105,6 +114,10 @@ pub struct Pool {
     idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
+    /// Clients waiting for a connection (see the module's comment).
+    waiters: Mutex<Waiters>,
+    /// Wakes the sweeper when the queue was empty and is not any more.
+    sweeper: Arc<Notify>,
     /// Shared by every pool of one database when max_db_connections is set,
     /// and of one user when max_user_connections is set.
     shared_limits: Vec<Arc<Semaphore>>,
@@ -152,9 +165,180 @@ fn connect_failure_to_log(node: &NodeAddr) -> Option<u64> {
     Some(std::mem::take(&mut log.unlogged) + 1)
 }
 
+/// Room for one server connection: of the pool's size, or of its reserve.
+/// Give it back through [`Pool::release`] (which may hand it to a waiter),
+/// never by dropping it where a client may be waiting.
 enum Permit {
     Main(#[allow(dead_code)] OwnedSemaphorePermit),
     Reserve(#[allow(dead_code)] OwnedSemaphorePermit),
+}
+
+/// What a waiting client is given.
+enum Given {
+    /// A connection just checked in, with everything that came with it.
+    Conn(Box<ServerConn>, Permit, Vec<OwnedSemaphorePermit>),
+    /// Room for a connection: take an idle one or open one.
+    Permit(Permit),
+    TimedOut,
+    Closed,
+}
+
+/// The waiters' queue: slots in a small free-listed vector (a client's
+/// wait allocates nothing once the pool has seen as many waiters), their
+/// indices in arrival order.
+#[derive(Default)]
+struct Waiters {
+    queue: VecDeque<usize>,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+}
+
+#[derive(Default)]
+struct Slot {
+    since: Option<Instant>,
+    waker: Option<Waker>,
+    given: Option<Given>,
+}
+
+impl Waiters {
+    fn enqueue(&mut self, since: Instant, waker: Waker) -> usize {
+        let slot = Slot {
+            since: Some(since),
+            waker: Some(waker),
+            given: None,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                self.slots.len() - 1
+            }
+        };
+        self.queue.push_back(i);
+        i
+    }
+
+    /// Gives the first waiter `g`; returns it back if there is none.
+    fn give_first(&mut self, g: Given) -> Result<(), Given> {
+        match self.queue.pop_front() {
+            Some(i) => {
+                self.give(i, g);
+                Ok(())
+            }
+            None => Err(g),
+        }
+    }
+
+    fn give(&mut self, i: usize, g: Given) {
+        let slot = &mut self.slots[i];
+        slot.given = Some(g);
+        if let Some(w) = slot.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn first_since(&self) -> Option<Instant> {
+        self.queue.front().and_then(|&i| self.slots[i].since)
+    }
+
+    /// Frees slot `i`; returns what it was given and not taken.
+    fn remove(&mut self, i: usize) -> Option<Given> {
+        if self.slots[i].given.is_none() {
+            // Still queued (a cancelled wait): rare, so a linear search.
+            self.queue.retain(|&j| j != i);
+        }
+        let slot = std::mem::take(&mut self.slots[i]);
+        self.free.push(i);
+        // Nobody waits after a burst of thousands: give the slots back.
+        if self.free.len() == self.slots.len() && self.slots.capacity() > 1024 {
+            self.slots = Vec::new();
+            self.free = Vec::new();
+            self.queue = VecDeque::new();
+        }
+        slot.given
+    }
+}
+
+/// A client's place in the queue, as a future. Dropping it (the client
+/// left, or the wait was cancelled) passes on whatever it had been given.
+struct Wait<'a> {
+    pool: &'a Pool,
+    slot: Option<usize>,
+}
+
+impl Future for Wait<'_> {
+    type Output = Given;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Given> {
+        let pool = self.pool;
+        let mut w = pool.waiters.lock().unwrap();
+        let Some(i) = self.slot else {
+            // Under the queue's lock, so that no permit given back between
+            // the caller's failed try and this point can miss the queue.
+            if pool.is_closed() {
+                return Poll::Ready(Given::Closed);
+            }
+            if let Some(p) = pool.try_permit() {
+                return Poll::Ready(Given::Permit(p));
+            }
+            let first = w.queue.is_empty();
+            self.slot = Some(w.enqueue(Instant::now(), cx.waker().clone()));
+            // Counted while queued, however the wait ends (a client that
+            // leaves while waiting is not counted forever).
+            pool.stats.cl_waiting.fetch_add(1, Relaxed);
+            if first {
+                pool.sweeper.notify_one();
+            }
+            return Poll::Pending;
+        };
+        if w.slots[i].given.is_some() {
+            self.slot = None;
+            pool.stats.cl_waiting.fetch_sub(1, Relaxed);
+            return Poll::Ready(w.remove(i).expect("given"));
+        }
+        let slot = &mut w.slots[i];
+        if !slot.waker.as_ref().is_some_and(|old| old.will_wake(cx.waker())) {
+            slot.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        let Some(i) = self.slot.take() else { return };
+        self.pool.stats.cl_waiting.fetch_sub(1, Relaxed);
+        let given = self.pool.waiters.lock().unwrap().remove(i);
+        match given {
+            Some(Given::Conn(c, permit, limits)) => self.pool.pass_on(c, permit, limits),
+            Some(Given::Permit(p)) => self.pool.release(p),
+            _ => {}
+        }
+    }
+}
+
+/// A permit held across awaits (shared limits, connecting): given back
+/// through [`Pool::release`] if the checkout fails or is cancelled.
+struct Held<'a> {
+    pool: &'a Pool,
+    permit: Option<Permit>,
+}
+
+impl Held<'_> {
+    fn take(mut self) -> Permit {
+        self.permit.take().expect("held")
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.permit.take() {
+            self.pool.release(p);
+        }
+    }
 }
 
 impl Pool {
@@ -183,6 +367,8 @@ impl Pool {
         let pool = Arc::new(Pool {
             permits: Arc::new(Semaphore::new(settings.pool_size)),
             reserve: Arc::new(Semaphore::new(settings.reserve_pool_size)),
+            waiters: Mutex::default(),
+            sweeper: Arc::new(Notify::new()),
             key,
             settings,
             creds,
@@ -197,6 +383,7 @@ impl Pool {
             live: Mutex::new(Vec::new()),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
+        tokio::spawn(sweep(Arc::downgrade(&pool), pool.sweeper.clone()));
         pool
     }
 
@@ -206,15 +393,22 @@ impl Pool {
         if self.closed.load(Relaxed) || !self.shared_limits.is_empty() {
             return None;
         }
-        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let permit = Held {
+            pool: self,
+            permit: Some(self.try_permit()?),
+        };
         let conn = self.pop_idle()?;
         self.stats.sv_active.fetch_add(1, Relaxed);
         Some(PooledConn {
             conn: Some(conn),
             pool: self.clone(),
-            _permit: Permit::Main(permit),
-            _limits: Vec::new(),
+            permit: Some(permit.take()),
+            limits: Vec::new(),
         })
+    }
+
+    fn try_permit(&self) -> Option<Permit> {
+        self.permits.clone().try_acquire_owned().ok().map(Permit::Main)
     }
 
     /// Takes a connection, waiting (fairly, up to query_wait_timeout) for
@@ -225,14 +419,40 @@ impl Pool {
             return Err(PoolError::ShuttingDown);
         }
         let start = Instant::now();
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(p) => Permit::Main(p),
-            Err(_) => {
-                self.stats.cl_waiting.fetch_add(1, Relaxed);
-                let r = self.wait_permit().await;
-                self.stats.cl_waiting.fetch_sub(1, Relaxed);
-                r?
+        let permit = match self.try_permit() {
+            Some(p) => p,
+            None => {
+                let given = Wait { pool: self, slot: None }.await;
+                match given {
+                    Given::Conn(mut c, permit, limits) => {
+                        let held = Held {
+                            pool: self,
+                            permit: Some(permit),
+                        };
+                        // It waited in the handoff for as long as this task
+                        // took to run: the same check as an idle one.
+                        if !c.is_stale(Instant::now()) {
+                            self.stats.sv_active.fetch_add(1, Relaxed);
+                            return Ok(PooledConn {
+                                conn: Some(c),
+                                pool: self.clone(),
+                                permit: Some(held.take()),
+                                limits,
+                            });
+                        }
+                        self.close(c, "closed by server while idle");
+                        drop(limits);
+                        held.take()
+                    }
+                    Given::Permit(p) => p,
+                    Given::TimedOut => return Err(self.timed_out()),
+                    Given::Closed => return Err(PoolError::ShuttingDown),
+                }
             }
+        };
+        let permit = Held {
+            pool: self,
+            permit: Some(permit),
         };
         let mut limits = Vec::new();
         for s in &self.shared_limits {
@@ -252,8 +472,8 @@ impl Pool {
         Ok(PooledConn {
             conn: Some(conn),
             pool: self.clone(),
-            _permit: permit,
-            _limits: limits,
+            permit: Some(permit.take()),
+            limits,
         })
     }
 
@@ -267,26 +487,99 @@ impl Pool {
         PoolError::WaitTimeout
     }
 
-    async fn wait_permit(&self) -> Result<Permit, PoolError> {
-        let wait = async {
-            let main = self.permits.clone();
-            if self.settings.reserve_pool_size == 0 {
-                return main.acquire_owned().await.map(Permit::Main);
+    /// Gives a permit back: to the first waiter, or to its semaphore. A
+    /// reserve permit goes only to a waiter that has waited
+    /// reserve_pool_timeout (the others wait for the pool's own).
+    fn release(&self, p: Permit) {
+        let mut w = self.waiters.lock().unwrap();
+        if self.is_closed() {
+            return;
+        }
+        let p = match p {
+            Permit::Reserve(r) => {
+                let due = w
+                    .first_since()
+                    .is_some_and(|t| t.elapsed() >= self.settings.reserve_pool_timeout);
+                if !due {
+                    return;
+                }
+                Permit::Reserve(r)
             }
-            tokio::select! {
-                p = main.clone().acquire_owned() => return p.map(Permit::Main),
-                _ = tokio::time::sleep(self.settings.reserve_pool_timeout) => {}
-            }
-            tokio::select! {
-                p = main.acquire_owned() => p.map(Permit::Main),
-                p = self.reserve.clone().acquire_owned() => p.map(Permit::Reserve),
-            }
+            main => main,
         };
-        let r = match self.settings.query_wait_timeout {
-            t if t.is_zero() => wait.await,
-            t => tokio::time::timeout(t, wait).await.map_err(|_| self.timed_out())?,
-        };
-        r.map_err(|_| PoolError::ShuttingDown)
+        // With nobody waiting the permit goes back to its semaphore, still
+        // under the lock: a client about to queue then finds it.
+        let _ = w.give_first(Given::Permit(p));
+    }
+
+    /// A connection in sync whose user is done with it: to the first
+    /// waiter with its permits, else onto the idle stack.
+    fn pass_on(&self, c: Box<ServerConn>, permit: Permit, limits: Vec<OwnedSemaphorePermit>) {
+        if let Permit::Main(_) = permit {
+            let mut w = self.waiters.lock().unwrap();
+            if !self.is_closed() {
+                match w.give_first(Given::Conn(c, permit, limits)) {
+                    Ok(()) => return,
+                    Err(Given::Conn(c, permit, limits)) => {
+                        // Pushed while the queue is locked: a client that
+                        // queues next finds the permit and this connection.
+                        self.idle.lock().unwrap().push(c);
+                        drop(limits);
+                        drop(permit);
+                        return;
+                    }
+                    Err(_) => unreachable!("given back as given"),
+                }
+            }
+            drop(w);
+            self.close(c, "pool closed");
+            return;
+        }
+        self.idle.lock().unwrap().push(c);
+        drop(limits);
+        self.release(permit);
+    }
+
+    /// Times out the waiters that have waited query_wait_timeout and gives
+    /// reserve permits to those that have waited reserve_pool_timeout;
+    /// returns when to look again (None: when a client next queues).
+    fn sweep_waiters(&self, now: Instant) -> Option<Instant> {
+        let s = &self.settings;
+        let mut w = self.waiters.lock().unwrap();
+        if !s.query_wait_timeout.is_zero() {
+            while w.first_since().is_some_and(|t| now.saturating_duration_since(t) >= s.query_wait_timeout) {
+                let _ = w.give_first(Given::TimedOut);
+            }
+        }
+        let mut reserve_blocked = false;
+        if s.reserve_pool_size > 0 {
+            while w.first_since().is_some_and(|t| now.saturating_duration_since(t) >= s.reserve_pool_timeout) {
+                match self.reserve.clone().try_acquire_owned() {
+                    Ok(p) => {
+                        let _ = w.give_first(Given::Permit(Permit::Reserve(p)));
+                    }
+                    // None free: `release` gives the next one back to them.
+                    Err(_) => {
+                        reserve_blocked = true;
+                        break;
+                    }
+                }
+            }
+        }
+        let first = w.first_since()?;
+        let mut next = None::<Instant>;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if !s.query_wait_timeout.is_zero() {
+            at(first + s.query_wait_timeout);
+        }
+        if s.reserve_pool_size > 0 {
+            // None free for an overdue waiter: `release` hands it the next
+            // one; look again soon for the ones that come due meanwhile.
+            let due = first + s.reserve_pool_timeout;
+            at(if reserve_blocked { due.max(now + RESERVE_RECHECK) } else { due });
+        }
+        // Waiters but no deadline: look again when a client next queues.
+        next
     }
 
     fn pop_idle(&self) -> Option<Box<ServerConn>> {
@@ -419,7 +712,12 @@ impl Pool {
 
     /// Stops handing out connections and closes the idle ones.
     pub fn shut_down(&self, why: &str) {
-        self.closed.store(true, Relaxed);
+        {
+            let mut w = self.waiters.lock().unwrap();
+            self.closed.store(true, Relaxed);
+            while w.give_first(Given::Closed).is_ok() {}
+        }
+        self.sweeper.notify_one();
         self.permits.close();
         self.reserve.close();
         self.close_idle(why);
@@ -465,17 +763,19 @@ impl Pool {
             .collect()
     }
 
-    fn checkin(&self, mut c: Box<ServerConn>, now: Instant) {
+    fn checkin(&self, mut c: Box<ServerConn>, permit: Permit, limits: Vec<OwnedSemaphorePermit>, now: Instant) {
         let s = &self.settings;
         if self.closed.load(Relaxed) {
             return self.close(c, "pool closed");
         }
         if !s.server_lifetime.is_zero() && now.saturating_duration_since(c.created) > s.server_lifetime {
-            return self.close(c, "server_lifetime reached");
+            self.close(c, "server_lifetime reached");
+            drop(limits);
+            return self.release(permit);
         }
         c.idle_since = now;
         c.uses += 1;
-        self.idle.lock().unwrap().push(c);
+        self.pass_on(c, permit, limits);
     }
 
     /// One pass of housekeeping: expire idle connections, keep min_pool_size.
@@ -518,14 +818,21 @@ impl Pool {
         // it is made, like a checkout, so that top-ups racing with clients
         // never take the pool past pool_size.
         while !self.is_closed() && self.total() < s.min_pool_size {
-            let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
+            let Some(permit) = self.try_permit() else {
                 break;
+            };
+            let permit = Held {
+                pool: self,
+                permit: Some(permit),
             };
             if self.total() >= s.min_pool_size {
                 break;
             }
             match self.connect().await {
-                Ok(c) => self.checkin(c, Instant::now()),
+                Ok(mut c) => {
+                    c.idle_since = Instant::now();
+                    self.pass_on(c, permit.take(), Vec::new());
+                }
                 Err(_) => break,
             }
         }
@@ -550,15 +857,39 @@ async fn maintain(pool: Weak<Pool>) {
     }
 }
 
+/// How often the sweeper looks again while every reserve permit is taken.
+const RESERVE_RECHECK: Duration = Duration::from_millis(50);
+
+/// Keeps the waiters' deadlines (see [`Pool::sweep_waiters`]): one task
+/// and at most one timer per pool, however many clients wait.
+async fn sweep(pool: Weak<Pool>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(p) = pool.upgrade() else { return };
+            if p.is_closed() {
+                return;
+            }
+            p.sweep_waiters(Instant::now())
+        };
+        // Also every few seconds with nobody waiting, to notice that the
+        // pool is gone.
+        let until = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(5));
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep_until(until.into()) => {}
+        }
+    }
+}
+
 /// A checked-out server connection. Give it back with [`PooledConn::checkin`]
 /// only when it is in sync (ReadyForQuery received, nothing in flight);
 /// otherwise drop it or call [`PooledConn::discard`], which closes it.
 pub struct PooledConn {
     conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
-    // Released after the connection is back on the idle stack (field order).
-    _permit: Permit,
-    _limits: Vec<OwnedSemaphorePermit>,
+    /// Always Some until the connection is given back or closed.
+    permit: Option<Permit>,
+    limits: Vec<OwnedSemaphorePermit>,
 }
 
 impl PooledConn {
@@ -572,16 +903,24 @@ impl PooledConn {
 
     /// `checkin` with the caller's clock reading.
     pub fn checkin_at(mut self, now: Instant) {
-        if let Some(c) = self.conn.take() {
+        if let (Some(c), Some(p)) = (self.conn.take(), self.permit.take()) {
             self.pool.stats.sv_active.fetch_sub(1, Relaxed);
-            self.pool.checkin(c, now);
+            self.pool.checkin(c, p, std::mem::take(&mut self.limits), now);
         }
     }
 
     pub fn discard(mut self, why: &str) {
+        self.close(why);
+    }
+
+    fn close(&mut self, why: &str) {
         if let Some(c) = self.conn.take() {
             self.pool.stats.sv_active.fetch_sub(1, Relaxed);
             self.pool.close(c, why);
+        }
+        self.limits.clear();
+        if let Some(p) = self.permit.take() {
+            self.pool.release(p);
         }
     }
 }
@@ -601,10 +940,7 @@ impl std::ops::DerefMut for PooledConn {
 
 impl Drop for PooledConn {
     fn drop(&mut self) {
-        if let Some(c) = self.conn.take() {
-            self.pool.stats.sv_active.fetch_sub(1, Relaxed);
-            self.pool.close(c, "dropped while not in sync");
-        }
+        self.close("dropped while not in sync");
     }
 }
 

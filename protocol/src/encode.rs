@@ -318,3 +318,18 @@ mod tests {
         assert_eq!(v, b"E'a''b\\\\c'");
     }
 }
+
+/// `n` in decimal, written into `buf` without allocating (SCRAM's
+/// iteration count, the load generator's keys).
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
+}

@@ -257,7 +257,7 @@ impl ServerExchange {
         m.push_str(",s=");
         B64.encode_string(&secret.salt, &mut m);
         m.push_str(",i=");
-        m.push_str(itoa(secret.iterations, &mut [0u8; 10]));
+        m.push_str(crate::encode::decimal(secret.iterations.into(), &mut [0u8; 20]));
         Ok(ServerExchange {
             secret,
             auth_message: m,
@@ -292,7 +292,7 @@ impl ServerExchange {
             base64::DecodeSliceError::DecodeError(_) => ScramError::Malformed("channel binding"),
         })?;
         let header = self.binding.gs2_header().as_bytes();
-        if got[..n].len() != header.len() + binding_data.len()
+        if n != header.len() + binding_data.len()
             || &got[..header.len()] != header
             || &got[header.len()..n] != binding_data
         {
@@ -339,20 +339,6 @@ impl ServerExchange {
 
 /// Base64 characters of our part of the nonce.
 const NONCE_B64: usize = NONCE_LEN / 3 * 4;
-
-/// `n` in decimal, written into `buf`.
-fn itoa(mut n: u32, buf: &mut [u8; 10]) -> &str {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
-}
 
 /// ClientKey and ServerKey: what the client side of an exchange needs.
 /// Derived from a password by [`keys_from_password`] (PBKDF2, expensive) or
@@ -704,9 +690,9 @@ mod tests {
     }
 
     #[test]
-    fn itoa_writes_decimal() {
-        for n in [0, 7, 10, 4096, 99_999, u32::MAX] {
-            assert_eq!(itoa(n, &mut [0; 10]), n.to_string());
+    fn decimal_writes_decimal() {
+        for n in [0, 7, 10, 4096, 99_999, u32::MAX.into(), u64::MAX] {
+            assert_eq!(crate::encode::decimal(n, &mut [0; 20]), n.to_string());
         }
     }
 

@@ -408,3 +408,187 @@ fn a_borrowed_key_finds_exactly_its_pool_key() {
     };
     assert_eq!(map.get(&missing as &dyn AsPoolKeyRef), None);
 }
+
+/// A checkout running in its own task, reporting the connection it got
+/// (and giving it back at once unless `keep`).
+fn spawn_checkout(pool: &Arc<Pool>, keep: bool) -> tokio::task::JoinHandle<Result<(u64, Option<PooledConn>), PoolError>> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let c = pool.checkout().await?;
+        let id = c.id;
+        if keep {
+            return Ok((id, Some(c)));
+        }
+        c.checkin();
+        Ok((id, None))
+    })
+}
+
+async fn waiting(pool: &Arc<Pool>, n: usize) {
+    until(&format!("{n} clients wait"), || pool.stats.cl_waiting.load(Relaxed) == n).await;
+}
+
+/// Waiters are served in arrival order, each with the very connection the
+/// previous one gave back (no new connection, no idle-stack pass).
+#[tokio::test]
+async fn waiters_are_served_first_come_first_served_with_the_returned_connection() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(1, WAIT), None, false);
+    let first = pool.checkout().await.unwrap();
+    let id = first.id;
+    let mut waiters = Vec::new();
+    for n in 1..=3 {
+        waiters.push(spawn_checkout(&pool, true));
+        waiting(&pool, n).await;
+    }
+    let mut held = first;
+    for (n, w) in waiters.into_iter().enumerate() {
+        held.checkin();
+        let (got, c) = tokio::time::timeout(WAIT, w).await.unwrap().unwrap().unwrap();
+        assert_eq!(got, id, "waiter {n} gets the returned connection");
+        held = c.unwrap();
+        assert_eq!(pool.stats.cl_waiting.load(Relaxed), 2 - n, "the others still wait, in order");
+    }
+    held.checkin();
+    assert_eq!(fake.opened(), 1);
+    assert_eq!(pool.idle_count(), 1);
+}
+
+/// A client that leaves while waiting loses its place, not the pool's
+/// connection: also when it had already been handed the connection but
+/// had not run yet.
+#[tokio::test(flavor = "current_thread")]
+async fn a_waiter_that_leaves_passes_on_what_it_was_given() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(1, WAIT), None, false);
+    let first = pool.checkout().await.unwrap();
+    let id = first.id;
+    let gone_early = spawn_checkout(&pool, true);
+    waiting(&pool, 1).await;
+    let handed = spawn_checkout(&pool, true);
+    waiting(&pool, 2).await;
+    let last = spawn_checkout(&pool, true);
+    waiting(&pool, 3).await;
+
+    gone_early.abort();
+    assert!(gone_early.await.err().expect("cancelled").is_cancelled());
+    // The first in line now is `handed`: it is given the connection, and
+    // leaves before its task runs again (one thread: no await between).
+    first.checkin();
+    handed.abort();
+    assert!(handed.await.err().expect("cancelled").is_cancelled());
+    let (got, c) = tokio::time::timeout(WAIT, last).await.unwrap().unwrap().unwrap();
+    assert_eq!(got, id);
+    assert_eq!(fake.opened(), 1);
+    assert_eq!(pool.stats.cl_waiting.load(Relaxed), 0);
+    c.unwrap().checkin();
+    assert_eq!(pool.idle_count(), 1);
+}
+
+/// A connection closed instead of given back still makes room: the first
+/// waiter opens a new one.
+#[tokio::test]
+async fn a_discarded_connection_makes_room_for_a_waiter() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(1, WAIT), None, false);
+    let first = pool.checkout().await.unwrap();
+    let id = first.id;
+    let w = spawn_checkout(&pool, false);
+    waiting(&pool, 1).await;
+    first.discard("test");
+    let (got, _) = tokio::time::timeout(WAIT, w).await.unwrap().unwrap().unwrap();
+    assert_ne!(got, id);
+    assert_eq!(fake.opened(), 2);
+}
+
+/// A connection the server closed while it was being handed over is not
+/// used: the waiter opens a new one.
+#[tokio::test]
+async fn a_handed_over_connection_the_server_closed_is_not_used() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(1, WAIT), None, false);
+    let first = pool.checkout().await.unwrap();
+    let (id, pid) = (first.id, first.backend_pid);
+    let w = spawn_checkout(&pool, false);
+    waiting(&pool, 1).await;
+    fake.terminate(pid).await;
+    first.checkin();
+    let (got, _) = tokio::time::timeout(WAIT, w).await.unwrap().unwrap().unwrap();
+    assert_ne!(got, id, "the closed connection was handed out");
+    assert_eq!(fake.opened(), 2);
+    assert_eq!(pool.stats.servers_closed.load(Relaxed), 1);
+}
+
+/// query_wait_timeout holds for every waiter, in order, without a timer
+/// each; a waiter served before its time is not timed out.
+#[tokio::test]
+async fn waiters_time_out_in_order_after_query_wait_timeout() {
+    let fake = Fake::new(Login::Trust);
+    let timeout = Duration::from_millis(300);
+    let pool = pool_of(&fake, settings(1, timeout), None, false);
+    let held = pool.checkout().await.unwrap();
+    let t0 = Instant::now();
+    let a = spawn_checkout(&pool, true);
+    waiting(&pool, 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = spawn_checkout(&pool, true);
+    waiting(&pool, 2).await;
+    let e = a.await.unwrap().err().expect("a times out");
+    assert!(matches!(e, PoolError::WaitTimeout), "{e:?}");
+    let waited = t0.elapsed();
+    assert!(waited >= timeout && waited < timeout + Duration::from_millis(250), "{waited:?}");
+    assert_eq!(pool.stats.cl_waiting.load(Relaxed), 1, "b has time left");
+    let id = held.id;
+    held.checkin();
+    let (got, c) = b.await.unwrap().unwrap();
+    assert_eq!(got, id);
+    assert_eq!(pool.stats.wait_timeouts.load(Relaxed), 1);
+    c.unwrap().checkin();
+}
+
+/// Shutting the pool down answers every waiter at once.
+#[tokio::test]
+async fn shutting_down_answers_the_waiters() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(1, WAIT), None, false);
+    let held = pool.checkout().await.unwrap();
+    let a = spawn_checkout(&pool, false);
+    let b = spawn_checkout(&pool, false);
+    waiting(&pool, 2).await;
+    pool.shut_down("test");
+    for w in [a, b] {
+        let e = tokio::time::timeout(WAIT, w).await.unwrap().unwrap().err().unwrap();
+        assert!(matches!(e, PoolError::ShuttingDown), "{e:?}");
+    }
+    held.checkin();
+    assert_eq!(pool.idle_count(), 0, "a pool shut down keeps nothing");
+}
+
+/// reserve_pool_size connections open for a client that waited
+/// reserve_pool_timeout, and go back to the reserve.
+#[tokio::test]
+async fn a_long_wait_gets_a_reserve_connection() {
+    let fake = Fake::new(Login::Trust);
+    let mut s = settings(1, WAIT);
+    s.reserve_pool_size = 1;
+    s.reserve_pool_timeout = Duration::from_millis(100);
+    let pool = pool_of(&fake, s, None, false);
+    let held = pool.checkout().await.unwrap();
+    let t0 = Instant::now();
+    let c = tokio::time::timeout(WAIT, pool.checkout()).await.unwrap().unwrap();
+    let id = c.id;
+    assert!(t0.elapsed() >= Duration::from_millis(100), "{:?}", t0.elapsed());
+    assert_ne!(id, held.id);
+    assert_eq!(fake.opened(), 2);
+    // Both in use: a third waits past the reserve timeout and gets the
+    // reserve connection when it comes back.
+    let third = spawn_checkout(&pool, false);
+    waiting(&pool, 1).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!third.is_finished());
+    c.checkin();
+    let (got, _) = tokio::time::timeout(WAIT, third).await.unwrap().unwrap().unwrap();
+    assert_eq!(got, id);
+    assert_eq!(fake.opened(), 2);
+    held.checkin();
+}
