@@ -547,13 +547,19 @@ impl Pool {
         let s = &self.settings;
         let mut w = self.waiters.lock().unwrap();
         if !s.query_wait_timeout.is_zero() {
-            while w.first_since().is_some_and(|t| now.saturating_duration_since(t) >= s.query_wait_timeout) {
+            while w
+                .first_since()
+                .is_some_and(|t| now.saturating_duration_since(t) >= s.query_wait_timeout)
+            {
                 let _ = w.give_first(Given::TimedOut);
             }
         }
         let mut reserve_blocked = false;
         if s.reserve_pool_size > 0 {
-            while w.first_since().is_some_and(|t| now.saturating_duration_since(t) >= s.reserve_pool_timeout) {
+            while w
+                .first_since()
+                .is_some_and(|t| now.saturating_duration_since(t) >= s.reserve_pool_timeout)
+            {
                 match self.reserve.clone().try_acquire_owned() {
                     Ok(p) => {
                         let _ = w.give_first(Given::Permit(Permit::Reserve(p)));
@@ -576,7 +582,11 @@ impl Pool {
             // None free for an overdue waiter: `release` hands it the next
             // one; look again soon for the ones that come due meanwhile.
             let due = first + s.reserve_pool_timeout;
-            at(if reserve_blocked { due.max(now + RESERVE_RECHECK) } else { due });
+            at(if reserve_blocked {
+                due.max(now + RESERVE_RECHECK)
+            } else {
+                due
+            });
         }
         // Waiters but no deadline: look again when a client next queues.
         next

@@ -547,7 +547,12 @@ async fn worker_leader_crash_under_load() {
     let kill_at = Instant::now();
     // Fresh sessions (they start on the coordinator) inserting a group-2
     // key in the simple protocol at 0, 2, 4, 6 and 8 s after the kill: each
-    // is held until the group has a new leader and runs there.
+    // is held until the group has a new leader and runs there. The one at
+    // 0 s may instead reach a backend of the killed postmaster that has
+    // not gone yet (backends notice only when they next wait; under CI's
+    // load that took 35-50 ms, and one waiting for a synchronous commit
+    // leaves without a word): then 08007, "outcome unknown", is the right
+    // answer, and nothing else is.
     let g2_tenant = *owners.iter().find(|(_, g)| **g == 2).unwrap().0;
     let probes: Vec<_> = (0..5u64)
         .map(|i| {
@@ -589,6 +594,10 @@ async fn worker_leader_crash_under_load() {
     }
     for (i, p) in probes.into_iter().enumerate() {
         if let Err(e) = p.await.unwrap() {
+            if i == 0 && e.code() == Some(&tokio_postgres::error::SqlState::TRANSACTION_RESOLUTION_UNKNOWN) {
+                eprintln!("the insert at 0 s reached a backend of the killed postmaster: {e}");
+                continue;
+            }
             panic!(
                 "a new session's group-2 insert {} s after the kill failed instead of being held: {e:?}\n{}",
                 2 * i,

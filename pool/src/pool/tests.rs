@@ -411,7 +411,10 @@ fn a_borrowed_key_finds_exactly_its_pool_key() {
 
 /// A checkout running in its own task, reporting the connection it got
 /// (and giving it back at once unless `keep`).
-fn spawn_checkout(pool: &Arc<Pool>, keep: bool) -> tokio::task::JoinHandle<Result<(u64, Option<PooledConn>), PoolError>> {
+fn spawn_checkout(
+    pool: &Arc<Pool>,
+    keep: bool,
+) -> tokio::task::JoinHandle<Result<(u64, Option<PooledConn>), PoolError>> {
     let pool = pool.clone();
     tokio::spawn(async move {
         let c = pool.checkout().await?;
@@ -425,7 +428,10 @@ fn spawn_checkout(pool: &Arc<Pool>, keep: bool) -> tokio::task::JoinHandle<Resul
 }
 
 async fn waiting(pool: &Arc<Pool>, n: usize) {
-    until(&format!("{n} clients wait"), || pool.stats.cl_waiting.load(Relaxed) == n).await;
+    until(&format!("{n} clients wait"), || {
+        pool.stats.cl_waiting.load(Relaxed) == n
+    })
+    .await;
 }
 
 /// Waiters are served in arrival order, each with the very connection the
@@ -447,7 +453,11 @@ async fn waiters_are_served_first_come_first_served_with_the_returned_connection
         let (got, c) = tokio::time::timeout(WAIT, w).await.unwrap().unwrap().unwrap();
         assert_eq!(got, id, "waiter {n} gets the returned connection");
         held = c.unwrap();
-        assert_eq!(pool.stats.cl_waiting.load(Relaxed), 2 - n, "the others still wait, in order");
+        assert_eq!(
+            pool.stats.cl_waiting.load(Relaxed),
+            2 - n,
+            "the others still wait, in order"
+        );
     }
     held.checkin();
     assert_eq!(fake.opened(), 1);
@@ -536,7 +546,10 @@ async fn waiters_time_out_in_order_after_query_wait_timeout() {
     let e = a.await.unwrap().err().expect("a times out");
     assert!(matches!(e, PoolError::WaitTimeout), "{e:?}");
     let waited = t0.elapsed();
-    assert!(waited >= timeout && waited < timeout + Duration::from_millis(250), "{waited:?}");
+    assert!(
+        waited >= timeout && waited < timeout + Duration::from_millis(250),
+        "{waited:?}"
+    );
     assert_eq!(pool.stats.cl_waiting.load(Relaxed), 1, "b has time left");
     let id = held.id;
     held.checkin();
