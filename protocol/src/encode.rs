@@ -297,6 +297,21 @@ pub fn sql_literal(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'\'');
 }
 
+/// `n` in decimal, written into `buf` without allocating (SCRAM's
+/// iteration count, the load generator's keys).
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,19 +332,4 @@ mod tests {
         sql_literal(&mut v, b"a'b\\c");
         assert_eq!(v, b"E'a''b\\\\c'");
     }
-}
-
-/// `n` in decimal, written into `buf` without allocating (SCRAM's
-/// iteration count, the load generator's keys).
-pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
 }
