@@ -193,9 +193,8 @@ struct Waiters {
     free: Vec<usize>,
 }
 
-#[derive(Default)]
 struct Slot {
-    since: Option<Instant>,
+    since: Instant,
     waker: Option<Waker>,
     given: Option<Given>,
 }
@@ -203,7 +202,7 @@ struct Slot {
 impl Waiters {
     fn enqueue(&mut self, since: Instant, waker: Waker) -> usize {
         let slot = Slot {
-            since: Some(since),
+            since,
             waker: Some(waker),
             given: None,
         };
@@ -241,7 +240,7 @@ impl Waiters {
     }
 
     fn first_since(&self) -> Option<Instant> {
-        self.queue.front().and_then(|&i| self.slots[i].since)
+        self.queue.front().map(|&i| self.slots[i].since)
     }
 
     /// Frees slot `i`; returns what it was given and not taken.
@@ -250,7 +249,9 @@ impl Waiters {
             // Still queued (a cancelled wait): rare, so a linear search.
             self.queue.retain(|&j| j != i);
         }
-        let slot = std::mem::take(&mut self.slots[i]);
+        let slot = &mut self.slots[i];
+        slot.waker = None;
+        let given = slot.given.take();
         self.free.push(i);
         // Nobody waits after a burst of thousands: give the slots back.
         if self.free.len() == self.slots.len() && self.slots.capacity() > 1024 {
@@ -258,7 +259,7 @@ impl Waiters {
             self.free = Vec::new();
             self.queue = VecDeque::new();
         }
-        slot.given
+        given
     }
 }
 
@@ -421,34 +422,15 @@ impl Pool {
         let start = Instant::now();
         let permit = match self.try_permit() {
             Some(p) => p,
-            None => {
-                let given = Wait { pool: self, slot: None }.await;
-                match given {
-                    Given::Conn(mut c, permit, limits) => {
-                        let held = Held {
-                            pool: self,
-                            permit: Some(permit),
-                        };
-                        // It waited in the handoff for as long as this task
-                        // took to run: the same check as an idle one.
-                        if !c.is_stale(Instant::now()) {
-                            self.stats.sv_active.fetch_add(1, Relaxed);
-                            return Ok(PooledConn {
-                                conn: Some(c),
-                                pool: self.clone(),
-                                permit: Some(held.take()),
-                                limits,
-                            });
-                        }
-                        self.close(c, "closed by server while idle");
-                        drop(limits);
-                        held.take()
-                    }
-                    Given::Permit(p) => p,
-                    Given::TimedOut => return Err(self.timed_out()),
-                    Given::Closed => return Err(PoolError::ShuttingDown),
-                }
-            }
+            None => match (Wait { pool: self, slot: None }).await {
+                Given::Conn(c, permit, limits) => match self.adopt(c, permit, limits) {
+                    Ok(conn) => return Ok(conn),
+                    Err(permit) => permit,
+                },
+                Given::Permit(p) => p,
+                Given::TimedOut => return Err(self.timed_out()),
+                Given::Closed => return Err(PoolError::ShuttingDown),
+            },
         };
         let permit = Held {
             pool: self,
@@ -473,6 +455,28 @@ impl Pool {
             conn: Some(conn),
             pool: self.clone(),
             permit: Some(permit.take()),
+            limits,
+        })
+    }
+
+    /// A connection handed over at checkin, unless the server closed it
+    /// meanwhile (it waited for this task to run: the same check as an
+    /// idle one); then only its permit, for a new connection.
+    fn adopt(
+        self: &Arc<Self>,
+        mut c: Box<ServerConn>,
+        permit: Permit,
+        limits: Vec<OwnedSemaphorePermit>,
+    ) -> Result<PooledConn, Permit> {
+        if c.is_stale(Instant::now()) {
+            self.close(c, "closed by server while idle");
+            return Err(permit);
+        }
+        self.stats.sv_active.fetch_add(1, Relaxed);
+        Ok(PooledConn {
+            conn: Some(c),
+            pool: self.clone(),
+            permit: Some(permit),
             limits,
         })
     }
@@ -515,29 +519,22 @@ impl Pool {
     /// A connection in sync whose user is done with it: to the first
     /// waiter with its permits, else onto the idle stack.
     fn pass_on(&self, c: Box<ServerConn>, permit: Permit, limits: Vec<OwnedSemaphorePermit>) {
-        if let Permit::Main(_) = permit {
-            let mut w = self.waiters.lock().unwrap();
-            if !self.is_closed() {
-                match w.give_first(Given::Conn(c, permit, limits)) {
-                    Ok(()) => return,
-                    Err(Given::Conn(c, permit, limits)) => {
-                        // Pushed while the queue is locked: a client that
-                        // queues next finds the permit and this connection.
-                        self.idle.lock().unwrap().push(c);
-                        drop(limits);
-                        drop(permit);
-                        return;
-                    }
-                    Err(_) => unreachable!("given back as given"),
-                }
-            }
-            drop(w);
-            self.close(c, "pool closed");
-            return;
+        if let Permit::Reserve(_) = permit {
+            self.idle.lock().unwrap().push(c);
+            drop(limits);
+            return self.release(permit);
         }
-        self.idle.lock().unwrap().push(c);
-        drop(limits);
-        self.release(permit);
+        let mut w = self.waiters.lock().unwrap();
+        if self.is_closed() {
+            drop(w);
+            return self.close(c, "pool closed");
+        }
+        match w.queue.pop_front() {
+            Some(i) => w.give(i, Given::Conn(c, permit, limits)),
+            // Pushed, and the permit freed, while the queue is locked: a
+            // client that queues next finds both.
+            None => self.idle.lock().unwrap().push(c),
+        }
     }
 
     /// Times out the waiters that have waited query_wait_timeout and gives
