@@ -15,16 +15,7 @@ NAME=login-allocs
 N=${N:-2000}
 TARGETS=pgferry CLIENTS="" WORKLOADS="" PGBENCH_MODES="" IDLE_CLIENTS=$N HOLD=3 \
     PGFERRY_BIN="$DIR/pgferry" RESULTS="$DIR/bench.txt" "$REPO/loadtest/bench.sh" >"$DIR/bench.out" 2>&1
-for _ in $(seq 100); do [ -s "$DIR/trace.zst" ] && ! pgrep -f "$DIR/pgferry-real" >/dev/null && break; sleep 0.2; done
+wait_for_trace
 echo "# $N SCRAM logins (one query each) through pgferry ($BIN)"
-{
-    heaptrack_print -f "$DIR/trace.zst" -m 0 --print-peaks 0 --print-allocators 1 --print-temporary 0 \
-        --print-leaks 0 --peak-limit "${SITES:-30}" 2>/dev/null
-    heaptrack_print -f "$DIR/trace.zst" 2>/dev/null | grep -E "^calls to allocation functions:"
-} | awk -v n="$N" '
-    function num(s,   v) { v = s + 0; if (s ~ /K$/) v *= 1e3; else if (s ~ /M$/) v *= 1e6; else if (s ~ /G$/) v *= 1e9; return v }
-    /^calls to allocation functions:/ { printf "all sites: %.2f allocations per login\n", $5 / n; next }
-    / calls to allocation functions with / { if (hdr != "") print hdr; hdr = sprintf("%7.2f/login:", num($1) / n); k = 0; next }
-    /at (proxy|pool|protocol|tls|routing|config)\/src/ && k < 3 { hdr = hdr " " $2; k++ }
-    END { if (hdr != "") print hdr }'
+allocs_per login "$N" "${SITES:-30}" 3
 rm -rf "$DIR"

@@ -17,18 +17,9 @@ NAME=txn-allocs
 TARGETS=pgferry CLIENTS=${CLIENTS:-16} WORKLOADS="" PGBENCH_MODES=${MODE:-simple} IDLE_CLIENTS=0 \
     DURATION=${DURATION:-10} PGFERRY_BIN="$DIR/pgferry" RESULTS="$DIR/bench.txt" \
     "$REPO/loadtest/bench.sh" >"$DIR/bench.out" 2>&1
-for _ in $(seq 100); do [ -s "$DIR/trace.zst" ] && ! pgrep -f "$DIR/pgferry-real" >/dev/null && break; sleep 0.2; done
+wait_for_trace
 txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$DIR/bench.txt" | head -1)
 [ -n "$txns" ] && [ "$txns" -gt 0 ] || { echo "txn-allocs.sh: no pgbench result (see $DIR)" >&2; exit 1; }
 echo "# pgbench -M ${MODE:-simple}, ${CLIENTS:-16} clients: $txns transactions through pgferry ($BIN)"
-{
-    heaptrack_print -f "$DIR/trace.zst" -m 0 --print-peaks 0 --print-allocators 1 --print-temporary 0 \
-        --print-leaks 0 --peak-limit "${SITES:-15}" 2>/dev/null
-    heaptrack_print -f "$DIR/trace.zst" 2>/dev/null | grep -E "^calls to allocation functions:"
-} | awk -v n="$txns" '
-    function num(s,   v) { v = s + 0; if (s ~ /K$/) v *= 1e3; else if (s ~ /M$/) v *= 1e6; else if (s ~ /G$/) v *= 1e9; return v }
-    /^calls to allocation functions:/ { printf "all sites: %.2f allocations per transaction\n", $5 / n; next }
-    / calls to allocation functions with / { if (hdr != "") print hdr; hdr = sprintf("%7.2f/txn:", num($1) / n); k = 0; next }
-    /at (proxy|pool|protocol|tls|routing|config)\/src/ && k < 2 { hdr = hdr " " $2; k++ }
-    END { if (hdr != "") print hdr }'
+allocs_per transaction "$txns" "${SITES:-15}" 2
 rm -rf "$DIR"
