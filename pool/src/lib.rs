@@ -29,6 +29,6 @@ pub use connect::{Connect, TcpConnect};
 pub use error::PoolError;
 pub use latency::Latency;
 pub use login::ServerCredentials;
-pub use pool::{AsPoolKeyRef, Pool, PoolKey, PoolKeyRef, PooledConn};
+pub use pool::{AsPoolKeyRef, Pool, PoolKey, PoolKeyRef, PooledConn, Queued, Room};
 pub use server::ServerConn;
 pub use stats::{Averages, PoolStats};

@@ -270,10 +270,8 @@ struct Wait<'a> {
     slot: Option<usize>,
 }
 
-impl Future for Wait<'_> {
-    type Output = Given;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Given> {
+impl Wait<'_> {
+    fn poll_given(&mut self, cx: &mut Context<'_>, since: Instant) -> Poll<Given> {
         let pool = self.pool;
         let mut w = pool.waiters.lock().unwrap();
         let Some(i) = self.slot else {
@@ -286,7 +284,7 @@ impl Future for Wait<'_> {
                 return Poll::Ready(Given::Permit(p));
             }
             let first = w.queue.is_empty();
-            self.slot = Some(w.enqueue(Instant::now(), cx.waker().clone()));
+            self.slot = Some(w.enqueue(since, cx.waker().clone()));
             // Counted while queued, however the wait ends (a client that
             // leaves while waiting is not counted forever).
             pool.stats.cl_waiting.fetch_add(1, Relaxed);
@@ -318,6 +316,99 @@ impl Drop for Wait<'_> {
             Some(Given::Permit(p)) => self.pool.release(p),
             _ => {}
         }
+    }
+}
+
+/// What waiting in the queue ([`Pool::queue`]) gave.
+pub enum Queued {
+    /// A connection another client just gave back, ready to use.
+    Conn(PooledConn),
+    /// Room for a connection but none to hand over: [`Pool::open`] takes
+    /// an idle one or connects.
+    Room(Room),
+}
+
+/// Room for one server connection (a permit), given back to the pool's
+/// waiters if it is dropped unused.
+pub struct Room {
+    pool: Arc<Pool>,
+    permit: Option<Permit>,
+    /// When the checkout began: shared limits wait at most what is left
+    /// of query_wait_timeout.
+    start: Instant,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        if let Some(p) = self.permit.take() {
+            self.pool.release(p);
+        }
+    }
+}
+
+impl Room {
+    /// A connection in this room: an idle one, else a new one, once the
+    /// shared limits (max_db_connections, max_user_connections) allow it.
+    pub async fn open(mut self) -> Result<PooledConn, PoolError> {
+        let pool = &self.pool;
+        if pool.is_closed() {
+            return Err(PoolError::ShuttingDown);
+        }
+        let mut limits = Vec::new();
+        for s in &pool.shared_limits {
+            let p = match pool.remaining_wait(self.start) {
+                None => s.clone().acquire_owned().await,
+                Some(d) => tokio::time::timeout(d, s.clone().acquire_owned())
+                    .await
+                    .map_err(|_| pool.timed_out())?,
+            };
+            limits.push(p.map_err(|_| PoolError::ShuttingDown)?);
+        }
+        let conn = match pool.pop_idle() {
+            Some(c) => c,
+            None => pool.connect().await?,
+        };
+        pool.stats.sv_active.fetch_add(1, Relaxed);
+        Ok(PooledConn {
+            conn: Some(conn),
+            pool: pool.clone(),
+            permit: self.permit.take(),
+            limits,
+        })
+    }
+}
+
+/// Waiting in the queue, without connecting: a plain future of a few
+/// words, so that a client session can await it in place (no boxed
+/// future, no allocation) in the common wait of a busy pool.
+pub struct Queue<'a> {
+    pool: &'a Arc<Pool>,
+    wait: Wait<'a>,
+    start: Option<Instant>,
+}
+
+impl Future for Queue<'_> {
+    type Output = Result<Queued, PoolError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let pool = this.pool;
+        let start = *this.start.get_or_insert_with(Instant::now);
+        let permit = match this.wait.poll_given(cx, start) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Given::Conn(c, permit, limits)) => match pool.adopt(c, permit, limits) {
+                Ok(conn) => return Poll::Ready(Ok(Queued::Conn(conn))),
+                Err(permit) => permit,
+            },
+            Poll::Ready(Given::Permit(p)) => p,
+            Poll::Ready(Given::TimedOut) => return Poll::Ready(Err(pool.timed_out())),
+            Poll::Ready(Given::Closed) => return Poll::Ready(Err(PoolError::ShuttingDown)),
+        };
+        Poll::Ready(Ok(Queued::Room(Room {
+            pool: pool.clone(),
+            permit: Some(permit),
+            start,
+        })))
     }
 }
 
@@ -416,47 +507,21 @@ impl Pool {
     /// one to be free and connecting a new one when none is idle.
     /// Cancel safe: dropping the future gives back whatever it held.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        if self.closed.load(Relaxed) {
-            return Err(PoolError::ShuttingDown);
+        match self.queue().await? {
+            Queued::Conn(c) => Ok(c),
+            Queued::Room(room) => room.open().await,
         }
-        let start = Instant::now();
-        let permit = match self.try_permit() {
-            Some(p) => p,
-            None => match (Wait { pool: self, slot: None }).await {
-                Given::Conn(c, permit, limits) => match self.adopt(c, permit, limits) {
-                    Ok(conn) => return Ok(conn),
-                    Err(permit) => permit,
-                },
-                Given::Permit(p) => p,
-                Given::TimedOut => return Err(self.timed_out()),
-                Given::Closed => return Err(PoolError::ShuttingDown),
-            },
-        };
-        let permit = Held {
+    }
+
+    /// Waits for a connection handed over by a client done with it, or for
+    /// room to open one; never connects. Takes room at once if there is
+    /// some. Cancel safe like `checkout`.
+    pub fn queue(self: &Arc<Self>) -> Queue<'_> {
+        Queue {
             pool: self,
-            permit: Some(permit),
-        };
-        let mut limits = Vec::new();
-        for s in &self.shared_limits {
-            let p = match self.remaining_wait(start) {
-                None => s.clone().acquire_owned().await,
-                Some(d) => tokio::time::timeout(d, s.clone().acquire_owned())
-                    .await
-                    .map_err(|_| self.timed_out())?,
-            };
-            limits.push(p.map_err(|_| PoolError::ShuttingDown)?);
+            wait: Wait { pool: self, slot: None },
+            start: None,
         }
-        let conn = match self.pop_idle() {
-            Some(c) => c,
-            None => self.connect().await?,
-        };
-        self.stats.sv_active.fetch_add(1, Relaxed);
-        Ok(PooledConn {
-            conn: Some(conn),
-            pool: self.clone(),
-            permit: Some(permit.take()),
-            limits,
-        })
     }
 
     /// A connection handed over at checkin, unless the server closed it

@@ -54,7 +54,18 @@ pub struct ClientEntry {
     pub pid: u32,
     pub key: u32,
     pub info: ClientInfo,
-    link: Mutex<Link>,
+    /// The cancel key of the server most recently linked, current while
+    /// `link` says linked. Replaced (under the lock) only when the client
+    /// gets a different server: linking and unlinking are atomic stores,
+    /// not a lock and a reference count per transaction.
+    target: Mutex<Option<CancelTarget>>,
+    /// pgferry's id of the server `target` holds, shifted left, with bit 0
+    /// set while that server runs the client's queries. Written by the
+    /// session only.
+    link: AtomicU64,
+    /// When the client last got a server (request_time), in microseconds
+    /// since `epoch()`.
+    linked_since: AtomicU64,
     /// Since when the client has been waiting for a server connection, in
     /// microseconds since `epoch()` plus one; 0 while it is not. Atomic:
     /// set and cleared on every slow checkout.
@@ -86,11 +97,8 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-#[derive(Debug)]
-struct Link {
-    target: Option<CancelTarget>,
-    /// When the client last got a server connection (request_time).
-    since: Instant,
+fn micros_since_epoch(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_micros() as u64
 }
 
 /// Why a session was woken.
@@ -113,25 +121,49 @@ pub struct ClientRow {
 }
 
 impl ClientEntry {
-    /// Links the client to the server running its queries (`since`: when
-    /// it got it).
-    pub fn set_target(&self, t: CancelTarget, since: Instant) {
-        let mut l = self.link.lock().unwrap();
-        l.since = since;
-        l.target = Some(t);
+    /// Links the client to the server `server` running its queries
+    /// (`since`: when it got it); `target` makes its cancel key, needed
+    /// only when the client last had another server.
+    pub fn set_target(&self, server: u64, since: Instant, target: impl FnOnce() -> CancelTarget) {
+        if self.link.load(Relaxed) >> 1 != server {
+            *self.target.lock().unwrap() = Some(target());
+        }
+        self.linked_since.store(micros_since_epoch(since), Relaxed);
+        // Release: a reader that sees the link sees the target stored above.
+        self.link.store(server << 1 | 1, Release);
     }
 
     /// The client has no server now.
     pub fn clear_target(&self) {
-        self.link.lock().unwrap().target = None;
+        let v = self.link.load(Relaxed);
+        if v & 1 == 1 {
+            self.link.store(v & !1, Release);
+        }
+    }
+
+    /// The server running the client's queries now, if any.
+    fn current_target(&self) -> Option<CancelTarget> {
+        let v = self.link.load(Acquire);
+        if v & 1 == 0 {
+            return None;
+        }
+        let id = v >> 1;
+        // A different server linked meanwhile: its id does not match, and
+        // the race is with the end of the transaction anyway.
+        self.target.lock().unwrap().as_ref().filter(|t| t.server == id).cloned()
     }
 
     pub fn set_waiting(&self, waiting: bool) {
-        let v = if waiting {
-            epoch().elapsed().as_micros() as u64 + 1
+        if waiting {
+            self.set_waiting_since(Instant::now());
         } else {
-            0
-        };
+            self.waiting_since.store(0, Relaxed);
+        }
+    }
+
+    /// Waiting since `t` (a time the caller already read: no clock read).
+    pub fn set_waiting_since(&self, t: Instant) {
+        let v = t.saturating_duration_since(epoch()).as_micros() as u64 + 1;
         self.waiting_since.store(v, Relaxed);
     }
 
@@ -141,10 +173,10 @@ impl ClientEntry {
             let now = epoch().elapsed().as_micros() as u64 + 1;
             std::time::Duration::from_micros(now.saturating_sub(since))
         });
-        let l = self.link.lock().unwrap();
+        let since = epoch() + std::time::Duration::from_micros(self.linked_since.load(Relaxed));
         ClientRow {
-            server: l.target.clone(),
-            request_age: l.since.elapsed(),
+            server: self.current_target(),
+            request_age: since.elapsed(),
             waiting,
         }
     }
@@ -256,10 +288,9 @@ impl ClientRegistry {
                 pid,
                 key: rng.gen(),
                 info,
-                link: Mutex::new(Link {
-                    target: None,
-                    since: Instant::now(),
-                }),
+                target: Mutex::new(None),
+                link: AtomicU64::new(0),
+                linked_since: AtomicU64::new(micros_since_epoch(Instant::now())),
                 waiting_since: AtomicU64::new(0),
                 killed: AtomicBool::new(false),
                 kill_waker: AtomicWaker::new(),
@@ -280,7 +311,7 @@ impl ClientRegistry {
             let map = self.map.lock().unwrap();
             match map.get(&pid) {
                 // The pid is public, the key is the secret: both must match.
-                Some(e) if e.key == key => e.link.lock().unwrap().target.clone(),
+                Some(e) if e.key == key => e.current_target(),
                 _ => None,
             }
         };
@@ -348,5 +379,60 @@ mod tests {
     #[test]
     fn entry_fits_its_slab_class() {
         assert!(std::mem::size_of::<super::ClientEntry>() + 16 <= 256);
+    }
+
+    /// The cancel key follows the server linked now: none between
+    /// transactions, the new one after a change, and the stored key is
+    /// made only when the server differs from the last one.
+    #[test]
+    fn cancel_target_follows_the_linked_server() {
+        use super::*;
+        let reg = Arc::new(ClientRegistry::default());
+        let g = reg.register(ClientInfo {
+            id: 1,
+            user: "u".into(),
+            database: "d".into(),
+            peer: "127.0.0.1:1".parse().unwrap(),
+            port: Role::ReadWrite,
+            connected: SystemTime::now(),
+            tls: "".into(),
+            application_name: "".into(),
+        });
+        let e = &g.entry;
+        let target = |server: u64| CancelTarget {
+            addr: Arc::new(NodeAddr {
+                host: "h".into(),
+                port: 1,
+            }),
+            pid: server as u32 * 10,
+            key: 7,
+            server,
+            server_created: Instant::now(),
+        };
+        let current = |e: &ClientEntry| e.current_target().map(|t| (t.server, t.pid));
+        assert_eq!(current(e), None, "no server at login");
+        let mut made = 0;
+        e.set_target(3, Instant::now(), || {
+            made += 1;
+            target(3)
+        });
+        assert_eq!(current(e), Some((3, 30)));
+        assert_eq!(e.row().server.map(|t| t.server), Some(3));
+        e.clear_target();
+        assert_eq!(current(e), None, "released: nothing to cancel");
+        assert!(e.row().server.is_none());
+        e.set_target(3, Instant::now(), || {
+            made += 1;
+            target(3)
+        });
+        assert_eq!(current(e), Some((3, 30)));
+        assert_eq!(made, 1, "the same server again: its key is kept, not made again");
+        e.clear_target();
+        e.set_target(4, Instant::now(), || {
+            made += 1;
+            target(4)
+        });
+        assert_eq!(current(e), Some((4, 40)));
+        assert_eq!(made, 2);
     }
 }

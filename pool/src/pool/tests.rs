@@ -605,3 +605,70 @@ async fn a_long_wait_gets_a_reserve_connection() {
     assert_eq!(fake.opened(), 2);
     held.checkin();
 }
+
+/// `queue` (the session's in-place wait) never connects: it yields the
+/// connection another client gives back, or room when one was closed; an
+/// unused room goes on to the next waiter, not back to nobody.
+#[tokio::test(flavor = "current_thread")]
+async fn queue_yields_a_returned_connection_or_room_and_an_unused_room_passes_on() {
+    let fake = Fake::new(Login::Trust);
+    let pool = pool_of(&fake, settings(1, WAIT), None, false);
+    let first = pool.checkout().await.unwrap();
+    let id = first.id;
+
+    // Handed over: the same connection, no login.
+    let q = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            match pool.queue().await {
+                Ok(Queued::Conn(c)) => c,
+                _ => panic!("the returned connection"),
+            }
+        })
+    };
+    waiting(&pool, 1).await;
+    first.checkin();
+    let c = tokio::time::timeout(WAIT, q).await.unwrap().unwrap();
+    assert_eq!(c.id, id);
+    assert_eq!(fake.opened(), 1);
+
+    // Closed instead: room, and two waiters behind it.
+    let q = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            match pool.queue().await {
+                Ok(Queued::Room(r)) => r,
+                _ => panic!("room"),
+            }
+        })
+    };
+    waiting(&pool, 1).await;
+    let next = spawn_checkout(&pool, true);
+    waiting(&pool, 2).await;
+    c.discard("test");
+    let room = tokio::time::timeout(WAIT, q).await.unwrap().unwrap();
+    assert_eq!(fake.opened(), 1, "queue itself never connects");
+    assert_eq!(pool.stats.cl_waiting.load(Relaxed), 1);
+    // Dropped unused: the waiter behind gets it and opens a connection.
+    drop(room);
+    let (got, c) = tokio::time::timeout(WAIT, next).await.unwrap().unwrap().unwrap();
+    assert_ne!(got, id);
+    assert_eq!(fake.opened(), 2);
+
+    // And a room that is used opens a connection for its holder.
+    let q = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            match pool.queue().await {
+                Ok(Queued::Room(r)) => r.open().await.map(|c| c.id),
+                _ => panic!("room"),
+            }
+        })
+    };
+    waiting(&pool, 1).await;
+    c.unwrap().discard("test");
+    let opened = tokio::time::timeout(WAIT, q).await.unwrap().unwrap().unwrap();
+    assert_ne!(opened, got);
+    assert_eq!(fake.opened(), 3);
+    assert_eq!(pool.stats.cl_waiting.load(Relaxed), 0);
+}

@@ -4,27 +4,80 @@
 
 use super::*;
 use pgferry_pool::stats::Total;
+use pgferry_pool::{Queued, Room};
+
+/// How a server connection gets bound for the next request.
+pub(super) enum Bind {
+    /// An idle connection in sync with the client: attach it.
+    Now(PooledConn),
+    /// Every connection is in use: wait in the pool's queue
+    /// ([`Session::bind_queued`]).
+    Queue,
+    /// PAUSE, a topology change, a replayed BEGIN, or a connection whose
+    /// settings need syncing: [`Session::bind_server_slow`].
+    Slow(Start),
+}
+
+/// What the slow path starts from.
+pub(super) enum Start {
+    Nothing,
+    /// Checked out; needs its settings synced.
+    Conn(PooledConn),
+    /// Room in the pool but no connection to hand over: open one.
+    Room(Room),
+}
 
 impl Session {
     /// Binds a server connection before a request is forwarded, the common
-    /// case: no PAUSE, no topology change, an idle connection whose session
-    /// parameters match the client's. No await, so the slow path
-    /// ([`bind_server_slow`], boxed by the caller) does not enlarge every
-    /// client's future (memory per idle client). Err carries a connection
-    /// that was checked out but needs its settings synced, if any.
-    pub(super) fn bind_now(&mut self) -> Result<PooledConn, Option<PooledConn>> {
+    /// cases: no PAUSE, no topology change, and an idle connection whose
+    /// session parameters match the client's, or none idle (wait in the
+    /// queue). No await, so the slow path ([`bind_server_slow`], boxed by
+    /// the caller) does not enlarge every client's future.
+    pub(super) fn bind_now(&mut self) -> Bind {
         if self.shared.lifecycle.any_paused.load(Relaxed)
             || self.route_stale()
             || self.rebalance_due()
             || self.pending_begin.is_some()
         {
-            return Err(None);
+            return Bind::Slow(Start::Nothing);
         }
-        let mut conn = self.pool.try_checkout().ok_or(None)?;
+        let Some(mut conn) = self.pool.try_checkout() else {
+            return Bind::Queue;
+        };
         if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
-            return Err(Some(conn));
+            return Bind::Slow(Start::Conn(conn));
         }
-        Ok(conn)
+        Bind::Now(conn)
+    }
+
+    /// Waits in the pool's queue for a connection another client gives
+    /// back: the common wait of a busy pool, awaited in place (the queue's
+    /// future is a few words, nothing is allocated). Anything unusual (a
+    /// connection to open or to sync, the pool closed) goes on the slow
+    /// path; the wait's own timeout (query_wait_timeout) is the client's
+    /// error.
+    pub(super) async fn bind_queued(&mut self) -> Result<(), PoolError> {
+        let asked = self.now();
+        self.client.entry.set_waiting_since(asked);
+        let got = self.pool.queue().await;
+        self.client.entry.set_waiting(false);
+        // Time passed while waiting: a fresh reading.
+        self.clock = None;
+        let start = match got {
+            Ok(Queued::Conn(mut conn)) => {
+                if self.params.fingerprint() == params::server_fingerprint(&mut conn) {
+                    self.attach(conn, Some(asked));
+                    return Ok(());
+                }
+                Start::Conn(conn)
+            }
+            Ok(Queued::Room(room)) => Start::Room(room),
+            // Replaced (RELOAD, RECONNECT, a failover) while the client
+            // waited: the slow path routes again.
+            Err(PoolError::ShuttingDown) => Start::Nothing,
+            Err(e) => return Err(e),
+        };
+        Box::pin(self.bind_server_slow(start, asked)).await
     }
 
     /// The topology changed since this session last routed, or its pool was
@@ -51,16 +104,13 @@ impl Session {
     /// path: one clock read, a zero wait recorded).
     pub(super) fn attach(&mut self, conn: PooledConn, asked: Option<Instant>) {
         self.bound_at = self.now();
-        self.client.entry.set_target(
-            CancelTarget {
-                addr: conn.addr.clone(),
-                pid: conn.backend_pid,
-                key: conn.backend_key,
-                server: conn.id,
-                server_created: conn.created,
-            },
-            self.bound_at,
-        );
+        self.client.entry.set_target(conn.id, self.bound_at, || CancelTarget {
+            addr: conn.addr.clone(),
+            pid: conn.backend_pid,
+            key: conn.backend_key,
+            server: conn.id,
+            server_created: conn.created,
+        });
         self.server = Some(conn);
         self.server_unflushed = false;
         let waited = asked.map_or(Duration::ZERO, |a| self.bound_at.saturating_duration_since(a));
@@ -71,18 +121,25 @@ impl Session {
     /// Binds a server connection the slow way: waits out a PAUSE, follows
     /// the topology, waits for a connection (or holds while the server is
     /// unreachable), and brings the connection's settings in line with the
-    /// client's. `conn` is one already checked out that only needs the sync.
-    pub(super) async fn bind_server_slow(&mut self, conn: Option<PooledConn>) -> Result<(), PoolError> {
-        let asked = Instant::now();
+    /// client's. `start`: what the caller already holds; `asked`: when the
+    /// client began to wait.
+    pub(super) async fn bind_server_slow(&mut self, start: Start, asked: Instant) -> Result<(), PoolError> {
         // One hold for the whole bind, however many retries it takes.
         let hold = self.shared.settings.failover_hold();
         let mut hold_until = asked + hold;
-        let mut given = conn;
+        let mut given = start;
         let mut retries = 0;
         loop {
-            let mut conn = match given.take() {
-                Some(c) => c,
-                None => {
+            let mut conn = match std::mem::replace(&mut given, Start::Nothing) {
+                Start::Conn(c) => c,
+                Start::Room(room) => match room.open().await {
+                    Ok(c) => c,
+                    // Connecting failed, or the pool closed: the usual
+                    // way, which holds and follows the topology.
+                    Err(e) if e.server_unavailable() || matches!(e, PoolError::ShuttingDown) => continue,
+                    Err(e) => return Err(e),
+                },
+                Start::Nothing => {
                     if self.shared.lifecycle.any_paused.load(Relaxed) {
                         self.wait_unpaused().await?;
                         // A PAUSE is the operator's, not a failover: the

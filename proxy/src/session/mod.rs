@@ -14,6 +14,7 @@
 //! client; in session mode it stays until the client leaves.
 
 mod binding;
+use binding::Bind;
 mod boundary;
 mod citus;
 mod requests;
@@ -801,12 +802,16 @@ impl Session {
                     }
                 }
                 let bound = match self.bind_now() {
-                    Ok(conn) => {
+                    Bind::Now(conn) => {
                         self.attach(conn, None);
                         Ok(())
                     }
+                    Bind::Queue => self.bind_queued().await,
                     // Boxed: see `bind_now`.
-                    Err(checked_out) => Box::pin(self.bind_server_slow(checked_out)).await,
+                    Bind::Slow(start) => {
+                        let asked = Instant::now();
+                        Box::pin(self.bind_server_slow(start, asked)).await
+                    }
                 };
                 if let Err(e) = bound {
                     self.interned = None;
