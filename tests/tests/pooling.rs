@@ -186,6 +186,48 @@ async fn session_parameters_are_kept_per_client() {
     assert_eq!(st, sa);
 }
 
+/// A client that waited for the only connection is handed it at the
+/// other client's COMMIT, with that client's settings: they are brought in
+/// line with its own before its statement runs, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_client_gets_the_connection_in_its_own_settings() {
+    let f = ferry("[pool]\npool_size = 1\n");
+    let a = app(&f).await;
+    let b = std::sync::Arc::new(app(&f).await);
+    a.batch_execute("SET TimeZone = 'Asia/Tokyo'").await.unwrap();
+    b.batch_execute("SET TimeZone = 'Europe/Lisbon'").await.unwrap();
+    for round in 0..3 {
+        a.batch_execute("BEGIN").await.unwrap();
+        let tz: String = a.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+        assert_eq!(tz, "Asia/Tokyo");
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let r = b.simple_query("SHOW TimeZone").await.unwrap();
+                r.iter()
+                    .find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                        _ => None,
+                    })
+                    .expect("a row")
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiter.is_finished(),
+            "round {round}: the only connection is in a's transaction"
+        );
+        a.batch_execute("COMMIT").await.unwrap();
+        let tz = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(tz, "Europe/Lisbon", "round {round}: b runs in its own settings");
+    }
+    let tz: String = a.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+    assert_eq!(tz, "Asia/Tokyo");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_parameters_apply_to_every_transaction() {
     let f = ferry("[pool]\npool_size = 1\n");

@@ -332,14 +332,7 @@ impl Session {
                 return Err(e);
             }
         };
-        let mut s = Box::new(Session::assemble(
-            p.shared,
-            p.kept,
-            p.citus,
-            rd,
-            wr,
-            BytesMut::new(),
-        ));
+        let mut s = Box::new(Session::assemble(p.shared, p.kept, p.citus, rd, wr, BytesMut::new()));
         s.resume_deadline = p.deadline;
         Ok(s)
     }
