@@ -606,6 +606,12 @@ async fn a_long_wait_gets_a_reserve_connection() {
     held.checkin();
 }
 
+/// A wait in the pool's queue in its own task.
+fn spawn_queue(pool: &Arc<Pool>) -> tokio::task::JoinHandle<Queued> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.queue().await.expect("not closed, no timeout") })
+}
+
 /// `queue` (the session's in-place wait) never connects: it yields the
 /// connection another client gives back, or room when one was closed; an
 /// unused room goes on to the next waiter, not back to nobody.
@@ -615,60 +621,45 @@ async fn queue_yields_a_returned_connection_or_room_and_an_unused_room_passes_on
     let pool = pool_of(&fake, settings(1, WAIT), None, false);
     let first = pool.checkout().await.unwrap();
     let id = first.id;
+    let handed = |q: Queued| match q {
+        Queued::Conn(c) => c,
+        Queued::Room(_) => panic!("the returned connection"),
+    };
+    let room = |q: Queued| match q {
+        Queued::Room(r) => r,
+        Queued::Conn(_) => panic!("room"),
+    };
 
     // Handed over: the same connection, no login.
-    let q = {
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            match pool.queue().await {
-                Ok(Queued::Conn(c)) => c,
-                _ => panic!("the returned connection"),
-            }
-        })
-    };
+    let q = spawn_queue(&pool);
     waiting(&pool, 1).await;
     first.checkin();
-    let c = tokio::time::timeout(WAIT, q).await.unwrap().unwrap();
+    let c = handed(tokio::time::timeout(WAIT, q).await.unwrap().unwrap());
     assert_eq!(c.id, id);
     assert_eq!(fake.opened(), 1);
 
-    // Closed instead: room, and two waiters behind it.
-    let q = {
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            match pool.queue().await {
-                Ok(Queued::Room(r)) => r,
-                _ => panic!("room"),
-            }
-        })
-    };
+    // Closed instead: room, and a waiter behind it.
+    let q = spawn_queue(&pool);
     waiting(&pool, 1).await;
     let next = spawn_checkout(&pool, true);
     waiting(&pool, 2).await;
     c.discard("test");
-    let room = tokio::time::timeout(WAIT, q).await.unwrap().unwrap();
+    let r = room(tokio::time::timeout(WAIT, q).await.unwrap().unwrap());
     assert_eq!(fake.opened(), 1, "queue itself never connects");
     assert_eq!(pool.stats.cl_waiting.load(Relaxed), 1);
     // Dropped unused: the waiter behind gets it and opens a connection.
-    drop(room);
+    drop(r);
     let (got, c) = tokio::time::timeout(WAIT, next).await.unwrap().unwrap().unwrap();
     assert_ne!(got, id);
     assert_eq!(fake.opened(), 2);
 
     // And a room that is used opens a connection for its holder.
-    let q = {
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            match pool.queue().await {
-                Ok(Queued::Room(r)) => r.open().await.map(|c| c.id),
-                _ => panic!("room"),
-            }
-        })
-    };
+    let q = spawn_queue(&pool);
     waiting(&pool, 1).await;
     c.unwrap().discard("test");
-    let opened = tokio::time::timeout(WAIT, q).await.unwrap().unwrap().unwrap();
-    assert_ne!(opened, got);
+    let r = room(tokio::time::timeout(WAIT, q).await.unwrap().unwrap());
+    let opened = r.open().await.unwrap();
+    assert_ne!(opened.id, got);
     assert_eq!(fake.opened(), 3);
     assert_eq!(pool.stats.cl_waiting.load(Relaxed), 0);
 }
