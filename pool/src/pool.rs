@@ -323,7 +323,7 @@ impl Drop for Wait<'_> {
 pub enum Queued {
     /// A connection another client just gave back, ready to use.
     Conn(PooledConn),
-    /// Room for a connection but none to hand over: [`Pool::open`] takes
+    /// Room for a connection but none to hand over: [`Room::open`] takes
     /// an idle one or connects.
     Room(Room),
 }
@@ -412,8 +412,9 @@ impl Future for Queue<'_> {
     }
 }
 
-/// A permit held across awaits (shared limits, connecting): given back
-/// through [`Pool::release`] if the checkout fails or is cancelled.
+/// A permit held while a connection is taken or made outside the queue
+/// (`try_checkout`, the top-up to min_pool_size): given back through
+/// [`Pool::release`] if that finds none or fails.
 struct Held<'a> {
     pool: &'a Pool,
     permit: Option<Permit>,

@@ -68,7 +68,7 @@ pub struct ClientEntry {
     linked_since: AtomicU64,
     /// Since when the client has been waiting for a server connection, in
     /// microseconds since `epoch()` plus one; 0 while it is not. Atomic:
-    /// set and cleared on every slow checkout.
+    /// set and cleared on every wait for a server connection.
     waiting_since: AtomicU64,
     /// KILL_CLIENT / KILL db: the session ends as soon as it sees this.
     killed: AtomicBool,
@@ -148,9 +148,19 @@ impl ClientEntry {
             return None;
         }
         let id = v >> 1;
-        // A different server linked meanwhile: its id does not match, and
-        // the race is with the end of the transaction anyway.
-        self.target.lock().unwrap().as_ref().filter(|t| t.server == id).cloned()
+        // A different server linked meanwhile: its id does not match.
+        let t = self
+            .target
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|t| t.server == id)
+            .cloned()?;
+        // Still linked after the copy: the key was current at that instant,
+        // as when a lock guarded both (what is left is the race between
+        // the end of the transaction and the cancel reaching the server,
+        // which PostgreSQL's protocol has too).
+        (self.link.load(Acquire) == v).then_some(t)
     }
 
     pub fn set_waiting(&self, waiting: bool) {
@@ -434,5 +444,12 @@ mod tests {
         });
         assert_eq!(current(e), Some((4, 40)));
         assert_eq!(made, 2);
+        // A reader that saw server 4 linked while the stored key is
+        // already another server's (the session relinked in between)
+        // gets nothing, never the other server's key.
+        *e.target.lock().unwrap() = Some(target(5));
+        assert_eq!(current(e), None, "the stored key is not the linked server's");
+        *e.target.lock().unwrap() = Some(target(4));
+        assert_eq!(current(e), Some((4, 40)));
     }
 }

@@ -663,3 +663,45 @@ async fn queue_yields_a_returned_connection_or_room_and_an_unused_room_passes_on
     assert_eq!(fake.opened(), 3);
     assert_eq!(pool.stats.cl_waiting.load(Relaxed), 0);
 }
+
+/// Room given at once when the pool has some (no wait counted), and a
+/// `Room::open` dropped while it waits for a shared limit
+/// (max_db_connections) gives the room back: the next client gets it at
+/// once, and the limit it did not get is not held either.
+#[tokio::test]
+async fn room_at_once_and_an_open_dropped_while_waiting_gives_it_back() {
+    let fake = Fake::new(Login::Trust);
+    let shared = Arc::new(Semaphore::new(0));
+    let key = pool_of(&fake, settings(1, WAIT), None, false).key.clone();
+    let pool = Pool::with_connector(
+        key,
+        settings(1, WAIT),
+        ServerCredentials::new("app", None),
+        vec![shared.clone()],
+        1 << 20,
+        Arc::new(fake.clone()),
+    );
+    let room = |q: Result<Queued, PoolError>| match q {
+        Ok(Queued::Room(r)) => r,
+        Ok(Queued::Conn(_)) => panic!("room, no connection to hand over"),
+        Err(e) => panic!("room, not {e}"),
+    };
+    let r = room(tokio::time::timeout(WAIT, pool.queue()).await.expect("room at once"));
+    assert_eq!(pool.stats.cl_waiting.load(Relaxed), 0, "nothing waited");
+    // The shared limit has no room: open waits, and is given up.
+    assert!(tokio::time::timeout(Duration::from_millis(50), r.open()).await.is_err());
+    assert_eq!(fake.opened(), 0);
+    // The pool's only room is free again: had the dropped open kept it,
+    // this queue would wait for query_wait_timeout.
+    let r = room(
+        tokio::time::timeout(Duration::from_secs(1), pool.queue())
+            .await
+            .expect("the room was given back"),
+    );
+    shared.add_permits(1);
+    let c = tokio::time::timeout(WAIT, r.open()).await.unwrap().unwrap();
+    assert_eq!(fake.opened(), 1);
+    assert_eq!(shared.available_permits(), 0, "held by the connection");
+    c.checkin();
+    assert_eq!(shared.available_permits(), 1, "given back with it");
+}

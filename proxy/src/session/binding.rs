@@ -10,7 +10,8 @@ use pgferry_pool::{Queued, Room};
 pub(super) enum Bind {
     /// An idle connection in sync with the client: attach it.
     Now(PooledConn),
-    /// Every connection is in use: wait in the pool's queue
+    /// No idle connection to take at once (all in use, or one to open, or
+    /// shared limits to ask): wait in the pool's queue
     /// ([`Session::bind_queued`]).
     Queue,
     /// PAUSE, a topology change, a replayed BEGIN, or a connection whose
@@ -132,13 +133,10 @@ impl Session {
         loop {
             let mut conn = match std::mem::replace(&mut given, Start::Nothing) {
                 Start::Conn(c) => c,
-                Start::Room(room) => match room.open().await {
-                    Ok(c) => c,
-                    // Connecting failed, or the pool closed: the usual
-                    // way, which holds and follows the topology.
-                    Err(e) if e.server_unavailable() || matches!(e, PoolError::ShuttingDown) => continue,
-                    Err(e) => return Err(e),
-                },
+                // Opening the room is the hold's first attempt: a server
+                // that cannot be reached is held from here, not tried again
+                // at once.
+                Start::Room(room) => self.checkout_or_hold(Some(room), asked, hold_until).await?,
                 Start::Nothing => {
                     if self.shared.lifecycle.any_paused.load(Relaxed) {
                         self.wait_unpaused().await?;
@@ -151,7 +149,7 @@ impl Session {
                     }
                     // The fast path found no idle connection (or the pool has
                     // just changed): checkout takes an idle one first anyway.
-                    self.checkout_or_hold(hold_until).await?
+                    self.checkout_or_hold(None, asked, hold_until).await?
                 }
             };
             if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
@@ -208,22 +206,37 @@ impl Session {
     /// client between transactions sees a pause, not an error, while etcd
     /// catches up with a dead leader. `deadline`: when the hold that the
     /// transaction's first attempt started ends (a retry after a server
-    /// lost during the sync does not start a new one).
-    async fn checkout_or_hold(&mut self, deadline: Instant) -> Result<PooledConn, PoolError> {
-        self.client.entry.set_waiting(true);
-        let r = self.checkout_or_hold_inner(deadline).await;
+    /// lost during the sync does not start a new one). `room`: room the
+    /// queue already gave, opened first. The client shows as waiting since
+    /// `asked` (SHOW CLIENTS, maxwait) until it has the connection.
+    async fn checkout_or_hold(
+        &mut self,
+        room: Option<Room>,
+        asked: Instant,
+        deadline: Instant,
+    ) -> Result<PooledConn, PoolError> {
+        self.client.entry.set_waiting_since(asked);
+        let r = self.checkout_or_hold_inner(room, deadline).await;
         self.client.entry.set_waiting(false);
         r
     }
 
-    async fn checkout_or_hold_inner(&mut self, deadline: Instant) -> Result<PooledConn, PoolError> {
+    async fn checkout_or_hold_inner(
+        &mut self,
+        mut room: Option<Room>,
+        deadline: Instant,
+    ) -> Result<PooledConn, PoolError> {
         // Subscribed after the first failure, not before every checkout
         // (most wait for a busy pool, not a failover); a change between the
         // failure and the subscription is caught by `route_stale` below.
         let mut topology = None;
         let mut logged = false;
         loop {
-            let err = match self.pool.checkout().await {
+            let got = match room.take() {
+                Some(r) => r.open().await,
+                None => self.pool.checkout().await,
+            };
+            let err = match got {
                 Ok(c) => return Ok(c),
                 // The pool was replaced (RELOAD, RECONNECT, a failover)
                 // while this client waited: wait in the new one.
