@@ -45,10 +45,15 @@ impl Session {
         let Some(mut conn) = self.pool.try_checkout() else {
             return Bind::Queue;
         };
-        if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
+        if !self.in_sync(&mut conn) {
             return Bind::Slow(Start::Conn(conn));
         }
         Bind::Now(conn)
+    }
+
+    /// Whether `conn`'s session parameters are the client's (no sync).
+    fn in_sync(&mut self, conn: &mut PooledConn) -> bool {
+        self.params.fingerprint() == params::server_fingerprint(conn)
     }
 
     /// Waits in the pool's queue for a connection another client gives
@@ -66,7 +71,7 @@ impl Session {
         self.clock = None;
         let start = match got {
             Ok(Queued::Conn(mut conn)) => {
-                if self.params.fingerprint() == params::server_fingerprint(&mut conn) {
+                if self.in_sync(&mut conn) {
                     self.attach(conn, Some(asked));
                     return Ok(());
                 }
@@ -152,7 +157,7 @@ impl Session {
                     self.checkout_or_hold(None, asked, hold_until).await?
                 }
             };
-            if self.params.fingerprint() != params::server_fingerprint(&mut conn) {
+            if !self.in_sync(&mut conn) {
                 match self.sync_server(&mut conn).await {
                     Ok(()) => {}
                     // The server went away (a crash, a demotion) before any
